@@ -1,0 +1,33 @@
+"""Render nbs/index.ipynb to README.md (what `nbdev_readme` does, without Quarto).
+
+nbdev 2's `nbdev_readme` renders through Quarto, whose PyPI package downloads its binary at build time and so cannot be
+installed from a package registry alone. This renders the same notebook with the standard library: markdown cells as
+they are, code cells fenced, text outputs fenced below them, `#|` directive lines and `#| hide` cells dropped.
+Usage: `python tools/readme.py` writes README.md; `python tools/readme.py --check` fails when README.md is stale.
+"""
+import json, sys
+from pathlib import Path
+
+root = Path(__file__).resolve().parent.parent
+
+def cell_markdown(cell):
+    "The markdown a cell contributes to the README ('' for hidden cells)."
+    src = "".join(cell["source"])
+    if cell["cell_type"] == "markdown": return src
+    lines = src.splitlines()
+    if any(l.strip() in ("#| hide", "#|hide") for l in lines): return ""
+    code = "\n".join(l for l in lines if not l.startswith("#|")).strip()
+    outs = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    return f"```python\n{code}\n```" + (f"\n\n```\n{outs.rstrip()}\n```" if outs.strip() else "")
+
+def render(nb_path=root/"nbs"/"index.ipynb"):
+    "README text rendered from the index notebook."
+    cells = json.loads(Path(nb_path).read_text())["cells"]
+    parts = [cell_markdown(c) for c in cells if not "".join(c["source"]).startswith("#| default_exp")]
+    return "\n\n".join(p for p in parts if p.strip()) + "\n"
+
+if __name__ == "__main__":
+    text, readme = render(), root/"README.md"
+    if "--check" in sys.argv:
+        if readme.read_text() != text: sys.exit("README.md is out of date with nbs/index.ipynb: run `python tools/readme.py`")
+    else: readme.write_text(text)
