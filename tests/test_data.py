@@ -1,0 +1,203 @@
+"Tests of spa_toolkit.data: class orders, splits, the registry, ImageFolder/hub loading and its errors, the synthetic world."
+import os
+for _k, _v in dict(LITELLM_LOCAL_MODEL_COST_MAP="True", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1").items(): os.environ.setdefault(_k, _v)
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spa_toolkit.core import SpaError
+from spa_toolkit.data import (BENCHMARKS, CLIP_MEAN, CLIP_STD, Attributes, benchmark_info, class_order, clip_transform,
+                              demo_classes, load_benchmark, make_splits, parse_setting, pretrain_classes, registry_class_names,
+                              render_sample, synthetic_world, world_attributes)
+
+
+def pycil_order(n, seed=1993):
+    "PyCIL's recipe, global seeding and all, with numpy's global state restored afterwards."
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return np.random.permutation(n).tolist()
+    finally: np.random.set_state(state)
+
+
+@pytest.mark.parametrize("n", [100, 200, 300])
+def test_class_order_matches_pycil(n):
+    assert class_order(n) == pycil_order(n)
+    assert class_order(n, seed=7) == pycil_order(n, seed=7)
+    assert sorted(class_order(n)) == list(range(n))
+
+
+def test_class_order_leaves_global_rng_alone():
+    np.random.seed(3); expected = np.random.rand()
+    np.random.seed(3); class_order(100); got = np.random.rand()
+    assert got == expected
+
+
+@pytest.mark.parametrize("info", BENCHMARKS, ids=lambda b: b.name)
+def test_registered_settings_split_shapes(info):
+    for setting in (info.setting_b0, info.setting_bx):
+        base, inc = parse_setting(setting, info.n_classes)
+        tasks = make_splits(info.n_classes, base, inc)
+        assert [len(t) for t in tasks] == [base] + [inc] * ((info.n_classes - base) // inc)
+        assert sum(tasks, []) == list(range(info.n_classes))
+    assert len(registry_class_names(info)) == info.n_classes
+
+
+def test_registry_facts():
+    expected = dict(cifar100=(100, 10, 50), cub=(200, 20, 100), imagenetr=(200, 20, 100), objectnet=(200, 20, 100),
+                    aircraft=(100, 10, 50), cars=(100, 10, 50), food101=(100, 10, 50), sun=(300, 30, 150), ucf101=(100, 10, 50))
+    got = {b.name: (b.n_classes, parse_setting(b.setting_b0, b.n_classes)[1], parse_setting(b.setting_bx, b.n_classes)[0]) for b in BENCHMARKS}
+    assert got == expected
+    assert registry_class_names(benchmark_info("cifar100"))[26] == "crab"  # the hub card's "cra"
+    assert registry_class_names(benchmark_info("cars"))[-1] == "FIAT 500 Convertible 2012"  # first 100 of labels.json's 102 (2 Ferraris unused)
+
+
+@pytest.mark.parametrize("bad", ["B0Inc0", "Inc10", "B10", "B0Inc7", "B120Inc10", "B0Inc10x", ""])
+def test_bad_settings(bad):
+    with pytest.raises(SpaError, match="setting"): parse_setting(bad, 100)
+
+
+def test_make_splits_rejects_sizes_that_do_not_divide():
+    with pytest.raises(SpaError, match="does not fit 100 classes"): make_splits(100, 10, 7)
+
+
+def test_clip_transform_any_mode_and_values():
+    tf = clip_transform()
+    for mode in ["L", "CMYK", "RGBA", "P", "RGB", "I"]:
+        assert tf(Image.new(mode, (300, 120))).shape == (3, 224, 224)
+    x = tf(Image.new("RGB", (50, 20), (255, 0, 0)))
+    expect = (torch.tensor([1., 0., 0.]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert torch.allclose(x[:, 100, 100], expect, atol=1e-4)
+
+
+def make_tree(root, classes, n=2, splits=("train", "test")):
+    "A tiny ImageFolder tree of solid-colour JPEGs."
+    for s in splits:
+        for i, c in enumerate(classes):
+            (root/s/c).mkdir(parents=True, exist_ok=True)
+            for j in range(n): Image.new("RGB", (10, 8), ((37 * i) % 256, 20 * j, 90)).save(root/s/c/f"{j}.jpg")
+    return root
+
+
+def test_custom_imagefolder_benchmark(tmp_path):
+    classes = [f"class_{i:02d}" for i in range(6)]
+    root = make_tree(tmp_path/"mini", classes, n=3)
+    b = load_benchmark(str(root), cache_dir=tmp_path/"hf", inc=2)
+    assert (b.n_classes, len(b.train), len(b.test)) == (6, 18, 18)
+    assert b.order == class_order(6) and b.class_names == [classes[i] for i in b.order]
+    assert (b.setting_b0, b.setting_bx, b.templates) == ("B0Inc2", "B2Inc2", ["a photo of a {}."])
+    for row in b.train:  # each image's colour identifies its folder, so labels can be checked against pixels
+        original = b.order[row["label"]]
+        assert row["image"].getpixel((5, 4))[0] == pytest.approx((37 * original) % 256, abs=6)
+    assert b.key == load_benchmark(str(root), cache_dir=tmp_path/"hf").key
+
+
+def test_registered_benchmark_from_data_root(tmp_path):
+    info = benchmark_info("cars")
+    make_tree(tmp_path/"cars", [f"{i:03d}" for i in range(info.n_classes)], n=1)
+    b = load_benchmark("cars", data_root=tmp_path, cache_dir=tmp_path/"hf")
+    assert b.class_names == [registry_class_names(info)[i] for i in class_order(100)]
+    assert b.splits(b.setting_bx)[0] == list(range(50))
+    assert b.train.features["label"].names == b.class_names
+
+
+def test_data_root_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPA_DATA_ROOT", str(tmp_path))
+    with pytest.raises(SpaError, match=f"{tmp_path}/ucf101 not found"): load_benchmark("ucf101")
+    monkeypatch.delenv("SPA_DATA_ROOT")
+    with pytest.raises(SpaError, match="needs data_root"): load_benchmark("ucf101")
+
+
+def test_missing_folder_error_names_folder_layout_and_source(tmp_path):
+    with pytest.raises(SpaError) as e: load_benchmark("cub", data_root=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path/"cub") in msg and "cub/{train,test}/<class>/*.jpg" in msg and "PROOF" in msg
+
+
+def test_missing_split_folder(tmp_path):
+    make_tree(tmp_path/"sun", ["a"], splits=("train",))
+    with pytest.raises(SpaError, match="sun/test not found"): load_benchmark("sun", data_root=tmp_path)
+
+
+def test_train_classes_without_test(tmp_path):
+    make_tree(tmp_path/"t", ["a", "b", "c"], splits=("train",)); make_tree(tmp_path/"t", ["a"], splits=("test",))
+    with pytest.raises(SpaError, match=r"classes in train/ without test/: \['b', 'c'\]"): load_benchmark(str(tmp_path/"t"))
+
+
+def test_empty_class_folder(tmp_path):
+    make_tree(tmp_path/"t", ["a", "b"])
+    for f in (tmp_path/"t"/"test"/"b").iterdir(): f.unlink()
+    with pytest.raises(SpaError, match=r"no images in .*test: \['b'\]"): load_benchmark(str(tmp_path/"t"))
+
+
+def test_wrong_class_count_for_registered_benchmark(tmp_path):
+    make_tree(tmp_path/"aircraft", ["x", "y"])
+    with pytest.raises(SpaError, match="holds 2 class folders but aircraft has 100"): load_benchmark("aircraft", data_root=tmp_path)
+
+
+def test_unknown_dataset_lists_known_ones():
+    with pytest.raises(SpaError) as e: load_benchmark("cifar10")
+    assert all(b.name in str(e.value) for b in BENCHMARKS)
+
+
+def test_cifar_offline_not_cached(tmp_path):
+    with pytest.raises(SpaError, match="pre-download|download it once") as e: load_benchmark("cifar100", cache_dir=tmp_path/"empty")
+    assert "data_root=" in str(e.value)
+
+
+def test_cifar_from_data_root_folder(tmp_path):
+    make_tree(tmp_path/"cifar100", [f"c{i:02d}" for i in range(100)], n=1)
+    b = load_benchmark("cifar100", data_root=tmp_path, cache_dir=tmp_path/"hf")
+    assert b.class_names[b.order.index(26)] == "crab"
+
+
+def test_synthetic_world_deterministic_and_seeded():
+    kw = dict(n_classes=8, n_train=3, n_test=2)
+    a, b, c = synthetic_world(**kw), synthetic_world(**kw), synthetic_world(**kw, seed=1)
+    pix = lambda ds: np.stack([np.asarray(im) for im in ds["image"]])
+    assert np.array_equal(pix(a.train), pix(b.train)) and np.array_equal(pix(a.test), pix(b.test))
+    assert a.train["label"][:] == b.train["label"][:] and a.key == b.key
+    assert not np.array_equal(pix(a.train), pix(c.train)) and a.key != c.key
+    assert not np.array_equal(pix(a.train)[0], pix(a.test)[0])  # train and test draw from different streams
+
+
+def test_synthetic_world_does_not_touch_global_rngs():
+    np.random.seed(5); torch.manual_seed(5)
+    synthetic_world(n_classes=4, n_train=2, n_test=1, inc=2)
+    got = (np.random.rand(), torch.rand(1).item())
+    np.random.seed(5); torch.manual_seed(5)
+    assert got == (np.random.rand(), torch.rand(1).item())
+
+
+def test_synthetic_world_structure():
+    w = synthetic_world(n_train=2, n_test=1)
+    assert (w.n_classes, w.setting_b0, w.setting_bx) == (24, "B0Inc4", "B12Inc4") and len(w.splits()) == 6
+    looks = {}
+    for a in demo_classes(): looks.setdefault((a.shape, a.colour), set()).add(a.mark)
+    assert all(len(m) == 3 for m in looks.values())  # every look: 3 classes differing only in the mark
+    assert set(w.descriptions) == set(w.class_names) and all(len(d) == 3 for d in w.descriptions.values())
+    vocab = world_attributes()
+    assert set(pretrain_classes()).isdisjoint(demo_classes())
+    assert len(pretrain_classes()) + 24 == len(vocab["shape"]) * len(vocab["colour"]) * len(vocab["mark"])
+
+
+def test_render_any_combination():
+    rng = np.random.default_rng(0)
+    for a in pretrain_classes()[::17]:
+        im, cap = render_sample(a, rng, image_size=32, distractors=0, noise=0)
+        assert im.size == (32, 32) and a.mark in cap and a.shape in cap and a.colour in cap
+
+
+def test_mark_is_the_only_difference():
+    "Same generator stream, different mark: the images differ only in a small region."
+    a, b = Attributes("circle", "red", "dot"), Attributes("circle", "red", "cross")
+    x, y = (np.asarray(render_sample(v, np.random.default_rng(3), noise=0).image).astype(int) for v in (a, b))
+    changed = np.abs(x - y).sum(-1) > 30
+    assert 0 < changed.sum() < 0.05 * changed.size
+
+
+def test_bad_world_sizes():
+    with pytest.raises(SpaError, match="does not exist"): synthetic_world(n_classes=500)
+    with pytest.raises(SpaError, match="does not fit"): synthetic_world(n_classes=10, n_train=1, n_test=1, inc=4)
