@@ -3,7 +3,7 @@
 Usage: python tools/pct2nb.py SRC.py OUT.ipynb   (then run `nbdev_clean`).
 A convenience for writing notebooks from an editor; the notebook, not SRC, is what gets committed.
 """
-import json, sys, uuid
+import hashlib, json, sys
 from pathlib import Path
 
 def parse_cells(text):
@@ -17,14 +17,15 @@ def parse_cells(text):
     if kind: cells.append((kind, "\n".join(lines).strip("\n")))
     return cells
 
-def to_notebook(cells):
-    "A minimal nbformat-4 notebook dict from (cell_type, source) pairs."
-    def cell(kind, src):
-        c = {"cell_type": kind, "id": uuid.uuid4().hex[:8], "metadata": {}, "source": src.splitlines(keepends=True)}
+def to_notebook(cells, name=""):
+    "A minimal nbformat-4 notebook dict from (cell_type, source) pairs; cell ids are stable per (name, position)."
+    def cell(i, kind, src):
+        cid = hashlib.sha1(f"{name}-{i}".encode()).hexdigest()[:8]
+        c = {"cell_type": kind, "id": cid, "metadata": {}, "source": src.splitlines(keepends=True)}
         return c | ({"execution_count": None, "outputs": []} if kind == "code" else {})
     meta = {"kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}}
-    return {"cells": [cell(k, s) for k, s in cells], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}
+    return {"cells": [cell(i, k, s) for i, (k, s) in enumerate(cells)], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}
 
 if __name__ == "__main__":
     src, out = sys.argv[1:3]
-    Path(out).write_text(json.dumps(to_notebook(parse_cells(Path(src).read_text())), indent=1) + "\n")
+    Path(out).write_text(json.dumps(to_notebook(parse_cells(Path(src).read_text()), Path(out).stem), indent=1) + "\n")
