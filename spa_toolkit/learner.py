@@ -134,7 +134,7 @@ def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, 
     if k["lam"] > 0:
         if patches is None: raise SpaError("the patch/OT branch needs patch tokens: extract features with patches, or use lam=0")
         sem, mask = txt(state.text.sem[:n]) * state.text.sem_mask[:n, :, None], state.text.sem_mask[:n]
-        s = s + k["lam"] * patch_ot_scores(vis(patches), sem, min(k["k_patches"], patches.shape[1]), k["eps"], mask,
+        s = s + k["lam"] * patch_ot_scores(vis(patches.to(g.dtype)), sem, min(k["k_patches"], patches.shape[1]), k["eps"], mask,
                                            chunk=None if torch.is_grad_enabled() else k["eval_chunk"], n_iter=k["ot_iters"])
     return s
 
@@ -161,9 +161,9 @@ def predict(state: CILState, # a trained (or fresh) state
 
 # %% ../nbs/10_learner.ipynb #1083df65
 class Rows(NamedTuple):
-    "Some cached rows as float32 tensors."
-    g: torch.Tensor # [n, d] global features
-    p: torch.Tensor | None # [n, N, d] patch tokens (or [n, k, d] compact), None when not read
+    "Some cached rows as tensors."
+    g: torch.Tensor # [n, d] float32 global features
+    p: torch.Tensor | None # [n, N, d] patch tokens (or [n, k, d] compact) in the cache's dtype (float16), None when not read
     y: torch.Tensor # [n] long labels
 
 def rows(feats: FeatureSet, # cached features of one split
@@ -171,11 +171,10 @@ def rows(feats: FeatureSet, # cached features of one split
          device: torch.device, # where the tensors go
          patches: bool = True, # also read the patch tokens
         ) -> Rows:
-    "Rows `idx` of a feature cache as float32 tensors."
+    "Rows `idx` of a feature cache as tensors; patch tokens stay float16 (half the memory) until a batch uses them."
     idx = np.sort(np.asarray(idx))
-    t = lambda a: torch.from_numpy(np.asarray(a[idx], dtype=np.float32)).to(device)
-    p = t(feats.patches) if patches and feats.patches is not None else None
-    g = check_finite(t(feats.global_), f"cached features in {feats.folder}")
+    p = torch.from_numpy(np.asarray(feats.patches[idx])).to(device) if patches and feats.patches is not None else None
+    g = check_finite(torch.from_numpy(np.asarray(feats.global_[idx], dtype=np.float32)).to(device), f"cached features in {feats.folder}")
     return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device))
 
 def task_rows(feats: FeatureSet, # cached features of one split
@@ -224,7 +223,7 @@ def _new_stats(state: CILState, data: Rows, classes: torch.Tensor) -> tuple:
     st = class_stats(data.g, data.y, classes, cov=k["cov"], shrink=k["shrink"])
     if data.p is None or k["lam"] == 0 or not k["calibration"]: return st, None
     kk = min(k["k_patches"], data.p.shape[1])
-    sets = select_patches_for_labels(data.p, state.text.sem, data.y, kk, state.text.sem_mask)
+    sets = select_patches_for_labels(data.p.to(data.g.dtype), state.text.sem, data.y, kk, state.text.sem_mask)
     return st, patch_stats(sets, data.y, classes, cov=k["cov"], shrink=k["shrink"])
 
 # %% ../nbs/10_learner.ipynb #f15e33ae
@@ -380,7 +379,7 @@ def run_method(prep: Prepared, # shared features and text side
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):
         t0, n_old = time.perf_counter(), state.n_seen
         train_task(state, prep.train, classes, gen)
-        records.append(_record(state, prep.test, n_old) | dict(train_s=time.perf_counter() - t0))
+        records.append(dict(train_s=time.perf_counter() - t0) | _record(state, prep.test, n_old))
         if ckpt is not None: state.save(ckpt, records=records, generator=gen.get_state())
     return _result(method, prep, knobs, records)
 
