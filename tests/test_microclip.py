@@ -1,0 +1,81 @@
+"The embedded micro-CLIP: real loading path, deterministic features, an honest recipe, data disjoint from the demo classes."
+import configparser
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spa_toolkit.core import SpaError
+from spa_toolkit.backbone import LOCAL_DIR, encode_images
+from spa_toolkit.data import demo_classes, pretrain_classes
+import spa_toolkit.microclip as mc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return mc.load_embedded_clip()
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return mc.load_recipe()
+
+
+def test_loads_through_open_clips_local_dir_path(clip):
+    assert clip.arch == f"{LOCAL_DIR}{mc.embedded_clip_path()}"
+    assert open_clip.get_tokenizer(clip.arch)(["a red circle with a dot."]).shape == (1, 32)
+    assert clip.tokenizer.vocab_size == 49408
+    shipped = load_file(mc.embedded_clip_path() / mc.MICROCLIP_WEIGHTS)
+    assert all(v.dtype == torch.float16 for v in shipped.values())
+    loaded = clip.model.state_dict()
+    assert set(shipped) == set(loaded)
+    assert all(torch.equal(shipped[k].float(), loaded[k]) for k in shipped)
+
+
+def test_features_are_deterministic(clip):
+    demo = mc.demo_images(n_per_class=1)
+    x = torch.stack([clip.preprocess(demo.images[0])] * 2 + [clip.preprocess(demo.images[1])])
+    f, again = encode_images(clip, x), encode_images(clip, x)
+    assert torch.equal(f.global_[0], f.global_[1]) and torch.equal(f.patches[0], f.patches[1])
+    assert torch.equal(f.global_, again.global_) and torch.equal(f.patches, again.patches)
+    assert not torch.equal(f.global_[0], f.global_[2])
+
+
+def test_shipped_weights_match_the_recipe(recipe):
+    assert mc.sha256_file(mc.embedded_clip_path() / mc.MICROCLIP_WEIGHTS) == recipe["sha256"]
+    assert recipe["data"]["classes"] == [mc.caption(a) for a in pretrain_classes()]
+
+
+def test_first_steps_replay_the_recorded_losses(recipe):
+    "Re-run the first steps from the recorded seed (inside the warm-up, where the schedule does not depend on `steps`)."
+    k = recipe["knobs"]
+    n = min(5, k["warmup"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe["threads"])
+    try: run = mc.pretrain(**(k | dict(steps=n)), progress=False)
+    finally: torch.set_num_threads(threads)
+    assert run.losses == pytest.approx([recipe["loss_curve"][str(i)] for i in range(n)], rel=1e-5, abs=0)
+
+
+def test_pretraining_data_is_disjoint_from_the_demo_classes(recipe):
+    demo = {mc.caption(a) for a in demo_classes()}
+    assert not demo & set(recipe["data"]["classes"])
+    assert not demo & {c for s in range(3) for c in mc.pretrain_batch(pretrain_classes(), s, recipe["knobs"]["seed"], 128).captions}
+    assert set(recipe["data"]["demo_classes"]) == demo
+
+
+def test_missing_weights_name_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(mc, "embedded_clip_path", lambda: tmp_path)
+    with pytest.raises(SpaError, match="reinstall spa_toolkit"): mc.load_embedded_clip()
+
+
+def test_package_data_ships_the_weights():
+    "settings.ini's package_data globs (relative to the package) must cover every file of the model folder."
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / "settings.ini")
+    pkg = ROOT / "spa_toolkit"
+    shipped = {p for pat in cfg["DEFAULT"]["package_data"].split() for p in pkg.glob(pat) if p.is_file()}
+    assert set(mc.embedded_clip_path().iterdir()) <= shipped
