@@ -1,0 +1,164 @@
+"The command line driven as a user drives it: `python -m spa_toolkit.cli ...` in a fresh process, offline, in a scratch folder."
+import json, os, re, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from openai_stub import StubOpenAI, image_urls
+
+SECRETS = ("OPENAI_API_KEY", "SPA_DATA_ROOT", "GEMINI_API_KEY", "GOOGLE_API_KEY")
+OFFLINE = dict(LITELLM_LOCAL_MODEL_COST_MAP="True", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+SUMMARY = re.compile(r"^\| (\w+) \| (\S+) \| (\w+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|", re.M)
+
+
+def cli(*args, cwd: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    "Run the CLI in a new process in `cwd`, offline, with no API keys or data root, HF caches under `cwd`."
+    e = {k: v for k, v in os.environ.items() if k not in SECRETS} | OFFLINE | dict(HF_HOME=str(cwd / "hf")) | env
+    return subprocess.run([sys.executable, "-m", "spa_toolkit.cli", *map(str, args)], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def printed_summary(stdout: str) -> dict[str, tuple[float, float]]:
+    "method -> (Avg, Last) as printed in the summary table."
+    return {m[1]: (float(m[5]), float(m[6])) for m in SUMMARY.finditer(stdout)}
+
+
+def out_folder(stdout: str) -> Path:
+    return Path(re.search(r"results written to (\S+)", stdout)[1])
+
+
+def check_user_error(p: subprocess.CompletedProcess, *needles: str):
+    "Status 2, the last stderr line is one `error:` line holding every needle, and no traceback."
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "error:" in last, last
+    for n in needles: assert n in last, (n, last)
+
+
+def draw_folder(root: Path, classes=("red", "green", "blue"), n_train=6, n_test=3) -> Path:
+    "A tiny ImageFolder benchmark: a coloured disc per class on a grey background, placed at random."
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = Image.new("RGB", (40, 40), (128, 128, 128))
+                x, y = (7 * i) % 20, (11 * i) % 20
+                ImageDraw.Draw(img).ellipse([x, y, x + 18, y + 18], fill=c)
+                img.save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["bench"], ["describe"], ["features"]])
+def test_help_of_each_subcommand(tmp_path, command):
+    p = cli(*command, "--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: spa_toolkit")
+    if command in (["run"], ["bench"]):
+        assert "--k-patches K_PATCHES" in p.stdout and "patches kept per (image, class) (default: 16)" in p.stdout
+        assert "--calibration, --no-calibration" in p.stdout and "--scorer" not in p.stdout
+
+
+def test_default_run_prints_what_it_writes(tmp_path):
+    t0 = time.perf_counter()
+    p = cli("run", cwd=tmp_path)
+    wall = time.perf_counter() - t0
+    print(f"`python -m spa_toolkit.cli run` took {wall:.1f} s")
+    assert p.returncode == 0, p.stderr[-3000:]
+    shown, out = printed_summary(p.stdout), tmp_path / out_folder(p.stdout)
+    assert list(shown) == ["spa", "spa_global", "spa_nocal", "zeroshot", "descriptions", "ncm"]
+    for m, (avg, last) in shown.items():
+        saved = json.loads((out / f"{m}.json").read_text())
+        assert (round(saved["average"], 2), saved["last"]) == (avg, last), m
+        assert f"| {m} | " + " | ".join(f"{a:.2f}" for a in saved["curve"]) + " |" in p.stdout
+    meta = json.loads((out / "run.json").read_text())
+    assert (meta["benchmark"], meta["setting"], len(meta["class_order"])) == ("synthetic", "B0Inc4", 24)
+    assert meta["knobs"]["spa"]["k_patches"] == 16 and meta["versions"]["torch"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG" and "| spa |" in (out / "results.md").read_text()
+    assert "spa: 100%" in p.stderr  # a progress bar over each method's tasks
+
+
+def test_resume_finds_its_folder_and_reuses_results(tmp_path):
+    args = ("run", "--methods", "spa,ncm", "--epochs", "1", "--k-patches", "4")
+    first = cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = cli(*args, "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert out_folder(again.stdout) == out_folder(first.stdout)
+    assert printed_summary(again.stdout) == printed_summary(first.stdout)
+    assert "spa: " not in again.stderr  # read back, not retrained
+    other = cli("run", "--methods", "ncm", "--epochs", "2", cwd=tmp_path)
+    assert out_folder(other.stdout) != out_folder(first.stdout)  # other knobs, other folder
+
+
+def test_custom_imagefolder_end_to_end(tmp_path):
+    root = draw_folder(tmp_path / "discs")
+    feats = cli("features", "--dataset", root, cwd=tmp_path)
+    assert feats.returncode == 0, feats.stderr[-3000:]
+    assert "discs train: 18 images" in feats.stdout and "discs test: 9 images" in feats.stdout
+    p = cli("run", "--dataset", root, "--descriptions", "templates", "--methods", "spa,zeroshot,ncm", "--epochs", "1",
+            "--out", tmp_path / "out", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "features discs" not in p.stderr  # `features` filled the cache the run reads
+    spa = json.loads((tmp_path / "out" / "spa.json").read_text())
+    assert (spa["benchmark"], spa["setting"], len(spa["curve"])) == ("discs", "B0Inc1", 3)
+    assert printed_summary(p.stdout)["spa"] == (round(spa["average"], 2), spa["last"])
+    descs = json.loads((tmp_path / "out" / "class_descriptions.json").read_text())["descriptions"]
+    assert descs == {c: [f"a photo of a {c}."] for c in ("red", "green", "blue")}
+
+
+def test_bench_runs_what_it_can_and_names_what_it_cannot(tmp_path):
+    args = ("bench", "--datasets", "synthetic,cub", "--settings", "b0", "--methods", "zeroshot,ncm",
+            "--descriptions", "templates", "--data-root", tmp_path / "data", "--out", tmp_path / "suite")
+    p = cli(*args, cwd=tmp_path)
+    check_user_error(p, "1 benchmark setting(s) did not run: cub b0")
+    assert re.search(r"error: cub b0: benchmark folder \S+/data/cub not found: expected layout", p.stderr)
+    assert "| synthetic | B0Inc4 | ncm |" in p.stdout
+    rows = json.loads((tmp_path / "suite" / "bench.json").read_text())
+    assert [(r["benchmark"], r["ours"]) for r in rows] == [("synthetic", "zeroshot"), ("synthetic", "ncm")]
+    assert (tmp_path / "suite" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    again = cli(*args, cwd=tmp_path)
+    assert "ncm: " not in again.stderr and "| synthetic | B0Inc4 | ncm |" in again.stdout  # resumed: nothing rerun
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with StubOpenAI() as s: yield s
+
+
+def test_describe_with_any_litellm_model_then_run_with_the_file(tmp_path, stub):
+    args = ("describe", "--llm", "openai/stub-vlm", "--api-base", stub.api_base, "--k-exemplars", "2")
+    p = cli(*args, cwd=tmp_path, OPENAI_API_KEY="sk-test")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "24 classes (0 from cache), 24 LLM calls" in p.stdout
+    assert len(stub.requests) == 24 and all(len(image_urls(r["body"])) == 2 for r in stub.requests)
+    again = cli(*args, cwd=tmp_path, OPENAI_API_KEY="sk-test")
+    assert "24 classes (24 from cache), 0 LLM calls" in again.stdout and len(stub.requests) == 24
+    path = re.search(r"descriptions written to (\S+)", p.stdout)[1]
+    run = cli("run", "--methods", "descriptions", "--descriptions", path, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "trait 0" in (tmp_path / out_folder(run.stdout) / "class_descriptions.json").read_text()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", "--dataset", "cub", "--data-root", "nodata"], ["nodata/cub not found", "expected layout", "PROOF"]),
+    (["run", "--dataset", "cub"], ["SPA_DATA_ROOT"]),
+    (["run", "--dataset", "cifar100"], ["could not load uoft-cs/cifar100", "network"]),
+    (["run", "--methods", "zeroshot", "--arch", "ViT-B-16", "--pretrained", "laion400m_e32"], ["could not get weights", "network access"]),
+    (["run", "--descriptions", "llm:gpt-4o-mini"], ["no API key", "OPENAI_API_KEY", "--descriptions templates"]),
+    (["describe", "--llm", "gemini/gemini-1.5-flash"], ["no API key", "GEMINI_API_KEY"]),
+    (["run", "--dataset", "cifar1000"], ["unknown benchmark 'cifar1000'", "cifar100"]),
+    (["run", "--setting", "B5Inc7"], ["does not fit 24 classes", "B0Inc"]),
+    (["run", "--setting", "half"], ["bad setting 'half'", "B0Inc10"]),
+    (["run", "--arch", "ViT-Q-99", "--pretrained", "x"], ["unknown open_clip architecture 'ViT-Q-99'"]),
+    (["run", "--arch", "ViT-B-16", "--pretrained", "nosuchtag"], ["unknown pretrained tag 'nosuchtag'", "laion400m_e32"]),
+    (["run", "--methods", "spa,proof"], ["unknown method(s) ['proof']", "spa_nocal"]),
+    (["run", "--epochs", "-1"], ["epochs=-1 is too small"]),
+    (["run", "--k-patches", "four"], ["argument --k-patches: expected int, got 'four'"]),
+    (["bench", "--datasets", "cifar1000"], ["unknown benchmark(s) ['cifar1000']"]),
+    (["run", "--dataset", "discs"], ["discs has no built-in descriptions", "--descriptions templates"]),
+])
+def test_user_errors_are_one_line_with_the_fix(tmp_path, args, needles):
+    draw_folder(tmp_path / "discs", n_train=2, n_test=1)
+    check_user_error(cli(*args, cwd=tmp_path), *needles)
