@@ -42,3 +42,9 @@ def test_checker_sees_a_backward_import(tmp_path):
     later = tmp_path / "x.py"
     later.write_text("from .learner import train_task\nimport spa_toolkit.cli\nfrom spa_toolkit import data\n")
     assert our_imports(later) == {"learner", "cli", "data"}
+
+def test_library_never_moves_tensors_to_a_hidden_device():
+    "Devices follow the inputs: no `.cuda()` / `.to('cuda')` in library code (DESIGN.md, rules of the house)."
+    bad = [f"{p.name}:{i}" for p in modules().values() for i, line in enumerate(p.read_text().splitlines(), 1)
+           if re.search(r"\.cuda\(|\.to\(\s*['\"]cuda", line)]
+    assert not bad, "hidden device moves: " + ", ".join(bad)

@@ -2,7 +2,8 @@
 
 nbdev 2's `nbdev_readme` renders through Quarto, whose PyPI package downloads its binary at build time and so cannot be
 installed from a package registry alone. This renders the same notebook with the standard library: markdown cells as
-they are, code cells fenced, text outputs fenced below them, `#|` directive lines and `#| hide` cells dropped.
+they are, code cells fenced, their printed (stdout) output fenced below them, `#|` directive lines and `#| hide` cells dropped.
+The outputs are those saved in the notebook: `python tools/readme.py --execute` runs the notebook first and saves them.
 Usage: `python tools/readme.py` writes README.md; `python tools/readme.py --check` fails when README.md is stale.
 """
 import json, sys
@@ -17,7 +18,7 @@ def cell_markdown(cell):
     lines = src.splitlines()
     if any(l.strip() in ("#| hide", "#|hide") for l in lines): return ""
     code = "\n".join(l for l in lines if not l.startswith("#|")).strip()
-    outs = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    outs = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("name") == "stdout")
     return f"```python\n{code}\n```" + (f"\n\n```\n{outs.rstrip()}\n```" if outs.strip() else "")
 
 def render(nb_path=root/"nbs"/"index.ipynb"):
@@ -26,7 +27,19 @@ def render(nb_path=root/"nbs"/"index.ipynb"):
     parts = [cell_markdown(c) for c in cells if not "".join(c["source"]).startswith("#| default_exp")]
     return "\n\n".join(p for p in parts if p.strip()) + "\n"
 
+def execute(nb_path=root/"nbs"/"index.ipynb"):
+    "Run the notebook in its folder (as nbdev_test does) and save its outputs."
+    import os
+    from execnb.nbio import read_nb, write_nb
+    from execnb.shell import CaptureShell
+    nb, cwd = read_nb(nb_path), os.getcwd()
+    os.chdir(Path(nb_path).parent)
+    try: CaptureShell().run_all(nb, exc_stop=True)
+    finally: os.chdir(cwd)
+    write_nb(nb, nb_path)
+
 if __name__ == "__main__":
+    if "--execute" in sys.argv: execute()
     text, readme = render(), root/"README.md"
     if "--check" in sys.argv:
         if readme.read_text() != text: sys.exit("README.md is out of date with nbs/index.ipynb: run `python tools/readme.py`")

@@ -1,0 +1,35 @@
+"The learner on devices: one place chooses the device, and asking for one that is not there fails cleanly."
+import pytest
+import torch
+
+from spa_toolkit.core import SpaError
+from spa_toolkit.learner import new_state, predict, prepare, run_method, train_task
+from spa_toolkit.data import synthetic_world
+from spa_toolkit.microclip import load_embedded_clip
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory):
+    world = synthetic_world(n_classes=8, n_train=8, n_test=4, inc=4)
+    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_cuda_run_on_a_cpu_machine_fails_with_the_fix():
+    with pytest.raises(SpaError, match="--device cpu"): load_embedded_clip(device="cuda")
+
+
+def test_everything_follows_the_state_device(prep):
+    state = train_task(new_state(prep.text, prep.logit_scale, epochs=1), prep.train, prep.splits[0])
+    assert {p.device.type for p in state.proj.parameters()} == {"cpu"}
+    assert state.stats.means.device.type == "cpu" and state.pstats.stats.means.device.type == "cpu"
+    g = torch.zeros(2, prep.text.names.shape[1], device="meta")  # features on another device than the state
+    with pytest.raises((RuntimeError, NotImplementedError)): predict(state, g, None, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_run_equals_the_cpu_run_within_tolerance(prep):
+    cpu = run_method(prep, "spa_global", epochs=1, progress=False)
+    text = type(prep.text)(*(t.cuda() for t in vars(prep.text).values()))
+    gpu = run_method(type(prep)(**(vars(prep) | dict(text=text))), "spa_global", epochs=1, progress=False)
+    assert max(abs(a - b) for a, b in zip(cpu.curve, gpu.curve)) <= 2.0
