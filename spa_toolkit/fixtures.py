@@ -4,7 +4,6 @@
 
 # %% ../nbs/00a_fixtures.ipynb #6b84db68
 from __future__ import annotations
-import json
 from pathlib import Path
 
 import numpy as np

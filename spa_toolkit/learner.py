@@ -5,7 +5,7 @@
 # %% ../nbs/10_learner.ipynb #e20f2dfb
 from __future__ import annotations
 import math, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .core import SpaError, atomic_path, check_finite, l2norm, make_generator, pick_device, content_key
+from .core import SpaError, atomic_path, check_finite, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, extract_features
 from .patches import semantic_tokens, select_patches_for_labels, SEM_TEMPLATE
@@ -337,15 +337,15 @@ def prepare(benchmark: Benchmark, # the benchmark
     return Prepared(benchmark, train, test, text, clip.logit_scale, benchmark.splits(setting), setting)
 
 # %% ../nbs/10_learner.ipynb #c9978f17
-def _resume(ckpt: Path | None, resume: bool, text: TextSide, knobs: dict, seed: int):
+def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: dict, seed: int):
     "The state, per-task records and generator to continue from (fresh when there is nothing to resume)."
-    gen = make_generator(seed, text.names.device)
+    gen = make_generator(seed, prep.text.names.device)
     if resume and ckpt is not None and ckpt.exists():
-        state, extra = load_state(ckpt, text.names.device)
+        state, extra = load_state(ckpt, prep.text.names.device)
         if state.knobs != knobs: raise SpaError(f"{ckpt} was written with other knobs: rerun without --resume, or with the same knobs")
         gen.set_state(extra["generator"])
         return state, extra["records"], gen
-    return new_state(text, 1.0, seed, **knobs), [], gen
+    return new_state(prep.text, prep.logit_scale, seed, **knobs), [], gen
 
 def _record(state: CILState, test: FeatureSet, n_old: int) -> dict:
     "Predictions and timings of one evaluation."
@@ -374,8 +374,7 @@ def run_method(prep: Prepared, # shared features and text side
     "Train and evaluate one method over all tasks of the prepared benchmark."
     knobs = method_knobs(method, **knobs)
     ckpt = None if out_dir is None else Path(out_dir) / f"{method}.state.pt"
-    state, records, gen = _resume(ckpt, resume, prep.text, knobs, seed)
-    state.logit_scale = prep.logit_scale
+    state, records, gen = _resume(ckpt, resume, prep, knobs, seed)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):
         t0, n_old = time.perf_counter(), state.n_seen
         train_task(state, prep.train, classes, gen)
