@@ -239,7 +239,7 @@ def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBu
                 knobs={m: method_knobs(m, **knobs) for m in methods}, class_order=bench.order, class_names=bench.class_names,
                 versions=library_versions())
 
-# %% ../nbs/11_cli.ipynb #d5f739fb
+# %% ../nbs/11_cli.ipynb #1117bb70
 def open_benchmark(a: argparse.Namespace, dataset: str) -> Benchmark:
     "The benchmark `dataset` with the options' data root and class-order seed."
     return load_benchmark(dataset, a.data_root, a.class_order_seed)
@@ -254,7 +254,7 @@ def _descriptions(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, off
     return llm_descriptions(bench, clip, a.descriptions[len(LLM_PREFIX):], a.cache_dir, a.api_base, a.k_exemplars,
                             a.n_descriptions).result.descriptions
 
-# %% ../nbs/11_cli.ipynb #1117bb70
+# %% ../nbs/11_cli.ipynb #bfef24c3
 def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
             dataset: str, # benchmark name or folder
             setting: str | None, # "b0", "bx", "B{base}Inc{inc}"
@@ -277,7 +277,7 @@ def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
     results = run_methods(prep, methods, a.seed, out, a.resume, knobs)
     return write_report(Report(out, results, run_meta(a, bench, setting, clip, methods, knobs)))
 
-# %% ../nbs/11_cli.ipynb #3a41c1f2
+# %% ../nbs/11_cli.ipynb #38bc1fbe
 PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; source: ../shared/reference/published.md
     ("cifar100", "B0Inc10"): {"SPA": (88.53, None), "PROOF": (86.77, 79.11), "zero-shot CLIP": (81.81, 71.38), "SimpleCIL": (84.15, 76.63)},
     ("cifar100", "B50Inc10"): {"SPA": (85.01, None), "PROOF": (83.33, 79.73), "SimpleCIL": (80.20, 76.63)},
@@ -300,7 +300,7 @@ PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; source:
 }
 COUNTERPARTS = {"spa": ("SPA", "PROOF"), "zeroshot": ("zero-shot CLIP",), "ncm": ("SimpleCIL",)} # our method -> published ones
 
-# %% ../nbs/11_cli.ipynb #59271e91
+# %% ../nbs/11_cli.ipynb #3fddb5c0
 class BenchRow(NamedTuple):
     "One of our results beside one published number."
     benchmark: str
@@ -323,7 +323,7 @@ def bench_rows(results: dict[tuple[str, str], dict[str, RunResult]], # (benchmar
             rows += [BenchRow(b, s, m, r.average, r.last, p, *pub.get(p, (None, None))) for p in refs]
     return rows
 
-# %% ../nbs/11_cli.ipynb #3fddb5c0
+# %% ../nbs/11_cli.ipynb #73a655a5
 def _num(x, sign: str = "") -> str: return "–" if x is None else f"{x:{sign}.2f}"
 
 def _diff(a: float, b: float | None) -> float | None: return None if b is None else a - b
@@ -335,7 +335,7 @@ def bench_table(rows: list[BenchRow]) -> str:
                               f"{_num(r.pub_avg)} | {_num(r.pub_last)} | {_num(_diff(r.avg, r.pub_avg), '+')} | "
                               f"{_num(_diff(r.last, r.pub_last), '+')} |" for r in rows)])
 
-# %% ../nbs/11_cli.ipynb #02f75ffa
+# %% ../nbs/11_cli.ipynb #d05aa9dd
 def plot_suite(rows: list[BenchRow], # from `bench_rows`
                path: str | Path, # the PNG to write
               ) -> Path:
@@ -353,7 +353,7 @@ def plot_suite(rows: list[BenchRow], # from `bench_rows`
     with atomic_path(path) as tmp_png: fig.savefig(tmp_png, format="png", dpi=120)
     return Path(path)
 
-# %% ../nbs/11_cli.ipynb #b5842f0a
+# %% ../nbs/11_cli.ipynb #fb160654
 def cmd_run(a: argparse.Namespace) -> int:
     "`run`: one benchmark setting; prints the report and where it went."
     rep = run_one(a, a.dataset, a.setting, a.out, Path("runs"))
@@ -385,7 +385,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                      file=sys.stderr)
     return 2 if failed else 0
 
-# %% ../nbs/11_cli.ipynb #fb160654
+# %% ../nbs/11_cli.ipynb #b98be3ad
 def cmd_describe(a: argparse.Namespace) -> int:
     "`describe`: descriptions of a benchmark's classes by a litellm model, with the usage summary."
     check_llm_access(a.llm, a.api_base)
@@ -403,7 +403,7 @@ def cmd_features(a: argparse.Namespace) -> int:
         print(f"{bench.name} {split}: {len(f)} images, cached in {f.folder}")
     return 0
 
-# %% ../nbs/11_cli.ipynb #57696bfb
+# %% ../nbs/11_cli.ipynb #0ac39796
 DATA_OPTIONS = [
     ("--data-root", dict(help="folder holding <dataset>/{train,test}/<class>/ (default: env SPA_DATA_ROOT; cifar100 comes from the HF hub)")),
     ("--class-order-seed", dict(type=int, default=1993, help="PyCIL's class-order seed, separate from --seed (default: %(default)s)")),
@@ -431,7 +431,7 @@ RUN_OPTIONS = [
 DATASET_OPTION = ("--dataset", dict(default="synthetic", help=f"a registered benchmark ({', '.join(list_benchmarks())}) "
                                     "or a folder with train/<class>/ and test/<class>/ images (default: %(default)s)"))
 
-# %% ../nbs/11_cli.ipynb #0ac39796
+# %% ../nbs/11_cli.ipynb #77ca67dd
 def _add(p: argparse.ArgumentParser, *groups: list) -> argparse.ArgumentParser:
     "Add every (flag, keywords) option of `groups` to `p`."
     for flag, kw in (o for g in groups for o in g): p.add_argument(flag, **kw)
@@ -462,7 +462,7 @@ def _features_parser(sub) -> None:
     p = sub.add_parser("features", help="extract and cache a benchmark's frozen features", description=cmd_features.__doc__)
     _add(p, [DATASET_OPTION], DATA_OPTIONS, MODEL_OPTIONS).set_defaults(func=cmd_features)
 
-# %% ../nbs/11_cli.ipynb #77ca67dd
+# %% ../nbs/11_cli.ipynb #f3f50d5d
 def build_parser() -> argparse.ArgumentParser:
     "The `spa_toolkit` parser with its four subcommands."
     p = argparse.ArgumentParser(prog="spa_toolkit", description="SPA for CLIP-based class-incremental learning. "
@@ -480,5 +480,5 @@ def main(argv: list[str] | None = None, # the arguments (default: sys.argv[1:])
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-# %% ../nbs/11_cli.ipynb #f3f50d5d
+# %% ../nbs/11_cli.ipynb #5e70a4c2
 if __name__ == "__main__" and not in_ipython(): sys.exit(main())

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 from __future__ import annotations
-import hashlib, json, os, tempfile
+import errno, hashlib, json, os, tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -72,6 +72,10 @@ def atomic_path(path: str | Path, # final destination
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC: raise
+        kept = "its previous version is intact" if path.exists() else "nothing was written"
+        raise SpaError(f"no space left on the device writing {path} ({kept}): free some disk space, or write elsewhere, and rerun") from e
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 

@@ -144,7 +144,7 @@ class Benchmark:
     order: list[int] # [C] original class ids; order[i] became label i
     setting_b0: str # the zero-base setting, e.g. "B0Inc10"
     setting_bx: str # the half-base setting, e.g. "B50Inc10"
-    key: str # content key of the images, for feature caches
+    key: str # content key of the images and of their labels (class order), for feature caches
     descriptions: dict[str, list[str]] | None = None # ground-truth attribute phrases per class (synthetic world only)
 
     @property
@@ -190,7 +190,7 @@ def assemble(name: str, # benchmark name
     order = class_order(len(names), class_order_seed, shuffle)
     ordered = [names[i] for i in order]
     train, test = (relabel(d, order, ordered) for d in (train, test))
-    return Benchmark(name, ordered, list(templates), train, test, order, *settings, key, descriptions)
+    return Benchmark(name, ordered, list(templates), train, test, order, *settings, content_key(key, order), descriptions)
 
 # %% ../nbs/01_data.ipynb #bc866c19
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -207,6 +207,12 @@ def _class_dirs(split_dir: Path, source: str) -> list[str]:
     if not names: raise SpaError(f"no class folders in {split_dir}: {_layout_hint(split_dir.parent, source)}")
     return names
 
+def _case_clashes(names: list[str]) -> list[list[str]]:
+    "Groups of names that are equal ignoring case."
+    groups = {}
+    for n in names: groups.setdefault(n.casefold(), []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
+
 def check_imagefolder(root: Path, # the benchmark folder holding train/ and test/
                       source: str = "", # where the data is published, for the messages
                      ) -> list[str]: # sorted class folder names
@@ -218,6 +224,9 @@ def check_imagefolder(root: Path, # the benchmark folder holding train/ and test
         only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
         raise SpaError(f"{root}: classes in train/ without test/: {only_train[:5]}; in test/ without train/: {only_test[:5]}: "
                        "every class needs images in both splits")
+    if clash := _case_clashes(train):
+        raise SpaError(f"{root}: class folders {clash[:3]} differ only in case, and CLIP lower-cases text, so their prompts "
+                       "would be identical: merge or rename them")
     return train
 
 # %% ../nbs/01_data.ipynb #cdb39cca
