@@ -1,27 +1,23 @@
 """Where a task's training time goes: the model's own maths (torch kernels) versus everything else (Python, data movement).
 
-Trains tasks on cached features under cProfile and splits the time of the last one into time spent inside torch's
-compiled functions and the rest. Two workloads: the synthetic world through the tiny CLIP (d=32, 16 patches: kernels are
+Trains tasks on cached features and runs the last one under `torch.profiler`: the summed self time of every torch op is the
+maths, wall time minus that is everything else (profiler overhead included, so the share is an upper bound). Two workloads: the synthetic world through the tiny CLIP (d=32, 16 patches: kernels are
 so small that Python dominates), and random unit features with ViT-B/16 shapes (d=512, 196 patches, 8 descriptions,
 10 classes per task, 200 images per class, the default 5 epochs). Target (issue 7): under 10% outside the maths.
 Usage: python benchmarks/bench_learner.py [--threads N] [--tasks N]
 """
-import argparse, cProfile, pstats, tempfile, time
+import argparse, tempfile, time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from spa_toolkit.backbone import FeatureSet, load_clip
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.data import synthetic_world
 from spa_toolkit.fixtures import make_tiny_clip
 from spa_toolkit.learner import TextSide, new_state, prepare, train_task
-
-def torch_seconds(stats: pstats.Stats) -> float:
-    "Self time of functions implemented in torch's C++ core (the maths)."
-    return sum(tt for (file, _, name), (_, _, tt, _, _) in stats.stats.items()
-               if file == "~" and ("torch" in name or "_C." in name or "_VariableFunctions" in name))
 
 def tiny_world():
     "Cached features of the synthetic world through the tiny CLIP, its text side and splits."
@@ -44,12 +40,11 @@ def profile_task(name: str, feats, text, splits, scale: float, knobs: dict, task
     "Train `tasks` tasks and print how the last one's time splits."
     state = new_state(text, scale, **knobs)
     for classes in splits[:tasks - 1]: train_task(state, feats, classes)
-    prof = cProfile.Profile()
-    t0 = time.perf_counter(); prof.enable()
-    train_task(state, feats, splits[tasks - 1])
-    prof.disable(); wall = time.perf_counter() - t0
-    maths = torch_seconds(pstats.Stats(prof))
-    print(f"{name}, task {tasks} (with calibration replay), under cProfile: wall {wall:.2f} s; inside torch kernels "
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof: train_task(state, feats, splits[tasks - 1])
+    wall = time.perf_counter() - t0
+    maths = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    print(f"{name}, task {tasks} (with calibration replay), under torch.profiler: wall {wall:.2f} s; inside torch ops "
           f"{maths:.2f} s; outside {wall - maths:.2f} s = {100 * (wall - maths) / wall:.1f}% of the task (target < 10%)")
 
 def main(threads: int, tasks: int):

@@ -21,7 +21,7 @@ from .exemplars import exemplar_images
 from .descriptions import (DescribeResult, _litellm, describe_benchmark, load_descriptions, save_descriptions,
                                       template_descriptions)
 from .microclip import embedded_clip_path
-from .learner import METHODS, Prepared, method_knobs, prepare, run_method, run_protocol, spa_knobs
+from .learner import METHODS, Prepared, method_knobs, prepare, run_key, run_method, run_protocol, spa_knobs
 from .metrics import RunResult, _figure, markdown_table, plot_curves
 
 # %% auto #0
@@ -177,12 +177,13 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
 
 # %% ../nbs/11_cli.ipynb #2f8404ad
 def finished(path: Path, # a method's result file
-             knobs: dict, # the method's resolved knobs now
+             key: str, # `learner.run_key` of the run asked for now
             ) -> RunResult | None:
-    "The result at `path` when there is one, checked to come from the same knobs."
+    "The result at `path` when there is one, checked to come from the same data, model, seed and knobs."
     if not path.exists(): return None
     r = RunResult.load(path)
-    if r.knobs != knobs: raise SpaError(f"{path} was written with other knobs: rerun without --resume, or pass another --out")
+    if r.run_key != key: raise SpaError(f"{path} belongs to another run (other data, setting, model, seed or knobs): "
+                                        "rerun without --resume, or pass another --out")
     return r
 
 def run_methods(prep: Prepared, # shared features and text side
@@ -197,7 +198,8 @@ def run_methods(prep: Prepared, # shared features and text side
     out, knobs, res = Path(out), knobs or {}, {}
     for m in methods:
         path = out / f"{m}.json"
-        res[m] = (resume and finished(path, method_knobs(m, **knobs))) or run_method(prep, m, seed, out, resume, progress, **knobs)
+        key = run_key(prep, method_knobs(m, **knobs), seed)
+        res[m] = (resume and finished(path, key)) or run_method(prep, m, seed, out, resume, progress, **knobs)
         res[m].save(path)
     return res
 

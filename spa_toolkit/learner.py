@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .core import SpaError, atomic_path, check_finite, l2norm, make_generator
+from .core import SpaError, atomic_path, check_finite, content_key, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, extract_features
 from .patches import semantic_tokens, select_patches_for_labels, SEM_TEMPLATE
@@ -28,7 +28,7 @@ from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_n
 # %% auto #0
 __all__ = ['SCORERS', 'OPTIMIZERS', 'METHODS', 'STATE_VERSION', 'spa_knobs', 'method_knobs', 'TextSide', 'encode_text_side',
            'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows', 'train_task', 'evaluate', 'state_dict',
-           'state_from_dict', 'load_state', 'Prepared', 'prepare', 'run_method', 'run_protocol']
+           'state_from_dict', 'load_state', 'Prepared', 'prepare', 'run_key', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #63c9f550
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
@@ -174,6 +174,7 @@ def rows(feats: FeatureSet, # cached features of one split
     "Rows `idx` of a feature cache as tensors; patch tokens stay float16 (half the memory) until a batch uses them."
     idx = np.sort(np.asarray(idx))
     p = torch.from_numpy(np.asarray(feats.patches[idx])).to(device) if patches and feats.patches is not None else None
+    if p is not None: check_finite(p, f"cached patch tokens in {feats.folder}")
     g = check_finite(torch.from_numpy(np.asarray(feats.global_[idx], dtype=np.float32)).to(device), f"cached features in {feats.folder}")
     return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device))
 
@@ -337,12 +338,21 @@ def prepare(benchmark: Benchmark, # the benchmark
     return Prepared(benchmark, train, test, text, clip.logit_scale, benchmark.splits(setting), setting)
 
 # %% ../nbs/10_learner.ipynb #c9978f17
+def run_key(prep: Prepared, # the prepared benchmark
+            knobs: dict, # a method's resolved knobs
+            seed: int, # run seed
+           ) -> str:
+    "Content key of everything that determines a method's numbers: images, class order, setting, model, seed, knobs."
+    return content_key(prep.benchmark.key, prep.benchmark.order, prep.setting, prep.train.folder.name, seed, knobs)
+
 def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: dict, seed: int):
     "The state, per-task records and generator to continue from (fresh when there is nothing to resume)."
     gen = make_generator(seed, prep.text.names.device)
     if resume and ckpt is not None and ckpt.exists():
         state, extra = load_state(ckpt, prep.text.names.device)
-        if state.knobs != knobs: raise SpaError(f"{ckpt} was written with other knobs: rerun without --resume, or with the same knobs")
+        if extra.get("run_key") != run_key(prep, knobs, seed):
+            raise SpaError(f"{ckpt} belongs to another run (other data, setting, model, seed or knobs): "
+                           "rerun without --resume, or pass another --out")
         gen.set_state(extra["generator"])
         return state, extra["records"], gen
     return new_state(prep.text, prep.logit_scale, seed, **knobs), [], gen
@@ -354,14 +364,14 @@ def _record(state: CILState, test: FeatureSet, n_old: int) -> dict:
     return dict(preds=torch.from_numpy(p), labels=torch.from_numpy(y), n_old=n_old, eval_s=time.perf_counter() - t0)
 
 # %% ../nbs/10_learner.ipynb #7d146564
-def _result(method: str, prep: Prepared, knobs: dict, records: list[dict]) -> RunResult:
+def _result(method: str, prep: Prepared, knobs: dict, records: list[dict], key: str) -> RunResult:
     "The `RunResult` of finished per-task records."
     preds, labels = [r["preds"].numpy() for r in records], [r["labels"].numpy() for r in records]
     curve = accuracy_curve([accuracy(p, y) for p, y in zip(preds, labels)])
     on = [list(old_new_harmonic(p, y, r["n_old"])) for p, y, r in zip(preds, labels, records)]
     timings = dict(train_s=sum(r["train_s"] for r in records), eval_s=sum(r["eval_s"] for r in records))
     return RunResult(method, prep.benchmark.name, prep.setting, curve, accuracy_matrix(preds, labels, prep.splits).tolist(),
-                     [max(s) + 1 for s in prep.splits], prep.benchmark.order, knobs, on, timings)
+                     [max(s) + 1 for s in prep.splits], prep.benchmark.order, knobs, on, timings, run_key=key)
 
 def run_method(prep: Prepared, # shared features and text side
                method: str = "spa", # a name in `METHODS`
@@ -379,8 +389,8 @@ def run_method(prep: Prepared, # shared features and text side
         t0, n_old = time.perf_counter(), state.n_seen
         train_task(state, prep.train, classes, gen)
         records.append(dict(train_s=time.perf_counter() - t0) | _record(state, prep.test, n_old))
-        if ckpt is not None: state.save(ckpt, records=records, generator=gen.get_state())
-    return _result(method, prep, knobs, records)
+        if ckpt is not None: state.save(ckpt, records=records, generator=gen.get_state(), run_key=run_key(prep, knobs, seed))
+    return _result(method, prep, knobs, records, run_key(prep, knobs, seed))
 
 # %% ../nbs/10_learner.ipynb #381ba9ec
 def run_protocol(benchmark: Benchmark, # the benchmark

@@ -288,3 +288,12 @@ def test_llm_that_always_times_out_is_named_with_the_fix(stub):
         describe_run(["fox"], None, model="openai/test", api_base=stub.api_base, api_key="sk-x", max_retries=1, backoff=0.01,
                      timeout=0.2)
     stub.reset()
+
+
+def test_resume_into_an_explicit_out_refuses_another_runs_results(tmp_path):
+    "`--out X --resume` with another seed must not pick up X's results or states from the first seed."
+    first = cli("run", "--methods", "ncm,spa_global", "--epochs", "1", "--out", tmp_path / "x", cwd=tmp_path, OMP_NUM_THREADS="1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli("run", "--methods", "ncm,spa_global", "--epochs", "1", "--out", tmp_path / "x", "--seed", "1", "--resume",
+                cwd=tmp_path, OMP_NUM_THREADS="1")
+    check_user_error(again, "belongs to another run", "--out")
