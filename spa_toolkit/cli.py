@@ -16,22 +16,22 @@ from fastcore.imports import in_ipython
 
 from .core import SpaError, atomic_path, atomic_write_json, atomic_write_text, content_key, library_versions
 from .data import BENCHMARKS, Benchmark, list_benchmarks, load_benchmark
-from .backbone import LOCAL_DIR, ClipBundle, FeatureSet, extract_features, load_clip
+from .backbone import LOCAL_DIR, ClipBundle, load_clip
 from .exemplars import exemplar_images
-from .descriptions import (DescribeResult, _litellm, describe_benchmark, load_descriptions, save_descriptions,
+from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
                                       template_descriptions)
 from .microclip import embedded_clip_path
-from .learner import METHODS, Prepared, method_knobs, prepare, run_key, run_method, run_protocol, spa_knobs
-from .metrics import RunResult, _figure, markdown_table, plot_curves
+from .learner import METHODS, Prepared, method_knobs, prepare, run_key, run_method, run_protocol, spa_knobs, split_features
+from .metrics import RunResult, figure_class, markdown_table, plot_curves
 
 # %% auto #0
 __all__ = ['KNOB_SKIP', 'DEFAULT_METHODS', 'PROTOCOL_MODEL', 'LLM_PREFIX', 'PUBLISHED', 'COUNTERPARTS', 'DATA_OPTIONS',
            'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type',
            'add_knob_options', 'knobs_from', 'parse_methods', 'resolve_setting', 'default_model', 'model_for',
-           'check_llm_access', 'offline_descriptions', 'split_features', 'Described', 'descriptions_file',
-           'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report', 'write_report', 'run_meta',
-           'open_benchmark', 'open_model', 'run_one', 'BenchRow', 'bench_rows', 'bench_table', 'plot_suite', 'cmd_run',
-           'cmd_bench', 'cmd_describe', 'cmd_features', 'build_parser', 'main']
+           'check_llm_access', 'offline_descriptions', 'Described', 'descriptions_file', 'llm_descriptions', 'finished',
+           'run_methods', 'curve_table', 'Report', 'write_report', 'run_meta', 'open_benchmark', 'open_model',
+           'run_one', 'BenchRow', 'bench_rows', 'bench_table', 'plot_suite', 'cmd_run', 'cmd_bench', 'cmd_describe',
+           'cmd_features', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
@@ -116,7 +116,7 @@ def check_llm_access(model: str, # a litellm model string
                     ):
     "Raise `SpaError` when `model`'s provider needs an API key that the environment lacks."
     if api_base: return
-    env = _litellm().validate_environment(model=model)
+    env = import_litellm().validate_environment(model=model)
     keys = [k for k in env.get("missing_keys", []) if k.endswith("_API_KEY")]
     if not env.get("keys_in_environment", True) and keys:
         raise SpaError(f"no API key for LLM {model!r}: export {' or '.join(keys)} (or pass --api-base for a local server); "
@@ -135,19 +135,7 @@ def offline_descriptions(spec: str | None, # the --descriptions value
     if spec.startswith(LLM_PREFIX): return None
     return load_descriptions(spec.replace("{dataset}", bench.name))
 
-# %% ../nbs/11_cli.ipynb #3d3aee48
-def split_features(clip: ClipBundle, # the frozen model
-                   bench: Benchmark, # the benchmark
-                   split: str, # "train" or "test"
-                   cache_dir: str | Path, # feature cache folder
-                   batch_size: int = 64, # images per forward pass
-                   num_workers: int = 0, # image-decoding processes
-                  ) -> FeatureSet:
-    "Cached features of one split, under the name and settings `learner.prepare` uses."
-    return extract_features(clip, getattr(bench, split), cache_dir, f"{bench.name}-{bench.key}-{split}",
-                            patches="all", batch_size=batch_size, num_workers=num_workers)
-
-# %% ../nbs/11_cli.ipynb #f4a7aee4
+# %% ../nbs/11_cli.ipynb #0202b557
 class Described(NamedTuple):
     result: DescribeResult # descriptions and usage
     path: Path # the descriptions file written
@@ -175,7 +163,7 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
                              progress=progress, **completion_kwargs)
     return Described(res, path)
 
-# %% ../nbs/11_cli.ipynb #2f8404ad
+# %% ../nbs/11_cli.ipynb #ed736e6f
 def finished(path: Path, # a method's result file
              key: str, # `learner.run_key` of the run asked for now
             ) -> RunResult | None:
@@ -203,7 +191,7 @@ def run_methods(prep: Prepared, # shared features and text side
         res[m].save(path)
     return res
 
-# %% ../nbs/11_cli.ipynb #2fa2e0b5
+# %% ../nbs/11_cli.ipynb #6ecc6b3d
 def curve_table(results: dict[str, RunResult], # method -> result (same benchmark and setting)
                 digits: int = 2, # decimals shown
                ) -> str: # a markdown table
@@ -225,7 +213,7 @@ class Report:
         return (f"## {r.benchmark} {r.setting}: top-1 (%) on all seen classes after each task\n\n{curve_table(self.results)}\n\n"
                 f"## Average and last accuracy\n\n{markdown_table(self.results)}\n")
 
-# %% ../nbs/11_cli.ipynb #c945cb41
+# %% ../nbs/11_cli.ipynb #dbb9b508
 def write_report(rep: Report) -> Report:
     "Write run.json, results.md and curves.png beside the per-method results, each atomically."
     atomic_write_json(rep.out / "run.json", rep.meta)
@@ -241,7 +229,7 @@ def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBu
                 knobs={m: method_knobs(m, **knobs) for m in methods}, class_order=bench.order, class_names=bench.class_names,
                 versions=library_versions())
 
-# %% ../nbs/11_cli.ipynb #1117bb70
+# %% ../nbs/11_cli.ipynb #d5f739fb
 def open_benchmark(a: argparse.Namespace, dataset: str) -> Benchmark:
     "The benchmark `dataset` with the options' data root and class-order seed."
     return load_benchmark(dataset, a.data_root, a.class_order_seed)
@@ -256,7 +244,7 @@ def _descriptions(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, off
     return llm_descriptions(bench, clip, a.descriptions[len(LLM_PREFIX):], a.cache_dir, a.api_base, a.k_exemplars,
                             a.n_descriptions).result.descriptions
 
-# %% ../nbs/11_cli.ipynb #bfef24c3
+# %% ../nbs/11_cli.ipynb #1117bb70
 def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
             dataset: str, # benchmark name or folder
             setting: str | None, # "b0", "bx", "B{base}Inc{inc}"
@@ -279,7 +267,7 @@ def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
     results = run_methods(prep, methods, a.seed, out, a.resume, knobs)
     return write_report(Report(out, results, run_meta(a, bench, setting, clip, methods, knobs)))
 
-# %% ../nbs/11_cli.ipynb #38bc1fbe
+# %% ../nbs/11_cli.ipynb #3a41c1f2
 PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; source: ../shared/reference/published.md
     ("cifar100", "B0Inc10"): {"SPA": (88.53, None), "PROOF": (86.77, 79.11), "zero-shot CLIP": (81.81, 71.38), "SimpleCIL": (84.15, 76.63)},
     ("cifar100", "B50Inc10"): {"SPA": (85.01, None), "PROOF": (83.33, 79.73), "SimpleCIL": (80.20, 76.63)},
@@ -302,7 +290,7 @@ PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; source:
 }
 COUNTERPARTS = {"spa": ("SPA", "PROOF"), "zeroshot": ("zero-shot CLIP",), "ncm": ("SimpleCIL",)} # our method -> published ones
 
-# %% ../nbs/11_cli.ipynb #3fddb5c0
+# %% ../nbs/11_cli.ipynb #59271e91
 class BenchRow(NamedTuple):
     "One of our results beside one published number."
     benchmark: str
@@ -325,7 +313,7 @@ def bench_rows(results: dict[tuple[str, str], dict[str, RunResult]], # (benchmar
             rows += [BenchRow(b, s, m, r.average, r.last, p, *pub.get(p, (None, None))) for p in refs]
     return rows
 
-# %% ../nbs/11_cli.ipynb #73a655a5
+# %% ../nbs/11_cli.ipynb #3fddb5c0
 def _num(x, sign: str = "") -> str: return "–" if x is None else f"{x:{sign}.2f}"
 
 def _diff(a: float, b: float | None) -> float | None: return None if b is None else a - b
@@ -337,7 +325,7 @@ def bench_table(rows: list[BenchRow]) -> str:
                               f"{_num(r.pub_avg)} | {_num(r.pub_last)} | {_num(_diff(r.avg, r.pub_avg), '+')} | "
                               f"{_num(_diff(r.last, r.pub_last), '+')} |" for r in rows)])
 
-# %% ../nbs/11_cli.ipynb #d05aa9dd
+# %% ../nbs/11_cli.ipynb #02f75ffa
 def plot_suite(rows: list[BenchRow], # from `bench_rows`
                path: str | Path, # the PNG to write
               ) -> Path:
@@ -347,7 +335,7 @@ def plot_suite(rows: list[BenchRow], # from `bench_rows`
         vals[(f"{r.ours} (ours)", (r.benchmark, r.setting))] = r.avg
         if r.published and r.pub_avg is not None: vals[(r.published, (r.benchmark, r.setting))] = r.pub_avg
     labels, cells = list(dict.fromkeys(k[0] for k in vals)), list(dict.fromkeys(k[1] for k in vals))
-    fig = _figure()(figsize=(max(5, 1.2 * len(cells)), 3.5)); ax = fig.add_subplot()
+    fig = figure_class()(figsize=(max(5, 1.2 * len(cells)), 3.5)); ax = fig.add_subplot()
     x, w = np.arange(len(cells)), 0.8 / len(labels)
     for i, lab in enumerate(labels): ax.bar(x + (i - (len(labels) - 1) / 2) * w, [vals.get((lab, c), np.nan) for c in cells], w, label=lab)
     ax.set_xticks(x, [f"{b}\n{s}" for b, s in cells], fontsize=7); ax.set(ylabel="Avg top-1 (%)"); ax.legend(fontsize=6)
@@ -355,7 +343,7 @@ def plot_suite(rows: list[BenchRow], # from `bench_rows`
     with atomic_path(path) as tmp_png: fig.savefig(tmp_png, format="png", dpi=120)
     return Path(path)
 
-# %% ../nbs/11_cli.ipynb #fb160654
+# %% ../nbs/11_cli.ipynb #b5842f0a
 def cmd_run(a: argparse.Namespace) -> int:
     "`run`: one benchmark setting; prints the report and where it went."
     rep = run_one(a, a.dataset, a.setting, a.out, Path("runs"))
@@ -387,7 +375,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                      file=sys.stderr)
     return 2 if failed else 0
 
-# %% ../nbs/11_cli.ipynb #b98be3ad
+# %% ../nbs/11_cli.ipynb #fb160654
 def cmd_describe(a: argparse.Namespace) -> int:
     "`describe`: descriptions of a benchmark's classes by a litellm model, with the usage summary."
     check_llm_access(a.llm, a.api_base)
@@ -405,7 +393,7 @@ def cmd_features(a: argparse.Namespace) -> int:
         print(f"{bench.name} {split}: {len(f)} images, cached in {f.folder}")
     return 0
 
-# %% ../nbs/11_cli.ipynb #0ac39796
+# %% ../nbs/11_cli.ipynb #57696bfb
 DATA_OPTIONS = [
     ("--data-root", dict(help="folder holding <dataset>/{train,test}/<class>/ (default: env SPA_DATA_ROOT; cifar100 comes from the HF hub)")),
     ("--class-order-seed", dict(type=int, default=1993, help="PyCIL's class-order seed, separate from --seed (default: %(default)s)")),
@@ -433,7 +421,7 @@ RUN_OPTIONS = [
 DATASET_OPTION = ("--dataset", dict(default="synthetic", help=f"a registered benchmark ({', '.join(list_benchmarks())}) "
                                     "or a folder with train/<class>/ and test/<class>/ images (default: %(default)s)"))
 
-# %% ../nbs/11_cli.ipynb #77ca67dd
+# %% ../nbs/11_cli.ipynb #0ac39796
 def _add(p: argparse.ArgumentParser, *groups: list) -> argparse.ArgumentParser:
     "Add every (flag, keywords) option of `groups` to `p`."
     for flag, kw in (o for g in groups for o in g): p.add_argument(flag, **kw)
@@ -464,7 +452,7 @@ def _features_parser(sub) -> None:
     p = sub.add_parser("features", help="extract and cache a benchmark's frozen features", description=cmd_features.__doc__)
     _add(p, [DATASET_OPTION], DATA_OPTIONS, MODEL_OPTIONS).set_defaults(func=cmd_features)
 
-# %% ../nbs/11_cli.ipynb #f3f50d5d
+# %% ../nbs/11_cli.ipynb #77ca67dd
 def build_parser() -> argparse.ArgumentParser:
     "The `spa_toolkit` parser with its four subcommands."
     p = argparse.ArgumentParser(prog="spa_toolkit", description="SPA for CLIP-based class-incremental learning. "
@@ -482,5 +470,5 @@ def main(argv: list[str] | None = None, # the arguments (default: sys.argv[1:])
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-# %% ../nbs/11_cli.ipynb #5e70a4c2
+# %% ../nbs/11_cli.ipynb #f3f50d5d
 if __name__ == "__main__" and not in_ipython(): sys.exit(main())

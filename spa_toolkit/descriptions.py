@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'PROMPT_VERSION', 'SYSTEM_PROMPT', 'USER_PROMPT', 'CACHE_FORMAT', 'CACHE_VERSION', 'FILE_FORMAT',
            'FILE_VERSION', 'prompt_text', 'image_data_url', 'build_messages', 'DescriptionParseError', 'dedupe',
-           'parse_descriptions', 'Usage', 'LLMSettings', 'ask_descriptions', 'image_sha256', 'description_key',
-           'cache_file', 'DescribeResult', 'describe_one', 'describe_run', 'describe_classes', 'save_descriptions',
-           'load_descriptions', 'template_descriptions', 'world_descriptions', 'describe_benchmark']
+           'parse_descriptions', 'import_litellm', 'Usage', 'LLMSettings', 'ask_descriptions', 'image_sha256',
+           'description_key', 'cache_file', 'DescribeResult', 'describe_one', 'describe_run', 'describe_classes',
+           'save_descriptions', 'load_descriptions', 'template_descriptions', 'world_descriptions',
+           'describe_benchmark']
 
 # %% ../nbs/04_descriptions.ipynb #d494637f
 PROMPT_VERSION = 1
@@ -113,7 +114,7 @@ def parse_descriptions(text: str, # the model's reply
     return out
 
 # %% ../nbs/04_descriptions.ipynb #a86080b1
-def _litellm():
+def import_litellm():
     "litellm, imported without the network and without its stdout banner."
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
@@ -122,7 +123,7 @@ def _litellm():
 
 def _retryable(e: Exception) -> bool:
     "Whether trying again may help."
-    ll = _litellm()
+    ll = import_litellm()
     return isinstance(e, (DescriptionParseError, ll.RateLimitError, ll.Timeout, ll.APIConnectionError,
                           ll.InternalServerError, ll.ServiceUnavailableError, ll.BadGatewayError))
 
@@ -171,7 +172,7 @@ def _complete(messages: list[dict], s: LLMSettings):
     if s.api_base: kw["api_base"] = s.api_base
     if s.api_key: kw["api_key"] = s.api_key
     if s.json_mode: kw["response_format"] = {"type": "json_object"}
-    return _litellm().completion(**(kw | s.extra))
+    return import_litellm().completion(**(kw | s.extra))
 
 def _fatal(class_name: str, e: Exception, s: LLMSettings) -> SpaError:
     "A SpaError for a failure that retrying cannot fix."

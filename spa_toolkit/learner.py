@@ -28,7 +28,8 @@ from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_n
 # %% auto #0
 __all__ = ['SCORERS', 'OPTIMIZERS', 'METHODS', 'STATE_VERSION', 'spa_knobs', 'method_knobs', 'TextSide', 'encode_text_side',
            'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows', 'train_task', 'evaluate', 'state_dict',
-           'state_from_dict', 'load_state', 'Prepared', 'prepare', 'run_key', 'run_method', 'run_protocol']
+           'state_from_dict', 'load_state', 'split_features', 'Prepared', 'prepare', 'run_key', 'run_method',
+           'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #63c9f550
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
@@ -304,6 +305,18 @@ def load_state(path: str | Path, # written by `CILState.save`
     return state_from_dict(d, device), d.get("extra", {})
 
 # %% ../nbs/10_learner.ipynb #3831098d
+def split_features(clip: ClipBundle, # the frozen model
+                   benchmark: Benchmark, # the benchmark
+                   split: str, # "train" or "test"
+                   cache_dir: str | Path, # feature cache folder
+                   patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
+                   batch_size: int = 64, # images per forward pass
+                   num_workers: int = 0, # image-decoding processes
+                  ) -> FeatureSet:
+    "Cached features of one split of a benchmark, named by the benchmark's content key (extracted on first use)."
+    return extract_features(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
+                            patches=patches, batch_size=batch_size, num_workers=num_workers)
+
 @dataclass
 class Prepared:
     "What every method of a run shares: cached features and the frozen text side."
@@ -330,9 +343,7 @@ def prepare(benchmark: Benchmark, # the benchmark
     descriptions = descriptions or benchmark.descriptions
     if descriptions is None: raise SpaError(f"{benchmark.name} has no built-in descriptions: pass descriptions= (a file via "
                                              "descriptions.load_descriptions, an LLM via describe_classes, or template_descriptions)")
-    ext = lambda split: extract_features(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
-                                         patches=patches, batch_size=batch_size, num_workers=num_workers)
-    train, test = ext("train"), ext("test")
+    train, test = (split_features(clip, benchmark, s, cache_dir, patches, batch_size, num_workers) for s in ("train", "test"))
     text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template)
     setting = setting or benchmark.setting_b0
     return Prepared(benchmark, train, test, text, clip.logit_scale, benchmark.splits(setting), setting)

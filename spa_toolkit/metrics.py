@@ -16,7 +16,7 @@ from .core import SpaError, atomic_path, atomic_write_json, library_versions
 # %% auto #0
 __all__ = ['accuracy', 'topk_accuracy', 'per_task_accuracy', 'accuracy_matrix', 'accuracy_curve', 'average_accuracy',
            'last_accuracy', 'OldNew', 'old_new_harmonic', 'forgetting_matrix', 'forgetting', 'RunResult',
-           'markdown_table', 'plot_curves']
+           'markdown_table', 'figure_class', 'plot_curves']
 
 # %% ../nbs/09_metrics.ipynb #b9f48b07
 def _np(x) -> np.ndarray:
@@ -180,7 +180,7 @@ def markdown_table(results: dict[str, RunResult], # method name -> its result
     return "\n".join([head, *rows])
 
 # %% ../nbs/09_metrics.ipynb #84f4d666
-def _figure():
+def figure_class():
     "A matplotlib Figure class, or a SpaError saying how to install matplotlib."
     try: from matplotlib.figure import Figure
     except ImportError as e: raise SpaError("plotting needs matplotlib: pip install 'spa_toolkit[plot]' (or pip install matplotlib)") from e
@@ -192,7 +192,7 @@ def plot_curves(results: dict[str, RunResult], # method name -> its result
                ) -> Path:
     "Plot top-1 on all seen classes against the number of seen classes, one line per method, to a PNG."
     if not results: raise SpaError("no results to plot: pass {method: RunResult}")
-    fig = _figure()(figsize=(5, 3.5))
+    fig = figure_class()(figsize=(5, 3.5))
     ax = fig.add_subplot()
     for m, r in results.items(): ax.plot(r.classes_seen, r.curve, marker="o", label=f"{m} (avg {r.average:.2f})")
     first = next(iter(results.values()))
