@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, inspect, re, sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -22,16 +22,16 @@ from .descriptions import (DescribeResult, import_litellm, describe_benchmark, l
                                       template_descriptions)
 from .microclip import embedded_clip_path
 from .learner import METHODS, Prepared, method_knobs, prepare, run_key, run_method, run_protocol, spa_knobs, split_features
-from .metrics import RunResult, figure_class, markdown_table, plot_curves
+from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
 
 # %% auto #0
 __all__ = ['KNOB_SKIP', 'DEFAULT_METHODS', 'PROTOCOL_MODEL', 'LLM_PREFIX', 'PUBLISHED', 'COUNTERPARTS', 'DATA_OPTIONS',
            'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type',
            'add_knob_options', 'knobs_from', 'parse_methods', 'resolve_setting', 'default_model', 'model_for',
            'check_llm_access', 'offline_descriptions', 'Described', 'descriptions_file', 'llm_descriptions', 'finished',
-           'run_methods', 'curve_table', 'Report', 'write_report', 'run_meta', 'open_benchmark', 'open_model',
-           'run_one', 'BenchRow', 'bench_rows', 'bench_table', 'plot_suite', 'cmd_run', 'cmd_bench', 'cmd_describe',
-           'cmd_features', 'build_parser', 'main']
+           'run_methods', 'curve_table', 'Report', 'write_png', 'write_report', 'run_meta', 'open_benchmark',
+           'open_model', 'run_one', 'BenchRow', 'bench_rows', 'bench_table', 'plot_suite', 'cmd_run', 'cmd_bench',
+           'cmd_describe', 'cmd_features', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
@@ -214,11 +214,16 @@ class Report:
                 f"## Average and last accuracy\n\n{markdown_table(self.results)}\n")
 
 # %% ../nbs/11_cli.ipynb #dbb9b508
+def write_png(plot: Callable, path: Path, *args):
+    "`plot(*args, path)` when matplotlib is installed; otherwise say on stderr how to get the figure."
+    if can_plot(): plot(*args, path)
+    else: print(f"note: {path.name} not drawn: matplotlib is not installed; {PLOT_HINT}", file=sys.stderr)
+
 def write_report(rep: Report) -> Report:
-    "Write run.json, results.md and curves.png beside the per-method results, each atomically."
+    "Write run.json, results.md and (with matplotlib) curves.png beside the per-method results, each atomically."
     atomic_write_json(rep.out / "run.json", rep.meta)
     atomic_write_text(rep.out / "results.md", rep.text())
-    plot_curves(rep.results, rep.out / "curves.png")
+    write_png(plot_curves, rep.out / "curves.png", rep.results)
     return rep
 
 def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str], knobs: dict) -> dict:
@@ -369,7 +374,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         rows = bench_rows(results)
         atomic_write_text(Path(a.out) / "bench.md", bench_table(rows) + "\n")
         atomic_write_json(Path(a.out) / "bench.json", [r._asdict() for r in rows])
-        plot_suite(rows, Path(a.out) / "bench.png")
+        write_png(plot_suite, Path(a.out) / "bench.png", rows)
         print(bench_table(rows)); print(f"suite written to {a.out}")
     if failed: print(f"error: {len(failed)} benchmark setting(s) did not run: {', '.join(failed)}; fix them (see above) and rerun",
                      file=sys.stderr)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_metrics.ipynb #2232517c
 from __future__ import annotations
-import json, math
+import importlib.util, json, math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -14,9 +14,9 @@ import numpy as np
 from .core import SpaError, atomic_path, atomic_write_json, library_versions
 
 # %% auto #0
-__all__ = ['accuracy', 'topk_accuracy', 'per_task_accuracy', 'accuracy_matrix', 'accuracy_curve', 'average_accuracy',
+__all__ = ['PLOT_HINT', 'accuracy', 'topk_accuracy', 'per_task_accuracy', 'accuracy_matrix', 'accuracy_curve', 'average_accuracy',
            'last_accuracy', 'OldNew', 'old_new_harmonic', 'forgetting_matrix', 'forgetting', 'RunResult',
-           'markdown_table', 'figure_class', 'plot_curves']
+           'markdown_table', 'can_plot', 'figure_class', 'plot_curves']
 
 # %% ../nbs/09_metrics.ipynb #b9f48b07
 def _np(x) -> np.ndarray:
@@ -180,10 +180,16 @@ def markdown_table(results: dict[str, RunResult], # method name -> its result
     return "\n".join([head, *rows])
 
 # %% ../nbs/09_metrics.ipynb #84f4d666
+PLOT_HINT = "pip install 'spa_toolkit[plot]' (or pip install matplotlib)"
+
+def can_plot() -> bool:
+    "Whether matplotlib (the optional `plot` extra) is installed."
+    return importlib.util.find_spec("matplotlib") is not None
+
 def figure_class():
     "A matplotlib Figure class, or a SpaError saying how to install matplotlib."
     try: from matplotlib.figure import Figure
-    except ImportError as e: raise SpaError("plotting needs matplotlib: pip install 'spa_toolkit[plot]' (or pip install matplotlib)") from e
+    except ImportError as e: raise SpaError(f"plotting needs matplotlib: {PLOT_HINT}") from e
     return Figure
 
 def plot_curves(results: dict[str, RunResult], # method name -> its result

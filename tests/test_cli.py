@@ -162,3 +162,14 @@ def test_describe_with_any_litellm_model_then_run_with_the_file(tmp_path, stub):
 def test_user_errors_are_one_line_with_the_fix(tmp_path, args, needles):
     draw_folder(tmp_path / "discs", n_train=2, n_test=1)
     check_user_error(cli(*args, cwd=tmp_path), *needles)
+
+
+def test_run_without_matplotlib_writes_everything_but_the_figure(tmp_path):
+    "`pip install -e .` has no matplotlib (the `plot` extra): the run still succeeds and says how to get curves.png."
+    code = ("import sys; sys.modules['matplotlib'] = None; from spa_toolkit.cli import main; "
+            f"sys.exit(main(['run', '--methods', 'ncm', '--out', {str(tmp_path / 'run')!r}]))")
+    e = {k: v for k, v in os.environ.items() if k not in SECRETS} | OFFLINE | dict(HF_HOME=str(tmp_path / "hf"))
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "run" / "ncm.json").exists() and not (tmp_path / "run" / "curves.png").exists()
+    assert "spa_toolkit[plot]" in p.stderr
