@@ -22,8 +22,8 @@ from .core import SpaError, atomic_write_json, content_key, l2norm, library_vers
 
 # %% auto #0
 __all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'ClipBundle', 'load_clip', 'ImageFeatures', 'encode_images',
-           'encode_texts', 'TextTokens', 'encode_text_tokens', 'patch_heatmap', 'cache_bytes', 'top_patches',
-           'cache_folder', 'FeatureSet', 'open_features', 'extract_features']
+           'encode_texts', 'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap', 'cache_bytes',
+           'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'extract_features']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
@@ -207,6 +207,15 @@ def encode_texts(clip: ClipBundle, # the frozen model
     return l2norm(torch.cat(out)) if out else torch.zeros(0, clip.embed_dim, device=clip.device)
 
 # %% ../nbs/02_backbone.ipynb #aec86013
+def class_embeddings(clip: ClipBundle, # the frozen model
+                     names: list[str], # [C] class names
+                     templates: list[str], # prompt templates, each with one "{}"
+                    ) -> torch.Tensor: # [C, d] unit norm, float32
+    "Template-averaged class-name embeddings: CLIP's zero-shot classifier."
+    emb = encode_texts(clip, [t.format(n) for n in names for t in templates])
+    return l2norm(emb.view(len(names), len(templates), -1).mean(1))
+
+# %% ../nbs/02_backbone.ipynb #b18b5443
 class TextTokens(NamedTuple):
     "Per-token text embeddings with their padding mask."
     tokens: torch.Tensor  # [n, L, d] unit norm, zeros at padding
@@ -233,7 +242,7 @@ def encode_text_tokens(clip: ClipBundle, # the frozen model
             toks.append(l2norm(_text_token_states(clip.model, ids).float()) * masks[-1][..., None])
     return TextTokens(torch.cat(toks), torch.cat(masks))
 
-# %% ../nbs/02_backbone.ipynb #b18b5443
+# %% ../nbs/02_backbone.ipynb #68496bd9
 def patch_heatmap(clip: ClipBundle, # the frozen model
                   image, # a PIL image
                   text: str, # the prompt
@@ -244,7 +253,7 @@ def patch_heatmap(clip: ClipBundle, # the frozen model
     sim = f.patches[0] @ encode_texts(clip, [text])[0]
     return sim.reshape(clip.model.visual.grid_size).cpu()
 
-# %% ../nbs/02_backbone.ipynb #68496bd9
+# %% ../nbs/02_backbone.ipynb #7b8699d0
 def _array_specs(n: int, d: int, n_patches: int, patches: str | int) -> dict:
     "name -> [shape, dtype] of the cached arrays for `n` images."
     specs = {"global": [[n, d], "float16"], "labels": [[n], "int64"]}
@@ -260,7 +269,7 @@ def cache_bytes(n: int, # images
     "Bytes a feature cache of `n` images takes on disk."
     return sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in _array_specs(n, d, n_patches, patches).values())
 
-# %% ../nbs/02_backbone.ipynb #7b8699d0
+# %% ../nbs/02_backbone.ipynb #d806decc
 def top_patches(f: ImageFeatures, # global [B, d] and patches [B, N, d]
                 k: int, # patches to keep
                ) -> tuple[torch.Tensor, torch.Tensor]: # indices [B, k] (most similar first), patches [B, k, d]
@@ -268,7 +277,7 @@ def top_patches(f: ImageFeatures, # global [B, d] and patches [B, N, d]
     idx = torch.einsum("bnd,bd->bn", f.patches, f.global_).topk(k, dim=1).indices
     return idx, f.patches.gather(1, idx[..., None].expand(-1, -1, f.patches.shape[-1]))
 
-# %% ../nbs/02_backbone.ipynb #d806decc
+# %% ../nbs/02_backbone.ipynb #2594810d
 FORMAT_VERSION = 1  # bump when the cache layout or its contents' meaning changes
 
 def _slug(name: str) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "features"
@@ -293,7 +302,7 @@ def cache_folder(cache_dir: str | Path, ident: dict) -> Path:
     "The folder holding the cache with identity `ident`."
     return Path(cache_dir) / f"{_slug(ident['name'])}-{ident['key']}"
 
-# %% ../nbs/02_backbone.ipynb #04b60b45
+# %% ../nbs/02_backbone.ipynb #a3c2b377
 def _stale(folder: Path, why: str) -> SpaError:
     return SpaError(f"feature cache {folder} {why}: delete that folder or pass refresh=True to re-extract")
 
@@ -316,7 +325,7 @@ def _write_meta(folder: Path, ident: dict, n_done: int, complete: bool = False) 
     atomic_write_json(folder / "meta.json", meta)
     return meta
 
-# %% ../nbs/02_backbone.ipynb #2594810d
+# %% ../nbs/02_backbone.ipynb #8b9c001d
 def _open_array(path: Path, shape: list, dtype: str, mode: str) -> np.memmap:
     "Memory-map one cached array ('w+' creates it), checking shape and dtype."
     if mode == "w+": return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
@@ -329,7 +338,7 @@ def _open_array(path: Path, shape: list, dtype: str, mode: str) -> np.memmap:
 def _open_arrays(folder: Path, specs: dict, mode: str) -> dict:
     return {k: _open_array(folder / f"{k}.npy", s, t, mode) for k, (s, t) in specs.items()}
 
-# %% ../nbs/02_backbone.ipynb #8b9c001d
+# %% ../nbs/02_backbone.ipynb #4710a1ea
 @dataclass
 class FeatureSet:
     "Cached frozen features of one dataset split, memory-mapped from disk."
@@ -354,7 +363,7 @@ def open_features(folder: str | Path, # a cache folder written by `extract_featu
     a = _open_arrays(folder, meta["arrays"], "r")
     return FeatureSet(a["global"], a.get("patches"), a.get("patch_idx"), np.array(a["labels"]), folder, meta)
 
-# %% ../nbs/02_backbone.ipynb #9fddaf99
+# %% ../nbs/02_backbone.ipynb #328a02c4
 def _bad_image(data, i: int, err: Exception) -> SpaError:
     "The error for row `i` of `data`, whose image PIL cannot decode, naming its file when the dataset records one."
     is_file = isinstance((getattr(data, "features", None) or {}).get("image"), datasets.Image)
@@ -388,7 +397,7 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
     elif patches != "none": out["patch_idx"], out["patches"] = top_patches(f, patches)
     return {k: v.cpu().numpy() for k, v in out.items()}
 
-# %% ../nbs/02_backbone.ipynb #4710a1ea
+# %% ../nbs/02_backbone.ipynb #9fb7f452
 def _fill(clip: ClipBundle, dataset, folder: Path, ident: dict, start: int, batch_size: int, num_workers: int):
     "Extract rows `start:` into the folder's arrays, recording progress after each batch."
     folder.mkdir(parents=True, exist_ok=True)
@@ -407,7 +416,7 @@ def _fill(clip: ClipBundle, dataset, folder: Path, ident: dict, start: int, batc
             bar.update(len(y))
     _write_meta(folder, ident, i, complete=True)
 
-# %% ../nbs/02_backbone.ipynb #6b892a80
+# %% ../nbs/02_backbone.ipynb #acc53c1e
 def extract_features(clip: ClipBundle, # the frozen model
                      dataset, # indexable; rows are dicts with "image" (PIL) and "label" (int)
                      cache_dir: str | Path, # parent folder of all feature caches

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .core import SpaError, atomic_path, check_finite, content_key, l2norm, make_generator
 from .data import Benchmark
-from .backbone import ClipBundle, FeatureSet, extract_features
+from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
 from .patches import semantic_tokens, select_patches_for_labels, SEM_TEMPLATE
 from .ot import patch_ot_scores
 from .projectors import SpaProjectors
@@ -94,10 +93,8 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      sem_template: str = SEM_TEMPLATE, # phrasing of a description with its class name
                     ) -> TextSide:
     "Class-name and semantic-token embeddings of every class, encoded once."
-    with torch.no_grad():
-        w = open_clip.build_zero_shot_classifier(clip.model, clip.tokenizer, class_names, templates, device=clip.device)
     sem = semantic_tokens(class_names, descriptions, clip, template=sem_template)
-    return TextSide(l2norm(w.T.float()), sem.tokens.float(), sem.mask)
+    return TextSide(class_embeddings(clip, class_names, templates), sem.tokens.float(), sem.mask)
 
 # %% ../nbs/10_learner.ipynb #582bf14b
 STATE_VERSION = 1 # bump when the saved state's layout changes

@@ -19,14 +19,13 @@ from tqdm.auto import tqdm
 from .core import SpaError, atomic_path, atomic_write_json, l2norm, library_versions
 from .data import (CLIP_MEAN, CLIP_STD, MARKS, WORLD_TEMPLATE, Attributes, class_name, clip_transform,
                               demo_classes, describe, pretrain_classes, render_sample, world_attributes)
-from .backbone import LOCAL_DIR, ClipBundle, encode_images, encode_texts, load_clip
+from .backbone import LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts, load_clip
 
 # %% auto #0
 __all__ = ['MICROCLIP_WEIGHTS', 'RECIPE_FILE', 'microclip_config', 'microclip_folder_config', 'caption', 'part_phrases',
            'part_targets', 'mark_centre', 'patch_index', 'Batch', 'pretrain_batch', 'new_model', 'image_tokens',
            'ground_loss', 'step_loss', 'Pretrained', 'pretrain', 'sha256_file', 'save_microclip', 'load_recipe',
-           'embedded_clip_path', 'load_embedded_clip', 'class_prompts', 'zero_shot_top1', 'DemoImages', 'demo_images',
-           'mark_ranks']
+           'embedded_clip_path', 'load_embedded_clip', 'zero_shot_top1', 'DemoImages', 'demo_images', 'mark_ranks']
 
 # %% ../nbs/02a_microclip.ipynb #994833a2
 MICROCLIP_WEIGHTS = "open_clip_model.safetensors"  # weights file inside the model folder (open_clip's local-dir name)
@@ -225,13 +224,6 @@ def load_embedded_clip(device: str | torch.device = "cpu", # where the model liv
     return load_clip(f"{LOCAL_DIR}{folder}", None, device=device, precision=precision)
 
 # %% ../nbs/02a_microclip.ipynb #1c83c76d
-def class_prompts(clip: ClipBundle, # the model
-                  names: list[str], # [C] class names
-                  templates: list[str] = (WORLD_TEMPLATE,), # prompt templates with one "{}"
-                 ) -> torch.Tensor: # [C, d] unit norm
-    "Template-averaged class-name embeddings."
-    return l2norm(torch.stack([encode_texts(clip, [t.format(n) for n in names]) for t in templates]).mean(0))
-
 def zero_shot_top1(clip: ClipBundle, # the model
                    images: list, # PIL images
                    labels: list[int], # [n] class indices into `names`
@@ -240,7 +232,7 @@ def zero_shot_top1(clip: ClipBundle, # the model
                   ) -> float: # top-1 accuracy in [0, 1]
     "Zero-shot top-1 with class-name prompts."
     g = encode_images(clip, torch.stack([clip.preprocess(im) for im in images]), patches=False).global_
-    pred = (g @ class_prompts(clip, names, templates).T).argmax(1)
+    pred = (g @ class_embeddings(clip, names, list(templates)).T).argmax(1)
     return (pred.cpu() == torch.as_tensor(labels)).float().mean().item()
 
 # %% ../nbs/02a_microclip.ipynb #138b4238
