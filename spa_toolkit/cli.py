@@ -394,7 +394,7 @@ def cmd_features(a: argparse.Namespace) -> int:
     "`features`: extract and cache a benchmark's train and test features."
     bench, clip = open_benchmark(a, a.dataset), open_model(a, a.dataset)
     for split in ("train", "test"):
-        f = split_features(clip, bench, split, a.cache_dir / "features", a.extract_batch_size, a.num_workers)
+        f = split_features(clip, bench, split, a.cache_dir / "features", batch_size=a.extract_batch_size, num_workers=a.num_workers)
         print(f"{bench.name} {split}: {len(f)} images, cached in {f.folder}")
     return 0
 
