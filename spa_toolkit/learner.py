@@ -306,6 +306,7 @@ def split_features(clip: ClipBundle, # the frozen model
                    benchmark: Benchmark, # the benchmark
                    split: str, # "train" or "test"
                    cache_dir: str | Path, # feature cache folder
+                   *,
                    patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
                    batch_size: int = 64, # images per forward pass
                    num_workers: int = 0, # image-decoding processes
@@ -340,7 +341,8 @@ def prepare(benchmark: Benchmark, # the benchmark
     descriptions = descriptions or benchmark.descriptions
     if descriptions is None: raise SpaError(f"{benchmark.name} has no built-in descriptions: pass descriptions= (a file via "
                                              "descriptions.load_descriptions, an LLM via describe_classes, or template_descriptions)")
-    train, test = (split_features(clip, benchmark, s, cache_dir, patches, batch_size, num_workers) for s in ("train", "test"))
+    train, test = (split_features(clip, benchmark, s, cache_dir, patches=patches, batch_size=batch_size, num_workers=num_workers)
+                   for s in ("train", "test"))
     text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template)
     setting = setting or benchmark.setting_b0
     return Prepared(benchmark, train, test, text, clip.logit_scale, benchmark.splits(setting), setting)
