@@ -170,7 +170,7 @@ def finished(path: Path, # a method's result file
     "The result at `path` when there is one, checked to come from the same data, model, seed and knobs."
     if not path.exists(): return None
     r = RunResult.load(path)
-    if r.run_key != key: raise SpaError(f"{path} belongs to another run (other data, setting, model, seed or knobs): "
+    if r.run_key != key: raise SpaError(f"{path} belongs to another run (other data, setting, model, descriptions, seed or knobs): "
                                         "rerun without --resume, or pass another --out")
     return r
 

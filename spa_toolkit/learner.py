@@ -325,6 +325,7 @@ class Prepared:
     logit_scale: float
     splits: list[list[int]]
     setting: str
+    text_key: str # content key of the text side: model, class names, templates, descriptions, their phrasing
 
 def prepare(benchmark: Benchmark, # the benchmark
             clip: ClipBundle, # the frozen model (already on its device)
@@ -345,15 +346,16 @@ def prepare(benchmark: Benchmark, # the benchmark
                    for s in ("train", "test"))
     text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template)
     setting = setting or benchmark.setting_b0
-    return Prepared(benchmark, train, test, text, clip.logit_scale, benchmark.splits(setting), setting)
+    text_key = content_key(clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template)
+    return Prepared(benchmark, train, test, text, clip.logit_scale, benchmark.splits(setting), setting, text_key)
 
 # %% ../nbs/10_learner.ipynb #c9978f17
 def run_key(prep: Prepared, # the prepared benchmark
             knobs: dict, # a method's resolved knobs
             seed: int, # run seed
            ) -> str:
-    "Content key of everything that determines a method's numbers: images, class order, setting, model, seed, knobs."
-    return content_key(prep.benchmark.key, prep.benchmark.order, prep.setting, prep.train.folder.name, seed, knobs)
+    "Content key of everything that determines a method's numbers: images, class order, setting, model, descriptions, seed, knobs."
+    return content_key(prep.benchmark.key, prep.benchmark.order, prep.setting, prep.train.folder.name, prep.text_key, seed, knobs)
 
 def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: dict, seed: int):
     "The state, per-task records and generator to continue from (fresh when there is nothing to resume)."
@@ -361,7 +363,7 @@ def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: dict, seed: 
     if resume and ckpt is not None and ckpt.exists():
         state, extra = load_state(ckpt, prep.text.names.device)
         if extra.get("run_key") != run_key(prep, knobs, seed):
-            raise SpaError(f"{ckpt} belongs to another run (other data, setting, model, seed or knobs): "
+            raise SpaError(f"{ckpt} belongs to another run (other data, setting, model, descriptions, seed or knobs): "
                            "rerun without --resume, or pass another --out")
         gen.set_state(extra["generator"])
         return state, extra["records"], gen

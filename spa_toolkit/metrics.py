@@ -140,7 +140,7 @@ class RunResult:
     old_new: list[list[float]] = field(default_factory=list) # [T, 3] old, new, harmonic after each task
     timings: dict = field(default_factory=dict) # seconds per phase
     versions: dict = field(default_factory=library_versions) # library versions that produced it
-    run_key: str = "" # content key of what determined it (benchmark, setting, model, seed, knobs), for resuming
+    run_key: str = "" # content key of what determined it (benchmark, setting, model, descriptions, seed, knobs), for resuming
 
     @property
     def average(self) -> float: return average_accuracy(self.curve)
