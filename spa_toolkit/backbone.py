@@ -398,7 +398,7 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 # %% ../nbs/02_backbone.ipynb #9fb7f452
-def _fill(clip: ClipBundle, dataset, folder: Path, ident: dict, start: int, batch_size: int, num_workers: int):
+def _fill(clip: ClipBundle, dataset, folder: Path, ident: dict, start: int, batch_size: int, num_workers: int, progress: bool):
     "Extract rows `start:` into the folder's arrays, recording progress after each batch."
     folder.mkdir(parents=True, exist_ok=True)
     arrays = _open_arrays(folder, ident["arrays"], "r+" if start else "w+")
@@ -406,7 +406,7 @@ def _fill(clip: ClipBundle, dataset, folder: Path, ident: dict, start: int, batc
     loader = DataLoader(_Rows(dataset, clip.preprocess, start), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=clip.device.type == "cuda")
     i = start
-    with tqdm(total=ident["n"], initial=start, unit="img", desc=f"features {ident['name']}") as bar:
+    with tqdm(total=ident["n"], initial=start, unit="img", desc=f"features {ident['name']}", disable=not progress) as bar:
         for x, y in loader:
             rows = _batch_features(clip, x, ident["patches"], ident["patch_source"]) | {"labels": y.numpy()}
             for k, v in rows.items(): arrays[k][i:i + len(y)] = v
@@ -427,6 +427,7 @@ def extract_features(clip: ClipBundle, # the frozen model
                      device: str | torch.device | None = None, # move the model here first (None: where it is)
                      patch_source: str = "tokens", # "tokens" or "value" (see `encode_images`)
                      refresh: bool = False, # delete an existing cache for these settings and re-extract
+                     progress: bool = True, # a progress bar while extracting
                     ) -> FeatureSet:
     "Extract (or resume, or reuse) the cached features of `dataset` and memory-map them."
     if len(dataset) == 0: raise SpaError(f"dataset {name!r} is empty: nothing to extract")
@@ -437,5 +438,5 @@ def extract_features(clip: ClipBundle, # the frozen model
     meta = _read_meta(folder)
     if meta is not None: _check_meta(folder, meta, ident)
     if meta is None or not meta["complete"]:
-        _fill(clip, dataset, folder, ident, meta["n_done"] if meta else 0, batch_size, num_workers)
+        _fill(clip, dataset, folder, ident, meta["n_done"] if meta else 0, batch_size, num_workers, progress)
     return open_features(folder)

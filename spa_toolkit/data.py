@@ -19,12 +19,12 @@ from torchvision import transforms
 from .core import CLIP_MEAN, CLIP_STD, SpaError, content_key
 
 # %% auto #0
-__all__ = ['PROOF_README', 'BENCHMARKS', 'IMAGE_SUFFIXES', 'WORLD_VERSION', 'WORLD_TEMPLATE', 'SHAPES', 'COLOURS', 'MARKS',
-           'class_order', 'parse_setting', 'make_splits', 'to_rgb', 'clip_transform', 'DatasetInfo', 'list_benchmarks',
-           'benchmark_info', 'registry_class_names', 'registry_templates', 'Benchmark', 'default_settings', 'relabel',
-           'assemble', 'check_imagefolder', 'tree_key', 'load_imagefolder', 'load_hub', 'load_benchmark', 'ShapeSpec',
-           'Attributes', 'world_attributes', 'class_name', 'describe', 'all_combinations', 'demo_classes',
-           'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world']
+__all__ = ['PROOF_README', 'BENCHMARKS', 'IMAGE_SUFFIXES', 'WORLD_VERSION', 'WORLD_TEMPLATE', 'BASE_RENDER', 'DEMO_RENDER',
+           'SHAPES', 'COLOURS', 'MARKS', 'class_order', 'parse_setting', 'make_splits', 'to_rgb', 'clip_transform',
+           'DatasetInfo', 'list_benchmarks', 'benchmark_info', 'registry_class_names', 'registry_templates',
+           'Benchmark', 'default_settings', 'relabel', 'assemble', 'check_imagefolder', 'tree_key', 'load_imagefolder',
+           'load_hub', 'load_benchmark', 'ShapeSpec', 'Attributes', 'world_attributes', 'class_name', 'describe',
+           'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 def class_order(n_classes: int, # number of classes C
@@ -299,6 +299,8 @@ def load_benchmark(name: str, # a registered name (`list_benchmarks()`), "synthe
 # %% ../nbs/01_data.ipynb #aefce7b9
 WORLD_VERSION = 1 # bump when rendering changes: it is part of the benchmark key
 WORLD_TEMPLATE = "a {}." # captions are WORLD_TEMPLATE.format(class name)
+BASE_RENDER = dict(noise=0.08, distractors=2, similarity=0.25) # `render_sample`'s defaults: the rendering pretraining sees
+DEMO_RENDER = dict(noise=0.12, distractors=3, similarity=0.5) # the demo benchmark's rendering, harder than the base one
 
 class ShapeSpec(NamedTuple):
     sides: int # 0 for a circle
@@ -399,9 +401,9 @@ def _draw_distractor(draw, rng, n: int, similarity: float, noise: float):
 def render_sample(a: Attributes, # the combination to draw
                   rng: np.random.Generator, # source of every random choice
                   image_size: int = 48, # output side in pixels
-                  noise: float = 0.08, # pixel noise std (fraction of 255) and colour jitter
-                  distractors: int = 2, # at most this many distractor objects
-                  similarity: float = 0.25, # 0: palette colours, ->1: all colours near-identical
+                  noise: float = BASE_RENDER["noise"], # pixel noise std (fraction of 255) and colour jitter
+                  distractors: int = BASE_RENDER["distractors"], # at most this many distractor objects
+                  similarity: float = BASE_RENDER["similarity"], # 0: palette colours, ->1: all colours near-identical
                  ) -> Rendered:
     "One image of combination `a` with its caption."
     n = image_size * 4
@@ -425,9 +427,9 @@ def synthetic_world(n_classes: int = 24, # number of demo classes
                     n_test: int = 20, # test images per class
                     image_size: int = 48, # image side in pixels
                     seed: int = 0, # world seed (which images are drawn)
-                    noise: float = 0.08, # pixel noise std (fraction of 255) and colour jitter
-                    distractors: int = 2, # at most this many distractor objects per image
-                    similarity: float = 0.25, # how alike the colours are, in [0, 1)
+                    noise: float = DEMO_RENDER["noise"], # pixel noise std (fraction of 255) and colour jitter
+                    distractors: int = DEMO_RENDER["distractors"], # at most this many distractor objects per image
+                    similarity: float = DEMO_RENDER["similarity"], # how alike the colours are, in [0, 1)
                     marks_per_look: int = 3, # classes sharing shape and colour, differing only in the mark
                     inc: int = 4, # classes per task
                     class_order_seed: int = 1993, shuffle: bool = True, # class order (see `class_order`)

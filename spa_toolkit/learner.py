@@ -310,10 +310,11 @@ def split_features(clip: ClipBundle, # the frozen model
                    patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
                    batch_size: int = 64, # images per forward pass
                    num_workers: int = 0, # image-decoding processes
+                   progress: bool = True, # a progress bar while extracting
                   ) -> FeatureSet:
     "Cached features of one split of a benchmark, named by the benchmark's content key (extracted on first use)."
     return extract_features(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
-                            patches=patches, batch_size=batch_size, num_workers=num_workers)
+                            patches=patches, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
 @dataclass
 class Prepared:
@@ -342,7 +343,8 @@ def prepare(benchmark: Benchmark, # the benchmark
     descriptions = descriptions or benchmark.descriptions
     if descriptions is None: raise SpaError(f"{benchmark.name} has no built-in descriptions: pass descriptions= (a file via "
                                              "descriptions.load_descriptions, an LLM via describe_classes, or template_descriptions)")
-    train, test = (split_features(clip, benchmark, s, cache_dir, patches=patches, batch_size=batch_size, num_workers=num_workers)
+    train, test = (split_features(clip, benchmark, s, cache_dir, patches=patches, batch_size=batch_size,
+                                  num_workers=num_workers, progress=progress)
                    for s in ("train", "test"))
     text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template)
     setting = setting or benchmark.setting_b0

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .core import SpaError, atomic_path, atomic_write_json, l2norm, library_versions
-from .data import (CLIP_MEAN, CLIP_STD, MARKS, WORLD_TEMPLATE, Attributes, class_name, clip_transform,
+from .data import (BASE_RENDER, CLIP_MEAN, CLIP_STD, DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, class_name, clip_transform,
                               demo_classes, describe, pretrain_classes, render_sample, world_attributes)
 from .backbone import LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts, load_clip
 
@@ -246,11 +246,14 @@ def demo_images(n_per_class: int = 5, # images per demo class
                 seed: int = 1000, # image seed (image i of class c uses default_rng([seed, c, i]))
                 grid: tuple[int, int] = (6, 6), # the model's patch grid
                 image_size: int = 48, # image side
+                render: dict | None = None, # `render_sample` knobs (default: the demo benchmark's, `DEMO_RENDER`)
                ) -> DemoImages:
-    "Images of every demo class (world defaults) with the patch holding each mark."
+    "Images of every demo class, rendered as the demo benchmark draws them, with the patch holding each mark."
+    render = DEMO_RENDER if render is None else render
     keys = [(c, a, [seed, c, i]) for c, a in enumerate(demo_classes()) for i in range(n_per_class)]
-    images = [render_sample(a, np.random.default_rng(s), image_size).image for _, a, s in keys]
-    return DemoImages(images, [c for c, _, _ in keys], [patch_index(mark_centre(a, s, image_size), image_size, grid) for _, a, s in keys])
+    images = [render_sample(a, np.random.default_rng(s), image_size, **render).image for _, a, s in keys]
+    marks = [patch_index(mark_centre(a, s, image_size, **render), image_size, grid) for _, a, s in keys]
+    return DemoImages(images, [c for c, _, _ in keys], marks)
 
 def mark_ranks(clip: ClipBundle, # the model
                demo: DemoImages, # from `demo_images`

@@ -33,3 +33,11 @@ def test_a_cuda_run_equals_the_cpu_run_within_tolerance(prep):
     text = type(prep.text)(*(t.cuda() for t in vars(prep.text).values()))
     gpu = run_method(type(prep)(**(vars(prep) | dict(text=text))), "spa_global", epochs=1, progress=False)
     assert max(abs(a - b) for a, b in zip(cpu.curve, gpu.curve)) <= 2.0
+
+
+def test_progress_false_keeps_extraction_quiet(tmp_path, capsys):
+    world = synthetic_world(n_classes=4, n_train=2, n_test=1, inc=4)
+    prepare(world, load_embedded_clip(), cache_dir=tmp_path / "quiet", progress=False)
+    assert "features" not in capsys.readouterr().err
+    prepare(world, load_embedded_clip(), cache_dir=tmp_path / "loud", progress=True)
+    assert "features synthetic-" in capsys.readouterr().err
