@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .core import SpaError, atomic_path, atomic_write_json, l2norm, library_versions
-from .data import (BASE_RENDER, CLIP_MEAN, CLIP_STD, DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, class_name, clip_transform,
+from .data import (CLIP_MEAN, CLIP_STD, DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, class_name, clip_transform,
                               demo_classes, describe, pretrain_classes, render_sample, world_attributes)
 from .backbone import LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts, load_clip
 
