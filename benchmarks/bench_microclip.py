@@ -33,7 +33,7 @@ def headroom(clip):
 
 
 def local_meaning(clip, n_per_class):
-    demo, n = demo_images(n_per_class), clip.n_patches
+    demo, n = demo_images(n_per_class, grid=tuple(clip.model.visual.grid_size)), clip.n_patches  # marks on this model's grid
     for src in PATCH_SOURCES:
         rk = mark_ranks(clip, demo, src).float()
         ok = rk.mean() <= n / 4

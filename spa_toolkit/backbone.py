@@ -110,8 +110,8 @@ class ClipBundle:
     model: torch.nn.Module  # open_clip CLIP in eval mode, requires_grad False
     preprocess: Callable  # eval transform: PIL image -> [3, H, W] float
     tokenizer: Callable  # list[str] -> [n, L] int64 token ids
-    arch: str  # open_clip architecture name (or "local-dir:...")
-    pretrained: str  # tag, weights file or folder as given ("" for random weights)
+    arch: str  # open_clip architecture name, or "local-dir:<absolute folder>" for a model folder (however it was given)
+    pretrained: str  # hub tag or absolute weights file that was loaded ("" for a model folder or random weights)
     key: str  # content key of weights + precision + transform (for caches)
     embed_dim: int  # d, the joint image-text space width
     n_patches: int  # N, patch tokens per image (0 for non-ViT towers)
@@ -122,11 +122,11 @@ class ClipBundle:
     def device(self) -> torch.device: return next(self.model.parameters()).device
 
 # %% ../nbs/02_backbone.ipynb #8d307770
-def _bundle(model, preprocess, src: _Source, arch: str, pretrained, key: str) -> ClipBundle:
-    "Freeze `model` and wrap it with its tokenizer and shapes."
+def _bundle(model, preprocess, src: _Source, key: str) -> ClipBundle:
+    "Freeze `model` and wrap it with its tokenizer, what was loaded, and its shapes."
     model.eval().requires_grad_(False)
     v = model.visual
-    return ClipBundle(model, preprocess, open_clip.get_tokenizer(src.model_name), arch, str(pretrained or ""), key,
+    return ClipBundle(model, preprocess, open_clip.get_tokenizer(src.model_name), src.model_name, src.pretrained or "", key,
                       embed_dim=int(v.output_dim), n_patches=int(np.prod(getattr(v, "grid_size", (0,)))),
                       image_size=int(np.atleast_1d(v.image_size)[0]), logit_scale=float(model.logit_scale.exp()))
 
@@ -143,7 +143,7 @@ def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<f
     src = _resolve_source(arch, pretrained, allow_random, seed)
     key = content_key(src.ident, precision, _quick_gelu(src), resize_mode)
     model, _, preprocess = _create(src, pick_device(device), precision, resize_mode, cache_dir, seed)
-    return _bundle(model, preprocess, src, arch, pretrained, key)
+    return _bundle(model, preprocess, src, key)
 
 # %% ../nbs/02_backbone.ipynb #3163b74c
 PATCH_SOURCES = ("tokens", "value")  # how patch tokens are read from the last block

@@ -155,8 +155,8 @@ def class_stats(feats: torch.Tensor, # [n,d] frozen features
     "Per-class means and shrunk covariance factors of `feats`."
     _check_knobs(cov, shrink)
     cls, idx, counts = _group(feats, labels, classes)
-    if cov in ("full", "diag"): _need_two(counts, cls, cov)
     if (counts == 0).any(): raise SpaError(f"classes {cls[counts == 0].tolist()[:10]} have no sample: drop them from classes=")
+    if cov in ("full", "diag"): _need_two(counts, cls, cov)
     x = feats.to(_acc_dtype(feats))
     means = torch.zeros(len(cls), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, idx, x) / counts[:, None]
     factor, scatter, m4 = _FACTORS[cov](x - means[idx], idx, counts, shrink)
@@ -168,12 +168,16 @@ def merge_stats(a: ClassStats | PatchStats, # statistics so far
                 b: ClassStats | PatchStats, # the new task's statistics (same `cov`, `shrink`, width; new classes)
                ) -> ClassStats | PatchStats:
     "Statistics of the classes of `a` and `b` together."
-    if not isinstance(a, ClassStats): return PatchStats(merge_stats(a.stats, b.stats), a.k)
-    if (a.cov, a.shrink, a.dim) != (b.cov, b.shrink, b.dim):
+    k = lambda s: getattr(s, "k", None)  # patches per set of `PatchStats`; None for global statistics
+    if k(a) != k(b):
+        raise SpaError(f"cannot merge statistics of {k(a) or 'no'} and {k(b) or 'no'} patches per set: "
+                       "compute every task's statistics with the same knobs")
+    if k(a) is None and (a.cov, a.shrink, a.dim) != (b.cov, b.shrink, b.dim):
         raise SpaError(f"cannot merge statistics with (cov, shrink, dim) {(a.cov, a.shrink, a.dim)} and {(b.cov, b.shrink, b.dim)}: "
                        "compute every task's statistics with the same knobs")
     if len(both := a.classes[torch.isin(a.classes, b.classes)]):
         raise SpaError(f"classes {both.tolist()[:10]} have statistics on both sides: merge only new classes")
+    if k(a): return PatchStats(merge_stats(a.stats, b.stats), a.k)
     order = torch.argsort(classes := torch.cat([a.classes, b.classes]))
     cat = lambda u, v: torch.cat([u, v])[order]
     if a.cov == "shared":

@@ -201,7 +201,8 @@ def _layout_hint(root: Path, source: str) -> str:
 def _class_dirs(split_dir: Path, source: str) -> list[str]:
     "Sorted class folder names under `split_dir`, checking it exists and no class folder is empty."
     if not split_dir.is_dir(): raise SpaError(f"folder {split_dir} not found: {_layout_hint(split_dir.parent, source)}")
-    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    # folders `datasets`' imagefolder builder skips (hidden, `__MACOSX`): listing them would shift every label
+    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
     empty = [n for n in names if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (split_dir/n).iterdir())]
     if empty: raise SpaError(f"class folder(s) with no images in {split_dir}: {empty[:5]}: add images or delete the folder(s)")
     if not names: raise SpaError(f"no class folders in {split_dir}: {_layout_hint(split_dir.parent, source)}")
@@ -259,15 +260,16 @@ def load_hub(info: DatasetInfo, # a registry record with `hub_id`
     return train, test, content_key("hub", info.hub_id, len(train), len(test))
 
 # %% ../nbs/01_data.ipynb #fb7a8045
-def _data_root(data_root, info: DatasetInfo) -> Path:
+def _data_root(data_root, info: DatasetInfo) -> Path | None:
+    "The benchmark's folder under `data_root` (or env SPA_DATA_ROOT), None when neither is set."
     root = data_root or os.environ.get("SPA_DATA_ROOT")
-    if not root: raise SpaError(f"{info.name} needs data_root= (or env SPA_DATA_ROOT): a folder holding {info.name}/{{train,test}}/<class>/*.jpg; {info.source}")
-    return Path(root).expanduser()/info.name
+    return Path(root).expanduser()/info.name if root else None
 
 def _load_registered(info: DatasetInfo, data_root, cache_dir) -> tuple:
     "(train, test, key) of a registered benchmark, from the hub or an ImageFolder tree."
-    if info.hub_id and not (data_root and (Path(data_root)/info.name).is_dir()): return load_hub(info, cache_dir)
     root = _data_root(data_root, info)
+    if info.hub_id and not (root and root.is_dir()): return load_hub(info, cache_dir)
+    if root is None: raise SpaError(f"{info.name} needs data_root= (or env SPA_DATA_ROOT): a folder holding {info.name}/{{train,test}}/<class>/*.jpg; {info.source}")
     found = check_imagefolder(root, info.source)
     if len(found) != info.n_classes:
         raise SpaError(f"{root} holds {len(found)} class folders but {info.name} has {info.n_classes}: use the authors' split ({info.source})")

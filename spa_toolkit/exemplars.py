@@ -31,6 +31,7 @@ def _herding(x: torch.Tensor, n: int) -> list[int]:
 
 def _kcenter(x: torch.Tensor, n: int) -> list[int]:
     "Greedy k-center: start nearest the mean, then always take the sample farthest from the picks."
+    if n < 1: return []
     out = [_closest(x, 1)[0]]
     mind = _sqdist(x, x[out[0]])
     for _ in range(n - 1):
@@ -72,7 +73,8 @@ def _kmeans_medoids(x: torch.Tensor, k: int, seed: int, n_init: int) -> list[int
     for c in sorted(range(k), key=lambda c: (-sizes[c], c)):
         members = (labels == c).nonzero().flatten()
         if len(members): out.append(int(members[_sqdist(x[members], cents[c]).argmin()]))
-    return out + [i for i in _herding(x, len(x)) if i not in out][: k - len(out)]
+    if len(out) == k: return out
+    return out + [i for i in _herding(x, k) if i not in out][: k - len(out)]  # k herding picks hold k - len(out) new ones
 
 # %% ../nbs/03_exemplars.ipynb #b61005f2
 METHODS = ("kmeans", "herding", "kcenter", "closest")
@@ -116,6 +118,8 @@ def exemplar_images(images, # [n] PIL images, or a Dataset whose rows hold an "i
                     seed: int = 0, # k-means seed
                    ) -> dict[str, list]: # class name -> [min(k, n_c)] images
     "The exemplar images of every class present in `labels`, keyed by class name."
-    row = lambda i: images[i]["image"] if isinstance(images[i], dict) else images[i]
+    def row(i):  # a Dataset decodes its image on every access: read the row once
+        r = images[i]
+        return r["image"] if isinstance(r, dict) else r
     picks = exemplars_by_class(feats, labels, k=k, method=method, seed=seed)
     return {class_names[c]: [row(i) for i in idx.tolist()] for c, idx in picks.items()}

@@ -261,7 +261,7 @@ def mark_ranks(clip: ClipBundle, # the model
               ) -> torch.Tensor: # [n] 1-based rank of the mark's patch among the N patches
     "Rank of the patch holding the mark, by similarity to the image's mark phrase."
     p = encode_images(clip, torch.stack([clip.preprocess(im) for im in demo.images]), patch_source=patch_source).patches
-    t = encode_texts(clip, [describe(demo_classes()[c])[2] for c in demo.labels])
+    t = encode_texts(clip, [describe(a)[2] for a in demo_classes()])[torch.as_tensor(demo.labels)]  # each class's mark phrase, once
     sims = torch.einsum("bnd,bd->bn", p, t)
     at = sims.gather(1, torch.as_tensor(demo.mark_patch, device=sims.device)[:, None])
     return 1 + (sims > at).sum(1).cpu()

@@ -39,6 +39,7 @@ def test_file_and_folder_load_the_same_weights(tiny_clip, tiny_clip_dir):
         for (k, a), b in zip(tiny_clip.model.state_dict().items(), m.state_dict().values()):
             assert torch.equal(a, b), k
     assert by_folder.key == by_prefix.key != tiny_clip.key
+    assert (by_folder.arch, by_folder.pretrained) == (by_prefix.arch, by_prefix.pretrained) == (f"{LOCAL_DIR}{tiny_clip_dir.resolve()}", "")
     assert (tiny_clip.embed_dim, tiny_clip.n_patches, tiny_clip.image_size) == (32, 16, 32)
     assert not tiny_clip.model.training and not any(p.requires_grad for p in tiny_clip.model.parameters())
 
@@ -180,3 +181,11 @@ def test_bad_inputs(tiny_clip, tmp_path):
     with pytest.raises(SpaError, match="no feature cache"): open_features(tmp_path)
     with pytest.raises(SpaError, match="use one of"): encode_images(tiny_clip, torch.zeros(1, 3, 32, 32), patch_source="keys")
     with pytest.raises(SpaError, match="wrap it in a list"): encode_texts(tiny_clip, "a cat")
+
+
+def test_one_model_loaded_two_ways_shares_its_feature_cache(tiny_clip_dir, tmp_path):
+    data = Rows(5)
+    first = extract_features(load_clip(pretrained=tiny_clip_dir), data, tmp_path, "toy", batch_size=4)
+    again = extract_features(load_clip(f"{LOCAL_DIR}{tiny_clip_dir}"), data, tmp_path, "toy", batch_size=4)
+    assert again.folder == first.folder and data.reads == 5  # the second load reads no image
+

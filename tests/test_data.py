@@ -147,10 +147,20 @@ def test_cifar_offline_not_cached(tmp_path):
     assert "data_root=" in str(e.value)
 
 
-def test_cifar_from_data_root_folder(tmp_path):
+def test_cifar_from_data_root_folder(tmp_path, monkeypatch):
     make_tree(tmp_path/"cifar100", [f"c{i:02d}" for i in range(100)], n=1)
     b = load_benchmark("cifar100", data_root=tmp_path, cache_dir=tmp_path/"hf")
     assert b.class_names[b.order.index(26)] == "crab"
+    monkeypatch.setenv("SPA_DATA_ROOT", str(tmp_path))  # the environment variable finds the folder too (no hub call)
+    assert load_benchmark("cifar100", cache_dir=tmp_path/"hf").key == b.key
+
+
+def test_folders_the_loader_skips_do_not_shift_labels(tmp_path):
+    root = make_tree(tmp_path/"t", ["ant", "cat", "dog"])
+    make_tree(root, ["__MACOSX", ".cache"])  # archive debris: datasets' imagefolder skips such folders
+    b = load_benchmark(str(root), cache_dir=tmp_path/"hf", shuffle=False)
+    assert b.class_names == ["ant", "cat", "dog"] and b.train.features["label"].names == b.class_names
+    for row in b.train: assert row["image"].getpixel((5, 4))[0] == pytest.approx(37 * row["label"], abs=6)
 
 
 def test_synthetic_world_deterministic_and_seeded():
