@@ -14,8 +14,9 @@ from torch.nn.utils.rnn import pad_sequence
 from .core import SpaError, check_finite, l2norm
 
 # %% auto #0
-__all__ = ['COV_KINDS', 'lw_intensity', 'ShrunkCov', 'ledoit_wolf', 'ClassStats', 'class_stats', 'merge_stats', 'Pseudo',
-           'sample_pseudo', 'PatchStats', 'patch_stats', 'sample_pseudo_patches', 'stats_bytes', 'stats_bytes_for']
+__all__ = ['COV_KINDS', 'lw_intensity', 'ShrunkCov', 'ledoit_wolf', 'ClassStats', 'check_stats_knobs', 'class_stats',
+           'merge_stats', 'Pseudo', 'sample_pseudo', 'PatchStats', 'patch_stats', 'sample_pseudo_patches',
+           'stats_bytes', 'stats_bytes_for']
 
 # %% ../nbs/08_calibration.ipynb #890111cf
 def lw_intensity(m4: torch.Tensor, # [...] sum over samples of ||r||^4 (diagonal model: of sum_i r_i^4)
@@ -87,7 +88,8 @@ class ClassStats:
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
 # %% ../nbs/08_calibration.ipynb #e9f36661
-def _check_knobs(cov: str, shrink: str | float):
+def check_stats_knobs(cov: str, shrink: str | float):
+    "Raise `SpaError` unless `cov` and `shrink` name a covariance model and a shrinkage."
     if cov not in COV_KINDS: raise SpaError(f"cov={cov!r} is unknown: choose one of {COV_KINDS}")
     if shrink != "ledoit_wolf" and not (isinstance(shrink, (int, float)) and shrink >= 0):
         raise SpaError(f"shrink={shrink!r} is invalid: use 'ledoit_wolf' or a number gamma >= 0 (Sigma + gamma*I)")
@@ -153,7 +155,7 @@ def class_stats(feats: torch.Tensor, # [n,d] frozen features
                 shrink: str | float = "ledoit_wolf", # "ledoit_wolf", or gamma >= 0 for Sigma + gamma*I
                ) -> ClassStats:
     "Per-class means and shrunk covariance factors of `feats`."
-    _check_knobs(cov, shrink)
+    check_stats_knobs(cov, shrink)
     cls, idx, counts = _group(feats, labels, classes)
     if (counts == 0).any(): raise SpaError(f"classes {cls[counts == 0].tolist()[:10]} have no sample: drop them from classes=")
     if cov in ("full", "diag"): _need_two(counts, cls, cov)

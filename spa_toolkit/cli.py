@@ -151,13 +151,18 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
                      k: int = 5, # exemplar images per class (0: text only)
                      n_descriptions: int = 8, # phrases per class
                      progress: bool = True, # progress bars
+                     batch_size: int = 64, # images per forward pass when extracting the train features
+                     num_workers: int = 0, # image-decoding processes when extracting
                      **completion_kwargs, # passed to litellm.completion (temperature, mock_response, ...)
                     ) -> Described:
     "Describe every class with `model`, shown its exemplar images; resumable (each class is cached)."
     check_llm_access(model, api_base)
-    train = split_features(clip, bench, "train", Path(cache_dir) / "features")
-    g, y = torch.from_numpy(np.asarray(train.global_, dtype=np.float32)), torch.from_numpy(np.asarray(train.labels))
-    imgs = exemplar_images(bench.train, g, y, bench.class_names, k) if k > 0 else None
+    imgs = None
+    if k > 0:  # exemplars are picked on the train split's features (extracted here once, reused by the run)
+        train = split_features(clip, bench, "train", Path(cache_dir) / "features", batch_size=batch_size,
+                               num_workers=num_workers, progress=progress)
+        g, y = torch.from_numpy(np.asarray(train.global_, dtype=np.float32)), torch.from_numpy(np.asarray(train.labels))
+        imgs = exemplar_images(bench.train, g, y, bench.class_names, k)
     path = descriptions_file(cache_dir, bench, model)
     res = describe_benchmark(bench.class_names, imgs, path, model=model, api_base=api_base, n_descriptions=n_descriptions,
                              progress=progress, **completion_kwargs)
@@ -246,8 +251,12 @@ def open_model(a: argparse.Namespace, dataset: str) -> ClipBundle:
 def _descriptions(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, offline: dict | None) -> dict[str, list[str]]:
     "`offline`, or the descriptions of the options' LLM."
     if offline is not None: return offline
-    return llm_descriptions(bench, clip, a.descriptions[len(LLM_PREFIX):], a.cache_dir, a.api_base, a.k_exemplars,
-                            a.n_descriptions).result.descriptions
+    return _described(a, bench, clip, a.descriptions[len(LLM_PREFIX):]).result.descriptions
+
+def _described(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, llm: str) -> Described:
+    "`llm_descriptions` with the options' cache, server, exemplar, phrase and extraction settings."
+    return llm_descriptions(bench, clip, llm, a.cache_dir, api_base=a.api_base, k=a.k_exemplars, n_descriptions=a.n_descriptions,
+                            batch_size=a.extract_batch_size, num_workers=a.num_workers)
 
 # %% ../nbs/11_cli.ipynb #1117bb70
 def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
@@ -385,7 +394,7 @@ def cmd_describe(a: argparse.Namespace) -> int:
     "`describe`: descriptions of a benchmark's classes by a litellm model, with the usage summary."
     check_llm_access(a.llm, a.api_base)
     bench = open_benchmark(a, a.dataset)
-    d = llm_descriptions(bench, open_model(a, a.dataset), a.llm, a.cache_dir, a.api_base, a.k_exemplars, a.n_descriptions)
+    d = _described(a, bench, open_model(a, a.dataset), a.llm)
     print(d.result.summary()); print(f"descriptions written to {d.path}")
     print(f"use them: python -m spa_toolkit.cli run --dataset {a.dataset} --descriptions {d.path}")
     return 0

@@ -21,7 +21,7 @@ from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
 from .patches import semantic_tokens, select_patches_for_labels, SEM_TEMPLATE
 from .ot import patch_ot_scores
 from .projectors import SpaProjectors
-from .calibration import ClassStats, PatchStats, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
+from .calibration import ClassStats, PatchStats, check_stats_knobs, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
@@ -61,6 +61,8 @@ def spa_knobs(scorer: str = "spa", # "spa" (trained projectors), "zeroshot", "de
         if knobs[name] < least: raise SpaError(f"{name}={knobs[name]} is too small: use at least {least}")
     if not (lr > 0 and eps > 0 and lam >= 0 and pseudo_ratio >= 0):
         raise SpaError(f"lr={lr}, eps={eps} must be > 0 and lam={lam}, pseudo_ratio={pseudo_ratio} >= 0")
+    if hidden is not None and hidden < 1: raise SpaError(f"hidden={hidden} is too small: use at least 1, or None for d // 4")
+    check_stats_knobs(cov, shrink)  # fail before any extraction, not when the first task's statistics are computed
     return knobs
 
 # %% ../nbs/10_learner.ipynb #6ba34b2f
@@ -216,13 +218,19 @@ def _fit(state: CILState, data: Rows, n_seen: int, gen: torch.Generator, progres
             if replay: loss = loss + k["pseudo_ratio"] * _loss(state, *_pseudo_batch(state, max(1, round(len(b) * k["pseudo_ratio"])), gen), n_seen)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
-def _new_stats(state: CILState, data: Rows, classes: torch.Tensor) -> tuple:
+def _uses_patches(knobs: dict) -> bool:
+    "Whether a method reads patch tokens: SPA with its patch/OT branch on."
+    return knobs["scorer"] == "spa" and knobs["lam"] > 0
+
+def _new_stats(state: CILState, data: Rows, classes: torch.Tensor, chunk: int = 256) -> tuple:
     "Statistics of the task's classes: global features, and the label class's top-k patch sets."
     k = state.knobs
     st = class_stats(data.g, data.y, classes, cov=k["cov"], shrink=k["shrink"])
-    if data.p is None or k["lam"] == 0 or not k["calibration"]: return st, None
+    if data.p is None or not k["calibration"]: return st, None
     kk = min(k["k_patches"], data.p.shape[1])
-    sets = select_patches_for_labels(data.p.to(data.g.dtype), state.text.sem, data.y, kk, state.text.sem_mask)
+    # float16 patches are cast a chunk of images at a time, never the whole task at once
+    sets = torch.cat([select_patches_for_labels(p.to(data.g.dtype), state.text.sem, y, kk, state.text.sem_mask)
+                      for p, y in zip(data.p.split(chunk), data.y.split(chunk))])
     return st, patch_stats(sets, data.y, classes, cov=k["cov"], shrink=k["shrink"])
 
 # %% ../nbs/10_learner.ipynb #f15e33ae
@@ -237,7 +245,7 @@ def train_task(state: CILState, # the state after the previous task (updated in 
     if lo != state.n_seen or hi - lo != len(set(classes)):
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")
     gen = generator if generator is not None else make_generator(state.n_tasks, state.device)
-    data = rows(train, task_rows(train, lo, hi), state.device, patches=state.knobs["lam"] > 0)
+    data = rows(train, task_rows(train, lo, hi), state.device, patches=_uses_patches(state.knobs))
     if not len(data.y): raise SpaError(f"no training images for classes {lo}..{hi - 1}: check the benchmark's train split")
     if state.knobs["scorer"] == "spa" and state.knobs["epochs"] > 0: _fit(state, data, hi, gen, progress)
     st, pst = _new_stats(state, data, torch.arange(lo, hi, device=state.device))
@@ -253,11 +261,10 @@ def evaluate(state: CILState, # a trained state
             ) -> tuple[np.ndarray, np.ndarray]: # predictions [n] and labels [n] of the seen classes' test images
     "Top-1 predictions on the test images of all seen classes."
     idx = task_rows(test, 0, state.n_seen)
-    need_p = state.knobs["scorer"] == "spa" and state.knobs["lam"] > 0
     preds, labels = [], []
     with torch.no_grad():
         for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / batch_size))):
-            r = rows(test, chunk, state.device, patches=need_p)
+            r = rows(test, chunk, state.device, patches=_uses_patches(state.knobs))
             preds.append(predict(state, r.g, r.p).argmax(1).cpu()); labels.append(r.y.cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
@@ -343,13 +350,14 @@ def prepare(benchmark: Benchmark, # the benchmark
     descriptions = descriptions or benchmark.descriptions
     if descriptions is None: raise SpaError(f"{benchmark.name} has no built-in descriptions: pass descriptions= (a file via "
                                              "descriptions.load_descriptions, an LLM via describe_classes, or template_descriptions)")
+    setting = setting or benchmark.setting_b0
+    splits = benchmark.splits(setting)  # a bad setting fails before any extraction
     train, test = (split_features(clip, benchmark, s, cache_dir, patches=patches, batch_size=batch_size,
                                   num_workers=num_workers, progress=progress)
                    for s in ("train", "test"))
     text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template)
-    setting = setting or benchmark.setting_b0
     text_key = content_key(clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template)
-    return Prepared(benchmark, train, test, text, clip.logit_scale, benchmark.splits(setting), setting, text_key)
+    return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key)
 
 # %% ../nbs/10_learner.ipynb #c9978f17
 def run_key(prep: Prepared, # the prepared benchmark

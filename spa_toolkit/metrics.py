@@ -34,7 +34,7 @@ def accuracy(preds, # [n] predicted labels
             ) -> float: # percent, NaN when n = 0
     "Top-1 accuracy in percent of predicted labels."
     preds, labels = _pair(preds, labels)
-    return float((preds == labels).mean() * 100) if len(labels) else math.nan
+    return int((preds == labels).sum()) * 100 / len(labels) if len(labels) else math.nan  # PyCIL's expression: same rounding ties
 
 def topk_accuracy(scores, # [n, C] scores or logits (numpy or torch)
                   labels, # [n] true labels
@@ -96,7 +96,7 @@ def old_new_harmonic(preds, # [n] predicted labels on the seen test images
     "Accuracy on old and new classes and their harmonic mean."
     preds, labels = _pair(preds, labels)
     old, new = (accuracy(preds[m], labels[m]) for m in (labels < n_old, labels >= n_old))
-    h = 2 * old * new / (old + new) if old + new > 0 else 0.0
+    h = 2 * old * new / (old + new) if old + new != 0 else 0.0  # NaN (no old class yet) stays NaN
     return OldNew(old, new, h)
 
 # %% ../nbs/09_metrics.ipynb #86a52fc8

@@ -41,3 +41,15 @@ def test_progress_false_keeps_extraction_quiet(tmp_path, capsys):
     assert "features" not in capsys.readouterr().err
     prepare(world, load_embedded_clip(), cache_dir=tmp_path / "loud", progress=True)
     assert "features synthetic-" in capsys.readouterr().err
+
+
+def test_frozen_baselines_read_no_patch_tokens(prep):
+    for scorer in ("zeroshot", "descriptions", "ncm"):
+        state = train_task(new_state(prep.text, prep.logit_scale, scorer=scorer, epochs=0), prep.train, prep.splits[0])
+        assert state.pstats is None, scorer
+
+
+def test_a_bad_setting_fails_before_extraction(tmp_path):
+    world = synthetic_world(n_classes=8, n_train=2, n_test=1, inc=4)
+    with pytest.raises(SpaError, match="B0Inc3"): prepare(world, load_embedded_clip(), "B0Inc3", cache_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
