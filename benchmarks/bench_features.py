@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spa_toolkit.backbone import encode_images, extract_features, load_clip
+from spa_toolkit.backbone import _batch_features, extract_features, load_clip
 from spa_toolkit.core import make_generator
-from spa_toolkit.fixtures import TINY_ARCH, make_tiny_clip, tiny_images
+from spa_toolkit.fixtures import TINY_ARCH, TINY_WEIGHTS, make_tiny_clip, tiny_images
 
 
 def _head_input(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -42,8 +42,9 @@ def backbone_epoch(clip, rows, head, opt, batch_size, gen):
     "One epoch that transforms and encodes every batch with the frozen backbone."
     for idx in torch.randperm(len(rows), generator=gen).split(batch_size):
         x = torch.stack([clip.preprocess(rows[i]["image"]) for i in idx.tolist()])
-        f = encode_images(clip, x)
-        _step(head, opt, _head_input(f.global_, f.patches), torch.tensor([rows[i]["label"] for i in idx.tolist()]))
+        f = _batch_features(clip, x, "all", "tokens")  # the extraction path itself (inference mode, autocast where it applies)
+        g, p = (torch.from_numpy(f[k]).float() for k in ("global", "patches"))
+        _step(head, opt, _head_input(g, p), torch.tensor([rows[i]["label"] for i in idx.tolist()]))
 
 
 def _timed(f) -> float:
@@ -54,7 +55,7 @@ def _timed(f) -> float:
 
 def _clip(vit_b16: bool, device: str, tmp: Path):
     if vit_b16: return load_clip("ViT-B-16", None, device=device, allow_random=True)
-    return load_clip(TINY_ARCH, make_tiny_clip(tmp) / "open_clip_model.safetensors", device=device)
+    return load_clip(TINY_ARCH, make_tiny_clip(tmp) / TINY_WEIGHTS, device=device)
 
 
 def bench(n: int, vit_b16: bool, device: str, batch_size: int, workers: int, cached_epochs: int, n_classes: int):

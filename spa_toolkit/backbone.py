@@ -320,8 +320,8 @@ def _check_meta(folder: Path, meta: dict, ident: dict) -> dict:
     return meta
 
 def _write_meta(folder: Path, ident: dict, n_done: int, complete: bool = False) -> dict:
-    "Atomically record progress."
-    meta = ident | dict(n_done=n_done, complete=complete, versions=library_versions())
+    "Atomically record progress (`ident` carries the library versions, looked up once per extraction)."
+    meta = ident | dict(n_done=n_done, complete=complete)
     atomic_write_json(folder / "meta.json", meta)
     return meta
 
@@ -401,6 +401,7 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
 def _fill(clip: ClipBundle, dataset, folder: Path, ident: dict, start: int, batch_size: int, num_workers: int, progress: bool):
     "Extract rows `start:` into the folder's arrays, recording progress after each batch."
     folder.mkdir(parents=True, exist_ok=True)
+    ident = ident | dict(versions=library_versions())  # recorded, not compared: a resume may run on newer libraries
     arrays = _open_arrays(folder, ident["arrays"], "r+" if start else "w+")
     if not start: _write_meta(folder, ident, 0)
     loader = DataLoader(_Rows(dataset, clip.preprocess, start), batch_size=batch_size, num_workers=num_workers,

@@ -346,7 +346,7 @@ def demo_classes(n_classes: int = 24, # number of demo classes
     if not 1 <= marks_per_look <= len(MARKS) or not 1 <= n_looks <= len(shapes) * len(colours):
         raise SpaError(f"demo world of {n_classes} classes with {marks_per_look} marks per look does not exist: "
                        f"use 1 <= marks_per_look <= {len(MARKS)} and n_classes <= {len(shapes) * len(colours)} * marks_per_look")
-    looks = [(shapes[k % 6], colours[(k + k // 6) % 6]) for k in range(n_looks)]
+    looks = [(shapes[k % len(shapes)], colours[(k + k // len(shapes)) % len(colours)]) for k in range(n_looks)]
     return [Attributes(s, c, MARKS[(k + j) % len(MARKS)]) for k, (s, c) in enumerate(looks) for j in range(marks_per_look)][:n_classes]
 
 def pretrain_classes(n_classes: int = 24, marks_per_look: int = 3) -> list[Attributes]:

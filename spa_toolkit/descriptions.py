@@ -307,7 +307,9 @@ def _run_pool(imgs: dict[str, list], s: LLMSettings, cache_dir, concurrency: int
 def _failed(errors: dict, n_done: int, cache_dir) -> SpaError:
     kept = f"{n_done} finished classes are cached in {cache_dir}; rerun to ask only the rest" if cache_dir else \
            "pass cache_dir= to keep finished classes across runs"
-    return SpaError(f"{len(errors)} class(es) failed ({kept}). First failure: {next(iter(errors.values()))}")
+    names = sorted(errors)
+    return SpaError(f"{len(errors)} class(es) failed: {names[:10]}{' ...' if len(names) > 10 else ''} ({kept}). "
+                    f"First failure: {errors[names[0]]}")
 
 # %% ../nbs/04_descriptions.ipynb #dfeb3507
 def describe_run(class_names: list[str], # classes to describe

@@ -91,7 +91,7 @@ def test_other_images_or_model_miss_the_cache(stub, tmp_path):
 def test_interrupted_run_resumes_asking_only_missing_class(stub, tmp_path):
     names = ("fox", "wolf", "bear")
     stub.reply = lambda c, a: (500, "backend down") if c == "wolf" else good_reply(c, a)
-    with pytest.raises(SpaError, match=r"1 class\(es\) failed \(2 finished classes are cached.*'wolf'"):
+    with pytest.raises(SpaError, match=r"1 class\(es\) failed: \['wolf'\] \(2 finished classes are cached.*'wolf'"):
         run(stub, names=names, cache_dir=tmp_path, max_retries=1)
     assert sorted(p.name.split(".")[0] for p in tmp_path.glob("*.json")) == ["bear", "fox"]
     stub.reset()

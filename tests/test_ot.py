@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spa_toolkit.core import SpaError, l2norm
+import spa_toolkit.ot as ot_module
 from spa_toolkit.ot import label_ot_scores, ot_score, patch_ot_scores, sinkhorn
 from spa_toolkit.patches import gather_patches, select_patches
 
@@ -76,11 +77,14 @@ def test_marginals_uniform_and_masked():
     assert torch.allclose(pm.sum(-2)[..., :5], torch.full((4, 5), 0.2, dtype=torch.float64), atol=1e-10)
 
 
-def test_tol_stops_early_and_warns_when_short():
+def test_tol_stops_early_and_warns_when_short(monkeypatch):
     C = 1 - unit(8, 16, 32, seed=14) @ unit(8, 8, 32, seed=15).transpose(-1, -2)
+    checks = []
+    monkeypatch.setattr(ot_module, "_col_error", lambda *a, f=ot_module._col_error: checks.append(1) or f(*a))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         early = sinkhorn(C, 0.1, n_iter=5000, tol=1e-10)
+    assert 0 < len(checks) < 5000 // 10  # checked every 10 sweeps, and stopped well before the last one
     assert torch.allclose(early, sinkhorn(C, 0.1, n_iter=5000), atol=1e-9)
     with pytest.warns(UserWarning, match="raise n_iter or eps"):
         sinkhorn(C, 0.01, n_iter=3, tol=1e-12)
