@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from spa_toolkit.backbone import _batch_features, extract_features, load_clip
 from spa_toolkit.core import make_generator
-from spa_toolkit.fixtures import TINY_ARCH, TINY_WEIGHTS, make_tiny_clip, tiny_images
+from spa_toolkit.fixtures import TINY_ARCH, WEIGHTS_FILE, make_tiny_clip, tiny_images
 
 
 def _head_input(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ def _timed(f) -> float:
 
 def _clip(vit_b16: bool, device: str, tmp: Path):
     if vit_b16: return load_clip("ViT-B-16", None, device=device, allow_random=True)
-    return load_clip(TINY_ARCH, make_tiny_clip(tmp) / TINY_WEIGHTS, device=device)
+    return load_clip(TINY_ARCH, make_tiny_clip(tmp) / WEIGHTS_FILE, device=device)
 
 
 def bench(n: int, vit_b16: bool, device: str, batch_size: int, workers: int, cached_epochs: int, n_classes: int):

@@ -15,11 +15,12 @@ from safetensors.torch import save_file
 from .core import CLIP_MEAN, CLIP_STD, atomic_path, atomic_write_json
 
 # %% auto #0
-__all__ = ['TINY_ARCH', 'TINY_WEIGHTS', 'tiny_clip_config', 'register_tiny_clip', 'make_tiny_clip', 'tiny_images']
+__all__ = ['TINY_ARCH', 'WEIGHTS_FILE', 'tiny_clip_config', 'register_tiny_clip', 'write_clip_folder', 'make_tiny_clip',
+           'tiny_images']
 
 # %% ../nbs/00a_fixtures.ipynb #9e3262fa
 TINY_ARCH = "spa-tiny"  # the name the tiny config is registered under in open_clip
-TINY_WEIGHTS = "open_clip_model.safetensors"  # weights file name inside the tiny model's folder
+WEIGHTS_FILE = "open_clip_model.safetensors"  # the weights file inside an open_clip model folder (the name `local-dir:` reads)
 
 def tiny_clip_config() -> dict:
     "The tiny open_clip model config (same keys as open_clip's `ViT-B-16.json`)."
@@ -43,16 +44,25 @@ def _tiny_state_dict(seed: int) -> dict:
         model = open_clip.CLIP(**tiny_clip_config())
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
+def write_clip_folder(folder: str | Path, # the model folder to (over)write
+                      model_cfg: dict, # open_clip model config (`embed_dim`, `vision_cfg`, `text_cfg`)
+                      state_dict: dict, # the weights
+                     ) -> Path:
+    "Write an open_clip model folder: config with the protocol's eval transform, and safetensors weights (atomically)."
+    folder = Path(folder)
+    pp = {"size": model_cfg["vision_cfg"]["image_size"], "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic",
+          "resize_mode": "squash"}
+    atomic_write_json(folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": pp})
+    with atomic_path(folder / WEIGHTS_FILE) as tmp: save_file(state_dict, str(tmp))
+    return folder
+
 def make_tiny_clip(dest_dir: str | Path, # parent folder; the model goes to `dest_dir/spa-tiny`
                    seed: int = 0, # fixes the random weights
-                  ) -> Path: # the model folder (`folder / TINY_WEIGHTS` is the weights file)
+                  ) -> Path: # the model folder (`folder / WEIGHTS_FILE` is the weights file)
     "Write the tiny CLIP (config + seeded random weights) as an open_clip model folder."
     folder = Path(dest_dir).resolve() / TINY_ARCH
     register_tiny_clip(folder)
-    pp = {"size": 32, "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize_mode": "squash"}
-    atomic_write_json(folder / "open_clip_config.json", {"model_cfg": tiny_clip_config(), "preprocess_cfg": pp})
-    with atomic_path(folder / TINY_WEIGHTS) as tmp: save_file(_tiny_state_dict(seed), str(tmp))
-    return folder
+    return write_clip_folder(folder, tiny_clip_config(), _tiny_state_dict(seed))
 
 # %% ../nbs/00a_fixtures.ipynb #1c3d384c
 def _tiny_image(rng: np.random.Generator, size: int) -> Image.Image:

@@ -13,22 +13,21 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .core import SpaError, atomic_path, atomic_write_json, l2norm, library_versions
-from .data import (CLIP_MEAN, CLIP_STD, DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, class_name, clip_transform,
+from .core import SpaError, atomic_write_json, l2norm, library_versions
+from .data import (DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, class_name, clip_transform,
                               demo_classes, describe, pretrain_classes, render_sample, world_attributes)
 from .backbone import LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts, load_clip
+from .fixtures import WEIGHTS_FILE, write_clip_folder
 
 # %% auto #0
-__all__ = ['MICROCLIP_WEIGHTS', 'RECIPE_FILE', 'microclip_config', 'microclip_folder_config', 'caption', 'part_phrases',
-           'part_targets', 'mark_centre', 'patch_index', 'Batch', 'pretrain_batch', 'new_model', 'image_tokens',
-           'ground_loss', 'step_loss', 'Pretrained', 'pretrain', 'sha256_file', 'save_microclip', 'load_recipe',
-           'embedded_clip_path', 'load_embedded_clip', 'zero_shot_top1', 'DemoImages', 'demo_images', 'mark_ranks']
+__all__ = ['RECIPE_FILE', 'microclip_config', 'caption', 'part_phrases', 'part_targets', 'mark_centre', 'patch_index', 'Batch',
+           'pretrain_batch', 'new_model', 'image_tokens', 'ground_loss', 'step_loss', 'Pretrained', 'pretrain',
+           'sha256_file', 'save_microclip', 'load_recipe', 'embedded_clip_path', 'load_embedded_clip', 'zero_shot_top1',
+           'DemoImages', 'demo_images', 'mark_ranks']
 
 # %% ../nbs/02a_microclip.ipynb #994833a2
-MICROCLIP_WEIGHTS = "open_clip_model.safetensors"  # weights file inside the model folder (open_clip's local-dir name)
 RECIPE_FILE = "recipe.json"  # how the shipped weights were made, beside them
 
 def microclip_config() -> dict:
@@ -36,11 +35,6 @@ def microclip_config() -> dict:
     return {"embed_dim": 64,
             "vision_cfg": {"image_size": 48, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32, "pool_type": "avg"},
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-
-def microclip_folder_config() -> dict:
-    "The `open_clip_config.json` of the model folder: model config plus eval transform."
-    pp = {"size": 48, "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize_mode": "squash"}
-    return {"model_cfg": microclip_config(), "preprocess_cfg": pp}
 
 # %% ../nbs/02a_microclip.ipynb #8f98831f
 def caption(a: Attributes) -> str: return WORLD_TEMPLATE.format(class_name(a))
@@ -192,15 +186,12 @@ def save_microclip(run: Pretrained, # from `pretrain`
                    log_every: int = 10, # keep every `log_every`-th loss after the first `log_every`
                   ) -> Path:
     "Write an open_clip model folder: config, float16 weights and the recipe that made them."
-    folder = Path(folder)
-    atomic_write_json(folder / "open_clip_config.json", microclip_folder_config())
-    sd = {k: v.detach().half().contiguous() for k, v in run.model.state_dict().items()}
-    with atomic_path(folder / MICROCLIP_WEIGHTS) as tmp: save_file(sd, str(tmp))
+    folder = write_clip_folder(folder, microclip_config(), {k: v.detach().half().contiguous() for k, v in run.model.state_dict().items()})
     curve = {i: run.losses[i] for i in range(len(run.losses)) if i < log_every or i % log_every == 0 or i == len(run.losses) - 1}
     data = dict(classes=[caption(a) for a in pretrain_classes()], demo_classes=[caption(a) for a in demo_classes()],
                 world="render_sample defaults (image_size 48, noise, distractors, similarity)", batches="pretrain_batch(seed, step)")
     recipe = dict(knobs=knobs, threads=torch.get_num_threads(), data=data, loss_curve=curve, wall_s=run.wall_s,
-                  sha256=sha256_file(folder / MICROCLIP_WEIGHTS), versions=library_versions())
+                  sha256=sha256_file(folder / WEIGHTS_FILE), versions=library_versions())
     atomic_write_json(folder / RECIPE_FILE, recipe)
     return folder
 
@@ -219,7 +210,7 @@ def load_embedded_clip(device: str | torch.device = "cpu", # where the model liv
                       ) -> ClipBundle:
     "The shipped micro-CLIP, loaded through open_clip's local-folder path (`local-dir:`)."
     folder = embedded_clip_path()
-    if not (folder / MICROCLIP_WEIGHTS).is_file():
+    if not (folder / WEIGHTS_FILE).is_file():
         raise SpaError(f"the embedded micro-CLIP is missing from {folder}: reinstall spa_toolkit (its package data holds it)")
     return load_clip(f"{LOCAL_DIR}{folder}", None, device=device, precision=precision)
 

@@ -9,7 +9,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest
 
 from spa_toolkit.backbone import load_clip
-from spa_toolkit.fixtures import TINY_ARCH, TINY_WEIGHTS, make_tiny_clip, tiny_images as _tiny_images
+from spa_toolkit.fixtures import TINY_ARCH, WEIGHTS_FILE, make_tiny_clip, tiny_images as _tiny_images
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip_file(tiny_clip_dir):
     "The tiny CLIP's single weights file, loadable as pretrained=<file> with arch TINY_ARCH."
-    return tiny_clip_dir / TINY_WEIGHTS
+    return tiny_clip_dir / WEIGHTS_FILE
 
 
 @pytest.fixture(scope="session")

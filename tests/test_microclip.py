@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from spa_toolkit.core import SpaError
 from spa_toolkit.backbone import LOCAL_DIR, encode_images
 from spa_toolkit.data import demo_classes, pretrain_classes
+from spa_toolkit.fixtures import WEIGHTS_FILE
 import spa_toolkit.microclip as mc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +30,7 @@ def test_loads_through_open_clips_local_dir_path(clip):
     assert clip.arch == f"{LOCAL_DIR}{mc.embedded_clip_path()}"
     assert open_clip.get_tokenizer(clip.arch)(["a red circle with a dot."]).shape == (1, 32)
     assert clip.tokenizer.vocab_size == 49408
-    shipped = load_file(mc.embedded_clip_path() / mc.MICROCLIP_WEIGHTS)
+    shipped = load_file(mc.embedded_clip_path() / WEIGHTS_FILE)
     assert all(v.dtype == torch.float16 for v in shipped.values())
     loaded = clip.model.state_dict()
     assert set(shipped) == set(loaded)
@@ -46,7 +47,7 @@ def test_features_are_deterministic(clip):
 
 
 def test_shipped_weights_match_the_recipe(recipe):
-    assert mc.sha256_file(mc.embedded_clip_path() / mc.MICROCLIP_WEIGHTS) == recipe["sha256"]
+    assert mc.sha256_file(mc.embedded_clip_path() / WEIGHTS_FILE) == recipe["sha256"]
     assert recipe["data"]["classes"] == [mc.caption(a) for a in pretrain_classes()]
 
 
