@@ -15,7 +15,7 @@ from fastcore.docments import docments
 from fastcore.imports import in_ipython
 
 from .core import SpaError, atomic_path, atomic_write_json, atomic_write_text, content_key, library_versions
-from .data import BENCHMARKS, Benchmark, list_benchmarks, load_benchmark
+from .data import BENCHMARKS, DEFAULT_WORLD, WORLD_VARIANTS, Benchmark, list_benchmarks, load_benchmark, synthetic_world
 from .backbone import LOCAL_DIR, ClipBundle, load_clip
 from .exemplars import exemplar_images
 from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
@@ -97,16 +97,18 @@ def resolve_setting(bench: Benchmark, # the loaded benchmark
 # %% ../nbs/11_cli.ipynb #607f6ece
 PROTOCOL_MODEL = ("ViT-B-16", "laion400m_e32") # the CLIP-CIL papers' backbone: open_clip arch and pretrained tag
 
-def default_model() -> tuple[str, str | None]: # (arch, pretrained) for `load_clip`
-    "The embedded default model: the micro-CLIP shipped with the package."
-    return LOCAL_DIR + str(embedded_clip_path()), None
+def default_model(world: str = DEFAULT_WORLD, # the synthetic world variant whose micro-CLIP is meant
+                 ) -> tuple[str, str | None]: # (arch, pretrained) for `load_clip`
+    "The embedded default model: a micro-CLIP shipped with the package."
+    return LOCAL_DIR + str(embedded_clip_path(world)), None
 
 def model_for(dataset: str, # the --dataset value
               arch: str | None, pretrained: str | None, # the --arch and --pretrained values
+              world: str = DEFAULT_WORLD, # the --world value
              ) -> tuple[str, str | None]: # (arch, pretrained) for `load_clip`
     "As given (arch ViT-B-16 if only pretrained is); else the protocol's backbone for a registered benchmark, else the embedded model."
     if arch or pretrained: return arch or PROTOCOL_MODEL[0], pretrained
-    return PROTOCOL_MODEL if dataset in [b.name for b in BENCHMARKS] else default_model()
+    return PROTOCOL_MODEL if dataset in [b.name for b in BENCHMARKS] else default_model(world)
 
 # %% ../nbs/11_cli.ipynb #f8606220
 LLM_PREFIX = "llm:" # --descriptions llm:MODEL
@@ -241,12 +243,13 @@ def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBu
 
 # %% ../nbs/11_cli.ipynb #d5f739fb
 def open_benchmark(a: argparse.Namespace, dataset: str) -> Benchmark:
-    "The benchmark `dataset` with the options' data root and class-order seed."
+    "The benchmark `dataset` with the options' data root, class-order seed and (synthetic) world variant."
+    if dataset == "synthetic": return synthetic_world(variant=a.world, class_order_seed=a.class_order_seed)
     return load_benchmark(dataset, a.data_root, a.class_order_seed)
 
 def open_model(a: argparse.Namespace, dataset: str) -> ClipBundle:
     "The frozen model the options (or the defaults for `dataset`) name, on the options' device."
-    return load_clip(*model_for(dataset, a.arch, a.pretrained), device=a.device)
+    return load_clip(*model_for(dataset, a.arch, a.pretrained, a.world), device=a.device)
 
 def _descriptions(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, offline: dict | None) -> dict[str, list[str]]:
     "`offline`, or the descriptions of the options' LLM."
@@ -274,7 +277,7 @@ def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
     clip = open_model(a, dataset)
     descs = _descriptions(a, bench, clip, offline)
     prep = prepare(bench, clip, setting, descs, a.cache_dir / "features", knobs["sem_template"],
-                   batch_size=a.extract_batch_size, num_workers=a.num_workers)
+                   n_desc=knobs["n_desc"], batch_size=a.extract_batch_size, num_workers=a.num_workers)
     key = content_key(bench.key, bench.order, setting, a.seed, clip.key, descs, knobs)
     out = Path(out or Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', bench.name)}-{setting}-{key[:8]}")
     save_descriptions(out / "class_descriptions.json", descs, model=a.descriptions or "benchmark")
@@ -411,6 +414,8 @@ def cmd_features(a: argparse.Namespace) -> int:
 DATA_OPTIONS = [
     ("--data-root", dict(help="folder holding <dataset>/{train,test}/<class>/ (default: env SPA_DATA_ROOT; cifar100 comes from the HF hub)")),
     ("--class-order-seed", dict(type=int, default=1993, help="PyCIL's class-order seed, separate from --seed (default: %(default)s)")),
+    ("--world", dict(choices=list(WORLD_VARIANTS), default=DEFAULT_WORLD, help="the synthetic world and its embedded micro-CLIP: premise "
+                     "(the global embedding loses the small part, the patches keep it) or control (both know it) (default: %(default)s)")),
 ]
 MODEL_OPTIONS = [
     ("--arch", dict(help=f"open_clip architecture, or local-dir:<model folder> (default: {PROTOCOL_MODEL[0]} with --pretrained "

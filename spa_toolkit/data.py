@@ -20,11 +20,12 @@ from .core import CLIP_MEAN, CLIP_STD, SpaError, content_key
 
 # %% auto #0
 __all__ = ['PROOF_README', 'BENCHMARKS', 'IMAGE_SUFFIXES', 'WORLD_VERSION', 'WORLD_TEMPLATE', 'BASE_RENDER', 'DEMO_RENDER',
-           'SHAPES', 'COLOURS', 'MARKS', 'class_order', 'parse_setting', 'make_splits', 'to_rgb', 'clip_transform',
-           'DatasetInfo', 'list_benchmarks', 'benchmark_info', 'registry_class_names', 'registry_templates',
-           'Benchmark', 'default_settings', 'relabel', 'assemble', 'check_imagefolder', 'tree_key', 'load_imagefolder',
-           'load_hub', 'load_benchmark', 'ShapeSpec', 'Attributes', 'world_attributes', 'class_name', 'describe',
-           'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world']
+           'WORLD_VARIANTS', 'DEFAULT_WORLD', 'SHAPES', 'COLOURS', 'MARKS', 'class_order', 'parse_setting',
+           'make_splits', 'to_rgb', 'clip_transform', 'DatasetInfo', 'list_benchmarks', 'benchmark_info',
+           'registry_class_names', 'registry_templates', 'Benchmark', 'default_settings', 'relabel', 'assemble',
+           'check_imagefolder', 'tree_key', 'load_imagefolder', 'load_hub', 'load_benchmark', 'ShapeSpec', 'Attributes',
+           'world_attributes', 'class_name', 'describe', 'world_image_size', 'all_combinations', 'demo_classes',
+           'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 def class_order(n_classes: int, # number of classes C
@@ -303,6 +304,11 @@ WORLD_VERSION = 1 # bump when rendering changes: it is part of the benchmark key
 WORLD_TEMPLATE = "a {}." # captions are WORLD_TEMPLATE.format(class name)
 BASE_RENDER = dict(noise=0.08, distractors=2, similarity=0.25) # `render_sample`'s defaults: the rendering pretraining sees
 DEMO_RENDER = dict(noise=0.12, distractors=3, similarity=0.5) # the demo benchmark's rendering, harder than the base one
+# The world's variants differ in image size: 8-px patches make an 8x8 grid at 64 px (a mark spans at most ~1/50 of the image)
+# and a 6x6 grid at 48 px. Each has its own embedded micro-CLIP (`microclip.load_embedded_clip(variant)`).
+WORLD_VARIANTS = {"premise": dict(image_size=64), # the default: a [CLS]-pooled model whose global view loses the mark
+                  "control": dict(image_size=48)} # the first world: an average-pooled model whose global view knows it
+DEFAULT_WORLD = "premise"
 
 class ShapeSpec(NamedTuple):
     sides: int # 0 for a circle
@@ -332,6 +338,11 @@ def class_name(a: Attributes) -> str: return f"{a.colour} {a.shape} with a {a.ma
 def describe(a: Attributes) -> list[str]:
     "Ground-truth attribute phrases of a combination: colour, outline, mark."
     return [f"a {a.colour} body", SHAPES[a.shape].phrase, f"a small {a.mark} mark"]
+
+def world_image_size(variant: str = DEFAULT_WORLD) -> int:
+    "Image side of a world variant."
+    if variant not in WORLD_VARIANTS: raise SpaError(f"world variant {variant!r} does not exist: choose one of {list(WORLD_VARIANTS)}")
+    return WORLD_VARIANTS[variant]["image_size"]
 
 # %% ../nbs/01_data.ipynb #a440a784
 def all_combinations() -> list[Attributes]:
@@ -427,7 +438,8 @@ def _render_split(classes: list[Attributes], n: int, seed: int, split: int, **kn
 def synthetic_world(n_classes: int = 24, # number of demo classes
                     n_train: int = 40, # train images per class
                     n_test: int = 20, # test images per class
-                    image_size: int = 48, # image side in pixels
+                    variant: str = DEFAULT_WORLD, # "premise" or "control" (see `WORLD_VARIANTS`)
+                    image_size: int | None = None, # image side in pixels (None: the variant's)
                     seed: int = 0, # world seed (which images are drawn)
                     noise: float = DEMO_RENDER["noise"], # pixel noise std (fraction of 255) and colour jitter
                     distractors: int = DEMO_RENDER["distractors"], # at most this many distractor objects per image
@@ -438,6 +450,7 @@ def synthetic_world(n_classes: int = 24, # number of demo classes
                    ) -> Benchmark:
     "The embedded demo benchmark: rendered deterministically from `seed`, no files, no network."
     classes, settings = demo_classes(n_classes, marks_per_look), default_settings(n_classes, inc)
+    image_size = image_size or world_image_size(variant)
     knobs = dict(image_size=image_size, noise=noise, distractors=distractors, similarity=similarity)
     train, test = (_render_split(classes, n, seed, s, **knobs) for s, n in enumerate((n_train, n_test)))
     key = content_key("synthetic", WORLD_VERSION, classes, n_train, n_test, seed, knobs)

@@ -18,21 +18,23 @@ from tqdm.auto import tqdm
 from .core import SpaError, atomic_path, check_finite, content_key, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
-from .patches import semantic_tokens, select_patches_for_labels, SEM_TEMPLATE
-from .ot import patch_ot_scores
+from .patches import SEM_TEMPLATE, class_chunks, gather_patches, select_patches, select_patches_for_labels, semantic_tokens
+from .ot import POOLS, pooled_score
 from .projectors import SpaProjectors
 from .calibration import ClassStats, PatchStats, check_stats_knobs, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
-__all__ = ['SCORERS', 'OPTIMIZERS', 'METHODS', 'STATE_VERSION', 'spa_knobs', 'method_knobs', 'TextSide', 'encode_text_side',
-           'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows', 'train_task', 'evaluate', 'state_dict',
-           'state_from_dict', 'load_state', 'split_features', 'Prepared', 'prepare', 'run_key', 'run_method',
-           'run_protocol']
+__all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'STATE_VERSION', 'spa_knobs', 'method_knobs', 'TextSide',
+           'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows', 'replay_schedule',
+           'train_task', 'evaluate', 'state_dict', 'state_from_dict', 'load_state', 'split_features', 'Prepared',
+           'prepare', 'run_key', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #63c9f550
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
 OPTIMIZERS = ("sgd", "adamw")
+SELECTIONS = ("agnostic", "class")
+N_DESC = 8 # descriptions kept per class by default (ENGINE's files hold ~500: memory and the OT problem grow with them)
 
 def spa_knobs(scorer: str = "spa", # "spa" (trained projectors), "zeroshot", "descriptions" or "ncm" (frozen baselines)
               epochs: int = 5, # training epochs per task
@@ -42,26 +44,33 @@ def spa_knobs(scorer: str = "spa", # "spa" (trained projectors), "zeroshot", "de
               momentum: float = 0.9, # SGD momentum
               optimizer: str = "sgd", # "sgd" or "adamw"
               hidden: int | None = None, # projector bottleneck width (None: d // 4)
-              k_patches: int = 16, # patches kept per (image, class)
-              eps: float = 0.1, # entropic OT regularisation
+              k_patches: int = 16, # patches kept per image (per (image, class) with selection="class")
+              selection: str = "agnostic", # "agnostic": one frozen-space set per image for all classes; "class": one per class
+              pool: str = "ot", # patch-level score: "ot", "mean" (mean pooling) or "max" (mean over descriptions of the best patch)
+              eps: float = 0.1, # entropic OT regularisation (a fraction of each problem's cost spread when eps_relative)
+              eps_relative: bool = True, # eps relative to the cost spread (False: absolute, on the cost 1 - cosine)
               ot_iters: int = 50, # Sinkhorn sweeps
-              lam: float = 1.0, # weight of the patch-level OT score (0: global branch only)
+              lam: float = 1.0, # weight of the patch-level score (0: global branch only)
+              proto: float = 0.0, # weight of the projected-prototype term <phi(g), phi(mean_c)> (0: off)
               calibration: bool = True, # replay pseudo-features of old classes from their Gaussians
               cov: str = "diag", # class covariance: "full", "diag", "shared" or "none"
               shrink: str | float = "ledoit_wolf", # covariance shrinkage: "ledoit_wolf" or gamma for Σ + γI
               pseudo_ratio: float = 1.0, # pseudo-features per real image in a batch
+              n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
               eval_chunk: int = 32, # classes per memory chunk when scoring patches at evaluation
               sem_template: str = SEM_TEMPLATE, # how a description is phrased with its class name
              ) -> dict:
     "Validated SPA knobs, as a plain JSON-able dict."
     knobs = dict(locals())
-    if scorer not in SCORERS: raise SpaError(f"scorer={scorer!r}: choose one of {SCORERS}")
-    if optimizer not in OPTIMIZERS: raise SpaError(f"optimizer={optimizer!r}: choose one of {OPTIMIZERS}")
+    for name, value, choices in [("scorer", scorer, SCORERS), ("optimizer", optimizer, OPTIMIZERS), ("selection", selection, SELECTIONS),
+                                 ("pool", pool, POOLS)]:
+        if value not in choices: raise SpaError(f"{name}={value!r}: choose one of {choices}")
     for name, least in dict(epochs=0, batch_size=1, k_patches=1, ot_iters=1, eval_chunk=1).items():
         if knobs[name] < least: raise SpaError(f"{name}={knobs[name]} is too small: use at least {least}")
-    if not (lr > 0 and eps > 0 and lam >= 0 and pseudo_ratio >= 0):
-        raise SpaError(f"lr={lr}, eps={eps} must be > 0 and lam={lam}, pseudo_ratio={pseudo_ratio} >= 0")
+    if not (lr > 0 and eps > 0 and lam >= 0 and proto >= 0 and pseudo_ratio >= 0):
+        raise SpaError(f"lr={lr}, eps={eps} must be > 0 and lam={lam}, proto={proto}, pseudo_ratio={pseudo_ratio} >= 0")
     if hidden is not None and hidden < 1: raise SpaError(f"hidden={hidden} is too small: use at least 1, or None for d // 4")
+    if n_desc is not None and n_desc < 1: raise SpaError(f"n_desc={n_desc} is too small: keep at least 1 description, or None for all")
     check_stats_knobs(cov, shrink)  # fail before any extraction, not when the first task's statistics are computed
     return knobs
 
@@ -93,9 +102,10 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      templates: list[str], # prompt templates with one "{}"
                      descriptions: dict[str, list[str]], # class name -> description phrases
                      sem_template: str = SEM_TEMPLATE, # phrasing of a description with its class name
+                     n_desc: int | None = None, # descriptions kept per class (a fixed sample; None: all)
                     ) -> TextSide:
     "Class-name and semantic-token embeddings of every class, encoded once."
-    sem = semantic_tokens(class_names, descriptions, clip, template=sem_template)
+    sem = semantic_tokens(class_names, descriptions, clip, template=sem_template, n_desc=n_desc)
     return TextSide(class_embeddings(clip, class_names, templates), sem.tokens.float(), sem.mask)
 
 # %% ../nbs/10_learner.ipynb #582bf14b
@@ -127,15 +137,33 @@ def new_state(text: TextSide, # frozen text side of the benchmark
     return CILState(k, text, proj, float(logit_scale))
 
 # %% ../nbs/10_learner.ipynb #1bd09264
-def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int) -> torch.Tensor:
-    "Un-scaled SPA scores [B, n]: projected global similarity plus lambda times the OT score."
+def _agnostic_sets(p: torch.Tensor, sem: torch.Tensor, mask: torch.Tensor, k: int, chunk: int | None) -> torch.Tensor:
+    "[B, k, d]: each image's k patches most relevant to any description of the candidate classes."
+    return gather_patches(p, select_patches(p, sem, k, mask, chunk=chunk, agnostic=True)[:, :1])[:, 0]
+
+def _patch_scores(state: CILState, patches: torch.Tensor, n: int) -> torch.Tensor:
+    "Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected descriptions."
     k, vis, txt = state.knobs, state.proj.visual, state.proj.text
-    s = vis(g) @ txt(state.text.names[:n]).T
+    p, sem, mask = patches.to(state.text.sem.dtype), state.text.sem[:n], state.text.sem_mask[:n]
+    kk, chunk = min(k["k_patches"], p.shape[1]), None if torch.is_grad_enabled() else k["eval_chunk"]
+    pool = lambda S, m: pooled_score(S, k["pool"], m, k["eps"], k["ot_iters"], k["eps_relative"])
+    if k["selection"] == "agnostic":
+        Z = vis(_agnostic_sets(p, sem, mask, kk, chunk))  # [B, k, d]: one set per image, for every class
+        return torch.cat([pool(torch.einsum("bkd,cmd->bckm", Z, txt(s) * m[..., None]), m) for s, m in class_chunks(sem, mask, chunk)], 1)
+    return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m))), txt(s) * m[..., None]), m)
+                      for s, m in class_chunks(sem, mask, chunk)], 1)
+
+def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int) -> torch.Tensor:
+    "Un-scaled SPA scores [B, n]: projected global similarity, plus the prototype and patch-level terms when switched on."
+    k, vis = state.knobs, state.proj.visual
+    vg = vis(g)
+    s = vg @ state.proj.text(state.text.names[:n]).T
+    if k["proto"] > 0:
+        if state.stats is None or len(state.stats.classes) < n: raise SpaError(f"proto > 0 needs the class means of all {n} classes: train the tasks first")
+        s = s + k["proto"] * vg @ vis(state.stats.means[:n].to(g.dtype)).T
     if k["lam"] > 0:
-        if patches is None: raise SpaError("the patch/OT branch needs patch tokens: extract features with patches, or use lam=0")
-        sem, mask = txt(state.text.sem[:n]) * state.text.sem_mask[:n, :, None], state.text.sem_mask[:n]
-        s = s + k["lam"] * patch_ot_scores(vis(patches.to(g.dtype)), sem, min(k["k_patches"], patches.shape[1]), k["eps"], mask,
-                                           chunk=None if torch.is_grad_enabled() else k["eval_chunk"], n_iter=k["ot_iters"])
+        if patches is None: raise SpaError("the patch branch needs patch tokens: extract features with patches, or use lam=0")
+        s = s + k["lam"] * _patch_scores(state, patches, n)
     return s
 
 def _baseline_scores(state: CILState, g: torch.Tensor, n: int) -> torch.Tensor:
@@ -191,12 +219,22 @@ def _optimizer(params: list, k: dict, steps: int):
     else: opt = torch.optim.AdamW(params, lr=k["lr"], weight_decay=k["weight_decay"])
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
 
-def _pseudo_batch(state: CILState, n: int, gen: torch.Generator) -> tuple:
-    "`n` pseudo (global, patch set, label) triples of old classes, drawn uniformly over classes."
-    old = state.stats.classes
-    counts = torch.bincount(torch.randint(len(old), (n,), generator=gen, device=gen.device), minlength=len(old))
-    g = sample_pseudo(state.stats, counts, gen, normalize=True)
-    p = sample_pseudo_patches(state.pstats, counts, gen, normalize=True).feats if state.pstats is not None else None
+def replay_schedule(old: torch.Tensor, # [C_old] long, the old classes
+                    n_batches: int, # batches in the epoch
+                    per_batch: int, # pseudo-features per batch
+                    generator: torch.Generator, # on `old`'s device
+                   ) -> tuple[torch.Tensor, ...]: # n_batches label tensors [per_batch]
+    "Old-class labels of an epoch's pseudo-features: shuffled rounds over all old classes, so each comes once before any twice."
+    total = n_batches * per_batch
+    rounds = [old[torch.randperm(len(old), generator=generator, device=generator.device)] for _ in range(math.ceil(total / len(old)))]
+    return torch.cat(rounds)[:total].split(per_batch)
+
+def _pseudo_batch(state: CILState, labels: torch.Tensor, gen: torch.Generator) -> tuple:
+    "Pseudo (global, patch set, label) triples of old classes, `labels` [n] saying how many of which."
+    old = torch.arange(int(labels.max()) + 1, device=labels.device)
+    counts = torch.bincount(labels, minlength=len(old))
+    g = sample_pseudo(state.stats, counts, gen, classes=old, normalize=True)
+    p = sample_pseudo_patches(state.pstats, counts, gen, classes=old, normalize=True).feats if state.pstats is not None else None
     return g.feats, p, g.labels
 
 def _loss(state: CILState, g, p, y, n: int) -> torch.Tensor:
@@ -204,33 +242,39 @@ def _loss(state: CILState, g, p, y, n: int) -> torch.Tensor:
     return F.cross_entropy(predict(state, g, p, n), y)
 
 # %% ../nbs/10_learner.ipynb #274410b3
-def _fit(state: CILState, data: Rows, n_seen: int, gen: torch.Generator, progress: bool):
-    "Train the newest adapters on `data` (+ pseudo-features of old classes)."
+def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch.Generator, progress: bool):
+    "Train the newest adapters on `data` (+ pseudo-features of the `old` classes, every one each epoch)."
     k = state.knobs
     params = state.proj.add_task(gen).freeze_old()
     n, bs = len(data.y), k["batch_size"]
-    steps = k["epochs"] * math.ceil(n / bs)
-    opt, sched = _optimizer(params, k, steps)
-    replay = k["calibration"] and state.stats is not None and k["pseudo_ratio"] > 0
+    n_batches = math.ceil(n / bs)
+    opt, sched = _optimizer(params, k, k["epochs"] * n_batches)
+    replay = k["calibration"] and len(old) > 0 and k["pseudo_ratio"] > 0
     for _ in tqdm(range(k["epochs"]), desc=f"task {state.n_tasks}", disable=not progress, leave=False):
-        for b in torch.randperm(n, generator=gen, device=gen.device).split(bs):
+        pseudo = replay_schedule(old, n_batches, max(1, round(bs * k["pseudo_ratio"])), gen) if replay else [None] * n_batches
+        for b, labels in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
             loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen)
-            if replay: loss = loss + k["pseudo_ratio"] * _loss(state, *_pseudo_batch(state, max(1, round(len(b) * k["pseudo_ratio"])), gen), n_seen)
+            if labels is not None: loss = loss + k["pseudo_ratio"] * _loss(state, *_pseudo_batch(state, labels, gen), n_seen)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
 def _uses_patches(knobs: dict) -> bool:
-    "Whether a method reads patch tokens: SPA with its patch/OT branch on."
+    "Whether a method reads patch tokens: SPA with its patch branch on."
     return knobs["scorer"] == "spa" and knobs["lam"] > 0
 
+def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    "[B, k, d] frozen patch sets whose statistics stand in for images of class `y`: the sets their test images will show."
+    k, sem, mask = state.knobs, state.text.sem, state.text.sem_mask
+    kk = min(k["k_patches"], p.shape[1])
+    if k["selection"] == "agnostic": return _agnostic_sets(p, sem[:n], mask[:n], kk, k["eval_chunk"])
+    return select_patches_for_labels(p, sem, y, kk, mask)
+
 def _new_stats(state: CILState, data: Rows, classes: torch.Tensor, chunk: int = 256) -> tuple:
-    "Statistics of the task's classes: global features, and the label class's top-k patch sets."
-    k = state.knobs
+    "Statistics of the task's classes: frozen global features, and the frozen patch sets SPA selects for them."
+    k, n = state.knobs, int(classes.max()) + 1
     st = class_stats(data.g, data.y, classes, cov=k["cov"], shrink=k["shrink"])
     if data.p is None or not k["calibration"]: return st, None
-    kk = min(k["k_patches"], data.p.shape[1])
     # float16 patches are cast a chunk of images at a time, never the whole task at once
-    sets = torch.cat([select_patches_for_labels(p.to(data.g.dtype), state.text.sem, y, kk, state.text.sem_mask)
-                      for p, y in zip(data.p.split(chunk), data.y.split(chunk))])
+    sets = torch.cat([_stat_sets(state, p.to(data.g.dtype), y, n) for p, y in zip(data.p.split(chunk), data.y.split(chunk))])
     return st, patch_stats(sets, data.y, classes, cov=k["cov"], shrink=k["shrink"])
 
 # %% ../nbs/10_learner.ipynb #f15e33ae
@@ -240,17 +284,17 @@ def train_task(state: CILState, # the state after the previous task (updated in 
                generator: torch.Generator | None = None, # shuffling, projector init and pseudo-features
                progress: bool = False, # show a progress bar over epochs
               ) -> CILState:
-    "Learn one task: new adapters trained on its cached features (+ old classes' pseudo-features), then its statistics."
+    "Learn one task: store its classes' statistics, then train new adapters on its features (+ old classes' pseudo-features)."
     lo, hi = min(classes), max(classes) + 1
     if lo != state.n_seen or hi - lo != len(set(classes)):
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")
     gen = generator if generator is not None else make_generator(state.n_tasks, state.device)
     data = rows(train, task_rows(train, lo, hi), state.device, patches=_uses_patches(state.knobs))
     if not len(data.y): raise SpaError(f"no training images for classes {lo}..{hi - 1}: check the benchmark's train split")
-    if state.knobs["scorer"] == "spa" and state.knobs["epochs"] > 0: _fit(state, data, hi, gen, progress)
-    st, pst = _new_stats(state, data, torch.arange(lo, hi, device=state.device))
+    st, pst = _new_stats(state, data, torch.arange(lo, hi, device=state.device))  # frozen features: known before training
     state.stats = st if state.stats is None else merge_stats(state.stats, st)
     state.pstats = pst if state.pstats is None or pst is None else merge_stats(state.pstats, pst)
+    if state.knobs["scorer"] == "spa" and state.knobs["epochs"] > 0: _fit(state, data, hi, torch.arange(lo, device=state.device), gen, progress)
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
 
@@ -333,7 +377,7 @@ class Prepared:
     logit_scale: float
     splits: list[list[int]]
     setting: str
-    text_key: str # content key of the text side: model, class names, templates, descriptions, their phrasing
+    text_key: str # content key of the text side: model, class names, templates, descriptions, their phrasing and cap
 
 def prepare(benchmark: Benchmark, # the benchmark
             clip: ClipBundle, # the frozen model (already on its device)
@@ -342,6 +386,7 @@ def prepare(benchmark: Benchmark, # the benchmark
             cache_dir: str | Path = ".cache/features", # feature cache folder
             sem_template: str = SEM_TEMPLATE, # phrasing of a description with its class name
             patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
+            n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
             batch_size: int = 64, # images per forward pass when extracting
             num_workers: int = 0, # image-decoding processes when extracting
             progress: bool = True, # progress bars
@@ -355,8 +400,8 @@ def prepare(benchmark: Benchmark, # the benchmark
     train, test = (split_features(clip, benchmark, s, cache_dir, patches=patches, batch_size=batch_size,
                                   num_workers=num_workers, progress=progress)
                    for s in ("train", "test"))
-    text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template)
-    text_key = content_key(clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template)
+    text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc)
+    text_key = content_key(clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc)
     return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key)
 
 # %% ../nbs/10_learner.ipynb #c9978f17
@@ -428,6 +473,6 @@ def run_protocol(benchmark: Benchmark, # the benchmark
                  **knobs, # see `spa_knobs`
                 ) -> dict[str, RunResult]:
     "Run every method over every task of `benchmark`: features once, text once, one `RunResult` per method."
-    for m in methods: method_knobs(m, **knobs)  # fail on a bad name or knob before any work
-    prep = prepare(benchmark, clip, setting, descriptions, cache_dir, knobs.get("sem_template", SEM_TEMPLATE), progress=progress)
+    k = [method_knobs(m, **knobs) for m in methods][0]  # fail on a bad name or knob before any work
+    prep = prepare(benchmark, clip, setting, descriptions, cache_dir, k["sem_template"], n_desc=k["n_desc"], progress=progress)
     return {m: run_method(prep, m, seed, out_dir, resume, progress, **knobs) for m in methods}

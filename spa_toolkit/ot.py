@@ -14,7 +14,8 @@ from .patches import (check_patch_inputs, class_chunks, patch_similarity, releva
                                  select_patches_for_labels, topk_patches)
 
 # %% auto #0
-__all__ = ['sinkhorn', 'sim_ot_score', 'ot_score', 'patch_ot_scores', 'label_ot_scores']
+__all__ = ['POOLS', 'sinkhorn', 'relative_cost', 'sim_ot_plan', 'sim_ot_score', 'ot_score', 'plan_entropy', 'pooled_score',
+           'patch_ot_scores', 'label_ot_scores']
 
 # %% ../nbs/06_ot.ipynb #aa4b8482
 def _log_marginal(w: torch.Tensor | None, n: int, dtype, device, what: str) -> torch.Tensor:
@@ -87,16 +88,34 @@ def _mask_weights(mask: torch.Tensor, m: int) -> torch.Tensor:
     if not mask.any(-1).all(): raise SpaError("a description mask is all False: every class needs at least one real description")
     return mask / mask.sum(-1, keepdim=True)
 
+def relative_cost(S: torch.Tensor, # [..., k, M] similarities
+                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
+                 ) -> torch.Tensor: # [..., k, M] cost, spread 1 over the real entries of each problem
+    "The cost $1 - S$ divided by its spread (max − min over real entries, held constant), so ε is relative to the spread."
+    real = torch.ones_like(S, dtype=torch.bool) if mask is None else mask.bool()[..., None, :].expand_as(S)
+    spread = S.masked_fill(~real, -torch.inf).amax((-2, -1)) - S.masked_fill(~real, torch.inf).amin((-2, -1))
+    return (1 - S) / spread.detach().clamp_min(1e-6)[..., None, None]
+
+def sim_ot_plan(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
+                eps: float = 0.1, # entropic regularisation (a fraction of the cost spread when `relative`)
+                mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
+                n_iter: int = 50, # Sinkhorn sweeps
+                relative: bool = False, # eps relative to each problem's cost spread (`relative_cost`)
+               ) -> torch.Tensor: # [..., k, M] plans, at least float32
+    "Entropic OT plans between patches (uniform) and real descriptions (uniform) for the cost $1 - S$."
+    b = None if mask is None else _mask_weights(mask, S.shape[-1])
+    return _plan(relative_cost(S, mask) if relative else 1 - S, eps, b=b, n_iter=n_iter)
+
 def sim_ot_score(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
-                 eps: float = 0.1, # entropic regularisation
+                 eps: float = 0.1, # entropic regularisation (a fraction of the cost spread when `relative`)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
                  n_iter: int = 50, # Sinkhorn sweeps
                  detach_plan: bool = True, # hold the plan constant for the gradient
+                 relative: bool = False, # eps relative to each problem's cost spread
                 ) -> torch.Tensor: # [...] OT scores, at least float32
     "OT score $\\langle \\Pi^*, S \\rangle$ with cost $1 - S$ and uniform marginals."
-    b = None if mask is None else _mask_weights(mask, S.shape[-1])
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan):
-        plan = _plan(1 - S, eps, b=b, n_iter=n_iter)
+        plan = sim_ot_plan(S, eps, mask, n_iter, relative)
     return (plan * S.to(plan.dtype)).sum((-2, -1))
 
 def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
@@ -113,6 +132,32 @@ def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
     try: S = Z @ T.transpose(-1, -2)
     except RuntimeError as e: raise SpaError(f"leading dims of Z {tuple(Z.shape)} and T {tuple(T.shape)} do not broadcast") from e
     return sim_ot_score(S, eps, mask, n_iter, detach_plan)
+
+# %% ../nbs/06_ot.ipynb #feac3f9e
+POOLS = ("ot", "mean", "max")
+
+def plan_entropy(plan: torch.Tensor, # [..., k, M] transport plans (total mass 1)
+                 mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
+                ) -> torch.Tensor: # [...] in [0, 1]; 1: the independent (uniform) coupling
+    "Entropy of each plan relative to that of the independent coupling of its uniform marginals."
+    h = -(plan * plan.clamp_min(1e-30).log()).sum((-2, -1))
+    m = plan.new_tensor(plan.shape[-1]) if mask is None else mask.sum(-1).to(plan.dtype)
+    return h / (math.log(plan.shape[-2]) + m.log()).clamp_min(1e-12)
+
+def pooled_score(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
+                 pool: str = "ot", # "ot", "mean" or "max" (see `POOLS`)
+                 mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
+                 eps: float = 0.1, # OT: entropic regularisation
+                 n_iter: int = 50, # OT: Sinkhorn sweeps
+                 relative: bool = True, # OT: eps relative to each problem's cost spread
+                 detach_plan: bool = True, # OT: hold the plan constant for the gradient
+                ) -> torch.Tensor: # [...] scores
+    "Patch-level score of each (patch set, descriptions) pair: OT, mean pooling, or mean over descriptions of the best patch."
+    if pool == "ot": return sim_ot_score(S, eps, mask, n_iter, detach_plan, relative)
+    b = torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device) if mask is None else _mask_weights(mask, S.shape[-1]).to(S.dtype)
+    if pool == "mean": return (S.mean(-2) * b).sum(-1)
+    if pool == "max": return (S.amax(-2) * b).sum(-1)
+    raise SpaError(f"pool={pool!r}: choose one of {POOLS}")
 
 # %% ../nbs/06_ot.ipynb #073c0024
 def _chunk_scores(patches, sem, mask, idx, k, eps, n_iter, detach_plan) -> torch.Tensor:

@@ -7,13 +7,14 @@ from __future__ import annotations
 from functools import reduce
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .core import SpaError, check_finite, content_key, l2norm
 
 # %% auto #0
-__all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs', 'patch_similarity',
+__all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'capped', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs', 'patch_similarity',
            'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches', 'gather_patches',
            'select_patches_for_labels', 'toy_world']
 
@@ -25,14 +26,24 @@ class SemanticTokens(NamedTuple):
     tokens: torch.Tensor # [C, M, d] float, unit rows (zero rows where padded)
     mask: torch.Tensor # [C, M] bool, True where a real description sits
 
+def capped(items: list, # e.g. one class's descriptions
+           n: int | None, # keep at most this many (None: all)
+           salt: str, # names the sample (the class name): the same list and salt give the same sample
+          ) -> list:
+    "At most `n` of `items` in their order: a deterministic random sample (ENGINE's files hold ~500 phrases a class)."
+    if n is not None and n < 1: raise SpaError(f"n_desc={n}: keep at least one description per class, or None for all")
+    if n is None or len(items) <= n: return items
+    keep = np.random.default_rng(int(content_key(salt, items)[:16], 16)).choice(len(items), n, replace=False)
+    return [items[i] for i in sorted(keep)]
+
 def sem_prompts(name: str, # class name
                 descriptions: dict[str, list[str]], # class name -> description phrases
                 template: str = SEM_TEMPLATE, # with `{c}` (class name) and `{s}` (description)
-                n_desc: int | None = None, # keep at most this many descriptions (None: all)
+                n_desc: int | None = None, # keep at most this many descriptions, a fixed sample per class (None: all)
                ) -> list[str]:
     "The text prompts of one class: `template` filled with the class name and each of its descriptions."
     if "{s}" not in template: raise SpaError(f"template {template!r} has no '{{s}}' slot for the description: add one")
-    descs = list(descriptions.get(name) or [])[:n_desc]
+    descs = capped(list(descriptions.get(name) or []), n_desc, name)
     if not descs: raise SpaError(f"class {name!r} has no descriptions: generate them (spa_toolkit.descriptions) or give it "
                                  f"template-only ones, e.g. descriptions[{name!r}] = ['its typical shape and colour']")
     try: return [template.format(c=name, s=s) for s in descs]

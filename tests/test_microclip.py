@@ -9,36 +9,52 @@ from safetensors.torch import load_file
 
 from spa_toolkit.core import SpaError
 from spa_toolkit.backbone import LOCAL_DIR, encode_images
-from spa_toolkit.data import demo_classes, pretrain_classes
+from spa_toolkit.data import demo_classes, pretrain_classes, synthetic_world
 from spa_toolkit.fixtures import WEIGHTS_FILE
 import spa_toolkit.microclip as mc
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def clip():
-    return mc.load_embedded_clip()
+VARIANTS = list(mc.MICROCLIPS)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def recipe():
-    return mc.load_recipe()
+def clip(variant):
+    return mc.load_embedded_clip(variant=variant)
 
 
-def test_loads_through_open_clips_local_dir_path(clip):
-    assert clip.arch == f"{LOCAL_DIR}{mc.embedded_clip_path()}"
+@pytest.fixture(scope="module")
+def recipe(variant):
+    return mc.load_recipe(variant=variant)
+
+
+def test_the_premise_world_is_the_default():
+    assert mc.load_embedded_clip().arch == f"{LOCAL_DIR}{mc.embedded_clip_path('premise')}"
+    assert mc.embedded_clip_path("control") != mc.embedded_clip_path("premise")
+    with pytest.raises(SpaError, match="choose one of"): mc.load_embedded_clip(variant="nope")
+
+
+def test_loads_through_open_clips_local_dir_path(clip, variant):
+    assert clip.arch == f"{LOCAL_DIR}{mc.embedded_clip_path(variant)}"
+    assert clip.model.visual.pool_type == mc.MICROCLIPS[variant].pool_type
     assert open_clip.get_tokenizer(clip.arch)(["a red circle with a dot."]).shape == (1, 32)
     assert clip.tokenizer.vocab_size == 49408
-    shipped = load_file(mc.embedded_clip_path() / WEIGHTS_FILE)
+    shipped = load_file(mc.embedded_clip_path(variant) / WEIGHTS_FILE)
+    assert (mc.embedded_clip_path(variant) / WEIGHTS_FILE).stat().st_size <= 10 * 2**20
     assert all(v.dtype == torch.float16 for v in shipped.values())
     loaded = clip.model.state_dict()
     assert set(shipped) == set(loaded)
     assert all(torch.equal(shipped[k].float(), loaded[k]) for k in shipped)
 
 
-def test_features_are_deterministic(clip):
-    demo = mc.demo_images(n_per_class=1)
+def test_features_are_deterministic(clip, variant):
+    demo = mc.demo_images(n_per_class=1, variant=variant)
     x = torch.stack([clip.preprocess(demo.images[0])] * 2 + [clip.preprocess(demo.images[1])])
     f, again = encode_images(clip, x), encode_images(clip, x)
     assert torch.equal(f.global_[0], f.global_[1]) and torch.equal(f.patches[0], f.patches[1])
@@ -46,8 +62,9 @@ def test_features_are_deterministic(clip):
     assert not torch.equal(f.global_[0], f.global_[2])
 
 
-def test_shipped_weights_match_the_recipe(recipe):
-    assert mc.sha256_file(mc.embedded_clip_path() / WEIGHTS_FILE) == recipe["sha256"]
+def test_shipped_weights_match_the_recipe(recipe, variant):
+    assert recipe["knobs"]["variant"] == variant
+    assert mc.sha256_file(mc.embedded_clip_path(variant) / WEIGHTS_FILE) == recipe["sha256"]
     assert recipe["data"]["classes"] == [mc.caption(a) for a in pretrain_classes()]
 
 
@@ -65,12 +82,13 @@ def test_first_steps_replay_the_recorded_losses(recipe):
 def test_pretraining_data_is_disjoint_from_the_demo_classes(recipe):
     demo = {mc.caption(a) for a in demo_classes()}
     assert not demo & set(recipe["data"]["classes"])
-    assert not demo & {c for s in range(3) for c in mc.pretrain_batch(pretrain_classes(), s, recipe["knobs"]["seed"], 128).captions}
+    k = recipe["knobs"]
+    assert not demo & {c for s in range(3) for c in mc.pretrain_batch(pretrain_classes(), s, k["seed"], 128, k["variant"]).captions}
     assert set(recipe["data"]["demo_classes"]) == demo
 
 
 def test_missing_weights_name_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setattr(mc, "embedded_clip_path", lambda: tmp_path)
+    monkeypatch.setattr(mc, "embedded_clip_path", lambda variant: tmp_path)
     with pytest.raises(SpaError, match="reinstall spa_toolkit"): mc.load_embedded_clip()
 
 
@@ -79,4 +97,13 @@ def test_package_data_ships_the_weights():
     cfg = configparser.ConfigParser(); cfg.read(ROOT / "settings.ini")
     pkg = ROOT / "spa_toolkit"
     shipped = {p for pat in cfg["DEFAULT"]["package_data"].split() for p in pkg.glob(pat) if p.is_file()}
-    assert set(mc.embedded_clip_path().iterdir()) <= shipped
+    assert all(set(mc.embedded_clip_path(v).iterdir()) <= shipped for v in VARIANTS)
+
+
+def test_premise_gap_on_a_small_sample():
+    "The premise world's patches tell part-only siblings apart far more often than its global view; the control's do not."
+    small = dict(n_classes=12, n_train=10, n_test=10)
+    gaps = {v: (lambda p: p.patch_view - p.global_view)(mc.premise_views(mc.load_embedded_clip(variant=v), synthetic_world(variant=v, **small)))
+            for v in VARIANTS}
+    assert gaps["premise"] >= 0.15, gaps
+    assert gaps["control"] < 0.05, gaps
