@@ -27,8 +27,8 @@ from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_n
 # %% auto #0
 __all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'STATE_VERSION', 'spa_knobs', 'method_knobs', 'TextSide',
            'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows', 'replay_schedule',
-           'train_task', 'evaluate', 'state_dict', 'state_from_dict', 'load_state', 'split_features', 'Prepared',
-           'prepare', 'run_key', 'run_method', 'run_protocol']
+           'train_task', 'evaluate', 'score_margins', 'replay_margins', 'state_dict', 'state_from_dict', 'load_state',
+           'split_features', 'Prepared', 'prepare', 'run_key', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #63c9f550
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
@@ -46,19 +46,19 @@ def spa_knobs(scorer: str = "spa", # "spa" (trained projectors), "zeroshot", "de
               hidden: int | None = None, # projector bottleneck width (None: d // 4)
               k_patches: int = 16, # patches kept per image (per (image, class) with selection="class")
               selection: str = "agnostic", # "agnostic": one frozen-space set per image for all classes; "class": one per class
-              pool: str = "ot", # patch-level score: "ot", "mean" (mean pooling) or "max" (mean over descriptions of the best patch)
+              pool: str = "semi_ot", # patch-level score: "semi_ot", "ot" (balanced), "mean" or "max" (see `ot.pooled_score`)
               eps: float = 0.1, # entropic OT regularisation (a fraction of each problem's cost spread when eps_relative)
               eps_relative: bool = True, # eps relative to the cost spread (False: absolute, on the cost 1 - cosine)
               ot_iters: int = 50, # Sinkhorn sweeps
               lam: float = 1.0, # weight of the patch-level score (0: global branch only)
-              proto: float = 0.0, # weight of the projected-prototype term <phi(g), phi(mean_c)> (0: off)
+              proto: float = 1.0, # weight of the projected-prototype term <phi(g), phi(mean_c)> (0: off)
               calibration: bool = True, # replay pseudo-features of old classes from their Gaussians
               cov: str = "diag", # class covariance: "full", "diag", "shared" or "none"
               shrink: str | float = "ledoit_wolf", # covariance shrinkage: "ledoit_wolf" or gamma for Σ + γI
               pseudo_ratio: float = 1.0, # pseudo-features per real image in a batch
               n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
               eval_chunk: int = 32, # classes per memory chunk when scoring patches at evaluation
-              sem_template: str = SEM_TEMPLATE, # how a description is phrased with its class name
+              sem_template: str = SEM_TEMPLATE, # how a description is phrased as a semantic token ({s}; {c}: the class name)
              ) -> dict:
     "Validated SPA knobs, as a plain JSON-able dict."
     knobs = dict(locals())
@@ -101,7 +101,7 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      class_names: list[str], # [C] in label order
                      templates: list[str], # prompt templates with one "{}"
                      descriptions: dict[str, list[str]], # class name -> description phrases
-                     sem_template: str = SEM_TEMPLATE, # phrasing of a description with its class name
+                     sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
                      n_desc: int | None = None, # descriptions kept per class (a fixed sample; None: all)
                     ) -> TextSide:
     "Class-name and semantic-token embeddings of every class, encoded once."
@@ -312,6 +312,30 @@ def evaluate(state: CILState, # a trained state
             preds.append(predict(state, r.g, r.p).argmax(1).cpu()); labels.append(r.y.cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
+# %% ../nbs/10_learner.ipynb #3219d73a
+def score_margins(state: CILState, # a trained state
+                  g: torch.Tensor, # [B, d] global features
+                  patches: torch.Tensor | None, # [B, N, d] patch tokens or [B, k, d] (pseudo) sets
+                  y: torch.Tensor, # [B] long, true classes
+                 ) -> torch.Tensor: # [B] margins
+    "Logit of the true class minus the best other logit, over the seen classes."
+    with torch.no_grad(): logits = predict(state, g, patches)
+    return logits.gather(1, y[:, None])[:, 0] - logits.scatter(1, y[:, None], -torch.inf).amax(1)
+
+def replay_margins(state: CILState, # a trained state with statistics
+                   test: FeatureSet, # cached test features
+                   classes: list[int], # old classes to compare on
+                   n_per_class: int, # pseudo-features drawn per class
+                   generator: torch.Generator, # draws the pseudo-features
+                  ) -> tuple[torch.Tensor, torch.Tensor]: # margins of the real test images [n], of the pseudo-features [m]
+    "Margins of old classes' real test images and of pseudo-features drawn for them, under the same state."
+    lo, hi = min(classes), max(classes) + 1
+    r = rows(test, task_rows(test, lo, hi), state.device, patches=_uses_patches(state.knobs))
+    cls = torch.arange(lo, hi, device=state.device)
+    g = sample_pseudo(state.stats, n_per_class, generator, classes=cls, normalize=True)
+    p = sample_pseudo_patches(state.pstats, n_per_class, generator, classes=cls, normalize=True).feats if state.pstats is not None else None
+    return score_margins(state, r.g, r.p, r.y), score_margins(state, g.feats, p, g.labels)
+
 # %% ../nbs/10_learner.ipynb #8652f32e
 def _stats_dict(st) -> dict | None:
     if st is None: return None
@@ -384,7 +408,7 @@ def prepare(benchmark: Benchmark, # the benchmark
             setting: str | None = None, # e.g. "B0Inc10" (default: the benchmark's B0 setting)
             descriptions: dict[str, list[str]] | None = None, # class name -> phrases (default: the benchmark's own)
             cache_dir: str | Path = ".cache/features", # feature cache folder
-            sem_template: str = SEM_TEMPLATE, # phrasing of a description with its class name
+            sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
             patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
             n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
             batch_size: int = 64, # images per forward pass when extracting

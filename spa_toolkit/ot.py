@@ -14,8 +14,8 @@ from .patches import (check_patch_inputs, class_chunks, patch_similarity, releva
                                  select_patches_for_labels, topk_patches)
 
 # %% auto #0
-__all__ = ['POOLS', 'sinkhorn', 'relative_cost', 'sim_ot_plan', 'sim_ot_score', 'ot_score', 'plan_entropy', 'pooled_score',
-           'patch_ot_scores', 'label_ot_scores']
+__all__ = ['POOLS', 'sinkhorn', 'relative_cost', 'sim_ot_plan', 'sim_ot_score', 'ot_score', 'plan_entropy', 'semi_relaxed_plan',
+           'pooled_score', 'patch_ot_scores', 'label_ot_scores']
 
 # %% ../nbs/06_ot.ipynb #aa4b8482
 def _log_marginal(w: torch.Tensor | None, n: int, dtype, device, what: str) -> torch.Tensor:
@@ -134,7 +134,7 @@ def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
     return sim_ot_score(S, eps, mask, n_iter, detach_plan)
 
 # %% ../nbs/06_ot.ipynb #feac3f9e
-POOLS = ("ot", "mean", "max")
+POOLS = ("ot", "semi_ot", "mean", "max")
 
 def plan_entropy(plan: torch.Tensor, # [..., k, M] transport plans (total mass 1)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
@@ -144,16 +144,29 @@ def plan_entropy(plan: torch.Tensor, # [..., k, M] transport plans (total mass 1
     m = plan.new_tensor(plan.shape[-1]) if mask is None else mask.sum(-1).to(plan.dtype)
     return h / (math.log(plan.shape[-2]) + m.log()).clamp_min(1e-12)
 
+def semi_relaxed_plan(S: torch.Tensor, # [..., k, M] similarities
+                      eps: float = 0.1, # entropic regularisation (a fraction of each problem's cost spread when `relative`)
+                      mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
+                      relative: bool = True, # eps relative to each problem's cost spread
+                     ) -> torch.Tensor: # [..., k, M] plans: columns sum to the description weights, rows are free
+    "Entropic OT that keeps the descriptions' marginal and frees the patches': each description's mass goes to a softmax of its patches."
+    b = torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device) if mask is None else _mask_weights(mask, S.shape[-1]).to(S.dtype)
+    C = relative_cost(S, mask) if relative else 1 - S
+    return torch.softmax(-C / eps, dim=-2) * b[..., None, :]
+
 def pooled_score(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
-                 pool: str = "ot", # "ot", "mean" or "max" (see `POOLS`)
+                 pool: str = "ot", # "ot", "semi_ot", "mean" or "max" (see `POOLS`)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
                  eps: float = 0.1, # OT: entropic regularisation
                  n_iter: int = 50, # OT: Sinkhorn sweeps
                  relative: bool = True, # OT: eps relative to each problem's cost spread
                  detach_plan: bool = True, # OT: hold the plan constant for the gradient
                 ) -> torch.Tensor: # [...] scores
-    "Patch-level score of each (patch set, descriptions) pair: OT, mean pooling, or mean over descriptions of the best patch."
+    "Patch-level score of each (patch set, descriptions) pair: balanced or semi-relaxed OT, mean pooling, or mean of maxima."
     if pool == "ot": return sim_ot_score(S, eps, mask, n_iter, detach_plan, relative)
+    if pool == "semi_ot":
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan): plan = semi_relaxed_plan(S, eps, mask, relative)
+        return (plan * S).sum((-2, -1))
     b = torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device) if mask is None else _mask_weights(mask, S.shape[-1]).to(S.dtype)
     if pool == "mean": return (S.mean(-2) * b).sum(-1)
     if pool == "max": return (S.amax(-2) * b).sum(-1)

@@ -19,7 +19,7 @@ __all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'capped', 'sem_prompts', 'semantic_
            'select_patches_for_labels', 'toy_world']
 
 # %% ../nbs/05_patches.ipynb #becce8a0
-SEM_TEMPLATE = "a photo of a {c}, which has {s}."
+SEM_TEMPLATE = "{s}" # the description alone ({c}: the class name, e.g. "a photo of a {c}, which has {s}."); chosen in 10b_study
 
 class SemanticTokens(NamedTuple):
     "Per-class description embeddings, zero-padded to a common length M, with a mask of the real ones."
