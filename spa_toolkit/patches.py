@@ -13,9 +13,9 @@ from torch.nn.utils.rnn import pad_sequence
 from .core import SpaError, check_finite, content_key, l2norm
 
 # %% auto #0
-__all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs', 'patch_similarity',
-           'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches', 'gather_patches',
-           'select_patches_for_labels', 'toy_world']
+__all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'as_clause', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs',
+           'patch_similarity', 'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches',
+           'gather_patches', 'select_patches_for_labels', 'toy_world']
 
 # %% ../nbs/05_patches.ipynb #becce8a0
 SEM_TEMPLATE = "a photo of a {c}, which has {s}."
@@ -24,6 +24,12 @@ class SemanticTokens(NamedTuple):
     "Per-class description embeddings, zero-padded to a common length M, with a mask of the real ones."
     tokens: torch.Tensor # [C, M, d] float, unit rows (zero rows where padded)
     mask: torch.Tensor # [C, M] bool, True where a real description sits
+
+def as_clause(phrase: str, # a description: a phrase or a sentence
+             ) -> str: # e.g. "Typically round or oval shape." -> "typically round or oval shape"
+    "A description as a clause inside a template: trimmed, final punctuation dropped, first letter lower-cased unless an acronym."
+    s = phrase.strip().rstrip(".!?;:, ").strip()
+    return s if s[:2].isalpha() and s[:2].isupper() else s[:1].lower() + s[1:]
 
 def sem_prompts(name: str, # class name
                 descriptions: dict[str, list[str]], # class name -> description phrases
@@ -35,7 +41,7 @@ def sem_prompts(name: str, # class name
     descs = list(descriptions.get(name) or [])[:n_desc]
     if not descs: raise SpaError(f"class {name!r} has no descriptions: generate them (spa_toolkit.descriptions) or give it "
                                  f"template-only ones, e.g. descriptions[{name!r}] = ['its typical shape and colour']")
-    try: return [template.format(c=name, s=s) for s in descs]
+    try: return [template.format(c=name, s=as_clause(s)) for s in descs]
     except (KeyError, IndexError) as e: raise SpaError(f"template {template!r} has an unknown slot {e}: use only {{c}} and {{s}}") from e
 
 # %% ../nbs/05_patches.ipynb #dde9a92b

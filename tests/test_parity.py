@@ -20,3 +20,21 @@ def test_old_new_and_matrix_rounded_as_pycil_rounds():
     o = old_new_harmonic(preds, labels, n_old=2)
     assert (o.old, o.new, o.harmonic) == (66.67, 75.0, 70.59)
     assert accuracy_matrix([preds], [labels], [[0, 1, 2, 3]])[0, 0] == 71.43
+
+
+def test_engine_sentences_phrased_as_clauses():
+    "ENGINE's files hold sentences; inside the template they read as clauses (case and final punctuation normalised)."
+    from spa_toolkit.patches import sem_prompts
+    engine = {"apple": ["Typically round or oval shape.", "Smooth, shiny skin!"]}
+    assert sem_prompts("apple", engine) == ["a photo of a apple, which has typically round or oval shape.",
+                                            "a photo of a apple, which has smooth, shiny skin."]
+
+
+def test_descriptions_default_to_the_papers_model_and_the_object():
+    "The paper used GPT-5; the prompt asks for the object's visual attributes, not its surroundings."
+    import inspect
+    from spa_toolkit.descriptions import LLMSettings, describe_benchmark, describe_run, prompt_text
+    assert LLMSettings().model == "gpt-5"
+    assert {inspect.signature(f).parameters["model"].default for f in (describe_run, describe_benchmark)} == {"gpt-5"}
+    text = prompt_text("red fox")
+    assert "not its background or surroundings" in text and "typical surroundings" not in text
