@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from .core import SpaError, atomic_write_json, content_key, l2norm, library_versions, pick_device
 
 # %% auto #0
-__all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'ClipBundle', 'load_clip', 'ImageFeatures', 'encode_images',
-           'encode_texts', 'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap', 'cache_bytes',
-           'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'extract_features']
+__all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'ClipBundle', 'load_clip', 'ImageFeatures',
+           'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap',
+           'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'extract_features']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
@@ -86,8 +86,8 @@ def _offline_hint(src: _Source, err: Exception) -> SpaError:
     hub = open_clip.get_pretrained_cfg(src.model_name, src.pretrained).get("hf_hub", "").rstrip("/")
     return SpaError(f"could not get weights {src.model_name}/{src.pretrained} ({err}). They are downloaded once into the "
                     f"Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): run this once with network access "
-                    f"(HF_HUB_OFFLINE unset), or `huggingface-cli download {hub}` elsewhere and copy the cache, "
-                    "or pass pretrained=<path to the weights file>")
+                    f"(HF_HUB_OFFLINE unset), or `hf download {hub}` elsewhere and copy the cache, "
+                    "or pass the weights file: --pretrained PATH on the command line, pretrained=PATH in Python")
 
 def _quick_gelu(src: _Source) -> bool:
     "Whether `src`'s weights were trained with QuickGELU (OpenAI's)."
@@ -117,23 +117,24 @@ class ClipBundle:
     n_patches: int  # N, patch tokens per image (0 for non-ViT towers)
     image_size: int  # input side length in pixels
     logit_scale: float  # CLIP's learned temperature, exp(logit_scale)
+    precision: str = "fp32"  # open_clip precision it was loaded with ("amp*": float32 weights, extracted under autocast)
 
     @property
     def device(self) -> torch.device: return next(self.model.parameters()).device
 
 # %% ../nbs/02_backbone.ipynb #8d307770
-def _bundle(model, preprocess, src: _Source, key: str) -> ClipBundle:
+def _bundle(model, preprocess, src: _Source, key: str, precision: str) -> ClipBundle:
     "Freeze `model` and wrap it with its tokenizer, what was loaded, and its shapes."
     model.eval().requires_grad_(False)
     v = model.visual
     return ClipBundle(model, preprocess, open_clip.get_tokenizer(src.model_name), src.model_name, src.pretrained or "", key,
                       embed_dim=int(v.output_dim), n_patches=int(np.prod(getattr(v, "grid_size", (0,)))),
-                      image_size=int(np.atleast_1d(v.image_size)[0]), logit_scale=float(model.logit_scale.exp()))
+                      image_size=int(np.atleast_1d(v.image_size)[0]), logit_scale=float(model.logit_scale.exp()), precision=precision)
 
 def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<folder>"
               pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, model folder, or None (random)
               device: str | torch.device = "cpu", # where the model lives ("auto", "cpu", "cuda", ...)
-              precision: str = "fp32", # open_clip precision: "fp32", "fp16", "bf16", "pure_fp16", ...
+              precision: str = "fp32", # open_clip precision: "fp32" (the protocol's), "amp_bf16" / "amp" (autocast), "bf16", "fp16", ...
               allow_random: bool = False, # permit random weights when `pretrained` is None / ""
               resize_mode: str = "squash", # "squash" (protocol: whole image to a square) or "shortest" (resize + centre crop)
               cache_dir: str | None = None, # where hub weights are cached (default: the Hugging Face cache)
@@ -143,7 +144,7 @@ def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<f
     src = _resolve_source(arch, pretrained, allow_random, seed)
     key = content_key(src.ident, precision, _quick_gelu(src), resize_mode)
     model, _, preprocess = _create(src, pick_device(device), precision, resize_mode, cache_dir, seed)
-    return _bundle(model, preprocess, src, key)
+    return _bundle(model, preprocess, src, key, precision)
 
 # %% ../nbs/02_backbone.ipynb #3163b74c
 PATCH_SOURCES = ("tokens", "value")  # how patch tokens are read from the last block
@@ -292,9 +293,11 @@ def _patch_mode(patches, n_patches: int) -> str | int:
 def _identity(clip: ClipBundle, name: str, n: int, patches, patch_source: str) -> dict:
     "What a cache folder must match (JSON round-tripped, so it compares equal to a loaded meta.json)."
     transform = clip.model.visual.preprocess_cfg
-    key = content_key(clip.key, name, transform, patches, patch_source)
+    device = clip.device.type
+    key = content_key(clip.key, name, transform, patches, patch_source, clip.precision, device)
     ident = dict(format_version=FORMAT_VERSION, key=key, name=name, clip_key=clip.key, arch=clip.arch,
-                 pretrained=clip.pretrained, transform=transform, patches=patches, patch_source=patch_source, n=n,
+                 pretrained=clip.pretrained, precision=clip.precision, device=device, transform=transform, patches=patches,
+                 patch_source=patch_source, n=n,
                  arrays=_array_specs(n, clip.embed_dim, clip.n_patches, patches))
     return json.loads(json.dumps(ident, default=str))
 
@@ -380,17 +383,19 @@ class _Rows(Dataset):
         except (OSError, SyntaxError) as e: raise _bad_image(self.data, self.start + i, e) from e
         return self.preprocess(img), int(row["label"])
 
-def _autocast(device: torch.device):
-    "bf16/fp16 autocast on CUDA, nothing elsewhere."
-    if device.type != "cuda": return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+AUTOCAST = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16} # open_clip precisions run under autocast
+
+def _autocast(clip: ClipBundle):
+    "Autocast to the dtype of the model's `amp*` precision on its device; nothing for other precisions."
+    dtype = AUTOCAST.get(clip.precision)
+    return torch.autocast(clip.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: str) -> dict:
     "Cached arrays' rows for one batch of transformed images."
     dev = clip.device
     x = x.to(dev, non_blocking=True)
     if dev.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), _autocast(dev):
+    with torch.inference_mode(), _autocast(clip):
         f = encode_images(clip, x, patches=patches != "none", patch_source=patch_source)
     out = {"global": f.global_}
     if patches == "all": out["patches"] = f.patches

@@ -28,10 +28,10 @@ from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_tabl
 __all__ = ['KNOB_SKIP', 'DEFAULT_METHODS', 'PROTOCOL_MODEL', 'LLM_PREFIX', 'PUBLISHED', 'COUNTERPARTS', 'DATA_OPTIONS',
            'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type',
            'add_knob_options', 'knobs_from', 'parse_methods', 'resolve_setting', 'default_model', 'model_for',
-           'check_llm_access', 'offline_descriptions', 'Described', 'descriptions_file', 'llm_descriptions', 'finished',
-           'run_methods', 'curve_table', 'Report', 'write_png', 'write_report', 'run_meta', 'open_benchmark',
-           'open_model', 'run_one', 'BenchRow', 'bench_rows', 'bench_table', 'plot_suite', 'cmd_run', 'cmd_bench',
-           'cmd_describe', 'cmd_features', 'build_parser', 'main']
+           'check_llm_access', 'descriptions_path', 'offline_descriptions', 'Described', 'descriptions_file',
+           'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report', 'write_png', 'write_report',
+           'run_meta', 'open_benchmark', 'open_model', 'run_one', 'BenchRow', 'bench_rows', 'bench_table', 'plot_suite',
+           'cmd_run', 'cmd_bench', 'cmd_describe', 'cmd_features', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
@@ -125,17 +125,24 @@ def check_llm_access(model: str, # a litellm model string
                        "offline, use --descriptions templates or --descriptions FILE.json")
 
 # %% ../nbs/11_cli.ipynb #ded80e04
+def descriptions_path(spec: str, # a --descriptions file path, may hold {dataset} and {key}
+                      bench: Benchmark, # the loaded benchmark
+                     ) -> str:
+    "`spec` with {dataset} as our benchmark name and {key} as the protocol's dataset key (ENGINE's `cifar224_des.json`)."
+    key = next((b.key for b in BENCHMARKS if b.name == bench.name), bench.name)
+    return spec.replace("{dataset}", bench.name).replace("{key}", key)
+
 def offline_descriptions(spec: str | None, # the --descriptions value
                          bench: Benchmark, # the loaded benchmark
                         ) -> dict[str, list[str]] | None: # None for "llm:MODEL" (generated later, with the model)
     "Descriptions that need no LLM: the benchmark's own, 'templates', or a JSON file."
     if spec is None:
         if bench.descriptions is None: raise SpaError(f"{bench.name} has no built-in descriptions: pass --descriptions FILE.json, "
-                                                      "--descriptions llm:MODEL (e.g. llm:gpt-4o-mini) or --descriptions templates")
+                                                      "--descriptions llm:MODEL (e.g. llm:gpt-5) or --descriptions templates")
         return bench.descriptions
     if spec == "templates": return template_descriptions(bench.class_names, bench.templates)
     if spec.startswith(LLM_PREFIX): return None
-    return load_descriptions(spec.replace("{dataset}", bench.name))
+    return load_descriptions(descriptions_path(spec, bench))
 
 # %% ../nbs/11_cli.ipynb #0202b557
 class Described(NamedTuple):
@@ -237,7 +244,8 @@ def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBu
     "What is written next to the results: the options, the model, each method's resolved knobs, the class order, versions."
     opts = {k: v for k, v in vars(a).items() if k != "func"}
     return dict(options=opts, benchmark=bench.name, setting=setting, splits=bench.splits(setting),
-                model=dict(arch=clip.arch, pretrained=clip.pretrained, key=clip.key),
+                model=dict(arch=clip.arch, pretrained=clip.pretrained, precision=clip.precision, key=clip.key),
+                class_folders=bench.folders,
                 knobs={m: method_knobs(m, **knobs) for m in methods}, class_order=bench.order, class_names=bench.class_names,
                 versions=library_versions())
 
@@ -249,7 +257,7 @@ def open_benchmark(a: argparse.Namespace, dataset: str) -> Benchmark:
 
 def open_model(a: argparse.Namespace, dataset: str) -> ClipBundle:
     "The frozen model the options (or the defaults for `dataset`) name, on the options' device."
-    return load_clip(*model_for(dataset, a.arch, a.pretrained, a.world), device=a.device)
+    return load_clip(*model_for(dataset, a.arch, a.pretrained, a.world), device=a.device, precision=a.precision)
 
 def _descriptions(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, offline: dict | None) -> dict[str, list[str]]:
     "`offline`, or the descriptions of the options' LLM."
@@ -422,6 +430,8 @@ MODEL_OPTIONS = [
                          f"{PROTOCOL_MODEL[1]} for a registered benchmark, the embedded model otherwise)")),
     ("--pretrained", dict(help="open_clip pretrained tag (e.g. laion400m_e32), weights file or model folder")),
     ("--device", dict(default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")),
+    ("--precision", dict(default="fp32", help="open_clip precision of the model and its feature extraction: fp32 (the protocol's), "
+                                             "amp_bf16 / amp (bf16 / fp16 autocast), bf16, fp16 (default: %(default)s)")),
     ("--cache-dir", dict(type=Path, default=Path(".cache"), help="features/, models/ and descriptions/ are cached here (default: %(default)s)")),
     ("--extract-batch-size", dict(type=int, default=64, help="images per forward pass when extracting features (default: %(default)s)")),
     ("--num-workers", dict(type=int, default=0, help="image-decoding processes when extracting features (default: %(default)s)")),
@@ -435,7 +445,8 @@ RUN_OPTIONS = [
     ("--methods", dict(default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")),
     ("--seed", dict(type=int, default=0, help="run seed: projector init, shuffling, pseudo-features (default: %(default)s)")),
     ("--descriptions", dict(help="the benchmark's own (default; synthetic only), 'templates', 'llm:MODEL' (any litellm model, "
-                                 "e.g. llm:gpt-4o-mini) or a descriptions JSON file ({dataset} is replaced by the benchmark name)")),
+                                 "e.g. llm:gpt-5) or a descriptions JSON file, ours or ENGINE's ({dataset}: the benchmark name, {key}: the "
+                                 "protocol's dataset key, e.g. chat/{key}_des.json for ENGINE's cifar224_des.json)")),
 ]
 DATASET_OPTION = ("--dataset", dict(default="synthetic", help=f"a registered benchmark ({', '.join(list_benchmarks())}) "
                                     "or a folder with train/<class>/ and test/<class>/ images (default: %(default)s)"))
@@ -464,7 +475,7 @@ def _bench_parser(sub) -> None:
 
 def _describe_parser(sub) -> None:
     p = sub.add_parser("describe", help="generate class descriptions with any litellm model (resumable)", description=cmd_describe.__doc__)
-    _add(p, [DATASET_OPTION, ("--llm", dict(required=True, help="any litellm model string, e.g. gpt-4o-mini, gemini/gemini-1.5-flash, ollama/llava"))],
+    _add(p, [DATASET_OPTION, ("--llm", dict(required=True, help="any litellm model string, e.g. gpt-5 (the paper's), gpt-5-mini, gemini/gemini-1.5-flash, ollama/llava"))],
          DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS).set_defaults(func=cmd_describe)
 
 def _features_parser(sub) -> None:

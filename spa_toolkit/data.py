@@ -23,9 +23,10 @@ __all__ = ['PROOF_README', 'BENCHMARKS', 'IMAGE_SUFFIXES', 'WORLD_VERSION', 'WOR
            'WORLD_VARIANTS', 'DEFAULT_WORLD', 'SHAPES', 'COLOURS', 'MARKS', 'class_order', 'parse_setting',
            'make_splits', 'to_rgb', 'clip_transform', 'DatasetInfo', 'list_benchmarks', 'benchmark_info',
            'registry_class_names', 'registry_templates', 'Benchmark', 'default_settings', 'relabel', 'assemble',
-           'check_imagefolder', 'tree_key', 'load_imagefolder', 'load_hub', 'load_benchmark', 'ShapeSpec', 'Attributes',
-           'world_attributes', 'class_name', 'describe', 'world_image_size', 'all_combinations', 'demo_classes',
-           'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world']
+           'split_files', 'check_imagefolder', 'tree_key', 'load_imagefolder', 'match_classes', 'load_hub',
+           'saved_copy', 'copy_splits', 'load_benchmark', 'ShapeSpec', 'Attributes', 'world_attributes', 'class_name',
+           'describe', 'world_image_size', 'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered',
+           'render_sample', 'synthetic_world']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 def class_order(n_classes: int, # number of classes C
@@ -98,18 +99,23 @@ class DatasetInfo:
     source: str # where the data is published
     hub_id: str | None = None # HF hub dataset, when it loads from the hub
     columns: tuple = ("image", "label") # (image, label) column names at the source
+    aliases: tuple = () # the authors' folder names for it (e.g. "imagenet-r"), accepted beside `name`
+    class_aliases: tuple = () # (spelling at the source, protocol class name) pairs, e.g. the hub's "cra" for "crab"
+    folder_ids: str | None = None # regex of id-named class folders (e.g. WordNet ids) that sort in class-id order
 
 BENCHMARKS = (
     DatasetInfo("cifar100", 100, "cifar224", "B0Inc10", "B50Inc10", "HF hub uoft-cs/cifar100 (downloaded by `datasets`)",
-                "uoft-cs/cifar100", ("img", "fine_label")),
+                "uoft-cs/cifar100", ("img", "fine_label"), ("cifar224",), (("cra", "crab"),)),
     DatasetInfo("cub", 200, "cub", "B0Inc20", "B100Inc20", f"CUB-200 pre-split by the authors: {PROOF_README}"),
-    DatasetInfo("imagenetr", 200, "imagenetr", "B0Inc20", "B100Inc20", f"ImageNet-R pre-split by the authors: {PROOF_README}"),
+    DatasetInfo("imagenetr", 200, "imagenetr", "B0Inc20", "B100Inc20", f"ImageNet-R pre-split by the authors: {PROOF_README}",
+                aliases=("imagenet-r",), folder_ids=r"n\d{8}"),
     DatasetInfo("objectnet", 200, "objectnet", "B0Inc20", "B100Inc20", f"ObjectNet (200 classes) pre-split by the authors: {PROOF_README}"),
     DatasetInfo("aircraft", 100, "aircraft", "B0Inc10", "B50Inc10", f"FGVC Aircraft pre-split by the authors: {PROOF_README}"),
     DatasetInfo("cars", 100, "cars", "B0Inc10", "B50Inc10", f"Stanford Cars (100 classes) pre-split by the authors: {PROOF_README}"),
     DatasetInfo("food101", 100, "food101", "B0Inc10", "B50Inc10", f"Food-101 (100 classes) pre-split by the authors: {PROOF_README}"),
     DatasetInfo("sun", 300, "sun", "B0Inc30", "B150Inc30", f"SUN397 (300-class subset) pre-split by the authors: {PROOF_README}"),
-    DatasetInfo("ucf101", 100, "ucf101", "B0Inc10", "B50Inc10", f"UCF-101 frames pre-split by the authors: {PROOF_README}"),
+    DatasetInfo("ucf101", 100, "ucf101", "B0Inc10", "B50Inc10", f"UCF-101 frames pre-split by the authors: {PROOF_README}",
+                aliases=("ucf",)),
 )
 
 def list_benchmarks() -> list[str]:
@@ -117,9 +123,9 @@ def list_benchmarks() -> list[str]:
     return [b.name for b in BENCHMARKS] + ["synthetic"]
 
 def benchmark_info(name: str) -> DatasetInfo:
-    "The registry record of `name`."
+    "The registry record of `name` (ours or one of the authors' folder names)."
     for b in BENCHMARKS:
-        if b.name == name: return b
+        if name == b.name or name in b.aliases: return b
     raise SpaError(f"unknown benchmark {name!r}: choose one of {list_benchmarks()} or pass a folder with train/ and test/ sub-folders")
 
 @lru_cache(None)
@@ -147,6 +153,7 @@ class Benchmark:
     setting_bx: str # the half-base setting, e.g. "B50Inc10"
     key: str # content key of the images and of their labels (class order), for feature caches
     descriptions: dict[str, list[str]] | None = None # ground-truth attribute phrases per class (synthetic world only)
+    folders: dict[str, str] | None = None # class folder (or label) name at the source -> protocol class name, when matched
 
     @property
     def n_classes(self) -> int: return len(self.class_names)
@@ -186,12 +193,13 @@ def assemble(name: str, # benchmark name
              key: str, # content key of the images
              class_order_seed: int = 1993, shuffle: bool = True, # class order (see `class_order`)
              descriptions: dict | None = None, # ground-truth descriptions by class name
+             folders: dict | None = None, # source class name -> protocol class name (see `match_classes`)
             ) -> Benchmark:
     "A `Benchmark` with labels and class names re-ordered by PyCIL's class order."
     order = class_order(len(names), class_order_seed, shuffle)
     ordered = [names[i] for i in order]
     train, test = (relabel(d, order, ordered) for d in (train, test))
-    return Benchmark(name, ordered, list(templates), train, test, order, *settings, content_key(key, order), descriptions)
+    return Benchmark(name, ordered, list(templates), train, test, order, *settings, content_key(key, order), descriptions, folders)
 
 # %% ../nbs/01_data.ipynb #bc866c19
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -199,15 +207,24 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 def _layout_hint(root: Path, source: str) -> str:
     return f"expected layout {root}/{{train,test}}/<class>/*.jpg; {source}"
 
-def _class_dirs(split_dir: Path, source: str) -> list[str]:
-    "Sorted class folder names under `split_dir`, checking it exists and no class folder is empty."
+def _visible(p: Path, top: Path) -> bool:
+    "Whether no part of `p` below `top` is hidden (`.x`) or archive debris (`__MACOSX`)."
+    return not any(part.startswith((".", "__")) for part in p.relative_to(top).parts)
+
+def _images(folder: Path) -> list[Path]:
+    "Image files under `folder` at any depth, sorted, hidden ones skipped."
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and _visible(p, folder))
+
+def split_files(split_dir: Path, # a split folder holding <class>/ folders
+                source: str = "", # where the data is published, for the messages
+               ) -> dict[str, list[Path]]: # class folder name -> its image files, names sorted
+    "The image files of each class folder of a split, checking it exists and no class folder is empty."
     if not split_dir.is_dir(): raise SpaError(f"folder {split_dir} not found: {_layout_hint(split_dir.parent, source)}")
-    # folders `datasets`' imagefolder builder skips (hidden, `__MACOSX`): listing them would shift every label
-    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-    empty = [n for n in names if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (split_dir/n).iterdir())]
-    if empty: raise SpaError(f"class folder(s) with no images in {split_dir}: {empty[:5]}: add images or delete the folder(s)")
-    if not names: raise SpaError(f"no class folders in {split_dir}: {_layout_hint(split_dir.parent, source)}")
-    return names
+    files = {p.name: _images(p) for p in sorted(split_dir.iterdir()) if p.is_dir() and _visible(p, split_dir)}
+    if empty := [c for c, f in files.items() if not f]:
+        raise SpaError(f"class folder(s) with no images in {split_dir}: {empty[:5]}: add images or delete the folder(s)")
+    if not files: raise SpaError(f"no class folders in {split_dir}: {_layout_hint(split_dir.parent, source)}")
+    return files
 
 def _case_clashes(names: list[str]) -> list[list[str]]:
     "Groups of names that are equal ignoring case."
@@ -221,7 +238,7 @@ def check_imagefolder(root: Path, # the benchmark folder holding train/ and test
     "Check an ImageFolder benchmark tree and return its class folder names."
     root = Path(root)
     if not root.is_dir(): raise SpaError(f"benchmark folder {root} not found: {_layout_hint(root, source)}")
-    train, test = (_class_dirs(root/s, source) for s in ("train", "test"))
+    train, test = (list(split_files(root/s, source)) for s in ("train", "test"))
     if train != test:
         only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
         raise SpaError(f"{root}: classes in train/ without test/: {only_train[:5]}; in test/ without train/: {only_test[:5]}: "
@@ -231,24 +248,78 @@ def check_imagefolder(root: Path, # the benchmark folder holding train/ and test
                        "would be identical: merge or rename them")
     return train
 
+
 # %% ../nbs/01_data.ipynb #cdb39cca
 def tree_key(root: Path) -> str:
     "Content key of an image tree: every image file's relative path and size."
     files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return content_key("imagefolder", files)
 
+def _split_dataset(files: dict[str, list[Path]], ids: dict[str, int]) -> datasets.Dataset:
+    "One split from its files per class folder: image paths (decoded lazily) and the folders' class ids."
+    paths = [str(p) for c in files for p in files[c]]
+    labels = [ids[c] for c in files for _ in files[c]]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict({"image": paths, "label": labels}, features=feats)
+
 def load_imagefolder(root: Path, # folder with train/<class>/* and test/<class>/*
-                     cache_dir: str | Path | None = None, # `datasets` cache (default: HF's)
-                    ) -> tuple[datasets.Dataset, datasets.Dataset]: # (train, test), label = sorted folder index
-    "Read a pre-split ImageFolder tree through `datasets`' imagefolder builder."
-    dd = datasets.load_dataset("imagefolder", data_dir=str(root), drop_labels=False, cache_dir=cache_dir and str(cache_dir))
-    return dd["train"], dd["test"]
+                     ids: dict[str, int] | None = None, # class folder -> original class id (default: sorted folder index)
+                    ) -> tuple[datasets.Dataset, datasets.Dataset]: # (train, test), columns image / label
+    "Exactly the images under train/<class>/ and test/<class>/, one row per file, labelled by `ids`."
+    found = split_files(Path(root)/"train")
+    ids = ids or {c: i for i, c in enumerate(found)}
+    return _split_dataset(found, ids), _split_dataset(split_files(Path(root)/"test"), ids)
+
+
+# %% ../nbs/01_data.ipynb #08530890
+_PREFIX = re.compile(r"^\d+[._\s-]+(?=\D)") # a class-number prefix: "001.Black_footed_Albatross", not "707-320"
+
+def _loose(name: str) -> str:
+    "`name` as names are compared: case-folded, every run of other characters than letters and digits one space."
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", name.casefold()).split())
+
+def _numbered(found: list[str], n: int) -> dict[str, int] | None:
+    "Class ids of folders named 0..n-1 or 1..n; None unless every name is such a number."
+    nums = sorted(int(f) for f in found if f.isdigit())
+    start = next((s for s in (0, 1) if nums == list(range(s, s + n))), None)
+    return None if start is None or len(nums) != len(found) else {f: int(f) - start for f in found}
+
+def _by_name(found: list[str], names: list[str], aliases: tuple) -> dict[str, int | None]:
+    "Class id of each found name (None: no match), whole name first, then without a numeric prefix."
+    table = {_loose(c): i for i, c in enumerate(names)} | {_loose(a): names.index(c) for a, c in aliases}
+    return {f: table.get(_loose(f), table.get(_loose(_PREFIX.sub("", f)))) for f in found}
+
+def match_classes(found: list[str], # class folder (or label) names at the source
+                  names: list[str], # [C] the protocol's class names by original id
+                  where: str, # what `found` comes from, for the messages (e.g. the folder and benchmark)
+                  aliases: tuple = (), # (source spelling, protocol name) pairs
+                  folder_ids: str | None = None, # regex of id-named folders that sort in class-id order
+                 ) -> dict[str, int]: # found name -> original class id
+    "Map each class name found at a source to the protocol's class id, refusing names that match none."
+    if folder_ids and all(re.fullmatch(folder_ids, f) for f in found): return {f: i for i, f in enumerate(sorted(found))}
+    if (ids := _numbered(found, len(names))) is not None: return ids
+    ids = _by_name(found, names, aliases)
+    if bad := [f for f, i in ids.items() if i is None]:
+        raise SpaError(f"{where}: {len(bad)} class folder(s) match no class name of the protocol, e.g. {bad[:3]}: rename them to "
+                       f"the names in spa_toolkit/assets/labels.json (e.g. {names[0]!r}; case, '_' and a numeric prefix are ignored)")
+    if dup := sorted({names[i] for i in ids.values() if list(ids.values()).count(i) > 1}):
+        raise SpaError(f"{where}: several class folders match the class(es) {dup[:3]}: keep one folder per class")
+    return ids
+
 
 # %% ../nbs/01_data.ipynb #522b1ce2
 def _hub_hint(info: DatasetInfo) -> str:
     return (f"could not load {info.hub_id} from the HF hub (offline and not cached?): download it once with network access "
             f"(python -c \"import datasets; datasets.load_dataset('{info.hub_id}')\"), or pass data_root= pointing at a folder "
-            f"holding {info.name}/{{train,test}}/<class>/*.png")
+            f"holding {info.name}/ with train/<class>/*.png and test/<class>/*.png, or a copy written by `datasets` (save_to_disk, parquet)")
+
+def _rename(dd, info: DatasetInfo) -> tuple[datasets.Dataset, datasets.Dataset]:
+    "The train and test splits of `dd` with the source's (image, label) columns renamed to image / label."
+    img, lab = info.columns if set(info.columns) <= set(dd["train"].column_names) else ("image", "label")
+    if missing := [c for c in (img, lab) if c not in dd["train"].column_names]:
+        raise SpaError(f"{info.name}: the copy's columns {dd['train'].column_names} lack {missing}: name the image and label "
+                       f"columns {info.columns} or ('image', 'label')")
+    return tuple(dd[s].select_columns([img, lab]).rename_columns({img: "image", lab: "label"}) for s in ("train", "test"))
 
 def load_hub(info: DatasetInfo, # a registry record with `hub_id`
              cache_dir: str | Path | None = None, # `datasets` cache (default: HF's)
@@ -256,35 +327,80 @@ def load_hub(info: DatasetInfo, # a registry record with `hub_id`
     "Load a hub benchmark and rename its columns to image / label."
     try: dd = datasets.load_dataset(info.hub_id, cache_dir=cache_dir and str(cache_dir))
     except (OSError, datasets.exceptions.DatasetNotFoundError) as e: raise SpaError(_hub_hint(info)) from e
-    img, lab = info.columns
-    train, test = (dd[s].select_columns([img, lab]).rename_columns({img: "image", lab: "label"}) for s in ("train", "test"))
+    train, test = _rename(dd, info)
     return train, test, content_key("hub", info.hub_id, len(train), len(test))
+
+
+# %% ../nbs/01_data.ipynb #81a82ec2
+def _parquet_files(root: Path, split: str) -> list[str]:
+    "Parquet files under `root` whose relative path has `split` as a folder or a name token."
+    return sorted(str(p) for p in root.rglob("*.parquet") if split in re.split(r"[/\\._-]", str(p.relative_to(root))))
+
+def saved_copy(root: Path, # a benchmark folder
+               cache_dir: str | Path | None = None, # `datasets` cache, for parquet files
+              ) -> datasets.DatasetDict | None: # None when `root` holds neither
+    "The `datasets` copy in `root`: what `save_to_disk` writes, or parquet files of train and test."
+    if (root/"dataset_dict.json").is_file(): return datasets.load_from_disk(str(root))
+    files = {s: _parquet_files(root, s) for s in ("train", "test")}
+    if not any(files.values()): return None
+    if not all(files.values()): raise SpaError(f"{root} holds parquet files of {[s for s in files if files[s]]} only: add the "
+                                               "other split, named like train-00000-of-00001.parquet / test-00000-of-00001.parquet")
+    return datasets.load_dataset("parquet", data_files=files, cache_dir=cache_dir and str(cache_dir))
+
+def _class_ids(ds: datasets.Dataset, ids: dict[str, int]) -> datasets.Dataset:
+    "`ds` with its ClassLabel values replaced by the original class ids of their names."
+    names = ds.features["label"].names
+    new = [ids[names[i]] for i in ds.with_format("numpy")["label"]]
+    return ds.remove_columns("label").add_column("label", new, feature=datasets.Value("int64"))
+
+def copy_splits(dd, # a DatasetDict with train and test (see `saved_copy`)
+                info: DatasetInfo, # the benchmark it holds
+                where: str, # where it was read, for the messages
+               ) -> tuple: # (train, test, key, folders): label = original class id; folders: source name -> class, or None
+    "The splits of a `datasets` copy, labels matched to the protocol's class names when they are a ClassLabel."
+    train, test = _rename(dd, info)
+    key = content_key("datasets", info.name, train._fingerprint, test._fingerprint)
+    if not isinstance(train.features["label"], datasets.ClassLabel): return train, test, key, None
+    names = registry_class_names(info)
+    ids = match_classes(train.features["label"].names, names, where, info.class_aliases)
+    return _class_ids(train, ids), _class_ids(test, ids), key, {f: names[i] for f, i in ids.items()}
+
 
 # %% ../nbs/01_data.ipynb #fb7a8045
 def _data_root(data_root, info: DatasetInfo) -> Path | None:
-    "The benchmark's folder under `data_root` (or env SPA_DATA_ROOT), None when neither is set."
+    "The benchmark's folder under `data_root` (or env SPA_DATA_ROOT), ours or the authors' name; None when neither is set."
     root = data_root or os.environ.get("SPA_DATA_ROOT")
-    return Path(root).expanduser()/info.name if root else None
+    if not root: return None
+    folders = [Path(root).expanduser()/n for n in (info.name, *info.aliases)]
+    return next((f for f in folders if f.is_dir()), folders[0])
 
-def _load_registered(info: DatasetInfo, data_root, cache_dir) -> tuple:
-    "(train, test, key) of a registered benchmark, from the hub or an ImageFolder tree."
-    root = _data_root(data_root, info)
-    if info.hub_id and not (root and root.is_dir()): return load_hub(info, cache_dir)
-    if root is None: raise SpaError(f"{info.name} needs data_root= (or env SPA_DATA_ROOT): a folder holding {info.name}/{{train,test}}/<class>/*.jpg; {info.source}")
+def _load_tree(root: Path, info: DatasetInfo) -> tuple:
+    "(train, test, key, folders) of an ImageFolder tree, its class folders matched to the protocol's names."
     found = check_imagefolder(root, info.source)
     if len(found) != info.n_classes:
         raise SpaError(f"{root} holds {len(found)} class folders but {info.name} has {info.n_classes}: use the authors' split ({info.source})")
-    return (*load_imagefolder(root, cache_dir), tree_key(root))
+    names = registry_class_names(info)
+    ids = match_classes(found, names, f"{root} ({info.name})", info.class_aliases, info.folder_ids)
+    return (*load_imagefolder(root, ids), tree_key(root), {f: names[i] for f, i in ids.items()})
 
-def _load_custom(root: Path, cache_dir, inc, class_order_seed, shuffle) -> Benchmark:
+def _load_registered(info: DatasetInfo, data_root, cache_dir) -> tuple:
+    "(train, test, key, folders) of a registered benchmark: a local `datasets` copy, an ImageFolder tree, or the hub."
+    root = _data_root(data_root, info)
+    if info.hub_id and not (root and root.is_dir()): return (*load_hub(info, cache_dir), None)
+    if root is None: raise SpaError(f"{info.name} needs data_root= (or env SPA_DATA_ROOT): a folder holding {info.name}/{{train,test}}/<class>/*.jpg; {info.source}")
+    if root.is_dir() and (dd := saved_copy(root, cache_dir)) is not None: return copy_splits(dd, info, str(root))
+    return _load_tree(root, info)
+
+def _load_custom(root: Path, inc, class_order_seed, shuffle) -> Benchmark:
     names = check_imagefolder(root, "a custom benchmark: make one class folder per class in both splits")
-    train, test = load_imagefolder(root, cache_dir)
+    train, test = load_imagefolder(root)
     return assemble(root.name, names, ["a photo of a {}."], train, test, default_settings(len(names), inc), tree_key(root),
                     class_order_seed, shuffle)
 
+
 # %% ../nbs/01_data.ipynb #736a30dd
 def load_benchmark(name: str, # a registered name (`list_benchmarks()`), "synthetic", or a path to an ImageFolder tree
-                   data_root: str | Path | None = None, # folder holding <name>/{train,test}/; default env SPA_DATA_ROOT
+                   data_root: str | Path | None = None, # folder holding <name>/ (a tree or a `datasets` copy); default env SPA_DATA_ROOT
                    class_order_seed: int = 1993, # PyCIL's class-order seed
                    shuffle: bool = True, # False keeps the original class ids as labels
                    cache_dir: str | Path | None = None, # `datasets` cache folder (default: HF's)
@@ -292,12 +408,13 @@ def load_benchmark(name: str, # a registered name (`list_benchmarks()`), "synthe
                   ) -> Benchmark:
     "Load a benchmark with its class names, templates, class order and settings."
     if name == "synthetic": return synthetic_world(class_order_seed=class_order_seed, shuffle=shuffle)
-    if name not in [b.name for b in BENCHMARKS] and (Path(name).is_dir() or "/" in str(name) or os.sep in str(name)):
-        return _load_custom(Path(name), cache_dir, inc, class_order_seed, shuffle)
+    registered = {n for b in BENCHMARKS for n in (b.name, *b.aliases)}
+    if name not in registered and (Path(name).is_dir() or "/" in str(name) or os.sep in str(name)):
+        return _load_custom(Path(name), inc, class_order_seed, shuffle)
     info = benchmark_info(name)
-    train, test, key = _load_registered(info, data_root, cache_dir)
+    train, test, key, folders = _load_registered(info, data_root, cache_dir)
     return assemble(info.name, registry_class_names(info), registry_templates(info), train, test,
-                    (info.setting_b0, info.setting_bx), key, class_order_seed, shuffle)
+                    (info.setting_b0, info.setting_bx), key, class_order_seed, shuffle, folders=folders)
 
 # %% ../nbs/01_data.ipynb #aefce7b9
 WORLD_VERSION = 1 # bump when rendering changes: it is part of the benchmark key

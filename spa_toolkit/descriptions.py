@@ -26,15 +26,15 @@ __all__ = ['log', 'PROMPT_VERSION', 'SYSTEM_PROMPT', 'USER_PROMPT', 'CACHE_FORMA
            'describe_benchmark']
 
 # %% ../nbs/04_descriptions.ipynb #d494637f
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2 # 2: attributes of the object itself, not its surroundings
 
 SYSTEM_PROMPT = ("You write short visual attribute phrases that help an image classifier tell classes apart. "
                  "Reply with a JSON object only.")
 
 USER_PROMPT = ('Class: "{class_name}".{images_line}{context_line}\n'
-               "List {n} short, discriminative, visual attribute phrases of a {class_name}: shape, colour, texture, parts, "
-               "typical surroundings. Each phrase has 2 to 8 words, describes what is visible in a photo, and does not "
-               "repeat the class name.\n"
+               "List {n} short, discriminative, visual attribute phrases of the {class_name} itself: its shape, colour, "
+               "texture and parts, not its background or surroundings. Each phrase has 2 to 8 words, describes what is "
+               "visible of the object in a photo, and does not repeat the class name.\n"
                'Reply with a JSON object: {{"descriptions": ["phrase 1", "phrase 2", ...]}}')
 
 def prompt_text(class_name: str, # the class to describe
@@ -148,7 +148,7 @@ def _usage_of(resp) -> Usage:
 @dataclass(frozen=True)
 class LLMSettings:
     "How to ask the model: shared by every class of a run."
-    model: str = "gpt-4o-mini" # any litellm model string
+    model: str = "gpt-5" # any litellm model string (the paper's; cheaper: gpt-5-mini, gpt-4o-mini)
     n_descriptions: int = 8 # phrases asked per class
     api_base: str | None = None # e.g. "http://localhost:8000/v1" for a local OpenAI-compatible server
     api_key: str | None = field(default=None, repr=False) # default: the provider's environment variable
@@ -314,7 +314,7 @@ def _failed(errors: dict, n_done: int, cache_dir) -> SpaError:
 # %% ../nbs/04_descriptions.ipynb #dfeb3507
 def describe_run(class_names: list[str], # classes to describe
                  exemplar_images: dict[str, list[Image.Image]] | None = None, # class -> exemplar images; None: text only
-                 model: str = "gpt-4o-mini", # any litellm model string
+                 model: str = "gpt-5", # any litellm model string (the paper's; cheaper: gpt-5-mini, gpt-4o-mini)
                  n_descriptions: int = 8, # phrases per class
                  cache_dir: str | Path | None = None, # per-class JSON cache (resumable runs); None: no cache
                  api_base: str | None = None, # base URL of an OpenAI-compatible server (vLLM, Ollama, LM Studio)
@@ -432,7 +432,7 @@ def world_descriptions(benchmark, # a `Benchmark` with `class_names` and ground-
 def describe_benchmark(class_names: list[str], # classes to describe
                        images_by_class: dict[str, list[Image.Image]] | None, # class -> exemplar images; None: text only
                        out_path: str | Path, # descriptions file to write (our format)
-                       model: str = "gpt-4o-mini", # any litellm model string
+                       model: str = "gpt-5", # any litellm model string (the paper's; cheaper: gpt-5-mini, gpt-4o-mini)
                        cache_dir: str | Path | None = None, # default: <out_path folder>/description_cache
                        **kwargs) -> DescribeResult:
     "Describe all classes (resumably) and save them to `out_path`."

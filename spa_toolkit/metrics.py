@@ -14,9 +14,9 @@ import numpy as np
 from .core import SpaError, atomic_path, atomic_write_json, library_versions
 
 # %% auto #0
-__all__ = ['PLOT_HINT', 'accuracy', 'topk_accuracy', 'per_task_accuracy', 'accuracy_matrix', 'accuracy_curve', 'average_accuracy',
-           'last_accuracy', 'OldNew', 'old_new_harmonic', 'forgetting_matrix', 'forgetting', 'RunResult',
-           'markdown_table', 'can_plot', 'figure_class', 'plot_curves']
+__all__ = ['FORGETTING', 'PLOT_HINT', 'accuracy', 'topk_accuracy', 'per_task_accuracy', 'accuracy_matrix', 'accuracy_curve',
+           'average_accuracy', 'last_accuracy', 'OldNew', 'old_new_harmonic', 'forgetting_matrix', 'forgetting',
+           'RunResult', 'markdown_table', 'can_plot', 'figure_class', 'plot_curves']
 
 # %% ../nbs/09_metrics.ipynb #b9f48b07
 def _np(x) -> np.ndarray:
@@ -50,14 +50,14 @@ def per_task_accuracy(preds, # [n] predicted labels
                       labels, # [n] true labels
                       splits: Sequence[Sequence[int]], # T lists of label positions
                       upto: int | None = None, # last seen task (default: the last one)
-                     ) -> np.ndarray: # [T] percent per task, NaN for tasks after `upto` or without images
+                     ) -> np.ndarray: # [T] percent per task rounded to 2 decimals like PyCIL's grouped accuracy; NaN for tasks after `upto` or without images
     "Accuracy on each task's classes; NaN for tasks not yet seen."
     preds, labels = _pair(preds, labels)
     upto = len(splits) - 1 if upto is None else upto
     out = np.full(len(splits), np.nan)
     for j, task in enumerate(splits[:upto + 1]):
         mask = np.isin(labels, task)
-        if mask.any(): out[j] = accuracy(preds[mask], labels[mask])
+        if mask.any(): out[j] = np.around(accuracy(preds[mask], labels[mask]), decimals=2)
     return out
 
 def accuracy_matrix(preds_per_task: Sequence, # T arrays: predictions after task t on the seen test images
@@ -95,26 +95,32 @@ def old_new_harmonic(preds, # [n] predicted labels on the seen test images
                     ) -> OldNew:
     "Accuracy on old and new classes and their harmonic mean."
     preds, labels = _pair(preds, labels)
-    old, new = (accuracy(preds[m], labels[m]) for m in (labels < n_old, labels >= n_old))
+    old, new = (np.around(accuracy(preds[m], labels[m]), decimals=2) for m in (labels < n_old, labels >= n_old))
     h = 2 * old * new / (old + new) if old + new != 0 else 0.0  # NaN (no old class yet) stays NaN
-    return OldNew(old, new, h)
+    return OldNew(float(old), float(new), float(np.around(h, decimals=2)))
 
 # %% ../nbs/09_metrics.ipynb #86a52fc8
+FORGETTING = ("pycil", "avalanche") # forgetting definitions: best accuracy including the current evaluation, or best earlier one
+
 def forgetting_matrix(acc: np.ndarray, # [T, T] accuracy matrix
+                      definition: str = "pycil", # "pycil" (best including row t, never negative) or "avalanche" (best before t)
                      ) -> np.ndarray: # [T, T]; NaN where j >= t
-    "Forgetting of task j after task t: best earlier accuracy minus current."
+    "Forgetting of task j after task t: best accuracy so far minus current."
     acc = np.asarray(acc, dtype=float)
     if acc.ndim != 2 or acc.shape[0] != acc.shape[1]: raise SpaError(f"accuracy matrix must be square [T, T], got shape {acc.shape}")
+    if definition not in FORGETTING: raise SpaError(f"forgetting definition {definition!r}: choose one of {FORGETTING}")
     seen = np.where(np.tril(np.ones(acc.shape, dtype=bool)), acc, np.nan)  # A[s, j] for s >= j only
+    last = int(definition == "pycil")  # rows s < t + last are candidates for the best
     out = np.full_like(acc, np.nan)
     for t in range(1, len(acc)):
-        out[t, :t] = np.fmax.reduce(seen[:t, :t], axis=0) - acc[t, :t]
+        out[t, :t] = np.fmax.reduce(seen[:t + last, :t], axis=0) - acc[t, :t]
     return out
 
 def forgetting(acc: np.ndarray, # [T, T] accuracy matrix
+               definition: str = "pycil", # see `forgetting_matrix`
               ) -> float: # mean forgetting of the old tasks after the final task, percent points
     "Average forgetting at the end of the run."
-    f = forgetting_matrix(acc)
+    f = forgetting_matrix(acc, definition)
     return float(np.mean(f[-1, :-1])) if len(f) > 1 else math.nan
 
 # %% ../nbs/09_metrics.ipynb #ac57b374

@@ -14,9 +14,9 @@ from torch.nn.utils.rnn import pad_sequence
 from .core import SpaError, check_finite, content_key, l2norm
 
 # %% auto #0
-__all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'capped', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs', 'patch_similarity',
-           'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches', 'gather_patches',
-           'select_patches_for_labels', 'toy_world']
+__all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'capped', 'as_clause', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs',
+           'patch_similarity', 'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches',
+           'gather_patches', 'select_patches_for_labels', 'toy_world']
 
 # %% ../nbs/05_patches.ipynb #becce8a0
 SEM_TEMPLATE = "{s}" # the description alone ({c}: the class name, e.g. "a photo of a {c}, which has {s}."); chosen in 10b_study
@@ -36,6 +36,12 @@ def capped(items: list, # e.g. one class's descriptions
     keep = np.random.default_rng(int(content_key(salt, items)[:16], 16)).choice(len(items), n, replace=False)
     return [items[i] for i in sorted(keep)]
 
+def as_clause(phrase: str, # a description: a phrase or a sentence
+             ) -> str: # e.g. "Typically round or oval shape." -> "typically round or oval shape"
+    "A description as a clause inside a template: trimmed, final punctuation dropped, first letter lower-cased unless an acronym."
+    s = phrase.strip().rstrip(".!?;:, ").strip()
+    return s if s[:2].isalpha() and s[:2].isupper() else s[:1].lower() + s[1:]
+
 def sem_prompts(name: str, # class name
                 descriptions: dict[str, list[str]], # class name -> description phrases
                 template: str = SEM_TEMPLATE, # with `{c}` (class name) and `{s}` (description)
@@ -46,7 +52,7 @@ def sem_prompts(name: str, # class name
     descs = capped(list(descriptions.get(name) or []), n_desc, name)
     if not descs: raise SpaError(f"class {name!r} has no descriptions: generate them (spa_toolkit.descriptions) or give it "
                                  f"template-only ones, e.g. descriptions[{name!r}] = ['its typical shape and colour']")
-    try: return [template.format(c=name, s=s) for s in descs]
+    try: return [template.format(c=name, s=as_clause(s)) for s in descs]
     except (KeyError, IndexError) as e: raise SpaError(f"template {template!r} has an unknown slot {e}: use only {{c}} and {{s}}") from e
 
 # %% ../nbs/05_patches.ipynb #dde9a92b

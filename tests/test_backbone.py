@@ -64,8 +64,10 @@ def test_bad_path_tag_arch_and_file_errors(tmp_path):
 def test_offline_tag_not_cached_explains_the_fix(tmp_path):
     import huggingface_hub.constants
     assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest sets it before any import
-    with pytest.raises(SpaError, match=r"run this once with network access.*pretrained=<path"):
+    with pytest.raises(SpaError, match=r"run this once with network access") as e:
         load_clip("ViT-B-16", "laion400m_e32", cache_dir=str(tmp_path))
+    # the installed hub client's command (huggingface-cli is gone), and the CLI's option beside the Python keyword
+    assert "`hf download timm/" in str(e.value) and "--pretrained PATH" in str(e.value) and "huggingface-cli" not in str(e.value)
 
 
 # --- encoders ------------------------------------------------------------------------------------------------
@@ -152,6 +154,16 @@ def test_truncated_array_is_rejected(tiny_clip, tmp_path):
     del fs
     with open(path, "r+b") as fh: fh.truncate(fh.seek(0, 2) - 64)
     with pytest.raises(SpaError, match="truncated.*refresh=True"): extract_features(tiny_clip, Rows(5), tmp_path, "toy")
+
+
+def test_precision_and_device_key_the_cache(tiny_clip, tiny_clip_file, tmp_path):
+    "float32 (the protocol's) by default; an autocast precision runs as such and never shares a cache with float32."
+    fp32 = extract_features(tiny_clip, Rows(5), tmp_path, "toy", batch_size=4)
+    assert (fp32.meta["precision"], fp32.meta["device"]) == ("fp32", "cpu")
+    amp = extract_features(load_clip(TINY_ARCH, tiny_clip_file, precision="amp_bf16"), Rows(5), tmp_path, "toy", batch_size=4)
+    assert amp.folder != fp32.folder and amp.meta["precision"] == "amp_bf16"
+    assert not np.array_equal(amp.global_, fp32.global_)  # bf16 autocast did run
+    np.testing.assert_allclose(amp.global_.astype(np.float32), fp32.global_.astype(np.float32), atol=5e-2)
 
 
 def test_interrupted_extraction_resumes_to_identical_arrays(tiny_clip, tmp_path):

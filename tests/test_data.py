@@ -148,7 +148,7 @@ def test_cifar_offline_not_cached(tmp_path):
 
 
 def test_cifar_from_data_root_folder(tmp_path, monkeypatch):
-    make_tree(tmp_path/"cifar100", [f"c{i:02d}" for i in range(100)], n=1)
+    make_tree(tmp_path/"cifar100", registry_class_names(benchmark_info("cifar100")), n=1)
     b = load_benchmark("cifar100", data_root=tmp_path, cache_dir=tmp_path/"hf")
     assert b.class_names[b.order.index(26)] == "crab"
     monkeypatch.setenv("SPA_DATA_ROOT", str(tmp_path))  # the environment variable finds the folder too (no hub call)
@@ -161,6 +161,96 @@ def test_folders_the_loader_skips_do_not_shift_labels(tmp_path):
     b = load_benchmark(str(root), cache_dir=tmp_path/"hf", shuffle=False)
     assert b.class_names == ["ant", "cat", "dog"] and b.train.features["label"].names == b.class_names
     for row in b.train: assert row["image"].getpixel((5, 4))[0] == pytest.approx(37 * row["label"], abs=6)
+
+
+def id_tree(root, folders, ids, n=1):
+    "An ImageFolder tree whose PNGs carry their original class id in the pixel (lossless: exact)."
+    for s in ("train", "test"):
+        for f, i in zip(folders, ids):
+            (root/s/f).mkdir(parents=True, exist_ok=True)
+            for j in range(n): Image.new("RGB", (6, 5), (i % 256, i // 256, j)).save(root/s/f/f"{j}.png")
+    return root
+
+
+def pixel_ids(split) -> list[int]:
+    r, g, _ = zip(*(row["image"].getpixel((1, 1)) for row in split))
+    return [a + 256 * b for a, b in zip(r, g)]
+
+
+def check_labels(b):
+    "Every image's label is its true class, in both splits."
+    for split in (b.train, b.test): assert [b.order[y] for y in split["label"]] == pixel_ids(split)
+
+
+def test_class_folder_named_like_a_split_stays_in_its_split(tmp_path):
+    names = registry_class_names(benchmark_info("cifar100"))
+    assert "train" in names  # CIFAR-100 has a class "train": datasets' imagefolder took its test images for train
+    id_tree(tmp_path/"cifar100", names, range(100))
+    b = load_benchmark("cifar100", data_root=tmp_path)
+    assert (len(b.train), len(b.test)) == (100, 100)
+    check_labels(b)
+
+
+CUB = registry_class_names(benchmark_info("cub"))
+CUB_TREES = {"authors'": [f"{i + 1:03d}.{c.replace(' ', '_')}" for i, c in enumerate(CUB)],
+             "unprefixed": [c.replace(" ", "_") for c in CUB], "lower-case": [c.lower() for c in CUB],
+             "numbered": [str(i + 1) for i in range(200)]}
+
+
+@pytest.mark.parametrize("scheme", CUB_TREES)
+def test_class_folders_matched_by_name_not_sort_order(tmp_path, scheme):
+    id_tree(tmp_path/"cub", CUB_TREES[scheme], range(200))
+    b = load_benchmark("cub", data_root=tmp_path)
+    check_labels(b)
+    assert b.folders[CUB_TREES[scheme][3]] == CUB[3] and len(b.folders) == 200
+
+
+def test_cifar_export_in_numbered_folders(tmp_path):
+    id_tree(tmp_path/"cifar100", [str(i) for i in range(100)], range(100))
+    check_labels(load_benchmark("cifar100", data_root=tmp_path))
+
+
+def test_class_folders_that_match_no_class_are_refused(tmp_path):
+    folders = CUB_TREES["authors'"][:-1] + ["200.Mystery_bird"]
+    id_tree(tmp_path/"cub", folders, range(200))
+    with pytest.raises(SpaError, match=r"1 class folder\(s\) match no class name of the protocol, e.g. \['200.Mystery_bird'\]") as e:
+        load_benchmark("cub", data_root=tmp_path)
+    assert "\n" not in str(e.value) and "labels.json" in str(e.value)
+
+
+def test_imagenet_r_wordnet_folders_keep_the_authors_sorted_order(tmp_path):
+    wnids = [f"n{1000000 + 37 * i:08d}" for i in range(200)]
+    id_tree(tmp_path/"imagenet-r", wnids, range(200))  # the authors' folder name for the benchmark
+    b = load_benchmark("imagenetr", data_root=tmp_path)
+    check_labels(b)
+    assert load_benchmark("imagenet-r", data_root=tmp_path).key == b.key
+
+
+def test_authors_folder_name_under_the_data_root(tmp_path):
+    id_tree(tmp_path/"ucf", registry_class_names(benchmark_info("ucf101")), range(100))
+    check_labels(load_benchmark("ucf101", data_root=tmp_path))
+
+
+def hub_copy(n_per_class=1) -> "datasets.DatasetDict":
+    "A small stand-in for uoft-cs/cifar100 as `datasets` holds it: columns img / fine_label, the hub's label names."
+    import datasets
+    names = [c.replace(" ", "_") for c in registry_class_names(benchmark_info("cifar100"))]
+    names[26] = "cra"
+    feats = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=names)})
+    ids = [i for i in range(100) for _ in range(n_per_class)]
+    rows = {"img": [Image.new("RGB", (6, 5), (i, 0, 0)) for i in ids], "fine_label": ids}
+    return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows, features=feats) for s in ("train", "test")})
+
+
+@pytest.mark.parametrize("fmt", ["save_to_disk", "parquet"])
+def test_cifar_from_a_saved_datasets_copy(tmp_path, fmt):
+    dd = hub_copy()
+    if fmt == "save_to_disk": dd.save_to_disk(str(tmp_path/"cifar100"))
+    else:
+        for s in dd: dd[s].to_parquet(str(tmp_path/"cifar100"/"data"/f"{s}-00000-of-00001.parquet"))
+    b = load_benchmark("cifar100", data_root=tmp_path, cache_dir=tmp_path/"hf")
+    check_labels(b)
+    assert b.folders["cra"] == "crab" and b.class_names[b.order.index(26)] == "crab"
 
 
 def test_synthetic_world_deterministic_and_seeded():

@@ -43,7 +43,7 @@ def test_matrix_from_predictions_and_forgetting():
 def test_forgetting_matches_avalanche_unit_test():
     vals = [[1.0, 0.0, 0.0], [0.5, 0.8, 1.0], [0.2, 1.0, 0.5]]
     target = [[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.8, -0.2, 0.0]]
-    F = forgetting_matrix(vals)
+    F = forgetting_matrix(vals, "avalanche")
     low = np.tril_indices(3, -1)
     np.testing.assert_allclose(F[low], np.array(target)[low])
 
@@ -57,7 +57,7 @@ def test_per_task_accuracy_nan_for_unseen_and_empty():
 def test_old_new_harmonic():
     o = old_new_harmonic(np.array([0, 0, 2, 3]), np.array([0, 1, 2, 3]), n_old=2)
     assert (o.old, o.new) == (50.0, 100.0)
-    assert o.harmonic == pytest.approx(2 * 50 * 100 / 150)
+    assert o.harmonic == 66.67  # PyCIL's rounding
     assert old_new_harmonic([1, 1], [0, 1], n_old=1).harmonic == 0.0
 
 

@@ -73,7 +73,7 @@ def test_each_patch_knob_changes_the_scores(prep):
     r = L.rows(prep.test, np.arange(6), "cpu")
     base = trained(prep, tasks=1)
     with torch.no_grad(): ref = L.predict(base, r.g, r.p, 4)
-    for knob in [dict(selection="class"), dict(pool="mean"), dict(pool="max"), dict(eps_relative=False), dict(proto=1.0), dict(lam=0.0)]:
+    for knob in [dict(selection="class"), dict(pool="mean"), dict(pool="max"), dict(pool="ot"), dict(eps_relative=False), dict(proto=0.0), dict(lam=0.0)]:
         state = trained(prep, tasks=1, **knob)
         with torch.no_grad(): assert not torch.allclose(L.predict(state, r.g, r.p, 4), ref), knob
 
