@@ -62,13 +62,18 @@ def check_finite(x: torch.Tensor, # any tensor
     return x
 
 # %% ../nbs/00_core.ipynb #a9920ac4
+def _umask() -> int:
+    "The process umask (read by setting it, then restoring it)."
+    mask = os.umask(0o022); os.umask(mask)
+    return mask
+
 @contextmanager
 def atomic_path(path: str | Path, # final destination
                ):
     "Yield a temporary path beside `path`; on success move it onto `path`, on error delete it."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    os.close(fd); os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode `open` would
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -23,8 +23,9 @@ __all__ = ['PROOF_README', 'BENCHMARKS', 'IMAGE_SUFFIXES', 'WORLD_VERSION', 'WOR
            'SHAPES', 'COLOURS', 'MARKS', 'class_order', 'parse_setting', 'make_splits', 'to_rgb', 'clip_transform',
            'DatasetInfo', 'list_benchmarks', 'benchmark_info', 'registry_class_names', 'registry_templates',
            'Benchmark', 'default_settings', 'relabel', 'assemble', 'check_imagefolder', 'tree_key', 'load_imagefolder',
-           'load_hub', 'load_benchmark', 'ShapeSpec', 'Attributes', 'world_attributes', 'class_name', 'describe',
-           'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world']
+           'load_hub', 'prompt_name', 'load_benchmark', 'ShapeSpec', 'Attributes', 'world_attributes', 'class_name',
+           'describe', 'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered', 'render_sample',
+           'synthetic_world']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 def class_order(n_classes: int, # number of classes C
@@ -39,8 +40,9 @@ def class_order(n_classes: int, # number of classes C
 _SETTING = re.compile(r"B(\d+)\s*Inc(\d+)", re.IGNORECASE)
 
 def _default_inc(n_classes: int) -> int:
-    "The smallest task size that splits `n_classes` into at most 10 equal tasks."
-    return next(d for d in range(1, n_classes + 1) if n_classes % d == 0 and n_classes // d <= 10)
+    "The smallest task size that splits `n_classes` into 2 to 10 equal tasks of at least 2 classes; else into at most 10 tasks."
+    fits = lambda d: n_classes % d == 0 and n_classes // d <= 10
+    return next((d for d in range(2, n_classes) if fits(d)), None) or next(d for d in range(1, n_classes + 1) if fits(d))
 
 def _check_split(n_classes: int, base: int, inc: int, what: str):
     "Raise `SpaError` unless `base` then `inc`-sized tasks tile `n_classes` exactly."
@@ -259,6 +261,12 @@ def load_hub(info: DatasetInfo, # a registry record with `hub_id`
     train, test = (dd[s].select_columns([img, lab]).rename_columns({img: "image", lab: "label"}) for s in ("train", "test"))
     return train, test, content_key("hub", info.hub_id, len(train), len(test))
 
+# %% ../nbs/01_data.ipynb #603b4d2d
+def prompt_name(folder: str, # a class folder name, e.g. "blue_square"
+               ) -> str: # the class name prompts use, e.g. "blue square"
+    "A class folder's name as text: underscores become spaces, runs of spaces one."
+    return " ".join(folder.replace("_", " ").split()) or folder
+
 # %% ../nbs/01_data.ipynb #fb7a8045
 def _data_root(data_root, info: DatasetInfo) -> Path | None:
     "The benchmark's folder under `data_root` (or env SPA_DATA_ROOT), None when neither is set."
@@ -278,7 +286,7 @@ def _load_registered(info: DatasetInfo, data_root, cache_dir) -> tuple:
 def _load_custom(root: Path, cache_dir, inc, class_order_seed, shuffle) -> Benchmark:
     names = check_imagefolder(root, "a custom benchmark: make one class folder per class in both splits")
     train, test = load_imagefolder(root, cache_dir)
-    return assemble(root.name, names, ["a photo of a {}."], train, test, default_settings(len(names), inc), tree_key(root),
+    return assemble(root.name, [prompt_name(n) for n in names], ["a photo of a {}."], train, test, default_settings(len(names), inc), tree_key(root),
                     class_order_seed, shuffle)
 
 # %% ../nbs/01_data.ipynb #736a30dd
