@@ -119,7 +119,7 @@ def note(text: str):
 def backbone_label(arch: str, pretrained: str | None, # as given to `load_clip`
                   ) -> str:
     "How a report names a model: the embedded micro-CLIP, or open_clip's arch with its tag or weights."
-    if (arch, pretrained) == default_model(): return "embedded micro-CLIP (spa_toolkit.microclip, a small offline demo model)"
+    if (arch, pretrained or None) == default_model(): return "embedded micro-CLIP (spa_toolkit.microclip, a small offline demo model)"
     return f"{arch} ({pretrained})" if pretrained else arch
 
 def model_note(dataset: str, arch: str, pretrained: str | None) -> str | None:
