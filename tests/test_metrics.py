@@ -115,3 +115,18 @@ def test_accuracy_rounds_ties_like_pycil():
     preds = np.where(np.arange(4000) < 3857, 0, 1)
     assert accuracy_curve([accuracy(preds, labels)]) == [96.42]
 
+
+
+def test_forgetting_when_a_task_improves_after_it_is_learned():
+    "Task 0 is learned at 50 %, rises to 80 % after task 1 (backward transfer), then drops to 60 %: it forgot 20 points."
+    A = np.array([[50.0, np.nan, np.nan], [80.0, 70.0, np.nan], [60.0, 90.0, 40.0]])
+    assert forgetting_matrix(A)[2, 0] == 20.0  # the best accuracy over time, not the one just after learning (that gives -10)
+    # task 1 rose from 70 to 90: best earlier accuracy gives -20, PyCIL's best including the latest gives 0
+    assert forgetting(A) in (0.0, 10.0)
+
+
+def test_average_of_the_rounded_curve_where_rounding_matters():
+    curve = [10.004, 10.004, 10.007]  # rounded 10.00, 10.00, 10.01
+    assert average_accuracy(curve) == pytest.approx((10.0 + 10.0 + 10.01) / 3, abs=1e-12)
+    assert average_accuracy(curve) != pytest.approx(np.mean(curve), abs=1e-4)  # not the mean of the raw curve
+    assert average_accuracy(curve) != pytest.approx(round(float(np.mean(curve)), 2), abs=1e-4)  # nor the rounded mean
