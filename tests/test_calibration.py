@@ -155,3 +155,14 @@ def test_diagonal_ledoit_wolf_matches_an_independent_reference():
     st = class_stats(x, torch.zeros(6, dtype=torch.long), cov="diag")
     np.testing.assert_allclose(st.factor[0].square().numpy(), ref, rtol=1e-10)
     assert not np.allclose(ref, x.var(0, unbiased=False).numpy(), rtol=1e-3)  # the shrinkage is large enough to be seen
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda x, y: class_stats(x.long(), y), "pass x.float()"),
+    (lambda x, y: class_stats(x.numpy(), y), "must be a torch tensor, got ndarray"),
+    (lambda x, y: sample_pseudo(class_stats(x, y), 2, 0), "got int: pass make_generator(seed)"),
+    (lambda x, y: sample_pseudo(class_stats(x, y), 2.5, make_generator(0)), "n_per_class must be whole numbers"),
+])
+def test_library_inputs_are_checked(call, needle):
+    x, y = toy()
+    with pytest.raises(SpaError, match=needle.replace("(", r"\(").replace(")", r"\)")): call(x, y)

@@ -199,3 +199,9 @@ def test_each_sweep_matches_pot_without_stopping(n_iter):
     theirs = ot.sinkhorn(a, b, C.numpy(), 0.1, method="sinkhorn_log", numItermax=n_iter, stopThr=0)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
     if n_iter < 7: assert not np.allclose(ours, sinkhorn(C, eps=0.1, n_iter=n_iter + 1).numpy(), atol=1e-9)  # one sweep shows
+
+
+def test_non_unit_vectors_are_refused():
+    Z, T = unit(3, 4, 8, seed=1), unit(5, 8, seed=2)
+    with pytest.raises(SpaError, match=r"the selected patches Z must have unit-norm rows.*pass l2norm"): ot_score(3 * Z, T)
+    with pytest.raises(SpaError, match=r"the semantic tokens T must have unit-norm rows"): ot_score(Z, T / 2)
