@@ -130,3 +130,20 @@ def test_average_of_the_rounded_curve_where_rounding_matters():
     assert average_accuracy(curve) == pytest.approx((10.0 + 10.0 + 10.01) / 3, abs=1e-12)
     assert average_accuracy(curve) != pytest.approx(np.mean(curve), abs=1e-4)  # not the mean of the raw curve
     assert average_accuracy(curve) != pytest.approx(round(float(np.mean(curve)), 2), abs=1e-4)  # nor the rounded mean
+
+
+def test_curve_figure_keeps_the_legend_off_the_curves_and_ticks_whole_classes(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import spa_toolkit.metrics as metrics
+    from matplotlib.figure import Figure
+    figs = []
+    class Recorded(Figure):
+        def __init__(self, *a, **k): super().__init__(*a, **k); figs.append(self)
+    monkeypatch.setattr(metrics, "figure_class", lambda: Recorded)
+    r = RunResult("spa", "toy", "B0Inc1", [90.0, 80.0, 70.0], [], [1, 2, 3], [])
+    plot_curves({"spa": r, "ncm": RunResult("ncm", "toy", "B0Inc1", [95.0, 85.0, 75.0], [], [1, 2, 3], [])}, tmp_path / "c.png")
+    (fig,) = figs
+    ax = fig.axes[0]
+    box, legend = ax.get_window_extent(), ax.get_legend().get_window_extent()
+    assert not box.overlaps(legend)  # the legend lies outside the plotting area
+    assert all(float(t).is_integer() for t in ax.get_xticks())
