@@ -334,7 +334,7 @@ def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
     return write_report(Report(out, results, run_meta(a, bench, setting, clip, methods, knobs, spec)))
 
 # %% ../nbs/11_cli.ipynb #3a41c1f2
-PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; source: ../shared/reference/published.md
+PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; sources: the papers and PROOF's public logs named above
     ("cifar100", "B0Inc10"): {"SPA": (88.53, None), "PROOF": (86.77, 79.11), "zero-shot CLIP": (81.81, 71.38), "SimpleCIL": (84.15, 76.63)},
     ("cifar100", "B50Inc10"): {"SPA": (85.01, None), "PROOF": (83.33, 79.73), "SimpleCIL": (80.20, 76.63)},
     ("cub", "B0Inc20"): {"PROOF": (84.87, 79.86), "SimpleCIL": (83.81, 77.52)},
