@@ -15,7 +15,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from .core import SpaError, atomic_write_json, content_key, l2norm, library_versions, pick_device
@@ -375,13 +375,17 @@ def _bad_image(data, i: int, err: Exception) -> SpaError:
                     "replace it with a valid image file or delete it, then rerun")
 
 class _Rows(Dataset):
-    "Rows `start:` of an (image, label) dataset, images run through `preprocess`; an undecodable image is a `SpaError`."
+    "Rows `start:` of an (image, label) dataset, images run through `preprocess`; an undecodable image's row is its `SpaError`."
     def __init__(self, data, preprocess: Callable, start: int): self.data, self.preprocess, self.start = data, preprocess, start
     def __len__(self) -> int: return len(self.data) - self.start
     def __getitem__(self, i: int):
         try: row = self.data[self.start + i]; img = row["image"].convert("RGB")
-        except (OSError, SyntaxError) as e: raise _bad_image(self.data, self.start + i, e) from e
+        except (OSError, SyntaxError) as e: return _bad_image(self.data, self.start + i, e)  # raised in the main process
         return self.preprocess(img), int(row["label"])
+
+def _collate(rows: list):
+    "A batch of (image, label) rows, or the `SpaError` of its first undecodable image (a loader worker's traceback never shows)."
+    return next((r for r in rows if isinstance(r, SpaError)), None) or default_collate(rows)
 
 AUTOCAST = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16} # open_clip precisions run under autocast
 
@@ -410,10 +414,12 @@ def _fill(clip: ClipBundle, dataset, folder: Path, ident: dict, start: int, batc
     arrays = _open_arrays(folder, ident["arrays"], "r+" if start else "w+")
     if not start: _write_meta(folder, ident, 0)
     loader = DataLoader(_Rows(dataset, clip.preprocess, start), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=clip.device.type == "cuda")
+                        pin_memory=clip.device.type == "cuda", collate_fn=_collate)
     i = start
     with tqdm(total=ident["n"], initial=start, unit="img", desc=f"features {ident['name']}", disable=not progress) as bar:
-        for x, y in loader:
+        for batch in loader:
+            if isinstance(batch, SpaError): raise batch
+            x, y = batch
             rows = _batch_features(clip, x, ident["patches"], ident["patch_source"]) | {"labels": y.numpy()}
             for k, v in rows.items(): arrays[k][i:i + len(y)] = v
             for a in arrays.values(): a.flush()

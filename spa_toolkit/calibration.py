@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch.nn.utils.rnn import pad_sequence
 
-from .core import SpaError, check_finite, l2norm
+from .core import SpaError, check_finite, check_float_tensor, check_generator, l2norm
 
 # %% auto #0
 __all__ = ['COV_KINDS', 'lw_intensity', 'ShrunkCov', 'ledoit_wolf', 'ClassStats', 'check_stats_knobs', 'class_stats',
@@ -107,7 +107,7 @@ def _group(feats, labels, classes):
     if feats.ndim != 2 or labels.shape != feats.shape[:1] or labels.is_floating_point():
         raise SpaError(f"class statistics need features [n,d] and integer labels [n], got {tuple(feats.shape)} and "
                        f"{tuple(labels.shape)} {labels.dtype}: flatten the features and pass one label per row")
-    check_finite(feats, "features for class statistics")
+    check_finite(check_float_tensor(feats, "features for class statistics"), "features for class statistics")
     labels = labels.to(feats.device)
     cls = torch.unique(labels if classes is None else classes.to(feats.device))
     idx = _rows_of(cls, labels, "labels")
@@ -195,7 +195,10 @@ class Pseudo(NamedTuple):
 
 def _per_class(n_per_class, n_rows: int, device) -> tuple[torch.Tensor, int]:
     "Counts [n_rows] and their maximum."
-    counts = torch.as_tensor(n_per_class, device=device).long()
+    counts = torch.as_tensor(n_per_class, device=device)
+    if counts.is_floating_point() and (counts != counts.round()).any():
+        raise SpaError(f"n_per_class must be whole numbers, got {n_per_class}: pass int counts (e.g. round them)")
+    counts = counts.long()
     if counts.ndim > 1 or counts.numel() not in (1, n_rows) or (counts < 0).any():
         raise SpaError(f"n_per_class must be an int >= 0 or one count per class ({n_rows}), got {n_per_class}")
     counts = counts.expand(n_rows)
@@ -204,7 +207,7 @@ def _per_class(n_per_class, n_rows: int, device) -> tuple[torch.Tensor, int]:
 def _draw(stats: ClassStats, rows: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
     "`m` samples of each class row: [R, m, d]."
     mu = stats.means[rows][:, None]
-    if generator.device.type != mu.device.type:
+    if check_generator(generator).device.type != mu.device.type:
         raise SpaError(f"generator on {generator.device} but statistics on {mu.device}: make_generator(seed, device={str(mu.device)!r})")
     eps = torch.randn(len(rows), m, stats.dim, generator=generator, device=mu.device, dtype=mu.dtype)
     if stats.cov == "full": return mu + eps @ stats.factor[rows].mT

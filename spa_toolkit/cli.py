@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_cli.ipynb #9ea6ff2c
 from __future__ import annotations
-import argparse, inspect, re, sys
+import argparse, inspect, os, re, sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -14,6 +14,7 @@ import torch
 from fastcore.docments import docments
 from fastcore.imports import in_ipython
 
+from . import __version__
 from .core import SpaError, atomic_path, atomic_write_json, atomic_write_text, content_key, library_versions
 from .data import BENCHMARKS, DEFAULT_WORLD, WORLD_VARIANTS, Benchmark, list_benchmarks, load_benchmark, synthetic_world
 from .backbone import LOCAL_DIR, ClipBundle, load_clip
@@ -25,13 +26,15 @@ from .learner import METHODS, Prepared, method_knobs, prepare, run_key, run_meth
 from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
 
 # %% auto #0
-__all__ = ['KNOB_SKIP', 'DEFAULT_METHODS', 'PROTOCOL_MODEL', 'LLM_PREFIX', 'PUBLISHED', 'COUNTERPARTS', 'DATA_OPTIONS',
-           'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type',
-           'add_knob_options', 'knobs_from', 'parse_methods', 'resolve_setting', 'default_model', 'model_for',
-           'check_llm_access', 'descriptions_path', 'offline_descriptions', 'Described', 'descriptions_file',
-           'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report', 'write_png', 'write_report',
-           'run_meta', 'open_benchmark', 'open_model', 'run_one', 'BenchRow', 'bench_rows', 'bench_table', 'plot_suite',
-           'cmd_run', 'cmd_bench', 'cmd_describe', 'cmd_features', 'build_parser', 'main']
+__all__ = ['KNOB_SKIP', 'DEFAULT_METHODS', 'PROTOCOL_MODEL', 'LLM_PREFIX', 'TEMPLATES', 'PUBLISHED', 'COUNTERPARTS',
+           'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'SETTING_HELP', 'DATASET_OPTION',
+           'OPTION_RANGES', 'knob_params', 'option_name', 'knob_type', 'add_knob_options', 'knobs_from',
+           'parse_methods', 'resolve_setting', 'default_model', 'model_for', 'note', 'backbone_label', 'model_note',
+           'check_llm_access', 'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'uses_descriptions',
+           'Described', 'descriptions_file', 'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report',
+           'write_png', 'write_report', 'run_meta', 'open_benchmark', 'open_model', 'run_one', 'BenchRow', 'bench_rows',
+           'bench_table', 'plot_suite', 'cmd_run', 'cmd_bench', 'cmd_describe', 'cmd_features', 'build_parser', 'main',
+           'check_writable', 'check_fresh', 'check_k_patches', 'check_options']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
@@ -110,8 +113,26 @@ def model_for(dataset: str, # the --dataset value
     if arch or pretrained: return arch or PROTOCOL_MODEL[0], pretrained
     return PROTOCOL_MODEL if dataset in [b.name for b in BENCHMARKS] else default_model(world)
 
+# %% ../nbs/11_cli.ipynb #45d867df
+def note(text: str):
+    "Tell the user something on stderr, as one `note:` line."
+    print(f"note: {text}", file=sys.stderr)
+
+def backbone_label(arch: str, pretrained: str | None, # as given to `load_clip`
+                  ) -> str:
+    "How a report names a model: the embedded micro-CLIP, or open_clip's arch with its tag or weights."
+    if (arch, pretrained or None) == default_model(): return "embedded micro-CLIP (spa_toolkit.microclip, a small offline demo model)"
+    return f"{arch} ({pretrained})" if pretrained else arch
+
+def model_note(dataset: str, arch: str, pretrained: str | None) -> str | None:
+    "What to tell a user whose own images would run on the embedded demo model."
+    if dataset == "synthetic" or dataset in list_benchmarks() or (arch, pretrained) != default_model(): return None
+    return (f"{dataset} runs on the embedded micro-CLIP, a small demo model trained on synthetic shapes: for real images pass "
+            f"--arch {PROTOCOL_MODEL[0]} --pretrained {PROTOCOL_MODEL[1]} (the papers' backbone; its weights download once)")
+
 # %% ../nbs/11_cli.ipynb #f8606220
 LLM_PREFIX = "llm:" # --descriptions llm:MODEL
+TEMPLATES = "templates" # --descriptions templates
 
 def check_llm_access(model: str, # a litellm model string
                      api_base: str | None = None, # a local OpenAI-compatible server (its key is not checked)
@@ -140,9 +161,24 @@ def offline_descriptions(spec: str | None, # the --descriptions value
         if bench.descriptions is None: raise SpaError(f"{bench.name} has no built-in descriptions: pass --descriptions FILE.json, "
                                                       "--descriptions llm:MODEL (e.g. llm:gpt-5) or --descriptions templates")
         return bench.descriptions
-    if spec == "templates": return template_descriptions(bench.class_names, bench.templates)
+    if spec == TEMPLATES: return template_descriptions(bench.class_names, bench.templates)
     if spec.startswith(LLM_PREFIX): return None
     return load_descriptions(descriptions_path(spec, bench))
+
+# %% ../nbs/11_cli.ipynb #70f39a33
+def descriptions_spec(spec: str | None, # the --descriptions value
+                      bench: Benchmark, # the loaded benchmark
+                     ) -> str | None: # the --descriptions value to use
+    "`spec`, or 'templates' (saying so) for a folder benchmark given none."
+    if spec is not None or bench.descriptions is not None or bench.name in list_benchmarks(): return spec
+    note(f"{bench.name} has no descriptions: its prompt templates stand in (--descriptions templates), so SPA's patch alignment "
+         "has nothing class-specific to align; pass --descriptions llm:MODEL or FILE.json for real ones")
+    return TEMPLATES
+
+def uses_descriptions(knobs: dict, # a method's resolved knobs (`method_knobs`)
+                     ) -> bool:
+    "Whether a method's scores use the class descriptions (the `descriptions` baseline, SPA with its patch branch)."
+    return knobs["scorer"] == "descriptions" or (knobs["scorer"] == "spa" and knobs["lam"] != 0)
 
 # %% ../nbs/11_cli.ipynb #0202b557
 class Described(NamedTuple):
@@ -222,10 +258,19 @@ class Report:
     meta: dict # what run.json holds: options, model, knobs, class order, versions
 
     def text(self) -> str:
-        "The report as markdown: per-task curves, then the summary."
-        r = next(iter(self.results.values()))
-        return (f"## {r.benchmark} {r.setting}: top-1 (%) on all seen classes after each task\n\n{curve_table(self.results)}\n\n"
-                f"## Average and last accuracy\n\n{markdown_table(self.results)}\n")
+        "The report as markdown: the backbone, per-task curves, then the summary; methods on template-only descriptions marked †."
+        r, marked = next(iter(self.results.values())), self.template_only()
+        res = {f"{m} †" if m in marked else m: v for m, v in self.results.items()}
+        foot = (f"\n† {', '.join(marked)}: the class descriptions were the prompt templates only (no LLM, no file); "
+                "pass --descriptions llm:MODEL or FILE.json for real ones\n") if marked else ""
+        return (f"backbone: {backbone_label(self.meta['model']['arch'], self.meta['model']['pretrained'])}\n\n"
+                f"## {r.benchmark} {r.setting}: top-1 (%) on all seen classes after each task\n\n{curve_table(res)}\n\n"
+                f"## Average and last accuracy\n\n{markdown_table(res)}\n{foot}")
+
+    def template_only(self) -> list[str]:
+        "The methods whose scores rest on template-only descriptions."
+        if self.meta.get("descriptions") != TEMPLATES: return []
+        return [m for m in self.results if uses_descriptions(self.meta["knobs"][m])]
 
 # %% ../nbs/11_cli.ipynb #dbb9b508
 def write_png(plot: Callable, path: Path, *args):
@@ -240,12 +285,14 @@ def write_report(rep: Report) -> Report:
     write_png(plot_curves, rep.out / "curves.png", rep.results)
     return rep
 
-def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str], knobs: dict) -> dict:
-    "What is written next to the results: the options, the model, each method's resolved knobs, the class order, versions."
+def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str], knobs: dict,
+             descriptions: str | None = None, # the descriptions' source (the --descriptions value used; None: the benchmark's own)
+            ) -> dict:
+    "What is written next to the results: the options, the model, the descriptions' source, each method's resolved knobs, the class order, versions."
     opts = {k: v for k, v in vars(a).items() if k != "func"}
     return dict(options=opts, benchmark=bench.name, setting=setting, splits=bench.splits(setting),
                 model=dict(arch=clip.arch, pretrained=clip.pretrained, precision=clip.precision, key=clip.key),
-                class_folders=bench.folders,
+                class_folders=bench.folders, descriptions=descriptions or "benchmark",
                 knobs={m: method_knobs(m, **knobs) for m in methods}, class_order=bench.order, class_names=bench.class_names,
                 versions=library_versions())
 
@@ -257,7 +304,9 @@ def open_benchmark(a: argparse.Namespace, dataset: str) -> Benchmark:
 
 def open_model(a: argparse.Namespace, dataset: str) -> ClipBundle:
     "The frozen model the options (or the defaults for `dataset`) name, on the options' device."
-    return load_clip(*model_for(dataset, a.arch, a.pretrained, a.world), device=a.device, precision=a.precision)
+    arch, pretrained = model_for(dataset, a.arch, a.pretrained, a.world)
+    if text := model_note(str(dataset), arch, pretrained): note(text)
+    return load_clip(arch, pretrained, device=a.device, precision=a.precision)
 
 def _descriptions(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, offline: dict | None) -> dict[str, list[str]]:
     "`offline`, or the descriptions of the options' LLM."
@@ -281,19 +330,22 @@ def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
     for m in methods: method_knobs(m, **knobs)
     if (a.descriptions or "").startswith(LLM_PREFIX): check_llm_access(a.descriptions[len(LLM_PREFIX):], a.api_base)
     bench = open_benchmark(a, dataset)
-    setting, offline = resolve_setting(bench, setting), offline_descriptions(a.descriptions, bench)
+    spec = descriptions_spec(a.descriptions, bench)
+    setting, offline = resolve_setting(bench, setting), offline_descriptions(spec, bench)
     clip = open_model(a, dataset)
+    check_k_patches(knobs["k_patches"], clip)
     descs = _descriptions(a, bench, clip, offline)
     prep = prepare(bench, clip, setting, descs, a.cache_dir / "features", knobs["sem_template"],
                    n_desc=knobs["n_desc"], batch_size=a.extract_batch_size, num_workers=a.num_workers)
     key = content_key(bench.key, bench.order, setting, a.seed, clip.key, descs, knobs)
     out = Path(out or Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', bench.name)}-{setting}-{key[:8]}")
-    save_descriptions(out / "class_descriptions.json", descs, model=a.descriptions or "benchmark")
+    check_fresh(out, a.resume)
+    save_descriptions(out / "class_descriptions.json", descs, model=spec or "benchmark")
     results = run_methods(prep, methods, a.seed, out, a.resume, knobs)
-    return write_report(Report(out, results, run_meta(a, bench, setting, clip, methods, knobs)))
+    return write_report(Report(out, results, run_meta(a, bench, setting, clip, methods, knobs, spec)))
 
 # %% ../nbs/11_cli.ipynb #3a41c1f2
-PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; source: ../shared/reference/published.md
+PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; sources: the papers and PROOF's public logs named above
     ("cifar100", "B0Inc10"): {"SPA": (88.53, None), "PROOF": (86.77, 79.11), "zero-shot CLIP": (81.81, 71.38), "SimpleCIL": (84.15, 76.63)},
     ("cifar100", "B50Inc10"): {"SPA": (85.01, None), "PROOF": (83.33, 79.73), "SimpleCIL": (80.20, 76.63)},
     ("cub", "B0Inc20"): {"PROOF": (84.87, 79.86), "SimpleCIL": (83.81, 77.52)},
@@ -345,7 +397,8 @@ def _diff(a: float, b: float | None) -> float | None: return None if b is None e
 
 def bench_table(rows: list[BenchRow]) -> str:
     "Markdown: our Avg / Last, the published ones, and our minus theirs."
-    head = "| benchmark | setting | ours | Avg | Last | published | Avg | Last | ΔAvg | ΔLast |\n" + "|---" * 10 + "|"
+    head = ("| benchmark | setting | our method | our Avg | our Last | published method | published Avg | published Last | "
+            "ΔAvg (ours − published) | ΔLast (ours − published) |\n" + "|---" * 10 + "|")
     return "\n".join([head, *(f"| {r.benchmark} | {r.setting} | {r.ours} | {_num(r.avg)} | {_num(r.last)} | {r.published or '–'} | "
                               f"{_num(r.pub_avg)} | {_num(r.pub_last)} | {_num(_diff(r.avg, r.pub_avg), '+')} | "
                               f"{_num(_diff(r.last, r.pub_last), '+')} |" for r in rows)])
@@ -363,7 +416,8 @@ def plot_suite(rows: list[BenchRow], # from `bench_rows`
     fig = figure_class()(figsize=(max(5, 1.2 * len(cells)), 3.5)); ax = fig.add_subplot()
     x, w = np.arange(len(cells)), 0.8 / len(labels)
     for i, lab in enumerate(labels): ax.bar(x + (i - (len(labels) - 1) / 2) * w, [vals.get((lab, c), np.nan) for c in cells], w, label=lab)
-    ax.set_xticks(x, [f"{b}\n{s}" for b, s in cells], fontsize=7); ax.set(ylabel="Avg top-1 (%)"); ax.legend(fontsize=6)
+    ax.set_xticks(x, [f"{b}\n{s}" for b, s in cells], fontsize=7); ax.set(ylabel="Avg top-1 (%)")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars, never over them
     fig.tight_layout()
     with atomic_path(path) as tmp_png: fig.savefig(tmp_png, format="png", dpi=120)
     return Path(path)
@@ -448,6 +502,9 @@ RUN_OPTIONS = [
                                  "e.g. llm:gpt-5) or a descriptions JSON file, ours or ENGINE's ({dataset}: the benchmark name, {key}: the "
                                  "protocol's dataset key, e.g. chat/{key}_des.json for ENGINE's cifar224_des.json)")),
 ]
+SETTING_HELP = ("b0 (default): zero base, every task the same size, e.g. B0Inc10 = 10 classes per task; bx: half the classes in "
+                "the first task, then the same increments, e.g. B50Inc10; or B{base}Inc{inc}. A registered benchmark uses the papers' "
+                "settings; a folder of C classes gets at most 10 equal tasks of at least 2 classes when C allows")
 DATASET_OPTION = ("--dataset", dict(default="synthetic", help=f"a registered benchmark ({', '.join(list_benchmarks())}) "
                                     "or a folder with train/<class>/ and test/<class>/ images (default: %(default)s)"))
 
@@ -459,7 +516,7 @@ def _add(p: argparse.ArgumentParser, *groups: list) -> argparse.ArgumentParser:
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="run methods on one benchmark setting (no options: the embedded demo)", description=cmd_run.__doc__)
-    _add(p, [DATASET_OPTION, ("--setting", dict(help="b0 (default), bx, or B{base}Inc{inc}, e.g. B0Inc10")),
+    _add(p, [DATASET_OPTION, ("--setting", dict(help=SETTING_HELP)),
              ("--out", dict(type=Path, help="output folder (default: runs/<benchmark>-<setting>-<key of everything that sets the numbers>)")),
              ("--resume", dict(action="store_true", help="reuse finished methods and continue interrupted ones in the output folder"))],
          RUN_OPTIONS, DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS)
@@ -468,7 +525,7 @@ def _run_parser(sub) -> None:
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="the paper's suite against the published numbers (resumable)", description=cmd_bench.__doc__)
     _add(p, [("--datasets", dict(default=",".join(b.name for b in BENCHMARKS), help="comma-separated benchmarks (default: %(default)s)")),
-             ("--settings", dict(default="b0,bx", help="comma-separated: b0, bx or B{base}Inc{inc} (default: %(default)s)")),
+             ("--settings", dict(default="b0,bx", help="comma-separated settings (default: %(default)s); " + SETTING_HELP)),
              ("--out", dict(type=Path, default=Path("runs/bench"), help="suite folder; each setting runs in a sub-folder (default: %(default)s)"))],
          RUN_OPTIONS, DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS)
     add_knob_options(p).set_defaults(func=cmd_bench, resume=True)
@@ -487,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     "The `spa_toolkit` parser with its four subcommands."
     p = argparse.ArgumentParser(prog="spa_toolkit", description="SPA for CLIP-based class-incremental learning. "
                                 "Try: python -m spa_toolkit.cli run")
+    p.add_argument("--version", action="version", version=f"spa_toolkit {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,bench,describe,features}")
     for add in (_run_parser, _bench_parser, _describe_parser, _features_parser): add(sub)
     return p
@@ -495,10 +553,48 @@ def main(argv: list[str] | None = None, # the arguments (default: sys.argv[1:])
         ) -> int: # exit status: 0 done, 2 a user-fixable error (or bad options)
     "The `spa_toolkit` command: a user-fixable error becomes one `error:` line and status 2."
     a = build_parser().parse_args(argv)
-    try: return a.func(a)
+    try: check_options(a); return a.func(a)
     except SpaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+# %% ../nbs/11_cli.ipynb #2ef78db7
+OPTION_RANGES = dict(class_order_seed=(0, 2**32 - 1), extract_batch_size=(1, None), num_workers=(0, None), k_exemplars=(0, None),
+                     n_descriptions=(1, None)) # option -> (least, most) integer allowed
+
+def _check_range(name: str, v: int):
+    lo, hi = OPTION_RANGES[name]
+    if v < lo or (hi is not None and v > hi):
+        raise SpaError(f"{option_name(name)} {v} is out of range: pass an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+
+def check_writable(path: Path, # a folder to create or write in
+                   what: str, # the option naming it
+                  ):
+    "Raise `SpaError` unless `path` is, or can be made, a folder this process may write in."
+    up = next(q for q in [path.absolute(), *path.absolute().parents] if q.exists())  # the nearest existing part
+    if not up.is_dir(): raise SpaError(f"{what} {path}: {up} is a file, not a folder: pass a folder path")
+    if not os.access(up, os.W_OK | os.X_OK): raise SpaError(f"{what} {path}: cannot write in {up}: pass a folder you can write to")
+
+def check_fresh(out: Path | None, # the output folder of a run
+                resume: bool, # --resume given
+               ):
+    "Raise `SpaError` when `out` already holds files and the run does not resume (so no file of another run stays beside ours)."
+    if out is None or resume or not Path(out).is_dir() or not any(Path(out).iterdir()): return
+    raise SpaError(f"{out} already holds a run: pass --resume to reuse and continue it, or another --out (or delete {out}) to start afresh")
+
+def check_k_patches(k: int, clip: ClipBundle):
+    "Raise `SpaError` when `k` patches per image are more than `clip` makes."
+    if k > clip.n_patches: raise SpaError(f"--k-patches {k} is more than the {clip.n_patches} patches per image of this model: "
+                                          f"pass --k-patches {clip.n_patches} or fewer")
+
+def check_options(a: argparse.Namespace, # parsed options of any subcommand
+                 ):
+    "Raise `SpaError` for option values that would fail later, before any work."
+    for name in OPTION_RANGES:
+        if getattr(a, name, None) is not None: _check_range(name, getattr(a, name))
+    for name in ("out", "cache_dir"):
+        if getattr(a, name, None) is not None: check_writable(Path(getattr(a, name)), option_name(name))
+    check_fresh(getattr(a, "out", None), getattr(a, "resume", True))
 
 # %% ../nbs/11_cli.ipynb #f3f50d5d
 if __name__ == "__main__" and not in_ipython(): sys.exit(main())

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'SpaError', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'atomic_path',
-           'atomic_write_text', 'atomic_write_json', 'content_key', 'library_versions']
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'SpaError', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'check_float_tensor',
+           'check_generator', 'check_unit', 'atomic_path', 'atomic_write_text', 'atomic_write_json', 'content_key',
+           'library_versions']
 
 # %% ../nbs/00_core.ipynb #24e13f04
 class SpaError(ValueError):
@@ -61,14 +62,44 @@ def check_finite(x: torch.Tensor, # any tensor
                        "recompute it (delete its cache file) or check the inputs that produced it")
     return x
 
+# %% ../nbs/00_core.ipynb #36871003
+def check_float_tensor(x, # what the caller passed
+                       what: str, # what `x` should be, for the message
+                      ) -> torch.Tensor:
+    "Return `x`, or raise `SpaError` unless it is a floating-point torch tensor."
+    if not isinstance(x, torch.Tensor): raise SpaError(f"{what} must be a torch tensor, got {type(x).__name__}: pass torch.as_tensor(x).float()")
+    if not x.is_floating_point(): raise SpaError(f"{what} must be floating point, got {x.dtype}: pass x.float()")
+    return x
+
+def check_generator(g, # what the caller passed as a generator
+                   ) -> torch.Generator:
+    "Return `g`, or raise `SpaError` unless it is a `torch.Generator`."
+    if not isinstance(g, torch.Generator): raise SpaError(f"generator must be a torch.Generator, got {type(g).__name__}: pass make_generator(seed)")
+    return g
+
+def check_unit(x: torch.Tensor, # [..., d]
+               what: str, # what `x` is, for the message
+               tol: float = 1e-2, # allowed |norm - 1| (half precision rounds norms by ~1e-3)
+              ) -> torch.Tensor:
+    "Return `x`, or raise `SpaError` unless every row along the last axis has unit (or zero, for padding) norm."
+    n = x.float().norm(dim=-1)
+    if ((n - 1).abs() > tol).logical_and(n > 0).any(): raise SpaError(f"{what} must have unit-norm rows, got norms from "
+                                                                       f"{float(n.min()):.3g} to {float(n.max()):.3g}: pass l2norm(x)")
+    return x
+
 # %% ../nbs/00_core.ipynb #a9920ac4
+def _umask() -> int:
+    "The process umask (read by setting it, then restoring it)."
+    mask = os.umask(0o022); os.umask(mask)
+    return mask
+
 @contextmanager
 def atomic_path(path: str | Path, # final destination
                ):
     "Yield a temporary path beside `path`; on success move it onto `path`, on error delete it."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    os.close(fd); os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode `open` would
     try:
         yield Path(tmp)
         os.replace(tmp, path)

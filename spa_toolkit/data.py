@@ -24,9 +24,9 @@ __all__ = ['PROOF_README', 'BENCHMARKS', 'IMAGE_SUFFIXES', 'WORLD_VERSION', 'WOR
            'make_splits', 'to_rgb', 'clip_transform', 'DatasetInfo', 'list_benchmarks', 'benchmark_info',
            'registry_class_names', 'registry_templates', 'Benchmark', 'default_settings', 'relabel', 'assemble',
            'split_files', 'check_imagefolder', 'tree_key', 'load_imagefolder', 'match_classes', 'load_hub',
-           'saved_copy', 'copy_splits', 'load_benchmark', 'ShapeSpec', 'Attributes', 'world_attributes', 'class_name',
-           'describe', 'world_image_size', 'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered',
-           'render_sample', 'synthetic_world']
+           'saved_copy', 'copy_splits', 'prompt_name', 'load_benchmark', 'ShapeSpec', 'Attributes', 'world_attributes',
+           'class_name', 'describe', 'world_image_size', 'all_combinations', 'demo_classes', 'pretrain_classes',
+           'Rendered', 'render_sample', 'synthetic_world']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 def class_order(n_classes: int, # number of classes C
@@ -41,8 +41,9 @@ def class_order(n_classes: int, # number of classes C
 _SETTING = re.compile(r"B(\d+)\s*Inc(\d+)", re.IGNORECASE)
 
 def _default_inc(n_classes: int) -> int:
-    "The smallest task size that splits `n_classes` into at most 10 equal tasks."
-    return next(d for d in range(1, n_classes + 1) if n_classes % d == 0 and n_classes // d <= 10)
+    "The smallest task size that splits `n_classes` into 2 to 10 equal tasks of at least 2 classes; else into at most 10 tasks."
+    fits = lambda d: n_classes % d == 0 and n_classes // d <= 10
+    return next((d for d in range(2, n_classes) if fits(d)), None) or next(d for d in range(1, n_classes + 1) if fits(d))
 
 def _check_split(n_classes: int, base: int, inc: int, what: str):
     "Raise `SpaError` unless `base` then `inc`-sized tasks tile `n_classes` exactly."
@@ -366,6 +367,12 @@ def copy_splits(dd, # a DatasetDict with train and test (see `saved_copy`)
     return _class_ids(train, ids), _class_ids(test, ids), key, {f: names[i] for f, i in ids.items()}
 
 
+# %% ../nbs/01_data.ipynb #603b4d2d
+def prompt_name(folder: str, # a class folder name, e.g. "blue_square"
+               ) -> str: # the class name prompts use, e.g. "blue square"
+    "A class folder's name as text: underscores become spaces, runs of spaces one."
+    return " ".join(folder.replace("_", " ").split()) or folder
+
 # %% ../nbs/01_data.ipynb #fb7a8045
 def _data_root(data_root, info: DatasetInfo) -> Path | None:
     "The benchmark's folder under `data_root` (or env SPA_DATA_ROOT), ours or the authors' name; None when neither is set."
@@ -394,7 +401,7 @@ def _load_registered(info: DatasetInfo, data_root, cache_dir) -> tuple:
 def _load_custom(root: Path, inc, class_order_seed, shuffle) -> Benchmark:
     names = check_imagefolder(root, "a custom benchmark: make one class folder per class in both splits")
     train, test = load_imagefolder(root)
-    return assemble(root.name, names, ["a photo of a {}."], train, test, default_settings(len(names), inc), tree_key(root),
+    return assemble(root.name, [prompt_name(n) for n in names], ["a photo of a {}."], train, test, default_settings(len(names), inc), tree_key(root),
                     class_order_seed, shuffle)
 
 

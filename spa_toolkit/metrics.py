@@ -209,7 +209,8 @@ def plot_curves(results: dict[str, RunResult], # method name -> its result
     for m, r in results.items(): ax.plot(r.classes_seen, r.curve, marker="o", label=f"{m} (avg {r.average:.2f})")
     first = next(iter(results.values()))
     ax.set(xlabel="classes seen", ylabel="top-1 on seen classes (%)", title=title or f"{first.benchmark} {first.setting}")
-    ax.grid(alpha=.3); ax.legend(fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # class counts are whole numbers
+    ax.grid(alpha=.3); ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the curves, never over them
     fig.tight_layout()
     with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=120)
     return Path(path)

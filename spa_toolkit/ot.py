@@ -9,7 +9,7 @@ from itertools import repeat
 
 import torch
 
-from .core import SpaError, check_finite
+from .core import SpaError, check_finite, check_unit
 from .patches import (check_patch_inputs, class_chunks, patch_similarity, relevance, select_patches,
                                  select_patches_for_labels, topk_patches)
 
@@ -128,7 +128,7 @@ def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
     "Patch-level score $\\langle \\Pi^*, Z T^\\top \\rangle$ of entropic OT between patches and semantic tokens."
     if Z.ndim < 2 or T.ndim < 2 or Z.shape[-1] != T.shape[-1]:
         raise SpaError(f"Z {tuple(Z.shape)} and T {tuple(T.shape)} must be [..., k, d] and [..., M, d] with the same d")
-    check_finite(Z, "the selected patches Z"); check_finite(T, "the semantic tokens T")
+    check_unit(check_finite(Z, "the selected patches Z"), "the selected patches Z"); check_unit(check_finite(T, "the semantic tokens T"), "the semantic tokens T")
     try: S = Z @ T.transpose(-1, -2)
     except RuntimeError as e: raise SpaError(f"leading dims of Z {tuple(Z.shape)} and T {tuple(T.shape)} do not broadcast") from e
     return sim_ot_score(S, eps, mask, n_iter, detach_plan)

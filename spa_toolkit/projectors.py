@@ -11,7 +11,7 @@ from torch import nn
 from timm.layers import Mlp
 from fastcore.basics import patch
 
-from .core import SpaError, make_generator, l2norm, content_key
+from .core import SpaError, check_float_tensor, check_generator, make_generator, l2norm, content_key
 
 # %% auto #0
 __all__ = ['new_adapter', 'ProjectorBank', 'SpaProjectors']
@@ -34,7 +34,7 @@ def new_adapter(dim: int, # feature width d
                 dtype: torch.dtype | None = None, # parameter dtype (default: torch's default)
                ) -> Mlp:
     "A residual adapter `d -> h -> d` that outputs zero until trained."
-    a = Mlp(dim, hidden, drop=dropout, device="meta").to_empty(device=generator.device)
+    a = Mlp(dim, hidden, drop=dropout, device="meta").to_empty(device=check_generator(generator).device)
     return _init_adapter(a, generator).to(device=device or generator.device, dtype=dtype)
 
 # %% ../nbs/07_projectors.ipynb #f6cb64de
@@ -73,6 +73,9 @@ class ProjectorBank(nn.Module):
 
     def forward(self, x: torch.Tensor, # [..., d] features or tokens
                ) -> torch.Tensor: # [..., d], unit norm
+        if check_float_tensor(x, "ProjectorBank input").dtype != self._anchor.dtype:
+            raise SpaError(f"ProjectorBank holds {self._anchor.dtype} weights but got {x.dtype} features: pass x.to({self._anchor.dtype}) "
+                           "or build the bank with that dtype=")
         if x.shape[-1] != self.dim: raise SpaError(f"ProjectorBank(dim={self.dim}) got features of width {x.shape[-1]}: project with a bank of that width")
         return l2norm(sum((a(x) for a in self.adapters), x))
 

@@ -201,3 +201,18 @@ def test_one_model_loaded_two_ways_shares_its_feature_cache(tiny_clip_dir, tmp_p
     again = extract_features(load_clip(f"{LOCAL_DIR}{tiny_clip_dir}"), data, tmp_path, "toy", batch_size=4)
     assert again.folder == first.folder and data.reads == 5  # the second load reads no image
 
+
+
+def test_value_path_is_the_last_block_with_self_only_attention(tiny_clip, tiny_images):
+    "MaskCLIP's value path = open_clip's own last block run with an attention mask that lets each token see only itself."
+    x = batch(tiny_clip, tiny_images[:3])
+    v, seen = tiny_clip.model.visual, {}
+    hook = v.transformer.resblocks[-1].register_forward_hook(lambda m, args, out: seen.setdefault("input", args[0]))
+    try: tiny_clip.model.encode_image(x)
+    finally: hook.remove()
+    h = seen["input"]  # [B, L, w] what the last block receives (batch first in open_clip 3)
+    L = h.shape[1]
+    self_only = torch.full((L, L), float("-inf")).fill_diagonal_(0.0)
+    with torch.no_grad(): out = v.transformer.resblocks[-1](h, attn_mask=self_only)
+    expected = l2norm(v.ln_post(out[:, 1:]) @ v.proj)  # patch tokens: every token but [CLS]
+    torch.testing.assert_close(encode_images(tiny_clip, x, patch_source="value").patches, expected, atol=1e-5, rtol=1e-5)

@@ -134,3 +134,35 @@ def test_cuda_statistics_sample_on_cuda():
     assert st.factor.device.type == "cuda"
     assert sample_pseudo(st, 3, make_generator(0, "cuda")).feats.device.type == "cuda"
     with pytest.raises(SpaError, match="make_generator"): sample_pseudo(st, 3, make_generator(0))
+
+
+def diag_ledoit_wolf_reference(x: np.ndarray) -> np.ndarray:
+    "Ledoit & Wolf (2004) with the sample covariance restricted to its diagonal, written from the paper's d^2 and b^2 (numpy)."
+    n, p = x.shape
+    r = x - x.mean(0)
+    v = (r ** 2).mean(0)  # the diagonal of S
+    m = v.mean()  # target m * I
+    d2 = ((v - m) ** 2).sum() / p  # ||S - mI||^2 / p on the diagonal
+    b2 = sum((((rk ** 2) - v) ** 2).sum() / p for rk in r) / n ** 2  # mean squared distance of x_k x_k^T to S, diagonal only
+    s = min(b2, d2) / d2
+    return (1 - s) * v + s * m
+
+
+def test_diagonal_ledoit_wolf_matches_an_independent_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 20, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3, 20, dtype=torch.float64)  # n << d: strong shrinkage
+    ref = diag_ledoit_wolf_reference(x.numpy())
+    st = class_stats(x, torch.zeros(6, dtype=torch.long), cov="diag")
+    np.testing.assert_allclose(st.factor[0].square().numpy(), ref, rtol=1e-10)
+    assert not np.allclose(ref, x.var(0, unbiased=False).numpy(), rtol=1e-3)  # the shrinkage is large enough to be seen
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda x, y: class_stats(x.long(), y), "pass x.float()"),
+    (lambda x, y: class_stats(x.numpy(), y), "must be a torch tensor, got ndarray"),
+    (lambda x, y: sample_pseudo(class_stats(x, y), 2, 0), "got int: pass make_generator(seed)"),
+    (lambda x, y: sample_pseudo(class_stats(x, y), 2.5, make_generator(0)), "n_per_class must be whole numbers"),
+])
+def test_library_inputs_are_checked(call, needle):
+    x, y = toy()
+    with pytest.raises(SpaError, match=needle.replace("(", r"\(").replace(")", r"\)")): call(x, y)

@@ -76,6 +76,7 @@ def test_default_run_prints_what_it_writes(tmp_path):
     assert (meta["benchmark"], meta["setting"], len(meta["class_order"])) == ("synthetic", "B0Inc4", 24)
     assert meta["knobs"]["spa"]["k_patches"] == 16 and meta["versions"]["torch"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG" and "| spa |" in (out / "results.md").read_text()
+    assert p.stdout.startswith("backbone: embedded micro-CLIP") and (out / "results.md").read_text().startswith("backbone: ")
     assert "spa: 100%" in p.stderr  # a progress bar over each method's tasks
 
 
@@ -92,6 +93,24 @@ def test_resume_finds_its_folder_and_reuses_results(tmp_path):
     assert out_folder(other.stdout) != out_folder(first.stdout)  # other knobs, other folder
 
 
+def test_folder_data_defaults_explained(tmp_path):
+    "A folder of 6 classes, named with underscores, given no model, descriptions or setting."
+    root = draw_folder(tmp_path / "shapes", classes=("red", "green", "blue", "yellow", "white", "black"), n_train=3, n_test=2)
+    (root / "train" / "blue").rename(root / "train" / "blue_square"); (root / "test" / "blue").rename(root / "test" / "blue_square")
+    p = cli("run", "--dataset", root, "--methods", "spa,zeroshot,ncm", "--epochs", "1", "--out", tmp_path / "out", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"note: {root} runs on the embedded micro-CLIP" in p.stderr and "--arch ViT-B-16 --pretrained laion400m_e32" in p.stderr
+    assert "note: shapes has no descriptions: its prompt templates stand in" in p.stderr
+    assert p.stdout.startswith("backbone: embedded micro-CLIP")
+    assert "| spa † |" in p.stdout and "| ncm |" in p.stdout and "| zeroshot |" in p.stdout  # only SPA used the descriptions
+    assert "† spa: the class descriptions were the prompt templates only" in p.stdout
+    spa = json.loads((tmp_path / "out" / "spa.json").read_text())
+    assert spa["setting"] == "B0Inc2" and len(spa["curve"]) == 3  # 3 tasks of 2 classes, not 6 of 1
+    saved = json.loads((tmp_path / "out" / "class_descriptions.json").read_text())
+    assert saved["descriptions"]["blue square"] == ["a photo of a blue square."] and "blue_square" not in saved["descriptions"]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["descriptions"] == "templates"
+
+
 def test_custom_imagefolder_end_to_end(tmp_path):
     root = draw_folder(tmp_path / "discs")
     feats = cli("features", "--dataset", root, cwd=tmp_path)
@@ -103,7 +122,7 @@ def test_custom_imagefolder_end_to_end(tmp_path):
     assert "features discs" not in p.stderr  # `features` filled the cache the run reads
     spa = json.loads((tmp_path / "out" / "spa.json").read_text())
     assert (spa["benchmark"], spa["setting"], len(spa["curve"])) == ("discs", "B0Inc1", 3)
-    assert printed_summary(p.stdout)["spa"] == (round(spa["average"], 2), spa["last"])
+    assert re.search(r"^\| spa † \| discs \| B0Inc1 \| 3 \| " + f"{spa['average']:.2f}", p.stdout, re.M)
     descs = json.loads((tmp_path / "out" / "class_descriptions.json").read_text())["descriptions"]
     assert descs == {c: [f"a photo of a {c}."] for c in ("red", "green", "blue")}
 
@@ -157,11 +176,71 @@ def test_describe_with_any_litellm_model_then_run_with_the_file(tmp_path, stub):
     (["run", "--epochs", "-1"], ["epochs=-1 is too small"]),
     (["run", "--k-patches", "four"], ["argument --k-patches: expected int, got 'four'"]),
     (["bench", "--datasets", "cifar1000"], ["unknown benchmark(s) ['cifar1000']"]),
-    (["run", "--dataset", "discs"], ["discs has no built-in descriptions", "--descriptions templates"]),
+    (["run", "--class-order-seed", "-1"], ["--class-order-seed -1 is out of range", ">= 0"]),
+    (["run", "--extract-batch-size", "0"], ["--extract-batch-size 0 is out of range", ">= 1"]),
+    (["features", "--num-workers", "-1"], ["--num-workers -1 is out of range", ">= 0"]),
+    (["run", "--out", "afile/run"], ["afile is a file, not a folder"]),
+    (["bench", "--out", "afile/suite"], ["afile is a file, not a folder"]),
+    (["run", "--cache-dir", "afile/cache"], ["afile is a file, not a folder"]),
+    (["run", "--out", "ro/run"], ["cannot write in", "ro"]),
+    (["run", "--methods", "spa", "--k-patches", "100000"], ["--k-patches 100000 is more than the", "patches per image"]),
 ])
 def test_user_errors_are_one_line_with_the_fix(tmp_path, args, needles):
     draw_folder(tmp_path / "discs", n_train=2, n_test=1)
-    check_user_error(cli(*args, cwd=tmp_path), *needles)
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if "ro/run" in args and os.access(tmp_path / "ro", os.W_OK): pytest.skip("this user can write anywhere (root)")
+    p = cli(*args, cwd=tmp_path)
+    check_user_error(p, *needles)
+    assert "features " not in p.stderr  # refused before any work
+
+
+def test_cached_features_do_not_hide_bad_options(tmp_path):
+    "With every feature cached, bad extraction options are still refused (they used to pass unseen)."
+    assert cli("features", cwd=tmp_path).returncode == 0
+    for opt, v in (("--num-workers", "-1"), ("--extract-batch-size", "0")):
+        check_user_error(cli("run", "--methods", "ncm", opt, v, cwd=tmp_path), f"{opt} {v} is out of range")
+
+
+def test_version(tmp_path):
+    from spa_toolkit import __version__
+    p = cli("--version", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.strip() == f"spa_toolkit {__version__}", (p.stdout, p.stderr)
+
+
+def test_rerun_into_an_existing_out_needs_resume(tmp_path):
+    out = tmp_path / "out"
+    assert cli("run", "--methods", "ncm,zeroshot", "--out", out, cwd=tmp_path).returncode == 0
+    again = cli("run", "--methods", "ncm", "--out", out, cwd=tmp_path)
+    check_user_error(again, f"{out} already holds a run: pass --resume")
+    assert (out / "zeroshot.json").exists()  # nothing touched
+    derived = cli("run", "--methods", "ncm", cwd=tmp_path)
+    assert derived.returncode == 0, derived.stderr[-2000:]
+    check_user_error(cli("run", "--methods", "ncm", cwd=tmp_path), "already holds a run: pass --resume")  # the same derived folder
+
+
+def test_output_files_honour_the_umask(tmp_path):
+    code = ("import os, sys; os.umask(0o022); from spa_toolkit.cli import main; "
+            f"sys.exit(main(['run', '--methods', 'ncm', '--out', {str(tmp_path / 'run')!r}]))")
+    e = {k: v for k, v in os.environ.items() if k not in SECRETS} | OFFLINE | dict(HF_HOME=str(tmp_path / "hf"))
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "run").iterdir()}
+    assert modes and set(modes.values()) == {"0o644"}, modes
+
+
+def test_corrupt_image_with_workers_is_one_line(tmp_path):
+    root = draw_folder(tmp_path / "bad", classes=("red", "green"), n_train=2, n_test=1)
+    (root / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    p = cli("features", "--dataset", root, "--num-workers", "2", cwd=tmp_path)
+    check_user_error(p, f"cannot decode image {root}/train/red/broken.png", "replace it")
+    assert "DataLoader worker" not in p.stderr, p.stderr[-3000:]  # the worker's traceback is not shown
+
+
+def test_help_explains_the_settings(tmp_path):
+    for cmd in ("run", "bench"):
+        text = " ".join(cli(cmd, "--help", cwd=tmp_path).stdout.split())
+        assert "b0 (default): zero base" in text and "bx: half the classes in the first task" in text, text
 
 
 def test_run_without_matplotlib_writes_everything_but_the_figure(tmp_path):

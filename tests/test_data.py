@@ -86,7 +86,7 @@ def test_custom_imagefolder_benchmark(tmp_path):
     root = make_tree(tmp_path/"mini", classes, n=3)
     b = load_benchmark(str(root), cache_dir=tmp_path/"hf", inc=2)
     assert (b.n_classes, len(b.train), len(b.test)) == (6, 18, 18)
-    assert b.order == class_order(6) and b.class_names == [classes[i] for i in b.order]
+    assert b.order == class_order(6) and b.class_names == [classes[i].replace("_", " ") for i in b.order]  # folder names as prompt text
     assert (b.setting_b0, b.setting_bx, b.templates) == ("B0Inc2", "B2Inc2", ["a photo of a {}."])
     for row in b.train:  # each image's colour identifies its folder, so labels can be checked against pixels
         original = b.order[row["label"]]

@@ -1,9 +1,10 @@
 "Description generator against a real local OpenAI-compatible HTTP server behind litellm (offline), plus file formats."
-import base64, io, json, logging, threading, time
+import base64, functools, io, json, logging, threading
 import pytest
 from PIL import Image
 
 from openai_stub import StubOpenAI, good_reply, image_urls, user_text
+import spa_toolkit.descriptions as descriptions_module
 from spa_toolkit.core import SpaError
 from spa_toolkit.descriptions import (DescribeResult, describe_benchmark, describe_classes, describe_run, load_descriptions,
                                       save_descriptions, template_descriptions)
@@ -56,17 +57,28 @@ def test_garbage_then_good_reply_recovers(stub):
     res = run(stub)
     assert res.usage["fox"].calls == 2 and len(res.descriptions["fox"]) == 8
 
-def test_rate_limit_is_retried_with_backoff(stub):
+def record_sleeps(monkeypatch) -> list[float]:
+    "The waits between retries, recorded instead of slept."
+    waits = []
+    monkeypatch.setattr(descriptions_module, "ask_descriptions", functools.partial(descriptions_module.ask_descriptions, sleep=waits.append))
+    return waits
+
+def test_rate_limit_is_retried_with_backoff(stub, monkeypatch):
+    waits = record_sleeps(monkeypatch)
     stub.reply = lambda c, a: (429, "rate limit, slow down") if a < 2 else good_reply(c, a)
-    t0 = time.perf_counter()
     res = run(stub, backoff=0.1)
-    assert time.perf_counter() - t0 >= 0.1 + 0.2  # waited backoff, then 2 * backoff
+    assert waits == [0.1, 0.2]  # backoff, then 2 * backoff
     assert len(stub.requests) == 3 and res.usage["fox"].calls == 1
 
-def test_timeout_is_retried(stub):
-    stub.reply = lambda c, a: (time.sleep(1.0) if a == 0 else None) or good_reply(c, a)
+def test_timeout_is_retried(stub, monkeypatch):
+    waits, second = record_sleeps(monkeypatch), threading.Event()
+    def held(c, a):  # the first request is held until the retry arrives, which only a client timeout can cause
+        if a == 0: second.wait(10)
+        else: second.set()
+        return good_reply(c, a)
+    stub.reply = held
     res = run(stub, timeout=0.3)
-    assert len(stub.requests) == 2 and len(res.descriptions["fox"]) == 8
+    assert len(stub.requests) == 2 and len(res.descriptions["fox"]) == 8 and waits == [0.01]
 
 def test_bad_key_fails_at_once_naming_class_and_fix(stub):
     stub.reply = lambda c, a: (401, f"Incorrect API key provided: {KEY}")
@@ -109,10 +121,10 @@ def test_corrupt_cache_file_is_reported_and_recomputed(stub, tmp_path, caplog):
     assert json.loads(path.read_text())["descriptions"] == res.descriptions["fox"]  # rewritten whole
 
 def test_concurrency_is_bounded(stub):
-    lock, state = threading.Lock(), {"now": 0, "max": 0}
+    lock, state, pair = threading.Lock(), {"now": 0, "max": 0}, threading.Barrier(2, timeout=10)
     def slow(c, a):
         with lock: state["now"] += 1; state["max"] = max(state["max"], state["now"])
-        time.sleep(0.15)
+        pair.wait()  # requests in flight meet two by two: a third at once would be counted above
         with lock: state["now"] -= 1
         return good_reply(c, a)
     stub.reply = slow

@@ -115,3 +115,35 @@ def test_accuracy_rounds_ties_like_pycil():
     preds = np.where(np.arange(4000) < 3857, 0, 1)
     assert accuracy_curve([accuracy(preds, labels)]) == [96.42]
 
+
+
+def test_forgetting_when_a_task_improves_after_it_is_learned():
+    "Task 0 is learned at 50 %, rises to 80 % after task 1 (backward transfer), then drops to 60 %: it forgot 20 points."
+    A = np.array([[50.0, np.nan, np.nan], [80.0, 70.0, np.nan], [60.0, 90.0, 40.0]])
+    assert forgetting_matrix(A)[2, 0] == 20.0  # the best accuracy over time, not the one just after learning (that gives -10)
+    # task 1 rose from 70 to 90: best earlier accuracy gives -20, PyCIL's best including the latest gives 0
+    assert forgetting(A) in (0.0, 10.0)
+
+
+def test_average_of_the_rounded_curve_where_rounding_matters():
+    curve = [10.004, 10.004, 10.007]  # rounded 10.00, 10.00, 10.01
+    assert average_accuracy(curve) == pytest.approx((10.0 + 10.0 + 10.01) / 3, abs=1e-12)
+    assert average_accuracy(curve) != pytest.approx(np.mean(curve), abs=1e-4)  # not the mean of the raw curve
+    assert average_accuracy(curve) != pytest.approx(round(float(np.mean(curve)), 2), abs=1e-4)  # nor the rounded mean
+
+
+def test_curve_figure_keeps_the_legend_off_the_curves_and_ticks_whole_classes(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import spa_toolkit.metrics as metrics
+    from matplotlib.figure import Figure
+    figs = []
+    class Recorded(Figure):
+        def __init__(self, *a, **k): super().__init__(*a, **k); figs.append(self)
+    monkeypatch.setattr(metrics, "figure_class", lambda: Recorded)
+    r = RunResult("spa", "toy", "B0Inc1", [90.0, 80.0, 70.0], [], [1, 2, 3], [])
+    plot_curves({"spa": r, "ncm": RunResult("ncm", "toy", "B0Inc1", [95.0, 85.0, 75.0], [], [1, 2, 3], [])}, tmp_path / "c.png")
+    (fig,) = figs
+    ax = fig.axes[0]
+    box, legend = ax.get_window_extent(), ax.get_legend().get_window_extent()
+    assert not box.overlaps(legend)  # the legend lies outside the plotting area
+    assert all(float(t).is_integer() for t in ax.get_xticks())

@@ -187,3 +187,21 @@ def test_label_path_matches_and_trains():
     assert (gt.abs().sum((1, 2)) > 0).tolist() == [c in y.tolist() for c in range(9)]  # only the labels' tokens
     gp2, = torch.autograd.grad(patch_ot_scores(P, T, k=8, detach_plan=False).sum(), (P,))
     assert torch.isfinite(gp2).all()
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
+@pytest.mark.parametrize("n_iter", [1, 2, 3, 7])
+def test_each_sweep_matches_pot_without_stopping(n_iter):
+    "POT with stopThr=0 runs exactly numItermax sweeps of the same updates: the iterates agree, not only the limits."
+    C = 1 - unit(6, 8, seed=1) @ unit(4, 8, seed=2).T  # [6, 4] cosine costs
+    a, b = np.full(6, 1 / 6), np.full(4, 1 / 4)
+    ours = sinkhorn(C, eps=0.1, n_iter=n_iter).numpy()
+    theirs = ot.sinkhorn(a, b, C.numpy(), 0.1, method="sinkhorn_log", numItermax=n_iter, stopThr=0)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    if n_iter < 7: assert not np.allclose(ours, sinkhorn(C, eps=0.1, n_iter=n_iter + 1).numpy(), atol=1e-9)  # one sweep shows
+
+
+def test_non_unit_vectors_are_refused():
+    Z, T = unit(3, 4, 8, seed=1), unit(5, 8, seed=2)
+    with pytest.raises(SpaError, match=r"the selected patches Z must have unit-norm rows.*pass l2norm"): ot_score(3 * Z, T)
+    with pytest.raises(SpaError, match=r"the semantic tokens T must have unit-norm rows"): ot_score(Z, T / 2)

@@ -110,3 +110,12 @@ def test_cuda_bank_grows_on_cuda():
     torch.testing.assert_close(bank(x), l2norm(x))
     bank.add_task(make_generator(0, "cuda"))
     assert bank.adapters[1].fc2.weight.device.type == "cuda"
+
+
+def test_bank_inputs_are_checked():
+    import numpy as np
+    from spa_toolkit.core import SpaError
+    bank = ProjectorBank(8).add_task()
+    with pytest.raises(SpaError, match="must be a torch tensor, got ndarray"): bank(np.ones((2, 8), dtype=np.float32))
+    with pytest.raises(SpaError, match=r"float32 weights but got torch.float64 features: pass x.to"): bank(torch.ones(2, 8, dtype=torch.float64))
+    with pytest.raises(SpaError, match=r"got int: pass make_generator\(seed\)"): bank.add_task(generator=3)
