@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .core import SpaError, atomic_path, check_finite, content_key, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
-from .patches import SEM_TEMPLATE, class_chunks, gather_patches, select_patches, select_patches_for_labels, semantic_tokens
+from .patches import (SEM_TEMPLATE, class_chunks, gather_patches, select_patch_sets, select_patches,
+                                 select_patches_for_labels, semantic_tokens)
 from .ot import POOLS, pooled_score
 from .projectors import SpaProjectors
 from .calibration import ClassStats, PatchStats, check_stats_knobs, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
@@ -137,10 +138,6 @@ def new_state(text: TextSide, # frozen text side of the benchmark
     return CILState(k, text, proj, float(logit_scale))
 
 # %% ../nbs/10_learner.ipynb #1bd09264
-def _agnostic_sets(p: torch.Tensor, sem: torch.Tensor, mask: torch.Tensor, k: int, chunk: int | None) -> torch.Tensor:
-    "[B, k, d]: each image's k patches most relevant to any description of the candidate classes."
-    return gather_patches(p, select_patches(p, sem, k, mask, chunk=chunk, agnostic=True)[:, :1])[:, 0]
-
 def _patch_scores(state: CILState, patches: torch.Tensor, n: int) -> torch.Tensor:
     "Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected descriptions."
     k, vis, txt = state.knobs, state.proj.visual, state.proj.text
@@ -148,7 +145,7 @@ def _patch_scores(state: CILState, patches: torch.Tensor, n: int) -> torch.Tenso
     kk, chunk = min(k["k_patches"], p.shape[1]), None if torch.is_grad_enabled() else k["eval_chunk"]
     pool = lambda S, m: pooled_score(S, k["pool"], m, k["eps"], k["ot_iters"], k["eps_relative"])
     if k["selection"] == "agnostic":
-        Z = vis(_agnostic_sets(p, sem, mask, kk, chunk))  # [B, k, d]: one set per image, for every class
+        Z = vis(select_patch_sets(p, sem, kk, mask, chunk))  # [B, k, d]: one set per image, for every class
         return torch.cat([pool(torch.einsum("bkd,cmd->bckm", Z, txt(s) * m[..., None]), m) for s, m in class_chunks(sem, mask, chunk)], 1)
     return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m))), txt(s) * m[..., None]), m)
                       for s, m in class_chunks(sem, mask, chunk)], 1)
@@ -265,7 +262,7 @@ def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> tor
     "[B, k, d] frozen patch sets whose statistics stand in for images of class `y`: the sets their test images will show."
     k, sem, mask = state.knobs, state.text.sem, state.text.sem_mask
     kk = min(k["k_patches"], p.shape[1])
-    if k["selection"] == "agnostic": return _agnostic_sets(p, sem[:n], mask[:n], kk, k["eval_chunk"])
+    if k["selection"] == "agnostic": return select_patch_sets(p, sem[:n], kk, mask[:n], k["eval_chunk"])
     return select_patches_for_labels(p, sem, y, kk, mask)
 
 def _new_stats(state: CILState, data: Rows, classes: torch.Tensor, chunk: int = 256) -> tuple:

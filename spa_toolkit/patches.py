@@ -16,7 +16,7 @@ from .core import SpaError, check_finite, content_key, l2norm
 # %% auto #0
 __all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'capped', 'as_clause', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs',
            'patch_similarity', 'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches',
-           'gather_patches', 'select_patches_for_labels', 'toy_world']
+           'gather_patches', 'select_patch_sets', 'select_patches_for_labels', 'toy_world']
 
 # %% ../nbs/05_patches.ipynb #becce8a0
 SEM_TEMPLATE = "{s}" # the description alone ({c}: the class name, e.g. "a photo of a {c}, which has {s}."); chosen in 10b_study
@@ -167,6 +167,16 @@ def gather_patches(patches: torch.Tensor, # [B, N, d]
                   ) -> torch.Tensor: # [B, C, k, d]
     "The selected patches $Z_c(x)$ for every image and class."
     return patches[torch.arange(patches.shape[0], device=patches.device)[:, None, None], idx]
+
+# %% ../nbs/05_patches.ipynb #a315d2d9
+def select_patch_sets(patches: torch.Tensor, # [B, N, d] patch tokens
+                      sem: torch.Tensor, # [C, M, d] semantic tokens of the candidate classes
+                      k: int = 16, # patches kept per image
+                      mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
+                      chunk: int | None = None, # classes per memory chunk; None: all at once
+                     ) -> torch.Tensor: # [B, k, d], most relevant first
+    "Each image's `k` patches most relevant to any description of any candidate class: one set per image."
+    return gather_patches(patches, select_patches(patches, sem, k, mask, chunk=chunk, agnostic=True)[:, :1])[:, 0]
 
 # %% ../nbs/05_patches.ipynb #2e85f0f5
 def select_patches_for_labels(patches: torch.Tensor, # [B, N, d] patch tokens
