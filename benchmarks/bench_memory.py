@@ -37,7 +37,7 @@ def step_peak(n_phrases: int, knobs: dict) -> dict:
     sem = semantic_tokens(names, {n: [f"phrase {i} of {n}" for i in range(n_phrases)] for n in names}, encode,
                           n_desc=spa_knobs(**knobs)["n_desc"])
     text = TextSide(rnd(C, D), sem.tokens, sem.mask)
-    labels = np.concatenate([np.repeat(np.arange(OLD), 2), np.arange(OLD, C).repeat(B // (C - OLD) + 1)[:B]])
+    labels = np.concatenate([np.repeat(np.arange(OLD), 2), np.resize(np.arange(OLD, C), B)])
     n = len(labels)
     feats = FeatureSet(rnd(n, D).numpy().astype(np.float16), rnd(n, N, D).numpy().astype(np.float16), None, labels, Path("."), {})
     state = train_task(new_state(text, 100.0, **(knobs | dict(epochs=0))), feats, list(range(OLD)), g)  # old classes: statistics only

@@ -549,5 +549,9 @@ d = { 'settings': { 'branch': 'main',
                                         'spa_toolkit.projectors._init_adapter': ( 'projectors.html#_init_adapter',
                                                                                   'spa_toolkit/projectors.py'),
                                         'spa_toolkit.projectors._n_adapters': ('projectors.html#_n_adapters', 'spa_toolkit/projectors.py'),
-                                        'spa_toolkit.projectors.new_adapter': ( 'projectors.html#new_adapter',
-                                                                                'spa_toolkit/projectors.py')}}}
+                                        'spa_toolkit.projectors.new_adapter': ('projectors.html#new_adapter', 'spa_toolkit/projectors.py')},
+            'spa_toolkit.study': { 'spa_toolkit.study.ci95': ('study.html#ci95', 'spa_toolkit/study.py'),
+                                   'spa_toolkit.study.markdown': ('study.html#markdown', 'spa_toolkit/study.py'),
+                                   'spa_toolkit.study.run_grid': ('study.html#run_grid', 'spa_toolkit/study.py'),
+                                   'spa_toolkit.study.run_seed': ('study.html#run_seed', 'spa_toolkit/study.py'),
+                                   'spa_toolkit.study.summary': ('study.html#summary', 'spa_toolkit/study.py')}}}
