@@ -28,13 +28,14 @@ METHODS = ["spa", "spa_global", "spa_nocal", "zeroshot", "ncm"]
 
 
 def premise(clip, variant, seeds):
+    "The premise views, averaged over the seeds' worlds; the +15-point target applies to the premise world only."
     views = [premise_views(clip, synthetic_world(variant=variant, seed=s)) for s in seeds]
     mean = {k: float(np.mean([getattr(v, k) for v in views])) for k in views[0]._fields}
     g, p = max(mean["global_prompt"], mean["global_ncm"]), max(mean["patch_best"], mean["patch_selected"])
     print("[premise] part-only siblings told apart (chance 1/3), mean over world seeds: "
           + ", ".join(f"{k} {v:.1%}" for k, v in mean.items()))
-    print(f"[premise] best patch view {p:.1%} - best global view {g:.1%} = {100 * (p - g):+.1f} points "
-          f"(target on the premise world: >= +15) -> {'met' if p - g >= 0.15 else 'MISSED'}")
+    verdict = ("met" if p - g >= 0.15 else "MISSED") if variant == "premise" else "the control world: no target, the global view may know the part"
+    print(f"[premise] best patch view {p:.1%} - best global view {g:.1%} = {100 * (p - g):+.1f} points (target >= +15) -> {verdict}")
     return dict(premise_global=g, premise_patch=p, premise_views=mean)
 
 
