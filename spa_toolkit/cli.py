@@ -365,7 +365,8 @@ PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; sources
     ("ucf101", "B0Inc10"): {"PROOF": (94.34, 90.60), "SimpleCIL": (90.44, 85.68)},
     ("ucf101", "B50Inc10"): {"PROOF": (93.56, 91.32), "SimpleCIL": (88.12, 85.68)},
 }
-COUNTERPARTS = {"spa": ("SPA", "PROOF"), "zeroshot": ("zero-shot CLIP",), "ncm": ("SimpleCIL",)} # our method -> published ones
+COUNTERPARTS = {"spa": ("SPA", "PROOF"), "zeroshot": ("zero-shot CLIP",), "ncm": ("SimpleCIL",),
+                "zs_clip": ("zero-shot CLIP",), "simplecil": ("SimpleCIL",)} # our method -> published ones
 
 # %% ../nbs/11_cli.ipynb #59271e91
 class BenchRow(NamedTuple):

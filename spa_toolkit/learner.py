@@ -26,10 +26,11 @@ from .calibration import ClassStats, PatchStats, check_stats_knobs, class_stats,
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
-__all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'STATE_VERSION', 'spa_knobs', 'method_knobs', 'TextSide',
-           'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows', 'replay_schedule',
-           'train_task', 'evaluate', 'score_margins', 'replay_margins', 'state_dict', 'state_from_dict', 'load_state',
-           'split_features', 'Prepared', 'prepare', 'run_key', 'run_method', 'run_protocol']
+__all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'ALIASES', 'STATE_VERSION', 'spa_knobs', 'method_knobs',
+           'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows',
+           'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins', 'state_dict',
+           'state_from_dict', 'load_state', 'split_features', 'Prepared', 'prepare', 'run_key', 'run_method',
+           'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #63c9f550
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
@@ -82,6 +83,8 @@ METHODS = {
     "zeroshot": dict(scorer="zeroshot", epochs=0), "descriptions": dict(scorer="descriptions", epochs=0),
     "ncm": dict(scorer="ncm", epochs=0, cov="none"),
 }
+ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
+METHODS |= {alias: METHODS[ours] for alias, ours in ALIASES.items()}
 
 def method_knobs(method: str, # a name in `METHODS`
                  **knobs, # overrides of `spa_knobs` defaults (a method's own settings win)
