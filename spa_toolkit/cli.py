@@ -22,7 +22,7 @@ from .exemplars import exemplar_images
 from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
                                       template_descriptions)
 from .microclip import embedded_clip_path
-from .learner import METHODS, Prepared, method_knobs, prepare, run_key, run_method, run_protocol, spa_knobs, split_features
+from .learner import METHODS, list_methods, list_methods, Prepared, method_knobs, prepare, run_key, run_method, run_protocol, spa_knobs, split_features
 from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
 
 # %% auto #0
@@ -85,8 +85,8 @@ def parse_methods(text: str, # comma-separated names in `METHODS`, e.g. "spa,zer
                  ) -> list[str]:
     "Validated method names, in the order given."
     names = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
-    if bad or not names: raise SpaError(f"unknown method(s) {bad or text!r}: choose from {', '.join(METHODS)} (comma-separated)")
+    bad = [m for m in names if m not in list_methods()]
+    if bad or not names: raise SpaError(f"unknown method(s) {bad or text!r}: choose from {', '.join(list_methods())} (comma-separated)")
     return names
 
 def resolve_setting(bench: Benchmark, # the loaded benchmark
@@ -346,26 +346,29 @@ def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
 
 # %% ../nbs/11_cli.ipynb #3a41c1f2
 PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; sources: the papers and PROOF's public logs named above
-    ("cifar100", "B0Inc10"): {"SPA": (88.53, None), "PROOF": (86.77, 79.11), "zero-shot CLIP": (81.81, 71.38), "SimpleCIL": (84.15, 76.63)},
+    ("cifar100", "B0Inc10"): {"SPA": (88.53, None), "PROOF": (86.77, 79.11), "zero-shot CLIP": (81.81, 71.38), "SimpleCIL": (84.15, 76.63),
+                           "RAPF": (86.14, 78.04), "ENGINE": (86.89, 79.29)},
     ("cifar100", "B50Inc10"): {"SPA": (85.01, None), "PROOF": (83.33, 79.73), "SimpleCIL": (80.20, 76.63)},
-    ("cub", "B0Inc20"): {"PROOF": (84.87, 79.86), "SimpleCIL": (83.81, 77.52)},
+    ("cub", "B0Inc20"): {"PROOF": (84.87, 79.86), "SimpleCIL": (83.81, 77.52), "RAPF": (79.09, 62.77)},
     ("cub", "B100Inc20"): {"SPA": (84.43, None), "PROOF": (81.30, 78.92), "SimpleCIL": (79.75, 77.52)},
-    ("imagenetr", "B0Inc20"): {"SPA": (85.63, None), "PROOF": (84.19, 78.50), "SimpleCIL": (81.06, 74.48)},
+    ("imagenetr", "B0Inc20"): {"SPA": (85.63, None), "PROOF": (84.19, 78.50), "SimpleCIL": (81.06, 74.48), "RAPF": (81.26, 70.48)},
     ("imagenetr", "B100Inc20"): {"PROOF": (81.06, 78.03), "SimpleCIL": (76.84, 74.48)},
     ("objectnet", "B0Inc20"): {"PROOF": (56.17, 43.66), "SimpleCIL": (52.06, 40.13)},
     ("objectnet", "B100Inc20"): {"PROOF": (49.78, 43.81), "SimpleCIL": (45.11, 40.13)},
-    ("aircraft", "B0Inc10"): {"PROOF": (64.61, 55.81), "zero-shot CLIP": (26.66, 17.22), "SimpleCIL": (59.24, 48.09)},
+    ("aircraft", "B0Inc10"): {"PROOF": (64.61, 55.81), "zero-shot CLIP": (26.66, 17.22), "SimpleCIL": (59.24, 48.09),
+                           "RAPF": (50.38, 23.61), "ENGINE": (69.74, 58.51)},
     ("aircraft", "B50Inc10"): {"PROOF": (63.60, 58.81), "SimpleCIL": (53.05, 48.09)},
-    ("cars", "B0Inc10"): {"PROOF": (92.70, 88.39), "SimpleCIL": (92.04, 86.85)},
+    ("cars", "B0Inc10"): {"PROOF": (92.70, 88.39), "SimpleCIL": (92.04, 86.85), "RAPF": (82.89, 62.85)},
     ("cars", "B50Inc10"): {"PROOF": (90.23, 88.32), "SimpleCIL": (88.96, 86.85)},
     ("food101", "B0Inc10"): {"SimpleCIL": (87.89, 81.65)},
     ("food101", "B50Inc10"): {"SimpleCIL": (84.73, 81.65)},
     ("sun", "B0Inc30"): {"PROOF": (83.75, 76.91), "SimpleCIL": (82.13, 75.58)},
     ("sun", "B150Inc30"): {"PROOF": (80.15, 76.13), "SimpleCIL": (78.62, 75.58)},
-    ("ucf101", "B0Inc10"): {"PROOF": (94.34, 90.60), "SimpleCIL": (90.44, 85.68)},
+    ("ucf101", "B0Inc10"): {"PROOF": (94.34, 90.60), "SimpleCIL": (90.44, 85.68), "RAPF": (92.28, 80.33)},
     ("ucf101", "B50Inc10"): {"PROOF": (93.56, 91.32), "SimpleCIL": (88.12, 85.68)},
 }
-COUNTERPARTS = {"spa": ("SPA", "PROOF"), "zeroshot": ("zero-shot CLIP",), "ncm": ("SimpleCIL",)} # our method -> published ones
+COUNTERPARTS = {"spa": ("SPA", "PROOF"), "zeroshot": ("zero-shot CLIP",), "ncm": ("SimpleCIL",),
+                "zs_clip": ("zero-shot CLIP",), "simplecil": ("SimpleCIL",), "proof": ("PROOF",), "rapf": ("RAPF",), "engine": ("ENGINE",)} # our method -> published ones
 
 # %% ../nbs/11_cli.ipynb #59271e91
 class BenchRow(NamedTuple):

@@ -4,10 +4,10 @@
 
 # %% ../nbs/10_learner.ipynb #e20f2dfb
 from __future__ import annotations
-import math, time
+import inspect, math, time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -23,13 +23,16 @@ from .patches import (SEM_TEMPLATE, class_chunks, gather_patches, select_patch_s
 from .ot import POOLS, pooled_score
 from .projectors import SpaProjectors
 from .calibration import ClassStats, PatchStats, check_stats_knobs, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
+from .proof import new_proof_state, proof_knobs, proof_logits, proof_state_dict, proof_state_from_dict, train_proof_task
+from .rapf import new_rapf_state, rapf_knobs, rapf_logits, rapf_state_dict, rapf_state_from_dict, train_rapf_task
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
-__all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'STATE_VERSION', 'spa_knobs', 'method_knobs', 'TextSide',
-           'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows', 'replay_schedule',
-           'train_task', 'evaluate', 'score_margins', 'replay_margins', 'state_dict', 'state_from_dict', 'load_state',
-           'split_features', 'Prepared', 'prepare', 'run_key', 'run_method', 'run_protocol']
+__all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'ALIASES', 'PEERS', 'STATE_VERSION', 'spa_knobs', 'Peer',
+           'list_methods', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows',
+           'rows', 'task_rows', 'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins',
+           'state_dict', 'state_from_dict', 'save_state', 'load_state', 'split_features', 'Prepared', 'prepare',
+           'run_key', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #63c9f550
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
@@ -82,12 +85,36 @@ METHODS = {
     "zeroshot": dict(scorer="zeroshot", epochs=0), "descriptions": dict(scorer="descriptions", epochs=0),
     "ncm": dict(scorer="ncm", epochs=0, cov="none"),
 }
+ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
+METHODS |= {alias: METHODS[ours] for alias, ours in ALIASES.items()}
 
-def method_knobs(method: str, # a name in `METHODS`
+class Peer(NamedTuple):
+    "How the loop drives a peer method: its knobs, a fresh state, one task's training, logits, and the state as a plain dict."
+    knobs: Callable # (**overrides) -> dict holding "peer": the method's name
+    new: Callable # (names [C, d], logit_scale, seed, knobs) -> state
+    train: Callable # (state, read(rows) -> (g, y), rows of the task, classes, generator) -> state
+    logits: Callable # (state, g [B, d]) -> [B, n_seen]
+    to_dict: Callable # state -> plain dict
+    from_dict: Callable # (plain dict, device) -> state
+
+PEERS = {"proof": Peer(proof_knobs, new_proof_state, train_proof_task, proof_logits, proof_state_dict, proof_state_from_dict),
+         "rapf": Peer(rapf_knobs, new_rapf_state, train_rapf_task, rapf_logits, rapf_state_dict, rapf_state_from_dict)}
+
+def list_methods() -> list[str]:
+    "Every method name `run_method` accepts."
+    return [*METHODS, *PEERS]
+
+def _peer_knobs(peer: Peer, knobs: dict) -> dict:
+    "A peer's knobs: its published defaults, overridden by the given knobs it has that differ from SPA's defaults."
+    own, spa = inspect.signature(peer.knobs).parameters, spa_knobs()
+    return peer.knobs(**{k: v for k, v in knobs.items() if k in own and (k not in spa or v != spa[k])})
+
+def method_knobs(method: str, # a name in `list_methods()`
                  **knobs, # overrides of `spa_knobs` defaults (a method's own settings win)
                 ) -> dict:
     "Resolved knobs of one method."
-    if method not in METHODS: raise SpaError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if method in PEERS: return _peer_knobs(PEERS[method], knobs)
+    if method not in METHODS: raise SpaError(f"unknown method {method!r}: choose from {', '.join(list_methods())}")
     return spa_knobs(**(knobs | METHODS[method]))
 
 # %% ../nbs/10_learner.ipynb #4ce2e942
@@ -256,7 +283,7 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
 
 def _uses_patches(knobs: dict) -> bool:
     "Whether a method reads patch tokens: SPA with its patch branch on."
-    return knobs["scorer"] == "spa" and knobs["lam"] > 0
+    return knobs.get("scorer") == "spa" and knobs["lam"] > 0
 
 def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
     "[B, k, d] frozen patch sets whose statistics stand in for images of class `y`: the sets their test images will show."
@@ -296,7 +323,11 @@ def train_task(state: CILState, # the state after the previous task (updated in 
     return state
 
 # %% ../nbs/10_learner.ipynb #45312b95
-def evaluate(state: CILState, # a trained state
+def _logits(state, r: Rows) -> torch.Tensor:
+    "Logits of a SPA state or a peer's over the seen classes."
+    return PEERS[state.knobs["peer"]].logits(state, r.g) if "peer" in state.knobs else predict(state, r.g, r.p)
+
+def evaluate(state, # a trained state (`CILState` or a peer's)
              test: FeatureSet, # cached features of the test split
              batch_size: int = 256, # test images per chunk
             ) -> tuple[np.ndarray, np.ndarray]: # predictions [n] and labels [n] of the seen classes' test images
@@ -306,7 +337,7 @@ def evaluate(state: CILState, # a trained state
     with torch.no_grad():
         for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / batch_size))):
             r = rows(test, chunk, state.device, patches=_uses_patches(state.knobs))
-            preds.append(predict(state, r.g, r.p).argmax(1).cpu()); labels.append(r.y.cpu())
+            preds.append(_logits(state, r).argmax(1).cpu()); labels.append(r.y.cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
 # %% ../nbs/10_learner.ipynb #3219d73a
@@ -359,19 +390,28 @@ def state_from_dict(d: dict, # from `state_dict`
     st, pst = (None if x is None else x.to(device) for x in (_stats_from(d["stats"]), _stats_from(d["pstats"])))
     return CILState(d["knobs"], text, proj, d["logit_scale"], st, pst, d["n_seen"], d["n_tasks"])
 
+def save_state(state, # a `CILState` or a peer's state
+               path: str | Path, # where to write
+               **extra, # plain data saved with it
+              ) -> Path:
+    "Write a state (and any `extra` plain data) to `path` atomically."
+    d = PEERS[state.knobs["peer"]].to_dict(state) if "peer" in state.knobs else state_dict(state)
+    with atomic_path(path) as tmp: torch.save(d | dict(extra=extra), tmp)
+    return Path(path)
+
 @patch
 def save(self: CILState, path: str | Path, **extra) -> Path:
     "Write the state (and any `extra` plain data) to `path` atomically."
-    with atomic_path(path) as tmp: torch.save(state_dict(self) | dict(extra=extra), tmp)
-    return Path(path)
+    return save_state(self, path, **extra)
 
 def load_state(path: str | Path, # written by `CILState.save`
                device: str | torch.device = "cpu", # where to put the state
-              ) -> tuple[CILState, dict]: # the state and the `extra` data saved with it
-    "Read a state written by `CILState.save`."
+              ) -> tuple: # the state (`CILState` or a peer's) and the `extra` data saved with it
+    "Read a state written by `save_state`."
     try: d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e: raise SpaError(f"cannot read the run state {path} ({type(e).__name__}: {e}): delete it to start that run afresh") from e
-    return state_from_dict(d, device), d.get("extra", {})
+    peer = d.get("knobs", {}).get("peer")
+    return (PEERS[peer].from_dict(d, device) if peer else state_from_dict(d, device)), d.get("extra", {})
 
 # %% ../nbs/10_learner.ipynb #3831098d
 def split_features(clip: ClipBundle, # the frozen model
@@ -443,7 +483,17 @@ def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: dict, seed: 
                            "rerun without --resume, or pass another --out")
         gen.set_state(extra["generator"])
         return state, extra["records"], gen
+    if "peer" in knobs: return PEERS[knobs["peer"]].new(prep.text.names, prep.logit_scale, seed, knobs), [], gen
     return new_state(prep.text, prep.logit_scale, seed, **knobs), [], gen
+
+def _reader(feats: FeatureSet, device: torch.device):
+    "A peer's view of a feature cache: sorted rows -> (global features [n, d], labels [n])."
+    return lambda idx: rows(feats, idx, device, patches=False)[0::2]
+
+def _train(state, train: FeatureSet, classes: list[int], gen: torch.Generator):
+    "One task of SPA (`train_task`) or of a peer (its own training on the rows of the task's classes)."
+    if "peer" not in state.knobs: return train_task(state, train, classes, gen)
+    return PEERS[state.knobs["peer"]].train(state, _reader(train, state.device), task_rows(train, min(classes), max(classes) + 1), classes, gen)
 
 def _record(state: CILState, test: FeatureSet, n_old: int) -> dict:
     "Predictions and timings of one evaluation."
@@ -462,7 +512,7 @@ def _result(method: str, prep: Prepared, knobs: dict, records: list[dict], key: 
                      [max(s) + 1 for s in prep.splits], prep.benchmark.order, knobs, on, timings, run_key=key)
 
 def run_method(prep: Prepared, # shared features and text side
-               method: str = "spa", # a name in `METHODS`
+               method: str = "spa", # a name in `list_methods()`
                seed: int = 0, # run seed: projector init, shuffling, pseudo-features
                out_dir: str | Path | None = None, # save the state after every task here (enables resume)
                resume: bool = False, # continue from `out_dir`'s saved state
@@ -475,9 +525,9 @@ def run_method(prep: Prepared, # shared features and text side
     state, records, gen = _resume(ckpt, resume, prep, knobs, seed)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):
         t0, n_old = time.perf_counter(), state.n_seen
-        train_task(state, prep.train, classes, gen)
+        _train(state, prep.train, classes, gen)
         records.append(dict(train_s=time.perf_counter() - t0) | _record(state, prep.test, n_old))
-        if ckpt is not None: state.save(ckpt, records=records, generator=gen.get_state(), run_key=run_key(prep, knobs, seed))
+        if ckpt is not None: save_state(state, ckpt, records=records, generator=gen.get_state(), run_key=run_key(prep, knobs, seed))
     return _result(method, prep, knobs, records, run_key(prep, knobs, seed))
 
 # %% ../nbs/10_learner.ipynb #381ba9ec
