@@ -32,7 +32,7 @@ def premise(clip, variant, seeds):
     views = [premise_views(clip, synthetic_world(variant=variant, seed=s)) for s in seeds]
     mean = {k: float(np.mean([getattr(v, k) for v in views])) for k in views[0]._fields}
     g, p = max(mean["global_prompt"], mean["global_ncm"]), max(mean["patch_best"], mean["patch_selected"])
-    print("[premise] part-only siblings told apart (chance 1/3), mean over world seeds: "
+    print("[premise] part-only siblings told apart (chance: one in marks_per_look), mean over world seeds: "
           + ", ".join(f"{k} {v:.1%}" for k, v in mean.items()))
     verdict = ("met" if p - g >= 0.15 else "MISSED") if variant == "premise" else "the control world: no target, the global view may know the part"
     print(f"[premise] best patch view {p:.1%} - best global view {g:.1%} = {100 * (p - g):+.1f} points (target >= +15) -> {verdict}")

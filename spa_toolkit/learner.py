@@ -137,7 +137,7 @@ def encode_text_side(clip: ClipBundle, # the frozen model
     return TextSide(class_embeddings(clip, class_names, templates), sem.tokens.float(), sem.mask)
 
 # %% ../nbs/10_learner.ipynb #582bf14b
-STATE_VERSION = 1 # bump when the saved state's layout changes
+STATE_VERSION = 2 # bump when the saved state's layout changes (2: frozen-space patch sets, study knobs)
 
 @dataclass
 class CILState:
@@ -275,7 +275,8 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     opt, sched = _optimizer(params, k, k["epochs"] * n_batches)
     replay = k["calibration"] and len(old) > 0 and k["pseudo_ratio"] > 0
     for _ in tqdm(range(k["epochs"]), desc=f"task {state.n_tasks}", disable=not progress, leave=False):
-        pseudo = replay_schedule(old, n_batches, max(1, round(bs * k["pseudo_ratio"])), gen) if replay else [None] * n_batches
+        per_batch = max(1, round(bs * k["pseudo_ratio"]), math.ceil(len(old) / n_batches))  # room for every old class each epoch
+        pseudo = replay_schedule(old, n_batches, per_batch, gen) if replay else [None] * n_batches
         for b, labels in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
             loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen)
             if labels is not None: loss = loss + k["pseudo_ratio"] * _loss(state, *_pseudo_batch(state, labels, gen), n_seen)
@@ -292,13 +293,15 @@ def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> tor
     if k["selection"] == "agnostic": return select_patch_sets(p, sem[:n], kk, mask[:n], k["eval_chunk"])
     return select_patches_for_labels(p, sem, y, kk, mask)
 
-def _new_stats(state: CILState, data: Rows, classes: torch.Tensor, chunk: int = 256) -> tuple:
+def _patch_sets(state: CILState, data: Rows, n: int, chunk: int = 256) -> torch.Tensor:
+    "[n_img, k, d] the frozen patch sets of the task's images (float16 patches cast a chunk of images at a time)."
+    return torch.cat([_stat_sets(state, p.to(data.g.dtype), y, n) for p, y in zip(data.p.split(chunk), data.y.split(chunk))])
+
+def _new_stats(state: CILState, data: Rows, sets: torch.Tensor | None, classes: torch.Tensor) -> tuple:
     "Statistics of the task's classes: frozen global features, and the frozen patch sets SPA selects for them."
-    k, n = state.knobs, int(classes.max()) + 1
+    k = state.knobs
     st = class_stats(data.g, data.y, classes, cov=k["cov"], shrink=k["shrink"])
-    if data.p is None or not k["calibration"]: return st, None
-    # float16 patches are cast a chunk of images at a time, never the whole task at once
-    sets = torch.cat([_stat_sets(state, p.to(data.g.dtype), y, n) for p, y in zip(data.p.split(chunk), data.y.split(chunk))])
+    if sets is None or not k["calibration"]: return st, None
     return st, patch_stats(sets, data.y, classes, cov=k["cov"], shrink=k["shrink"])
 
 # %% ../nbs/10_learner.ipynb #f15e33ae
@@ -315,7 +318,9 @@ def train_task(state: CILState, # the state after the previous task (updated in 
     gen = generator if generator is not None else make_generator(state.n_tasks, state.device)
     data = rows(train, task_rows(train, lo, hi), state.device, patches=_uses_patches(state.knobs))
     if not len(data.y): raise SpaError(f"no training images for classes {lo}..{hi - 1}: check the benchmark's train split")
-    st, pst = _new_stats(state, data, torch.arange(lo, hi, device=state.device))  # frozen features: known before training
+    sets = None if data.p is None else _patch_sets(state, data, hi)  # frozen: selected once per task, not per batch
+    if sets is not None and state.knobs["selection"] == "agnostic": data = data._replace(p=sets)  # what every class is scored on
+    st, pst = _new_stats(state, data, sets, torch.arange(lo, hi, device=state.device))  # frozen features: known before training
     state.stats = st if state.stats is None else merge_stats(state.stats, st)
     state.pstats = pst if state.pstats is None or pst is None else merge_stats(state.pstats, pst)
     if state.knobs["scorer"] == "spa" and state.knobs["epochs"] > 0: _fit(state, data, hi, torch.arange(lo, device=state.device), gen, progress)
@@ -357,9 +362,8 @@ def replay_margins(state: CILState, # a trained state with statistics
                    generator: torch.Generator, # draws the pseudo-features
                   ) -> tuple[torch.Tensor, torch.Tensor]: # margins of the real test images [n], of the pseudo-features [m]
     "Margins of old classes' real test images and of pseudo-features drawn for them, under the same state."
-    lo, hi = min(classes), max(classes) + 1
-    r = rows(test, task_rows(test, lo, hi), state.device, patches=_uses_patches(state.knobs))
-    cls = torch.arange(lo, hi, device=state.device)
+    cls = torch.as_tensor(sorted(set(classes)), device=state.device)
+    r = rows(test, np.flatnonzero(np.isin(test.labels, cls.cpu().numpy())), state.device, patches=_uses_patches(state.knobs))
     g = sample_pseudo(state.stats, n_per_class, generator, classes=cls, normalize=True)
     p = sample_pseudo_patches(state.pstats, n_per_class, generator, classes=cls, normalize=True).feats if state.pstats is not None else None
     return score_margins(state, r.g, r.p, r.y), score_margins(state, g.feats, p, g.labels)
@@ -439,6 +443,7 @@ class Prepared:
     splits: list[list[int]]
     setting: str
     text_key: str # content key of the text side: model, class names, templates, descriptions, their phrasing and cap
+    text_knobs: dict # the text knobs it was encoded with: sem_template, n_desc
 
 def prepare(benchmark: Benchmark, # the benchmark
             clip: ClipBundle, # the frozen model (already on its device)
@@ -463,7 +468,7 @@ def prepare(benchmark: Benchmark, # the benchmark
                    for s in ("train", "test"))
     text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc)
     text_key = content_key(clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc)
-    return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key)
+    return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key, dict(sem_template=sem_template, n_desc=n_desc))
 
 # %% ../nbs/10_learner.ipynb #c9978f17
 def run_key(prep: Prepared, # the prepared benchmark
@@ -521,6 +526,8 @@ def run_method(prep: Prepared, # shared features and text side
               ) -> RunResult:
     "Train and evaluate one method over all tasks of the prepared benchmark."
     knobs = method_knobs(method, **knobs)
+    if clash := {k: (knobs[k], v) for k, v in prep.text_knobs.items() if k in knobs and knobs[k] != v}:
+        raise SpaError(f"{method}'s text knobs {clash} (asked, prepared) differ from the prepared text side: prepare() with them")
     ckpt = None if out_dir is None else Path(out_dir) / f"{method}.state.pt"
     state, records, gen = _resume(ckpt, resume, prep, knobs, seed)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):

@@ -20,7 +20,7 @@ from .data import (DEFAULT_WORLD, DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes
                               clip_transform, demo_classes, describe, pretrain_classes, render_sample, world_attributes,
                               world_image_size)
 from .backbone import LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts, load_clip
-from .patches import select_patches, semantic_tokens
+from .patches import select_patch_sets, semantic_tokens
 from .fixtures import WEIGHTS_FILE, write_clip_folder
 
 # %% auto #0
@@ -326,7 +326,7 @@ class PremiseViews(NamedTuple):
     global_prompt: float  # global embedding vs the class-name prompts (zero-shot)
     global_ncm: float  # global embedding vs the class means of the training images (nearest class mean)
     patch_best: float  # the best of all patches vs the class's mark phrase
-    patch_selected: float  # the best of the k patches SPA selects for the class vs its mark phrase
+    patch_selected: float  # the best of the k patches SPA selects (one set per image) vs the class's mark phrase
 
     @property
     def global_view(self) -> float: return max(self.global_prompt, self.global_ncm)
@@ -341,7 +341,7 @@ def _encode(clip: ClipBundle, images: list, patches: bool, batch_size: int = 256
 
 def premise_views(clip: ClipBundle, # the model
                   world: Benchmark, # a synthetic world (`data.synthetic_world`)
-                  k: int = 16, # patches SPA selects per (image, class)
+                  k: int = 16, # patches SPA selects per image
                  ) -> PremiseViews:
     "The paper's premise, measured before any learning: part-only siblings told apart by global vs patch views."
     names, attrs = world.class_names, world_attributes_of(world.class_names)
@@ -349,8 +349,10 @@ def premise_views(clip: ClipBundle, # the model
     g, p = _encode(clip, world.test["image"], patches=True)
     y_train, y = (torch.as_tensor(s["label"], device=g.device) for s in (world.train, world.test))
     means = l2norm(torch.zeros(len(names), g.shape[1], device=g.device).index_add_(0, y_train, g_train))
-    sim = torch.einsum("bnd,cd->bcn", p, encode_texts(clip, [describe(a)[2] for a in attrs]))  # [n, C, N] vs mark phrases
+    marks = encode_texts(clip, [describe(a)[2] for a in attrs])  # [C, d] each class's mark phrase
+    sim = torch.einsum("bnd,cd->bcn", p, marks)  # [n, C, N]
     sem = semantic_tokens(names, world.descriptions, clip)  # SPA's semantic tokens, its default phrasing
-    chosen = select_patches(p, sem.tokens, min(k, p.shape[1]), sem.mask)  # [n, C, k]
-    scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, sim.amax(-1), sim.gather(2, chosen).amax(-1))
+    chosen = select_patch_sets(p, sem.tokens, min(k, p.shape[1]), sem.mask)  # [n, k, d]: SPA's frozen-space set of each image
+    on_set = torch.einsum("bkd,cd->bck", chosen, marks).amax(-1)  # [n, C]
+    scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, sim.amax(-1), on_set)
     return PremiseViews(*(sibling_top1(s, y, sibling_mask(names)) for s in scores))

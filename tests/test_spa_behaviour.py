@@ -52,6 +52,9 @@ def test_training_replays_pseudo_features_of_every_old_class(prep, monkeypatch):
     assert seen, "no pseudo-features were drawn while training the second task"
     assert set().union(*map(set, seen)) == set(prep.splits[0])
     seen.clear()
+    trained(prep, tasks=2, epochs=1, pseudo_ratio=0.01)  # fewer pseudo-features than old classes asked: the epoch still covers them all
+    assert set().union(*map(set, seen)) == set(prep.splits[0])
+    seen.clear()
     trained(prep, tasks=2, epochs=1, calibration=False)
     assert not seen
 
@@ -86,9 +89,10 @@ def test_descriptions_are_capped_and_the_cap_is_in_the_run_key(prep):
     p8 = L.prepare(world, clip, descriptions=many, cache_dir=prep.train.folder.parent, n_desc=8, progress=False)
     assert p4.text.sem.shape[1] == 4 and p8.text.sem.shape[1] == 8
     assert capped(many[world.class_names[0]], 4, world.class_names[0]) != many[world.class_names[0]][:4]  # a sample, not a prefix
-    knobs = L.method_knobs("spa")
+    knobs = L.method_knobs("spa", n_desc=4)
     assert L.run_key(p4, knobs, 0) != L.run_key(p8, knobs, 0)
-    assert L.run_key(p4, knobs, 0) != L.run_key(p4, L.method_knobs("spa", n_desc=4), 0)
+    assert L.run_key(p4, knobs, 0) != L.run_key(p4, L.method_knobs("spa", n_desc=8), 0)
+    with pytest.raises(L.SpaError, match="prepare"): L.run_method(p4, "spa", progress=False)  # knobs say 8, the text side holds 4
 
 
 def test_evaluation_scores_classes_a_chunk_at_a_time(prep, monkeypatch):
@@ -109,5 +113,22 @@ def margin_gap(state, prep):
 
 def test_replay_is_consistent_with_the_test(prep):
     "Old classes' pseudo-features meet the classifier as their real test images do: mean margins within 0.5 std of the real ones."
-    gap = margin_gap(trained(prep, tasks=2), prep)
-    assert gap <= 0.5, gap
+    state = trained(prep, tasks=2)
+    assert margin_gap(state, prep) <= 0.5
+    # the check sees a replay that does not match: patch statistics of the wrong classes
+    st = state.pstats.stats
+    order = torch.cat([torch.arange(4, 8), torch.arange(4)]).repeat_interleave(state.pstats.k) * state.pstats.k
+    order = order + torch.arange(state.pstats.k).repeat(8)
+    state.pstats.stats = type(st)(st.classes, st.means[order], st.counts, st.cov, st.factor[order], st.shrink)
+    assert margin_gap(state, prep) > 0.5
+
+
+def test_padded_descriptions_change_nothing(prep):
+    "A class's patch score does not depend on how many padding slots its semantic tokens carry."
+    state = L.new_state(prep.text, prep.logit_scale, proto=0.0)
+    pad = lambda t, v: torch.cat([t, torch.full((t.shape[0], 3, *t.shape[2:]), v, dtype=t.dtype)], 1)
+    padded = L.new_state(L.TextSide(prep.text.names, pad(prep.text.sem, 0.0), pad(prep.text.sem_mask, False)), prep.logit_scale, proto=0.0)
+    r = L.rows(prep.test, np.arange(6), "cpu")
+    for pool in ("semi_ot", "ot", "mean", "max"):
+        state.knobs["pool"] = padded.knobs["pool"] = pool
+        with torch.no_grad(): torch.testing.assert_close(L._patch_scores(padded, r.p, 8), L._patch_scores(state, r.p, 8), rtol=1e-5, atol=1e-6)
