@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .core import SpaError, atomic_path, check_finite, content_key, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
+from .distributed import extract_sharded
 from .patches import (SEM_TEMPLATE, class_chunks, gather_patches, select_patch_sets, select_patches,
                                  select_patches_for_labels, semantic_tokens)
 from .ot import POOLS, pooled_score
@@ -381,12 +382,12 @@ def split_features(clip: ClipBundle, # the frozen model
                    *,
                    patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
                    batch_size: int = 64, # images per forward pass
-                   num_workers: int = 0, # image-decoding processes
+                   num_workers: int | None = None, # image-decoding processes (None: from the CPU count on CUDA, 0 elsewhere)
                    progress: bool = True, # a progress bar while extracting
                   ) -> FeatureSet:
-    "Cached features of one split of a benchmark, named by the benchmark's content key (extracted on first use)."
-    return extract_features(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
-                            patches=patches, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    "Cached features of one split of a benchmark, named by the benchmark's content key (extracted on first use, sharded under torchrun)."
+    return extract_sharded(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
+                           patches=patches, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
 @dataclass
 class Prepared:
@@ -409,7 +410,7 @@ def prepare(benchmark: Benchmark, # the benchmark
             patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
             n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
             batch_size: int = 64, # images per forward pass when extracting
-            num_workers: int = 0, # image-decoding processes when extracting
+            num_workers: int | None = None, # image-decoding processes when extracting (None: from the CPU count on CUDA, 0 elsewhere)
             progress: bool = True, # progress bars
            ) -> Prepared:
     "Extract (or reuse) the features and encode the text side, once for all methods."
