@@ -23,14 +23,14 @@ from .patches import (SEM_TEMPLATE, class_chunks, gather_patches, select_patch_s
                                  select_patches_for_labels, semantic_tokens)
 from .ot import POOLS, pooled_score
 from .projectors import SpaProjectors
-from .calibration import ClassStats, PatchStats, check_stats_knobs, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
+from .calibration import ClassStats, PatchStats, check_stats_knobs, check_stats_memory, stats_budget, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
 __all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'STATE_VERSION', 'spa_knobs', 'method_knobs', 'TextSide',
            'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows', 'rows', 'task_rows', 'replay_schedule',
            'train_task', 'evaluate', 'score_margins', 'replay_margins', 'state_dict', 'state_from_dict', 'load_state',
-           'split_features', 'Prepared', 'prepare', 'run_key', 'run_method', 'run_protocol']
+           'split_features', 'Prepared', 'prepare', 'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #63c9f550
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
@@ -462,6 +462,15 @@ def _result(method: str, prep: Prepared, knobs: dict, records: list[dict], key: 
     return RunResult(method, prep.benchmark.name, prep.setting, curve, accuracy_matrix(preds, labels, prep.splits).tolist(),
                      [max(s) + 1 for s in prep.splits], prep.benchmark.order, knobs, on, timings, run_key=key)
 
+def check_stats_fit(prep: Prepared, # the prepared benchmark
+                    knobs: dict, # a method's resolved knobs
+                   ) -> int: # bytes the statistics will take at the last task
+    "Raise `SpaError`, before any work, when the method's statistics of all the benchmark's classes would not fit in memory."
+    p = prep.train.patches
+    slots = min(knobs["k_patches"], p.shape[1]) if knobs["calibration"] and _uses_patches(knobs) and p is not None else 0
+    return check_stats_memory(len(prep.benchmark.class_names), prep.text.names.shape[1], knobs["cov"], slots,
+                              stats_budget(prep.text.names.device))
+
 def run_method(prep: Prepared, # shared features and text side
                method: str = "spa", # a name in `METHODS`
                seed: int = 0, # run seed: projector init, shuffling, pseudo-features
@@ -472,6 +481,7 @@ def run_method(prep: Prepared, # shared features and text side
               ) -> RunResult:
     "Train and evaluate one method over all tasks of the prepared benchmark."
     knobs = method_knobs(method, **knobs)
+    check_stats_fit(prep, knobs)
     ckpt = None if out_dir is None else Path(out_dir) / f"{method}.state.pt"
     state, records, gen = _resume(ckpt, resume, prep, knobs, seed)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):
