@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_backbone.ipynb #2c2120bd
 from __future__ import annotations
-import contextlib, difflib, json, re, shutil
+import contextlib, difflib, json, os, re, shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from .core import SpaError, atomic_write_json, content_key, l2norm, library_versions, pick_device
 
 # %% auto #0
-__all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'ClipBundle', 'load_clip', 'ImageFeatures',
+__all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle', 'load_clip', 'ImageFeatures',
            'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap',
-           'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'extract_features']
+           'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'default_workers', 'CachePlan',
+           'plan_cache', 'start_cache', 'finish_cache', 'fill_rows', 'extract_features']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
@@ -375,12 +376,12 @@ def _bad_image(data, i: int, err: Exception) -> SpaError:
                     "replace it with a valid image file or delete it, then rerun")
 
 class _Rows(Dataset):
-    "Rows `start:` of an (image, label) dataset, images run through `preprocess`; an undecodable image's row is its `SpaError`."
-    def __init__(self, data, preprocess: Callable, start: int): self.data, self.preprocess, self.start = data, preprocess, start
-    def __len__(self) -> int: return len(self.data) - self.start
+    "The `rows` of an (image, label) dataset, images run through `preprocess`; an undecodable image's row is its `SpaError`."
+    def __init__(self, data, preprocess: Callable, rows: range): self.data, self.preprocess, self.rows = data, preprocess, rows
+    def __len__(self) -> int: return len(self.rows)
     def __getitem__(self, i: int):
-        try: row = self.data[self.start + i]; img = row["image"].convert("RGB")
-        except (OSError, SyntaxError) as e: return _bad_image(self.data, self.start + i, e)  # raised in the main process
+        try: row = self.data[self.rows[i]]; img = row["image"].convert("RGB")
+        except (OSError, SyntaxError) as e: return _bad_image(self.data, self.rows[i], e)  # raised in the main process
         return self.preprocess(img), int(row["label"])
 
 def _collate(rows: list):
@@ -404,29 +405,84 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
     out = {"global": f.global_}
     if patches == "all": out["patches"] = f.patches
     elif patches != "none": out["patch_idx"], out["patches"] = top_patches(f, patches)
-    return {k: v.cpu().numpy() for k, v in out.items()}
+    return {k: _host(v) for k, v in out.items()}
+
+def _host(v: torch.Tensor) -> np.ndarray:
+    "A batch's feature (float) or patch index (int) tensor as the cache stores it (float16 / int16), converted before leaving the device."
+    return v.to(torch.float16 if v.is_floating_point() else torch.int16).cpu().numpy()
 
 # %% ../nbs/02_backbone.ipynb #9fb7f452
-def _fill(clip: ClipBundle, dataset, folder: Path, ident: dict, start: int, batch_size: int, num_workers: int, progress: bool):
-    "Extract rows `start:` into the folder's arrays, recording progress after each batch."
-    folder.mkdir(parents=True, exist_ok=True)
-    ident = ident | dict(versions=library_versions())  # recorded, not compared: a resume may run on newer libraries
-    arrays = _open_arrays(folder, ident["arrays"], "r+" if start else "w+")
-    if not start: _write_meta(folder, ident, 0)
-    loader = DataLoader(_Rows(dataset, clip.preprocess, start), batch_size=batch_size, num_workers=num_workers,
+RECORD_EVERY = 8  # batches between flushing the memory maps and recording progress (a resume redoes at most this many)
+
+def default_workers(device: torch.device, # where the model runs
+                    ranks_per_node: int = 1, # extracting processes sharing this machine's CPUs (torchrun's LOCAL_WORLD_SIZE)
+                   ) -> int:
+    "Image-decoding processes per extracting process: from the CPU count on CUDA (at most 8, PROOF's), 0 (in-process) elsewhere."
+    return min(8, max(1, (os.cpu_count() or 1) // ranks_per_node - 1)) if device.type == "cuda" else 0
+
+class CachePlan(NamedTuple):
+    "A feature cache's folder, what it must match, and how far it got."
+    folder: Path  # the cache folder
+    ident: dict  # what its meta.json must match (`_identity`)
+    meta: dict | None  # its meta.json, checked against `ident` (None: nothing extracted yet)
+    written: dict  # what meta.json records besides progress: `ident` and the library versions (not compared: a resume may run on newer ones)
+
+def plan_cache(clip: ClipBundle, # the frozen model
+               dataset, # indexable (image, label) rows
+               cache_dir: str | Path, # parent folder of all feature caches
+               name: str, # what the dataset is (part of the key)
+               patches: str | int = "all", # "all", "none" or k
+               patch_source: str = "tokens", # "tokens" or "value"
+               refresh: bool = False, # delete the cache first
+              ) -> CachePlan:
+    "Where the cache of these settings lives and how far it got (raising when it was written for other settings)."
+    if len(dataset) == 0: raise SpaError(f"dataset {name!r} is empty: nothing to extract")
+    ident = _identity(clip, name, len(dataset), _patch_mode(patches, clip.n_patches), patch_source)
+    folder = cache_folder(cache_dir, ident)
+    if refresh: shutil.rmtree(folder, ignore_errors=True)
+    meta = _read_meta(folder)
+    return CachePlan(folder, ident, meta and _check_meta(folder, meta, ident), ident | dict(versions=library_versions()))
+
+def start_cache(plan: CachePlan):
+    "Create the cache's arrays and record that no row is done."
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    _open_arrays(plan.folder, plan.ident["arrays"], "w+")
+    _write_meta(plan.folder, plan.written, 0)
+
+def finish_cache(plan: CachePlan, world_size: int = 1): # processes that wrote the rows
+    "Record the cache complete (written last, after every row)."
+    _write_meta(plan.folder, plan.written | dict(world_size=world_size), plan.ident["n"], complete=True)
+
+def fill_rows(clip: ClipBundle, # the frozen model
+              dataset, # indexable (image, label) rows
+              plan: CachePlan, # a started cache (`start_cache`)
+              rows: range, # the rows to extract, a whole number of batches from `rows.start` (or up to the end)
+              record: Callable[[int], None], # called with `i` once rows `rows.start:i` are on disk
+              batch_size: int = 64, # images per forward pass
+              num_workers: int | None = None, # decoding processes (None: `default_workers`)
+              progress: bool = True, # a progress bar
+              record_every: int = RECORD_EVERY, # batches between flushes and records
+             ):
+    "Extract `rows` into the cache's memory maps, flushing them and calling `record` every `record_every` batches and at the end."
+    if num_workers is None: num_workers = default_workers(clip.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    arrays = _open_arrays(plan.folder, plan.ident["arrays"], "r+")
+    loader = DataLoader(_Rows(dataset, clip.preprocess, rows), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=clip.device.type == "cuda", collate_fn=_collate)
-    i = start
-    with tqdm(total=ident["n"], initial=start, unit="img", desc=f"features {ident['name']}", disable=not progress) as bar:
-        for batch in loader:
+    i = rows.start
+    with tqdm(total=rows.stop, initial=rows.start, unit="img", desc=f"features {plan.ident['name']}", disable=not progress) as bar:
+        for b, batch in enumerate(loader, 1):
             if isinstance(batch, SpaError): raise batch
             x, y = batch
-            rows = _batch_features(clip, x, ident["patches"], ident["patch_source"]) | {"labels": y.numpy()}
-            for k, v in rows.items(): arrays[k][i:i + len(y)] = v
-            for a in arrays.values(): a.flush()
-            i += len(y)
-            _write_meta(folder, ident, i)
-            bar.update(len(y))
-    _write_meta(folder, ident, i, complete=True)
+            for k, v in (_batch_features(clip, x, plan.ident["patches"], plan.ident["patch_source"]) | {"labels": y.numpy()}).items():
+                arrays[k][i:i + len(y)] = v
+            i += len(y); bar.update(len(y))
+            if b % record_every == 0 or i == rows.stop: _flush(arrays, record, i)
+    if i == rows.start: record(i)
+
+def _flush(arrays: dict, record: Callable[[int], None], i: int):
+    for a in arrays.values(): a.flush()
+    record(i)
+
 
 # %% ../nbs/02_backbone.ipynb #acc53c1e
 def extract_features(clip: ClipBundle, # the frozen model
@@ -435,20 +491,20 @@ def extract_features(clip: ClipBundle, # the frozen model
                      name: str, # what the dataset is, e.g. "cifar100-train" (part of the key)
                      patches: str | int = "all", # "all", "none", or k: keep the k patches closest to the global embedding
                      batch_size: int = 64, # images per forward pass (and per progress record)
-                     num_workers: int = 0, # DataLoader processes decoding images
+                     num_workers: int | None = None, # DataLoader processes decoding images (None: `default_workers`)
                      device: str | torch.device | None = None, # move the model here first (None: where it is)
                      patch_source: str = "tokens", # "tokens" or "value" (see `encode_images`)
                      refresh: bool = False, # delete an existing cache for these settings and re-extract
                      progress: bool = True, # a progress bar while extracting
+                     record_every: int = RECORD_EVERY, # batches between flushes and progress records
                     ) -> FeatureSet:
     "Extract (or resume, or reuse) the cached features of `dataset` and memory-map them."
-    if len(dataset) == 0: raise SpaError(f"dataset {name!r} is empty: nothing to extract")
     if device is not None: clip.model.to(pick_device(device))
-    ident = _identity(clip, name, len(dataset), _patch_mode(patches, clip.n_patches), patch_source)
-    folder = cache_folder(cache_dir, ident)
-    if refresh: shutil.rmtree(folder, ignore_errors=True)
-    meta = _read_meta(folder)
-    if meta is not None: _check_meta(folder, meta, ident)
-    if meta is None or not meta["complete"]:
-        _fill(clip, dataset, folder, ident, meta["n_done"] if meta else 0, batch_size, num_workers, progress)
-    return open_features(folder)
+    plan = plan_cache(clip, dataset, cache_dir, name, patches, patch_source, refresh)
+    if plan.meta is None or not plan.meta["complete"]:
+        start = plan.meta["n_done"] if plan.meta else 0
+        if not start: start_cache(plan)
+        fill_rows(clip, dataset, plan, range(start, len(dataset)), lambda i: _write_meta(plan.folder, plan.written, i),
+                  batch_size, num_workers, progress, record_every)
+        finish_cache(plan)
+    return open_features(plan.folder)

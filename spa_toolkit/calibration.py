@@ -4,6 +4,7 @@
 
 # %% ../nbs/08_calibration.ipynb #df1bca72
 from __future__ import annotations
+import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ from .core import SpaError, check_finite, check_float_tensor, check_generator, l
 # %% auto #0
 __all__ = ['COV_KINDS', 'lw_intensity', 'ShrunkCov', 'ledoit_wolf', 'ClassStats', 'check_stats_knobs', 'class_stats',
            'merge_stats', 'Pseudo', 'sample_pseudo', 'PatchStats', 'patch_stats', 'sample_pseudo_patches',
-           'stats_bytes', 'stats_bytes_for']
+           'stats_bytes', 'stats_bytes_for', 'stats_budget', 'run_stats_bytes', 'check_stats_memory']
 
 # %% ../nbs/08_calibration.ipynb #890111cf
 def lw_intensity(m4: torch.Tensor, # [...] sum over samples of ||r||^4 (diagonal model: of sum_i r_i^4)
@@ -294,3 +295,31 @@ def stats_bytes_for(n_classes: int, # C
     factor = dict(full=rows * dim * dim, diag=rows * dim, shared=dim * dim, none=0)[cov]
     merge = dim * dim * 8 + 8 if cov == "shared" else 0      # float64 pooled scatter and m4
     return (rows * dim + factor) * itemsize + rows * 2 * 8 + merge  # means, factor, int64 classes and counts
+
+# %% ../nbs/08_calibration.ipynb #b17f0d2e
+def stats_budget(device: str | torch.device, # where the statistics live
+                 share: float = 0.5, # of the free memory
+                ) -> int:
+    "Bytes the statistics may take: `share` of the memory free on `device` (GPU memory on CUDA, physical memory otherwise)."
+    dev = torch.device(device)
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(share * free)
+
+def run_stats_bytes(n_classes: int, # C: every class of the run
+                    dim: int, # d
+                    cov: str, # one of `COV_KINDS`
+                    slots: int = 0, # patch slots per class with statistics (0: global statistics only)
+                   ) -> int:
+    "Bytes of a run's statistics at its last task: the global ones, and the per-slot patch ones when `slots` > 0."
+    return stats_bytes_for(n_classes, dim, cov) + (stats_bytes_for(n_classes, dim, cov, slots) if slots else 0)
+
+def check_stats_memory(n_classes: int, dim: int, cov: str, slots: int, # as in `run_stats_bytes`
+                       budget: int, # bytes at hand (`stats_budget`)
+                      ) -> int: # the bytes needed
+    "Raise `SpaError` when a run's statistics would not fit in `budget` bytes, naming the covariance models that would."
+    need = run_stats_bytes(n_classes, dim, cov, slots)
+    if need <= budget: return need
+    fits = [c for c in ("diag", "shared", "none") if run_stats_bytes(n_classes, dim, c, slots) <= budget]
+    fix = (f"pass cov={fits[0]!r}" + (f" (or {', '.join(map(repr, fits[1:]))})" if fits[1:] else "")) if fits else "use fewer classes or a device with more memory"
+    raise SpaError(f"cov={cov!r} statistics of {n_classes} classes ({1 + slots} Gaussians each, d={dim}) need {need / 2**30:.1f} GiB, "
+                   f"more than the {budget / 2**30:.1f} GiB at hand: {fix}")

@@ -18,6 +18,7 @@ from . import __version__
 from .core import SpaError, atomic_path, atomic_write_json, atomic_write_text, content_key, library_versions
 from .data import BENCHMARKS, DEFAULT_WORLD, WORLD_VARIANTS, Benchmark, list_benchmarks, load_benchmark, synthetic_world
 from .backbone import LOCAL_DIR, ClipBundle, load_clip
+from .distributed import close_distributed, env_rank, init_distributed
 from .exemplars import exemplar_images
 from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
                                       template_descriptions)
@@ -197,7 +198,7 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
                      n_descriptions: int = 8, # phrases per class
                      progress: bool = True, # progress bars
                      batch_size: int = 64, # images per forward pass when extracting the train features
-                     num_workers: int = 0, # image-decoding processes when extracting
+                     num_workers: int | None = None, # image-decoding processes when extracting (None: from the CPU count on CUDA)
                      **completion_kwargs, # passed to litellm.completion (temperature, mock_response, ...)
                     ) -> Described:
     "Describe every class with `model`, shown its exemplar images; resumable (each class is cached)."
@@ -427,7 +428,10 @@ def plot_suite(rows: list[BenchRow], # from `bench_rows`
 
 # %% ../nbs/11_cli.ipynb #b5842f0a
 def cmd_run(a: argparse.Namespace) -> int:
-    "`run`: one benchmark setting; prints the report and where it went."
+    "`run`: one benchmark setting; prints the report and where it went (under torchrun every rank extracts its share, rank 0 trains)."
+    r = env_rank()
+    if r.world_size > 1: cmd_features(a)  # the features, sharded; then rank 0 alone trains and evaluates on the finished cache
+    if r.rank > 0: return 0
     rep = run_one(a, a.dataset, a.setting, a.out, Path("runs"))
     print(rep.text()); print(f"results written to {rep.out}")
     return 0
@@ -468,11 +472,13 @@ def cmd_describe(a: argparse.Namespace) -> int:
     return 0
 
 def cmd_features(a: argparse.Namespace) -> int:
-    "`features`: extract and cache a benchmark's train and test features."
+    "`features`: extract and cache a benchmark's train and test features (under torchrun each rank extracts its share)."
+    r = init_distributed(a.device)
     bench, clip = open_benchmark(a, a.dataset), open_model(a, a.dataset)
     for split in ("train", "test"):
         f = split_features(clip, bench, split, a.cache_dir / "features", batch_size=a.extract_batch_size, num_workers=a.num_workers)
-        print(f"{bench.name} {split}: {len(f)} images, cached in {f.folder}")
+        if r.rank == 0: print(f"{bench.name} {split}: {len(f)} images, cached in {f.folder}")
+    close_distributed()
     return 0
 
 # %% ../nbs/11_cli.ipynb #57696bfb
@@ -491,7 +497,8 @@ MODEL_OPTIONS = [
                                              "amp_bf16 / amp (bf16 / fp16 autocast), bf16, fp16 (default: %(default)s)")),
     ("--cache-dir", dict(type=Path, default=Path(".cache"), help="features/, models/ and descriptions/ are cached here (default: %(default)s)")),
     ("--extract-batch-size", dict(type=int, default=64, help="images per forward pass when extracting features (default: %(default)s)")),
-    ("--num-workers", dict(type=int, default=0, help="image-decoding processes when extracting features (default: %(default)s)")),
+    ("--num-workers", dict(type=int, help="image-decoding processes when extracting features, per process (default: from the CPU "
+                                          "count on CUDA, at most 8; 0, in-process, on CPU)")),
 ]
 LLM_OPTIONS = [
     ("--api-base", dict(help="base URL of an OpenAI-compatible server (vLLM, Ollama, LM Studio) for the LLM")),

@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 from .core import SpaError, atomic_path, check_finite, content_key, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
+from .distributed import extract_sharded
 from .patches import (SEM_TEMPLATE, class_chunks, gather_patches, select_patch_sets, select_patches,
                                  select_patches_for_labels, semantic_tokens)
 from .ot import POOLS, pooled_score
 from .projectors import SpaProjectors
-from .calibration import ClassStats, PatchStats, check_stats_knobs, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
+from .calibration import ClassStats, PatchStats, check_stats_knobs, check_stats_memory, stats_budget, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
 from .proof import new_proof_state, proof_knobs, proof_logits, proof_state_dict, proof_state_from_dict, train_proof_task
 from .rapf import new_rapf_state, rapf_knobs, rapf_logits, rapf_state_dict, rapf_state_from_dict, train_rapf_task
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
@@ -32,7 +33,7 @@ __all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'ALIASES'
            'list_methods', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows',
            'rows', 'task_rows', 'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins',
            'state_dict', 'state_from_dict', 'save_state', 'load_state', 'split_features', 'Prepared', 'prepare',
-           'run_key', 'run_method', 'run_protocol']
+           'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #63c9f550
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
@@ -425,12 +426,12 @@ def split_features(clip: ClipBundle, # the frozen model
                    *,
                    patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
                    batch_size: int = 64, # images per forward pass
-                   num_workers: int = 0, # image-decoding processes
+                   num_workers: int | None = None, # image-decoding processes (None: from the CPU count on CUDA, 0 elsewhere)
                    progress: bool = True, # a progress bar while extracting
                   ) -> FeatureSet:
-    "Cached features of one split of a benchmark, named by the benchmark's content key (extracted on first use)."
-    return extract_features(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
-                            patches=patches, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    "Cached features of one split of a benchmark, named by the benchmark's content key (extracted on first use, sharded under torchrun)."
+    return extract_sharded(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
+                           patches=patches, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
 @dataclass
 class Prepared:
@@ -454,7 +455,7 @@ def prepare(benchmark: Benchmark, # the benchmark
             patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
             n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
             batch_size: int = 64, # images per forward pass when extracting
-            num_workers: int = 0, # image-decoding processes when extracting
+            num_workers: int | None = None, # image-decoding processes when extracting (None: from the CPU count on CUDA, 0 elsewhere)
             progress: bool = True, # progress bars
            ) -> Prepared:
     "Extract (or reuse) the features and encode the text side, once for all methods."
@@ -516,6 +517,15 @@ def _result(method: str, prep: Prepared, knobs: dict, records: list[dict], key: 
     return RunResult(method, prep.benchmark.name, prep.setting, curve, accuracy_matrix(preds, labels, prep.splits).tolist(),
                      [max(s) + 1 for s in prep.splits], prep.benchmark.order, knobs, on, timings, run_key=key)
 
+def check_stats_fit(prep: Prepared, # the prepared benchmark
+                    knobs: dict, # a method's resolved knobs
+                   ) -> int: # bytes the statistics will take at the last task
+    "Raise `SpaError`, before any work, when the method's statistics of all the benchmark's classes would not fit in memory."
+    p = prep.train.patches
+    slots = min(knobs["k_patches"], p.shape[1]) if knobs["calibration"] and _uses_patches(knobs) and p is not None else 0
+    return check_stats_memory(len(prep.benchmark.class_names), prep.text.names.shape[1], knobs["cov"], slots,
+                              stats_budget(prep.text.names.device))
+
 def run_method(prep: Prepared, # shared features and text side
                method: str = "spa", # a name in `list_methods()`
                seed: int = 0, # run seed: projector init, shuffling, pseudo-features
@@ -528,6 +538,7 @@ def run_method(prep: Prepared, # shared features and text side
     knobs = method_knobs(method, **knobs)
     if clash := {k: (knobs[k], v) for k, v in prep.text_knobs.items() if k in knobs and knobs[k] != v}:
         raise SpaError(f"{method}'s text knobs {clash} (asked, prepared) differ from the prepared text side: prepare() with them")
+    check_stats_fit(prep, knobs)
     ckpt = None if out_dir is None else Path(out_dir) / f"{method}.state.pt"
     state, records, gen = _resume(ckpt, resume, prep, knobs, seed)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):

@@ -169,7 +169,7 @@ def test_precision_and_device_key_the_cache(tiny_clip, tiny_clip_file, tmp_path)
 def test_interrupted_extraction_resumes_to_identical_arrays(tiny_clip, tmp_path):
     whole = extract_features(tiny_clip, Rows(11), tmp_path / "a", "toy", batch_size=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract_features(tiny_clip, Rows(11, fail_at=7), tmp_path / "b", "toy", batch_size=3)
+        extract_features(tiny_clip, Rows(11, fail_at=7), tmp_path / "b", "toy", batch_size=3, record_every=1)
     folder = tmp_path / "b" / whole.folder.name
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["n_done"], meta["complete"]) == (6, False)  # two finished batches of 3

@@ -1,0 +1,109 @@
+"""One prepared GPU benchmark (<= 5 minutes on one GPU): extraction throughput and the SPA protocol on CIFAR-shaped features.
+
+1. Extraction images/s of a random-init ViT-B-16 (speed does not depend on weight values) per precision (fp32, amp_bf16,
+   amp = fp16 autocast), on synthetic images: already decoded in memory, and as JPEG bytes decoded by the loader's workers.
+2. The SPA protocol (train and evaluate every task) on random unit features with CIFAR-100 shapes (50,000 train / 10,000
+   test, 100 classes, 196 patches, d = 512, 10 tasks): train and evaluation seconds, peak GPU memory.
+Targets (issue 20): extraction >= 2,000 images/s in bf16 on an H100-class GPU; the protocol after extraction <= 60 s.
+Prints a table and writes JSON (--json PATH). `--smoke`: tiny sizes and the embedded micro-CLIP, for CPU (run by a test).
+Usage: python benchmarks/bench_gpu.py [--json bench_gpu.json] [--device cuda] [--smoke]
+"""
+import argparse, io, json, tempfile, time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from spa_toolkit.backbone import FeatureSet, extract_features, load_clip
+from spa_toolkit.core import l2norm, make_generator, pick_device
+from spa_toolkit.learner import TextSide, evaluate, new_state, train_task
+from spa_toolkit.microclip import load_embedded_clip
+
+FULL = dict(arch="ViT-B-16", n_images=4096, batch_size=256, n_train=50_000, n_test=10_000, n_classes=100, n_patches=196, d=512,
+            n_desc=8, n_tasks=10, precisions="fp32,amp_bf16,amp")
+SMOKE = dict(arch="embedded", n_images=48, batch_size=16, n_train=200, n_test=100, n_classes=10, n_patches=16, d=32,
+             n_desc=4, n_tasks=2, precisions="fp32")
+
+class Images:
+    "`n` synthetic 224 px images with labels, as decoded PIL images or as JPEG bytes that each row decodes when read."
+    def __init__(self, n: int, jpeg: bool, size: int = 224, distinct: int = 64):
+        rng = np.random.default_rng(0)
+        pics = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(distinct)]
+        self.n, self.items = n, [_jpeg(p) for p in pics] if jpeg else pics
+    def __len__(self): return self.n
+    def __getitem__(self, i: int):
+        item = self.items[i % len(self.items)]
+        return dict(image=Image.open(io.BytesIO(item)) if isinstance(item, bytes) else item, label=i % 10)
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO(); img.save(buf, format="JPEG", quality=90); return buf.getvalue()
+
+def _sync(device: torch.device):
+    if device.type == "cuda": torch.cuda.synchronize(device)
+
+def extraction(cfg: dict, device: torch.device, precision: str, jpeg: bool) -> float:
+    "Images/s of a fresh extraction (after a warm-up batch) into a temporary cache, workers at their default."
+    clip = (load_embedded_clip(device, precision) if cfg["arch"] == "embedded"
+            else load_clip(cfg["arch"], None, device=device, precision=precision, allow_random=True))
+    work = Path(tempfile.mkdtemp())
+    extract_features(clip, Images(cfg["batch_size"], jpeg), work, "warmup", batch_size=cfg["batch_size"], progress=False)
+    _sync(device); t0 = time.perf_counter()
+    extract_features(clip, Images(cfg["n_images"], jpeg), work, "timed", batch_size=cfg["batch_size"], progress=False)
+    _sync(device)
+    return cfg["n_images"] / (time.perf_counter() - t0)
+
+def random_split(n: int, cfg: dict, gen: torch.Generator, device: torch.device) -> FeatureSet:
+    "An in-memory FeatureSet of `n` random unit float16 features (drawn on `device` a chunk at a time), labels balanced."
+    unit = lambda *shape: l2norm(torch.randn(*shape, generator=gen, device=device)).half().cpu().numpy()
+    patches = np.concatenate([unit(len(c), cfg["n_patches"], cfg["d"]) for c in np.array_split(np.arange(n), max(1, n // 2048))])
+    labels = np.arange(n) % cfg["n_classes"]
+    return FeatureSet(unit(n, cfg["d"]), patches, None, labels, Path("."), {})
+
+def protocol(cfg: dict, device: torch.device) -> dict:
+    "Train and evaluate SPA task by task on random CIFAR-shaped features: seconds and peak GPU memory."
+    gen = make_generator(0, device)
+    train, test = random_split(cfg["n_train"], cfg, gen, device), random_split(cfg["n_test"], cfg, gen, device)
+    c, m, d = cfg["n_classes"], cfg["n_desc"], cfg["d"]
+    text = TextSide(l2norm(torch.randn(c, d, generator=gen, device=device)), l2norm(torch.randn(c, m, d, generator=gen, device=device)),
+                    torch.ones(c, m, dtype=torch.bool, device=device))
+    state = new_state(text, 100.0)
+    if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
+    train_s = eval_s = 0.0
+    for classes in np.array_split(np.arange(c), cfg["n_tasks"]):
+        _sync(device); t0 = time.perf_counter()
+        train_task(state, train, classes.tolist(), gen)
+        _sync(device); t1 = time.perf_counter()
+        evaluate(state, test)
+        _sync(device); t2 = time.perf_counter()
+        train_s, eval_s = train_s + t1 - t0, eval_s + t2 - t1
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return dict(train_s=train_s, eval_s=eval_s, total_s=train_s + eval_s, peak_gpu_mib=peak)
+
+def run(cfg: dict, device: torch.device) -> dict:
+    "Every measurement of the benchmark, as one JSON-able dict."
+    ext = [dict(precision=p, jpeg=j, images_per_s=extraction(cfg, device, p, j)) for p in cfg["precisions"].split(",") for j in (False, True)]
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", config=cfg, extraction=ext,
+                protocol=protocol(cfg, device), torch=torch.__version__)
+
+def table(res: dict) -> str:
+    "The results as a plain-text table."
+    lines = [f"device: {res['device']}  arch: {res['config']['arch']}", "extraction    precision  input     images/s"]
+    lines += [f"              {e['precision']:<10} {'jpeg' if e['jpeg'] else 'decoded':<9} {e['images_per_s']:9.1f}" for e in res["extraction"]]
+    p, c = res["protocol"], res["config"]
+    peak = "n/a" if p["peak_gpu_mib"] is None else f"{p['peak_gpu_mib']:.0f} MiB"
+    lines.append(f"SPA protocol  {c['n_train']} train / {c['n_test']} test, {c['n_classes']} classes, {c['n_patches']} patches, "
+                 f"{c['n_tasks']} tasks: train {p['train_s']:.1f} s, eval {p['eval_s']:.1f} s, total {p['total_s']:.1f} s, peak {peak}")
+    return "\n".join(lines)
+
+def main(device: str, smoke: bool, json_path: str | None):
+    res = run(SMOKE if smoke else FULL, pick_device(device))
+    print(table(res))
+    if json_path: Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and the embedded micro-CLIP (seconds on CPU)")
+    ap.add_argument("--json", dest="json_path", help="also write the results here as JSON")
+    main(**vars(ap.parse_args()))

@@ -1,0 +1,30 @@
+"The prepared GPU benchmark (reduced mode) and the scale probe (few classes) run end to end on CPU and write their JSON."
+import json, os, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def test_bench_gpu_smoke_writes_every_measurement(tmp_path):
+    out = tmp_path / "gpu.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--device", "cpu", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env=os.environ | dict(OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [(e["precision"], e["jpeg"]) for e in res["extraction"]] == [("fp32", False), ("fp32", True)]
+    assert all(e["images_per_s"] > 0 for e in res["extraction"])
+    assert res["protocol"]["train_s"] > 0 and res["protocol"]["eval_s"] > 0 and res["protocol"]["peak_gpu_mib"] is None
+    assert "SPA protocol  200 train / 100 test, 10 classes, 16 patches, 2 tasks" in p.stdout
+
+
+def test_bench_scale_small_probe_reports_every_task(tmp_path):
+    out = tmp_path / "scale.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--classes", "30", "--inc", "10", "--per-class", "4",
+                        "--d", "16", "--json", str(out)], capture_output=True, text=True, timeout=300, env=os.environ | dict(OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [t["classes"] for t in res["tasks"]] == [10, 20, 30]
+    mib = [t["stats_mib"] for t in res["tasks"]]
+    assert 0 < mib[0] < mib[1] < mib[2]  # statistics grow with the classes
+    assert res["linearity"]["last_classes"] == 30 and res["linearity"]["ratio"] > 0
+    gib = {r["cov"]: r["gib"] for r in res["covariance"]}
+    assert len(res["covariance"]) == 8 and gib["full"] > gib["diag"] > gib["none"] > 0
