@@ -538,7 +538,7 @@ def run_method(prep: Prepared, # shared features and text side
     knobs = method_knobs(method, **knobs)
     if clash := {k: (knobs[k], v) for k, v in prep.text_knobs.items() if k in knobs and knobs[k] != v}:
         raise SpaError(f"{method}'s text knobs {clash} (asked, prepared) differ from the prepared text side: prepare() with them")
-    check_stats_fit(prep, knobs)
+    if "peer" not in knobs: check_stats_fit(prep, knobs)  # SPA's statistics; a peer keeps its own
     ckpt = None if out_dir is None else Path(out_dir) / f"{method}.state.pt"
     state, records, gen = _resume(ckpt, resume, prep, knobs, seed)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):

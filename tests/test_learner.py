@@ -53,3 +53,11 @@ def test_a_bad_setting_fails_before_extraction(tmp_path):
     world = synthetic_world(n_classes=8, n_train=2, n_test=1, inc=4)
     with pytest.raises(SpaError, match="B0Inc3"): prepare(world, load_embedded_clip(), "B0Inc3", cache_dir=tmp_path, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_every_method_runs_through_run_method(prep):
+    "SPA, its ablations, the baselines and the peers all run in the same loop on the same prepared features."
+    from spa_toolkit.learner import list_methods
+    for m in list_methods():
+        r = run_method(prep, m, epochs=1, progress=False)
+        assert len(r.curve) == len(prep.splits) and 0 <= r.average <= 100, m
