@@ -122,7 +122,9 @@ def note(text: str):
 def backbone_label(arch: str, pretrained: str | None, # as given to `load_clip`
                   ) -> str:
     "How a report names a model: the embedded micro-CLIP, or open_clip's arch with its tag or weights."
-    if (arch, pretrained or None) == default_model(): return "embedded micro-CLIP (spa_toolkit.microclip, a small offline demo model)"
+    for world in WORLD_VARIANTS:
+        if (arch, pretrained or None) == default_model(world):
+            return f"embedded micro-CLIP (spa_toolkit.microclip, a small offline demo model; {world} world)"
     return f"{arch} ({pretrained})" if pretrained else arch
 
 def model_note(dataset: str, arch: str, pretrained: str | None) -> str | None:
@@ -456,7 +458,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         atomic_write_text(Path(a.out) / "bench.md", bench_table(rows) + "\n")
         atomic_write_json(Path(a.out) / "bench.json", [r._asdict() for r in rows])
         write_png(plot_suite, Path(a.out) / "bench.png", rows)
-        print(bench_table(rows)); print(f"suite written to {a.out}")
+        models = {backbone_label(*model_for(d, a.arch, a.pretrained, a.world)) for d, _ in results}
+        print(f"backbone: {', '.join(sorted(models))}\n"); print(bench_table(rows)); print(f"suite written to {a.out}")
     if failed: print(f"error: {len(failed)} benchmark setting(s) did not run: {', '.join(failed)}; fix them (see above) and rerun",
                      file=sys.stderr)
     return 2 if failed else 0

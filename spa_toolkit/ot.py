@@ -38,7 +38,7 @@ def _check_mass(loga: torch.Tensor, logb: torch.Tensor):
 def _prepare(C, eps, a, b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Validate a Sinkhorn problem; return K = -C/eps and the log-marginals in the working dtype."
     if C.ndim < 2: raise SpaError(f"the cost must be [..., n, m], got shape {tuple(C.shape)}")
-    if not eps > 0: raise SpaError(f"eps={eps}: the entropic regularisation must be positive (SPA uses 0.1)")
+    if not eps > 0: raise SpaError(f"eps={eps}: the entropic regularisation must be positive (the default is 0.1)")
     check_finite(C, "the OT cost matrix")
     dt = torch.promote_types(C.dtype, torch.float32)
     loga = _log_marginal(a, C.shape[-2], dt, C.device, "the source marginal a")

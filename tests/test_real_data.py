@@ -73,6 +73,7 @@ def test_readme_bench_with_engine_files(stand_ins):
     p = cli(*args, *MODEL, *FAST, "--datasets", "cifar100,cub", "--settings", "b0", "--out", stand_ins / "suite", cwd=stand_ins)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| cifar100 | B0Inc10 | ncm |" in p.stdout and "| cub | B0Inc20 | ncm |" in p.stdout
+    assert p.stdout.startswith("backbone: embedded micro-CLIP") and "premise world" in p.stdout.splitlines()[0]  # the suite names its model
     cub_run = next((stand_ins / "suite").glob("cub-B0Inc20-*"))
     folders = json.loads((cub_run / "run.json").read_text())["class_folders"]
     assert folders["001.Black_footed_Albatross"] == "Black footed Albatross"
