@@ -34,27 +34,27 @@ def best_time(f, reps=5):
     return min(times), out
 
 
-def pot_loop(C, eps, n_iter):
+def pot_loop(C, eps, ot_iters):
     "POT's log-domain Sinkhorn, one problem at a time, the same fixed number of sweeps."
     a, b = np.full(C.shape[1], 1 / C.shape[1], np.float32), np.full(C.shape[2], 1 / C.shape[2], np.float32)
-    return np.stack([ot.sinkhorn(a, b, c, eps, method="sinkhorn_log", numItermax=n_iter, stopThr=0, warn=False) for c in C])
+    return np.stack([ot.sinkhorn(a, b, c, eps, method="sinkhorn_log", numItermax=ot_iters, stopThr=0, warn=False) for c in C])
 
 
 def col_error(plan): return float(np.abs(np.asarray(plan).sum(-2) - 1 / plan.shape[-1]).max())
 
 
-def bench_speed(B=64, C=100, k=16, m=8, d=512, eps=0.1, n_iter=50):
+def bench_speed(B=64, C=100, k=16, m=8, d=512, eps=0.1, ot_iters=50):
     "Print batched-vs-loop timings, ratio, plan difference and convergence."
     Cm = costs(B * C, k, m, d)
-    t_ours, plan = best_time(lambda: sinkhorn(Cm.view(B, C, k, m), eps, n_iter=n_iter))
-    t_batch, pb = best_time(lambda: ot.batch.solve_batch(Cm, eps, max_iter=n_iter, tol=0, method="log_sinkhorn").plan)
-    t0 = time.perf_counter(); ref = pot_loop(Cm.numpy(), eps, n_iter); t_loop = time.perf_counter() - t0
+    t_ours, plan = best_time(lambda: sinkhorn(Cm.view(B, C, k, m), eps, ot_iters=ot_iters))
+    t_batch, pb = best_time(lambda: ot.batch.solve_batch(Cm, eps, max_iter=ot_iters, tol=0, method="log_sinkhorn").plan)
+    t0 = time.perf_counter(); ref = pot_loop(Cm.numpy(), eps, ot_iters); t_loop = time.perf_counter() - t0
     plan = plan.reshape(B * C, k, m).numpy()
-    print(f"speed: {B}x{C} problems of {k}x{m}, float32, eps={eps}, {n_iter} sweeps, {torch.get_num_threads()} thread(s)")
+    print(f"speed: {B}x{C} problems of {k}x{m}, float32, eps={eps}, {ot_iters} sweeps, {torch.get_num_threads()} thread(s)")
     print(f"  loop over ot.sinkhorn {t_loop:.3f} s | ot.batch.solve_batch {t_batch:.3f} s | spa_toolkit.ot.sinkhorn {t_ours:.4f} s")
     print(f"  speed ratio vs loop: {t_loop / t_ours:.0f}x (target >= 50x); vs solve_batch: {t_batch / t_ours:.1f}x")
     print(f"  max |plan - POT plan|: {np.abs(plan - ref).max():.2e} (target <= 1e-5); vs solve_batch: {np.abs(plan - pb.numpy()).max():.2e}")
-    print(f"  column-marginal error after {n_iter} sweeps: ours {col_error(plan):.1e}, POT {col_error(ref):.1e}")
+    print(f"  column-marginal error after {ot_iters} sweeps: ours {col_error(plan):.1e}, POT {col_error(ref):.1e}")
 
 
 def mem_status(field):
@@ -73,7 +73,7 @@ def stream_eval(n_images, batch, n_classes, n_patches, d, m, k, chunk, threads, 
         while n_done < n_images:
             b = min(batch, n_images - n_done)
             patches = l2norm(torch.randn(b, n_patches, d, generator=g))
-            patch_ot_scores(patches, sem, k=k, chunk=chunk).cpu()
+            patch_ot_scores(patches, sem, k_patches=k, class_chunk=chunk).cpu()
             n_done += b
     q.put((mem_status("VmHWM") - base, time.perf_counter() - t0))
 

@@ -12,14 +12,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .base import SpaError
+
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'SpaError', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'check_float_tensor',
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'check_float_tensor',
            'check_generator', 'check_unit', 'atomic_path', 'atomic_write_text', 'atomic_write_json', 'content_key',
            'library_versions']
-
-# %% ../nbs/00_core.ipynb #24e13f04
-class SpaError(ValueError):
-    "An error the user can fix: the message names the problem and the fix."
 
 # %% ../nbs/00_core.ipynb #c1a5dc27
 def _has_mps() -> bool: return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()

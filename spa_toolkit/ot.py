@@ -9,12 +9,13 @@ from itertools import repeat
 
 import torch
 
-from .core import SpaError, check_finite, check_unit
+from .base import EPS, EPS_RELATIVE, K_PATCHES, OT_ITERS, POOL, POOLS, SpaError
+from .core import check_finite, check_unit
 from .patches import (check_patch_inputs, class_chunks, patch_similarity, relevance, select_patches,
                                  select_patches_for_labels, topk_patches)
 
 # %% auto #0
-__all__ = ['POOLS', 'sinkhorn', 'relative_cost', 'sim_ot_plan', 'sim_ot_score', 'ot_score', 'plan_entropy', 'semi_relaxed_plan',
+__all__ = ['sinkhorn', 'relative_cost', 'sim_ot_plan', 'sim_ot_score', 'ot_score', 'plan_entropy', 'semi_relaxed_plan',
            'pooled_score', 'patch_ot_scores', 'label_ot_scores']
 
 # %% ../nbs/06_ot.ipynb #aa4b8482
@@ -51,34 +52,34 @@ def _col_error(K, u, v, logb) -> float:
     "Largest violation of the column marginals by the current plan."
     return float((torch.exp(K + u[..., :, None] + v[..., None, :]).sum(-2) - logb.exp()).abs().max())
 
-def _potentials(K, loga, logb, n_iter: int, tol: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _potentials(K, loga, logb, ot_iters: int, tol: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     "Log-domain Sinkhorn: scaled potentials (u, v) with plan = exp(K + u + v)."
-    if n_iter < 1: raise SpaError(f"n_iter={n_iter}: Sinkhorn needs at least one iteration")
+    if ot_iters < 1: raise SpaError(f"ot_iters={ot_iters}: Sinkhorn needs at least one iteration")
     u = K.new_zeros(K.shape[:-1])
-    for it in range(n_iter):
+    for it in range(ot_iters):
         v = logb - torch.logsumexp(K + u[..., :, None], dim=-2)
         u = loga - torch.logsumexp(K + v[..., None, :], dim=-1)
         if tol is not None and it % 10 == 9 and _col_error(K, u, v, logb) < tol: return u, v
     if tol is not None and (err := _col_error(K, u, v, logb)) >= tol:
-        warnings.warn(f"Sinkhorn stopped at n_iter={n_iter} with marginal error {err:.2e} > tol={tol}: raise n_iter or eps")
+        warnings.warn(f"Sinkhorn stopped at ot_iters={ot_iters} with marginal error {err:.2e} > tol={tol}: raise ot_iters or eps")
     return u, v
 
-def _plan(C, eps, a=None, b=None, n_iter=50, tol=None) -> torch.Tensor:
+def _plan(C, eps, a=None, b=None, ot_iters=50, tol=None) -> torch.Tensor:
     "Entropic OT plans in the working dtype (at least float32)."
     K, loga, logb = _prepare(C, eps, a, b)
-    u, v = _potentials(K, loga, logb, n_iter, tol)
+    u, v = _potentials(K, loga, logb, ot_iters, tol)
     return torch.exp(K + u[..., :, None] + v[..., None, :])
 
 # %% ../nbs/06_ot.ipynb #61a7b92d
 def sinkhorn(C: torch.Tensor, # [..., n, m] cost matrices, any leading (batch) dims
-             eps: float = 0.1, # entropic regularisation epsilon
+             eps: float = EPS, # entropic regularisation epsilon
              a: torch.Tensor | None = None, # [..., n] source marginal (broadcast); None: uniform 1/n
              b: torch.Tensor | None = None, # [..., m] target marginal (broadcast); None: uniform 1/m; zeros allowed
-             n_iter: int = 50, # Sinkhorn sweeps (the maximum when `tol` is set)
-             tol: float | None = None, # stop when the marginal error drops below this (checked every 10 sweeps; syncs a GPU); None: fixed n_iter
+             ot_iters: int = OT_ITERS, # Sinkhorn sweeps (the maximum when `tol` is set)
+             tol: float | None = None, # stop when the marginal error drops below this (checked every 10 sweeps; syncs a GPU); None: fixed ot_iters
             ) -> torch.Tensor: # [..., n, m] transport plans, dtype of `C`
     "Entropic OT plans for a batch of cost matrices by log-domain Sinkhorn."
-    return _plan(C, eps, a, b, n_iter, tol).to(C.dtype)
+    return _plan(C, eps, a, b, ot_iters, tol).to(C.dtype)
 
 # %% ../nbs/06_ot.ipynb #61967825
 def _mask_weights(mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -97,33 +98,34 @@ def relative_cost(S: torch.Tensor, # [..., k, M] similarities
     return (1 - S) / spread.detach().clamp_min(1e-6)[..., None, None]
 
 def sim_ot_plan(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
-                eps: float = 0.1, # entropic regularisation (a fraction of the cost spread when `relative`)
+                eps: float = EPS, # entropic regularisation (a fraction of the cost spread when `eps_relative`)
                 mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
-                n_iter: int = 50, # Sinkhorn sweeps
-                relative: bool = False, # eps relative to each problem's cost spread (`relative_cost`)
+                ot_iters: int = OT_ITERS, # Sinkhorn sweeps
+                eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread (`relative_cost`)
                ) -> torch.Tensor: # [..., k, M] plans, at least float32
     "Entropic OT plans between patches (uniform) and real descriptions (uniform) for the cost $1 - S$."
     b = None if mask is None else _mask_weights(mask, S.shape[-1])
-    return _plan(relative_cost(S, mask) if relative else 1 - S, eps, b=b, n_iter=n_iter)
+    return _plan(relative_cost(S, mask) if eps_relative else 1 - S, eps, b=b, ot_iters=ot_iters)
 
 def sim_ot_score(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
-                 eps: float = 0.1, # entropic regularisation (a fraction of the cost spread when `relative`)
+                 eps: float = EPS, # entropic regularisation (a fraction of the cost spread when `eps_relative`)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
-                 n_iter: int = 50, # Sinkhorn sweeps
+                 ot_iters: int = OT_ITERS, # Sinkhorn sweeps
                  detach_plan: bool = True, # hold the plan constant for the gradient
-                 relative: bool = False, # eps relative to each problem's cost spread
+                 eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                 ) -> torch.Tensor: # [...] OT scores, at least float32
     "OT score $\\langle \\Pi^*, S \\rangle$ with cost $1 - S$ and uniform marginals."
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan):
-        plan = sim_ot_plan(S, eps, mask, n_iter, relative)
+        plan = sim_ot_plan(S, eps, mask, ot_iters, eps_relative)
     return (plan * S.to(plan.dtype)).sum((-2, -1))
 
 def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
              T: torch.Tensor, # [..., M, d] semantic tokens (unit rows); leading dims broadcast with Z's
-             eps: float = 0.1, # entropic regularisation
+             eps: float = EPS, # entropic regularisation
              mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
-             n_iter: int = 50, # Sinkhorn sweeps
+             ot_iters: int = OT_ITERS, # Sinkhorn sweeps
              detach_plan: bool = True, # hold the plan constant for the gradient
+             eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
             ) -> torch.Tensor: # [...] OT scores
     "Patch-level score $\\langle \\Pi^*, Z T^\\top \\rangle$ of entropic OT between patches and semantic tokens."
     if Z.ndim < 2 or T.ndim < 2 or Z.shape[-1] != T.shape[-1]:
@@ -131,11 +133,9 @@ def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
     check_unit(check_finite(Z, "the selected patches Z"), "the selected patches Z"); check_unit(check_finite(T, "the semantic tokens T"), "the semantic tokens T")
     try: S = Z @ T.transpose(-1, -2)
     except RuntimeError as e: raise SpaError(f"leading dims of Z {tuple(Z.shape)} and T {tuple(T.shape)} do not broadcast") from e
-    return sim_ot_score(S, eps, mask, n_iter, detach_plan)
+    return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative)
 
 # %% ../nbs/06_ot.ipynb #feac3f9e
-POOLS = ("ot", "semi_ot", "mean", "max")
-
 def plan_entropy(plan: torch.Tensor, # [..., k, M] transport plans (total mass 1)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
                 ) -> torch.Tensor: # [...] in [0, 1]; 1: the independent (uniform) coupling
@@ -145,27 +145,27 @@ def plan_entropy(plan: torch.Tensor, # [..., k, M] transport plans (total mass 1
     return h / (math.log(plan.shape[-2]) + m.log()).clamp_min(1e-12)
 
 def semi_relaxed_plan(S: torch.Tensor, # [..., k, M] similarities
-                      eps: float = 0.1, # entropic regularisation (a fraction of each problem's cost spread when `relative`)
+                      eps: float = EPS, # entropic regularisation (a fraction of each problem's cost spread when `eps_relative`)
                       mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
-                      relative: bool = True, # eps relative to each problem's cost spread
+                      eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                      ) -> torch.Tensor: # [..., k, M] plans: columns sum to the description weights, rows are free
     "Entropic OT that keeps the descriptions' marginal and frees the patches': each description's mass goes to a softmax of its patches."
     b = torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device) if mask is None else _mask_weights(mask, S.shape[-1]).to(S.dtype)
-    C = relative_cost(S, mask) if relative else 1 - S
+    C = relative_cost(S, mask) if eps_relative else 1 - S
     return torch.softmax(-C / eps, dim=-2) * b[..., None, :]
 
 def pooled_score(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
-                 pool: str = "ot", # "ot", "semi_ot", "mean" or "max" (see `POOLS`)
+                 pool: str = POOL, # "ot", "semi_ot", "mean" or "max" (see `base.POOLS`)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
-                 eps: float = 0.1, # OT: entropic regularisation
-                 n_iter: int = 50, # OT: Sinkhorn sweeps
-                 relative: bool = True, # OT: eps relative to each problem's cost spread
+                 eps: float = EPS, # OT: entropic regularisation
+                 ot_iters: int = OT_ITERS, # OT: Sinkhorn sweeps
+                 eps_relative: bool = EPS_RELATIVE, # OT: eps relative to each problem's cost spread
                  detach_plan: bool = True, # OT: hold the plan constant for the gradient
                 ) -> torch.Tensor: # [...] scores
     "Patch-level score of each (patch set, descriptions) pair: balanced or semi-relaxed OT, mean pooling, or mean of maxima."
-    if pool == "ot": return sim_ot_score(S, eps, mask, n_iter, detach_plan, relative)
+    if pool == "ot": return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative)
     if pool == "semi_ot":
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan): plan = semi_relaxed_plan(S, eps, mask, relative)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan): plan = semi_relaxed_plan(S, eps, mask, eps_relative)
         return (plan * S).sum((-2, -1))
     b = torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device) if mask is None else _mask_weights(mask, S.shape[-1]).to(S.dtype)
     if pool == "mean": return (S.mean(-2) * b).sum(-1)
@@ -173,39 +173,41 @@ def pooled_score(S: torch.Tensor, # [..., k, M] similarities of selected patches
     raise SpaError(f"pool={pool!r}: choose one of {POOLS}")
 
 # %% ../nbs/06_ot.ipynb #073c0024
-def _chunk_scores(patches, sem, mask, idx, k, eps, n_iter, detach_plan) -> torch.Tensor:
+def _chunk_scores(patches, sem, mask, idx, k_patches, eps, ot_iters, detach_plan, eps_relative) -> torch.Tensor:
     "OT scores [B, c] of all images against one chunk of classes (selection from the similarity tensor)."
     sim = patch_similarity(patches, sem)
-    idx = topk_patches(relevance(sim, mask), k) if idx is None else idx
+    idx = topk_patches(relevance(sim, mask), k_patches) if idx is None else idx
     S = sim.gather(2, idx[..., None].expand(-1, -1, -1, sim.shape[-1]))
-    return sim_ot_score(S, eps, mask, n_iter, detach_plan)
+    return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative)
 
 def patch_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     sem: torch.Tensor, # [C, M, d] semantic tokens
-                    k: int = 16, # patches selected per (image, class)
-                    eps: float = 0.1, # entropic regularisation
+                    k_patches: int = K_PATCHES, # patches selected per (image, class)
+                    eps: float = EPS, # entropic regularisation
                     mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
-                    chunk: int | None = None, # classes per memory chunk; None: all at once
-                    n_iter: int = 50, # Sinkhorn sweeps
+                    class_chunk: int | None = None, # classes per memory chunk; None: all at once
+                    ot_iters: int = OT_ITERS, # Sinkhorn sweeps
                     detach_plan: bool = True, # hold the plan constant for the gradient
+                    eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                     agnostic: bool = False, # one patch selection per image for all classes
                    ) -> torch.Tensor: # [B, C] OT scores
     "OT score of every image against every class: semantic-guided selection then batched Sinkhorn."
     mask = check_patch_inputs(patches, sem, mask)
-    idx = select_patches(patches, sem, k, mask, chunk=chunk, agnostic=True) if agnostic else None
-    idxs = idx.split(chunk or sem.shape[0], 1) if agnostic else repeat(None)
-    return torch.cat([_chunk_scores(patches, s, m, i, k, eps, n_iter, detach_plan)
-                      for (s, m), i in zip(class_chunks(sem, mask, chunk), idxs)], 1)
+    idx = select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True) if agnostic else None
+    idxs = idx.split(class_chunk or sem.shape[0], 1) if agnostic else repeat(None)
+    return torch.cat([_chunk_scores(patches, s, m, i, k_patches, eps, ot_iters, detach_plan, eps_relative)
+                      for (s, m), i in zip(class_chunks(sem, mask, class_chunk), idxs)], 1)
 
 def label_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     sem: torch.Tensor, # [C, M, d] semantic tokens
                     labels: torch.Tensor, # [B] long, each image's class (row of `sem`)
-                    k: int = 16, # patches selected per image
-                    eps: float = 0.1, # entropic regularisation
+                    k_patches: int = K_PATCHES, # patches selected per image
+                    eps: float = EPS, # entropic regularisation
                     mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
-                    n_iter: int = 50, # Sinkhorn sweeps
+                    ot_iters: int = OT_ITERS, # Sinkhorn sweeps
                     detach_plan: bool = True, # hold the plan constant for the gradient
+                    eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                    ) -> torch.Tensor: # [B] OT score of each image with its own class
     "Training path: OT score of each image against its label's descriptions only."
-    Z = select_patches_for_labels(patches, sem, labels, k, mask)
-    return ot_score(Z, sem[labels], eps, None if mask is None else mask[labels], n_iter, detach_plan)
+    Z = select_patches_for_labels(patches, sem, labels, k_patches, mask)
+    return ot_score(Z, sem[labels], eps, None if mask is None else mask[labels], ot_iters, detach_plan, eps_relative)

@@ -11,16 +11,15 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .core import SpaError, check_finite, content_key, l2norm
+from .base import K_PATCHES, SEM_TEMPLATE, SpaError
+from .core import check_finite, content_key, l2norm
 
 # %% auto #0
-__all__ = ['SEM_TEMPLATE', 'SemanticTokens', 'capped', 'as_clause', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs',
-           'patch_similarity', 'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches',
-           'gather_patches', 'select_patch_sets', 'select_patches_for_labels', 'toy_world']
+__all__ = ['SemanticTokens', 'capped', 'as_clause', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs', 'patch_similarity',
+           'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches', 'gather_patches',
+           'select_patch_sets', 'select_patches_for_labels', 'toy_world']
 
 # %% ../nbs/05_patches.ipynb #becce8a0
-SEM_TEMPLATE = "{s}" # the description alone ({c}: the class name, e.g. "a photo of a {c}, which has {s}."); chosen in 10b_study
-
 class SemanticTokens(NamedTuple):
     "Per-class description embeddings, zero-padded to a common length M, with a mask of the real ones."
     tokens: torch.Tensor # [C, M, d] float, unit rows (zero rows where padded)
@@ -138,29 +137,29 @@ def topk_patches(rel: torch.Tensor, # [..., N] relevance
     if not 0 < k <= rel.shape[-1]: raise SpaError(f"k={k} patches asked for, but images have {rel.shape[-1]}: use 1 <= k <= {rel.shape[-1]}")
     return rel.topk(k, dim=-1).indices
 
-def class_chunks(sem: torch.Tensor, mask: torch.Tensor, chunk: int | None) -> zip:
-    "Pairs of (tokens, mask) for consecutive blocks of `chunk` classes (all at once for None)."
-    if chunk is not None and chunk < 1: raise SpaError(f"chunk={chunk}: use a positive number of classes per chunk, or None")
-    return zip(sem.split(chunk or sem.shape[0]), mask.split(chunk or sem.shape[0]))
+def class_chunks(sem: torch.Tensor, mask: torch.Tensor, class_chunk: int | None) -> zip:
+    "Pairs of (tokens, mask) for consecutive blocks of `class_chunk` classes (all at once for None)."
+    if class_chunk is not None and class_chunk < 1: raise SpaError(f"class_chunk={class_chunk}: use a positive number of classes per chunk, or None")
+    return zip(sem.split(class_chunk or sem.shape[0]), mask.split(class_chunk or sem.shape[0]))
 
-def _agnostic_relevance(patches, sem, mask, chunk) -> torch.Tensor:
+def _agnostic_relevance(patches, sem, mask, class_chunk) -> torch.Tensor:
     "Relevance [B, N] of each patch to its closest description of any class, chunk by chunk."
-    return reduce(torch.maximum, (relevance(patch_similarity(patches, s), m).amax(1) for s, m in class_chunks(sem, mask, chunk)))
+    return reduce(torch.maximum, (relevance(patch_similarity(patches, s), m).amax(1) for s, m in class_chunks(sem, mask, class_chunk)))
 
 # %% ../nbs/05_patches.ipynb #9fc315bd
 def select_patches(patches: torch.Tensor, # [B, N, d] patch tokens
                    sem: torch.Tensor, # [C, M, d] semantic tokens
-                   k: int = 16, # patches kept per (image, class)
+                   k_patches: int = K_PATCHES, # patches kept per (image, class)
                    mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
                    classes: torch.Tensor | None = None, # [C'] long, candidate classes (rows of `sem`); None: all
-                   chunk: int | None = None, # classes per memory chunk; None: all at once
+                   class_chunk: int | None = None, # classes per memory chunk; None: all at once
                    agnostic: bool = False, # one selection per image, by relevance to any class
                   ) -> torch.Tensor: # [B, C, k] (or [B, C', k]) long patch indices
     "Indices of the top-k patches of every image for every candidate class."
     mask = check_patch_inputs(patches, sem, mask)
     if classes is not None: sem, mask = sem[classes], mask[classes]
-    if agnostic: return topk_patches(_agnostic_relevance(patches, sem, mask, chunk), k)[:, None].expand(-1, sem.shape[0], -1)
-    return torch.cat([topk_patches(relevance(patch_similarity(patches, s), m), k) for s, m in class_chunks(sem, mask, chunk)], 1)
+    if agnostic: return topk_patches(_agnostic_relevance(patches, sem, mask, class_chunk), k_patches)[:, None].expand(-1, sem.shape[0], -1)
+    return torch.cat([topk_patches(relevance(patch_similarity(patches, s), m), k_patches) for s, m in class_chunks(sem, mask, class_chunk)], 1)
 
 def gather_patches(patches: torch.Tensor, # [B, N, d]
                    idx: torch.Tensor, # [B, C, k] long, from `select_patches`
@@ -171,18 +170,18 @@ def gather_patches(patches: torch.Tensor, # [B, N, d]
 # %% ../nbs/05_patches.ipynb #a315d2d9
 def select_patch_sets(patches: torch.Tensor, # [B, N, d] patch tokens
                       sem: torch.Tensor, # [C, M, d] semantic tokens of the candidate classes
-                      k: int = 16, # patches kept per image
+                      k_patches: int = K_PATCHES, # patches kept per image
                       mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
-                      chunk: int | None = None, # classes per memory chunk; None: all at once
+                      class_chunk: int | None = None, # classes per memory chunk; None: all at once
                      ) -> torch.Tensor: # [B, k, d], most relevant first
-    "Each image's `k` patches most relevant to any description of any candidate class: one set per image."
-    return gather_patches(patches, select_patches(patches, sem, k, mask, chunk=chunk, agnostic=True)[:, :1])[:, 0]
+    "Each image's `k_patches` patches most relevant to any description of any candidate class: one set per image."
+    return gather_patches(patches, select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True)[:, :1])[:, 0]
 
 # %% ../nbs/05_patches.ipynb #2e85f0f5
 def select_patches_for_labels(patches: torch.Tensor, # [B, N, d] patch tokens
                               sem: torch.Tensor, # [C, M, d] semantic tokens
                               labels: torch.Tensor, # [B] long, class index (row of `sem`) of each image
-                              k: int = 16, # patches kept per image
+                              k_patches: int = K_PATCHES, # patches kept per image
                               mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
                              ) -> torch.Tensor: # [B, k, d] selected patches
     "The top-k patches of each image for its own label's descriptions."
@@ -191,7 +190,7 @@ def select_patches_for_labels(patches: torch.Tensor, # [B, N, d] patch tokens
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < sem.shape[0]:
         raise SpaError(f"labels range over [{int(labels.min())}, {int(labels.max())}] but there are {sem.shape[0]} classes: map labels to rows of `sem`")
     rel = relevance(torch.einsum("bnd,bmd->bnm", patches, sem[labels]), mask[labels])
-    idx = topk_patches(rel, k)
+    idx = topk_patches(rel, k_patches)
     return patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1]))
 
 # %% ../nbs/05_patches.ipynb #9f23cb22

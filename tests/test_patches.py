@@ -24,12 +24,12 @@ def random_mask(C, M, seed):
 @pytest.mark.parametrize("k", [1, 4, 25])
 def test_select_matches_loop_and_chunks(k):
     P, T, m = unit(5, 25, 12, seed=1), unit(11, 6, 12, seed=2), random_mask(11, 6, 3)
-    idx = select_patches(P, T, k=k, mask=m)
+    idx = select_patches(P, T, k_patches=k, mask=m)
     assert torch.equal(idx, naive_select(P, T, m, k))
     for chunk in (1, 2, 5, 11, 50):
-        assert torch.equal(select_patches(P, T, k=k, mask=m, chunk=chunk), idx)
+        assert torch.equal(select_patches(P, T, k_patches=k, mask=m, class_chunk=chunk), idx)
     sub = torch.tensor([10, 0, 4])
-    assert torch.equal(select_patches(P, T, k=k, mask=m, classes=sub, chunk=2), idx[:, sub])
+    assert torch.equal(select_patches(P, T, k_patches=k, mask=m, classes=sub, class_chunk=2), idx[:, sub])
 
 
 def test_relevance_is_masked_max():
@@ -41,17 +41,17 @@ def test_relevance_is_masked_max():
 
 def test_agnostic_selection_uses_all_classes():
     P, T, m = unit(4, 30, 8, seed=7), unit(6, 3, 8, seed=8), random_mask(6, 3, 9)
-    idx = select_patches(P, T, k=5, mask=m, agnostic=True)
+    idx = select_patches(P, T, k_patches=5, mask=m, agnostic=True)
     ref = naive_select(P, T.flatten(0, 1)[m.flatten()][None], torch.ones(1, int(m.sum()), dtype=torch.bool), 5)
     assert idx.shape == (4, 6, 5) and torch.equal(idx, ref.expand(-1, 6, -1))
-    assert torch.equal(select_patches(P, T, k=5, mask=m, agnostic=True, chunk=4), idx)
+    assert torch.equal(select_patches(P, T, k_patches=5, mask=m, agnostic=True, class_chunk=4), idx)
 
 
 def test_gather_and_label_path():
     P, T, m = unit(4, 20, 8, seed=10).requires_grad_(), unit(5, 4, 8, seed=11), random_mask(5, 4, 12)
-    Z = gather_patches(P, select_patches(P, T, k=6, mask=m))
+    Z = gather_patches(P, select_patches(P, T, k_patches=6, mask=m))
     y = torch.tensor([4, 0, 0, 2])
-    Zy = select_patches_for_labels(P, T, y, k=6, mask=m)
+    Zy = select_patches_for_labels(P, T, y, k_patches=6, mask=m)
     assert Z.shape == (4, 5, 6, 8) and torch.equal(Zy, Z[torch.arange(4), y])
     g, = torch.autograd.grad(Zy.sum(), (P,))
     assert int((g.abs().sum(-1) > 0).sum()) == 4 * 6  # gradient reaches exactly the selected patches
@@ -60,22 +60,22 @@ def test_gather_and_label_path():
 def test_dtype_follows_inputs():
     P, T = unit(2, 10, 8, seed=13).double(), unit(3, 4, 8, seed=14).double()
     assert patch_relevance(P, T).dtype == torch.float64
-    assert select_patches_for_labels(P, T, torch.tensor([1, 2]), k=3).dtype == torch.float64
+    assert select_patches_for_labels(P, T, torch.tensor([1, 2]), k_patches=3).dtype == torch.float64
 
 
 def test_bad_inputs():
     P, T = unit(2, 10, 8, seed=15), unit(3, 4, 8, seed=16)
     cases = [(lambda: select_patches(P, T[..., :6]), "patch dim 8 != semantic token dim 6"),
              (lambda: select_patches(P[0], T), "must be [B, N, d]"),
-             (lambda: select_patches(P, T, k=11), "use 1 <= k <= 10"),
-             (lambda: select_patches(P, T, k=0), "use 1 <= k <= 10"),
-             (lambda: select_patches(P, T, k=2, mask=torch.ones(3, 5, dtype=torch.bool)), "it must be [C, M]"),
-             (lambda: select_patches(P, T, k=2, mask=torch.tensor([[1, 0, 0, 0]] * 2 + [[0] * 4], dtype=torch.bool)),
+             (lambda: select_patches(P, T, k_patches=11), "use 1 <= k <= 10"),
+             (lambda: select_patches(P, T, k_patches=0), "use 1 <= k <= 10"),
+             (lambda: select_patches(P, T, k_patches=2, mask=torch.ones(3, 5, dtype=torch.bool)), "it must be [C, M]"),
+             (lambda: select_patches(P, T, k_patches=2, mask=torch.tensor([[1, 0, 0, 0]] * 2 + [[0] * 4], dtype=torch.bool)),
               "class(es) [2] have no valid description"),
-             (lambda: select_patches(P, T * float("nan"), k=2), "semantic tokens holds"),
-             (lambda: select_patches(P, T, k=2, chunk=-1), "positive number of classes"),
-             (lambda: select_patches_for_labels(P, T, torch.tensor([0]), k=2), "one label per image"),
-             (lambda: select_patches_for_labels(P, T, torch.tensor([0, 3]), k=2), "there are 3 classes")]
+             (lambda: select_patches(P, T * float("nan"), k_patches=2), "semantic tokens holds"),
+             (lambda: select_patches(P, T, k_patches=2, class_chunk=-1), "positive number of classes"),
+             (lambda: select_patches_for_labels(P, T, torch.tensor([0]), k_patches=2), "one label per image"),
+             (lambda: select_patches_for_labels(P, T, torch.tensor([0, 3]), k_patches=2), "there are 3 classes")]
     for f, msg in cases:
         with pytest.raises(SpaError) as e: f()
         assert msg in str(e.value), (msg, str(e.value))
