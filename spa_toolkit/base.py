@@ -19,7 +19,7 @@ class SpaError(ValueError):
     "An error the user can fix: the message names the problem and the fix."
 
 # %% ../nbs/00_base.ipynb #8a72a899
-_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),), "tuple[int, ...]": (tuple,)}
 
 def annotation_kinds(annotation: str, # a field's annotation as text, e.g. "int | None"
                     ) -> list[str]: # e.g. ["int", "None"]
@@ -54,6 +54,16 @@ class Knobs:
     def to_dict(self) -> dict:
         "The knobs as a plain JSON-able dict (with the peer's name, if any)."
         return dataclasses.asdict(self) | ({"peer": self.peer} if self.peer else {})
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        "The knobs `to_dict` wrote."
+        return cls(**{k: v for k, v in d.items() if k != "peer"})
+
+    @property
+    def uses_patches(self) -> bool:
+        "Whether a method with these knobs reads patch tokens (SPA with its patch branch; no peer)."
+        return False
 
 def check_least(knobs: Knobs, **least):
     "Raise `SpaError` when a named knob is below its least allowed value."

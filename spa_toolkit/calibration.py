@@ -12,12 +12,13 @@ import torch
 from einops import rearrange
 from torch.nn.utils.rnn import pad_sequence
 
-from .core import SpaError, check_finite, check_float_tensor, check_generator, l2norm
+from .base import COV_KINDS, SHRINK, SpaError, check_stats_knobs
+from .core import check_finite, check_float_tensor, check_generator, l2norm
 
 # %% auto #0
-__all__ = ['COV_KINDS', 'lw_intensity', 'ShrunkCov', 'ledoit_wolf', 'ClassStats', 'check_stats_knobs', 'class_stats',
-           'merge_stats', 'Pseudo', 'sample_pseudo', 'PatchStats', 'patch_stats', 'sample_pseudo_patches',
-           'stats_bytes', 'stats_bytes_for', 'stats_budget', 'run_stats_bytes', 'check_stats_memory']
+__all__ = ['lw_intensity', 'ShrunkCov', 'ledoit_wolf', 'ClassStats', 'class_stats', 'merge_stats', 'Pseudo', 'sample_pseudo',
+           'PatchStats', 'patch_stats', 'sample_pseudo_patches', 'stats_bytes', 'stats_bytes_for', 'stats_budget',
+           'run_stats_bytes', 'check_stats_memory']
 
 # %% ../nbs/08_calibration.ipynb #890111cf
 def lw_intensity(m4: torch.Tensor, # [...] sum over samples of ||r||^4 (diagonal model: of sum_i r_i^4)
@@ -66,8 +67,6 @@ def ledoit_wolf(x: torch.Tensor, # [n,d] samples
     return ShrunkCov(_shrink_cov(S, m4, n, "ledoit_wolf").to(x.dtype), s)
 
 # %% ../nbs/08_calibration.ipynb #438b55b2
-COV_KINDS = ("full", "diag", "shared", "none")
-
 @dataclass
 class ClassStats:
     "Per-class Gaussian statistics of frozen features."
@@ -89,12 +88,6 @@ class ClassStats:
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
 # %% ../nbs/08_calibration.ipynb #e9f36661
-def check_stats_knobs(cov: str, shrink: str | float):
-    "Raise `SpaError` unless `cov` and `shrink` name a covariance model and a shrinkage."
-    if cov not in COV_KINDS: raise SpaError(f"cov={cov!r} is unknown: choose one of {COV_KINDS}")
-    if shrink != "ledoit_wolf" and not (isinstance(shrink, (int, float)) and shrink >= 0):
-        raise SpaError(f"shrink={shrink!r} is invalid: use 'ledoit_wolf' or a number gamma >= 0 (Sigma + gamma*I)")
-
 def _rows_of(classes: torch.Tensor, wanted: torch.Tensor, what: str) -> torch.Tensor:
     "Rows of sorted `classes` holding each of `wanted`; `SpaError` names any that is missing."
     rows = torch.searchsorted(classes, wanted).clamp_max(len(classes) - 1)
@@ -153,7 +146,7 @@ def class_stats(feats: torch.Tensor, # [n,d] frozen features
                 labels: torch.Tensor, # [n] integer class ids
                 classes: torch.Tensor | None = None, # [C] ids to keep statistics for (default: those in `labels`)
                 cov: str = "full", # "full", "diag", "shared" or "none"
-                shrink: str | float = "ledoit_wolf", # "ledoit_wolf", or gamma >= 0 for Sigma + gamma*I
+                shrink: str | float = SHRINK, # "ledoit_wolf", or gamma >= 0 for Sigma + gamma*I
                ) -> ClassStats:
     "Per-class means and shrunk covariance factors of `feats`."
     check_stats_knobs(cov, shrink)
@@ -254,7 +247,7 @@ def patch_stats(patches: torch.Tensor, # [n,k,d] selected patch tokens, sorted b
                 labels: torch.Tensor, # [n] integer class ids
                 classes: torch.Tensor | None = None, # [C] ids to keep statistics for (default: those in `labels`)
                 cov: str = "diag", # "diag", "shared", "none" or "full" (per slot)
-                shrink: str | float = "ledoit_wolf", # "ledoit_wolf", or gamma >= 0
+                shrink: str | float = SHRINK, # "ledoit_wolf", or gamma >= 0
                ) -> PatchStats:
     "Per-class, per-slot statistics of selected patch sets."
     if patches.ndim != 3 or labels.shape != patches.shape[:1]:

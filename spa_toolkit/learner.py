@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_learner.ipynb #e20f2dfb
 from __future__ import annotations
-import inspect, math, time
+import dataclasses, math, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -15,108 +15,55 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .core import SpaError, atomic_path, check_finite, content_key, l2norm, make_generator
+from .base import METHODS, N_DESC, PEER_METHODS, SEM_TEMPLATE, Knobs, SpaError, SpaKnobs, check_methods
+from .core import atomic_path, check_finite, content_key, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
 from .distributed import extract_sharded
-from .patches import (SEM_TEMPLATE, class_chunks, gather_patches, select_patch_sets, select_patches,
+from .patches import (class_chunks, gather_patches, select_patch_sets, select_patches,
                                  select_patches_for_labels, semantic_tokens)
-from .ot import POOLS, pooled_score
+from .ot import pooled_score
 from .projectors import SpaProjectors
-from .calibration import ClassStats, PatchStats, check_stats_knobs, check_stats_memory, stats_budget, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
-from .proof import new_proof_state, proof_knobs, proof_logits, proof_state_dict, proof_state_from_dict, train_proof_task
-from .rapf import new_rapf_state, rapf_knobs, rapf_logits, rapf_state_dict, rapf_state_from_dict, train_rapf_task
+from .calibration import ClassStats, PatchStats, check_stats_memory, stats_budget, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
+from .proof import ProofKnobs, new_proof_state, proof_logits, proof_state_dict, proof_state_from_dict, train_proof_task
+from .rapf import RapfKnobs, new_rapf_state, rapf_logits, rapf_state_dict, rapf_state_from_dict, train_rapf_task
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
-__all__ = ['SCORERS', 'OPTIMIZERS', 'SELECTIONS', 'N_DESC', 'METHODS', 'ALIASES', 'PEERS', 'STATE_VERSION', 'spa_knobs', 'Peer',
-           'list_methods', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict', 'Rows',
-           'rows', 'task_rows', 'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins',
+__all__ = ['PEERS', 'STATE_VERSION', 'Peer', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict',
+           'Rows', 'rows', 'task_rows', 'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins',
            'state_dict', 'state_from_dict', 'save_state', 'load_state', 'split_features', 'Prepared', 'prepare',
            'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
 
-# %% ../nbs/10_learner.ipynb #63c9f550
-SCORERS = ("spa", "zeroshot", "descriptions", "ncm")
-OPTIMIZERS = ("sgd", "adamw")
-SELECTIONS = ("agnostic", "class")
-N_DESC = 8 # descriptions kept per class by default (ENGINE's files hold ~500: memory and the OT problem grow with them)
-
-def spa_knobs(scorer: str = "spa", # "spa" (trained projectors), "zeroshot", "descriptions" or "ncm" (frozen baselines)
-              epochs: int = 5, # training epochs per task
-              batch_size: int = 64, # real images per batch
-              lr: float = 1e-3, # peak learning rate (cosine decay to 0 over the task)
-              weight_decay: float = 0.05, # decoupled for AdamW, L2 for SGD
-              momentum: float = 0.9, # SGD momentum
-              optimizer: str = "sgd", # "sgd" or "adamw"
-              hidden: int | None = None, # projector bottleneck width (None: d // 4)
-              k_patches: int = 16, # patches kept per image (per (image, class) with selection="class")
-              selection: str = "agnostic", # "agnostic": one frozen-space set per image for all classes; "class": one per class
-              pool: str = "semi_ot", # patch-level score: "semi_ot", "ot" (balanced), "mean" or "max" (see `ot.pooled_score`)
-              eps: float = 0.1, # entropic OT regularisation (a fraction of each problem's cost spread when eps_relative)
-              eps_relative: bool = True, # eps relative to the cost spread (False: absolute, on the cost 1 - cosine)
-              ot_iters: int = 50, # Sinkhorn sweeps
-              lam: float = 1.0, # weight of the patch-level score (0: global branch only)
-              proto: float = 1.0, # weight of the projected-prototype term <phi(g), phi(mean_c)> (0: off)
-              calibration: bool = True, # replay pseudo-features of old classes from their Gaussians
-              cov: str = "diag", # class covariance: "full", "diag", "shared" or "none"
-              shrink: str | float = "ledoit_wolf", # covariance shrinkage: "ledoit_wolf" or gamma for Σ + γI
-              pseudo_ratio: float = 1.0, # pseudo-features per real image in a batch
-              n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
-              eval_chunk: int = 32, # classes per memory chunk when scoring patches at evaluation
-              sem_template: str = SEM_TEMPLATE, # how a description is phrased as a semantic token ({s}; {c}: the class name)
-             ) -> dict:
-    "Validated SPA knobs, as a plain JSON-able dict."
-    knobs = dict(locals())
-    for name, value, choices in [("scorer", scorer, SCORERS), ("optimizer", optimizer, OPTIMIZERS), ("selection", selection, SELECTIONS),
-                                 ("pool", pool, POOLS)]:
-        if value not in choices: raise SpaError(f"{name}={value!r}: choose one of {choices}")
-    for name, least in dict(epochs=0, batch_size=1, k_patches=1, ot_iters=1, eval_chunk=1).items():
-        if knobs[name] < least: raise SpaError(f"{name}={knobs[name]} is too small: use at least {least}")
-    if not (lr > 0 and eps > 0 and lam >= 0 and proto >= 0 and pseudo_ratio >= 0):
-        raise SpaError(f"lr={lr}, eps={eps} must be > 0 and lam={lam}, proto={proto}, pseudo_ratio={pseudo_ratio} >= 0")
-    if hidden is not None and hidden < 1: raise SpaError(f"hidden={hidden} is too small: use at least 1, or None for d // 4")
-    if n_desc is not None and n_desc < 1: raise SpaError(f"n_desc={n_desc} is too small: keep at least 1 description, or None for all")
-    check_stats_knobs(cov, shrink)  # fail before any extraction, not when the first task's statistics are computed
-    return knobs
-
 # %% ../nbs/10_learner.ipynb #6ba34b2f
-METHODS = {
-    "spa": {}, "spa_nocal": dict(calibration=False),
-    "spa_global": dict(lam=0.0), "spa_global_nocal": dict(lam=0.0, calibration=False),
-    "zeroshot": dict(scorer="zeroshot", epochs=0), "descriptions": dict(scorer="descriptions", epochs=0),
-    "ncm": dict(scorer="ncm", epochs=0, cov="none"),
-}
-ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
-METHODS |= {alias: METHODS[ours] for alias, ours in ALIASES.items()}
-
 class Peer(NamedTuple):
     "How the loop drives a peer method: its knobs, a fresh state, one task's training, logits, and the state as a plain dict."
-    knobs: Callable # (**overrides) -> dict holding "peer": the method's name
+    knobs: type # its frozen `base.Knobs` dataclass, with `peer` naming the method
     new: Callable # (names [C, d], logit_scale, seed, knobs) -> state
     train: Callable # (state, read(rows) -> (g, y), rows of the task, classes, generator) -> state
     logits: Callable # (state, g [B, d]) -> [B, n_seen]
     to_dict: Callable # state -> plain dict
     from_dict: Callable # (plain dict, device) -> state
 
-PEERS = {"proof": Peer(proof_knobs, new_proof_state, train_proof_task, proof_logits, proof_state_dict, proof_state_from_dict),
-         "rapf": Peer(rapf_knobs, new_rapf_state, train_rapf_task, rapf_logits, rapf_state_dict, rapf_state_from_dict)}
+PEERS = {p.knobs.peer: p for p in (
+    Peer(ProofKnobs, new_proof_state, train_proof_task, proof_logits, proof_state_dict, proof_state_from_dict),
+    Peer(RapfKnobs, new_rapf_state, train_rapf_task, rapf_logits, rapf_state_dict, rapf_state_from_dict))}
+assert tuple(PEERS) == PEER_METHODS, "base.PEER_METHODS (what the command line offers) must name the peers here"
 
-def list_methods() -> list[str]:
-    "Every method name `run_method` accepts."
-    return [*METHODS, *PEERS]
+def _peer_knobs(peer: Peer, knobs: SpaKnobs) -> Knobs:
+    "A peer's knobs: its published defaults, overridden by the knobs it shares with SPA whose value differs from SPA's default."
+    spa = SpaKnobs()
+    return peer.knobs(**{f.name: getattr(knobs, f.name) for f in dataclasses.fields(peer.knobs)
+                         if hasattr(spa, f.name) and getattr(knobs, f.name) != getattr(spa, f.name)})
 
-def _peer_knobs(peer: Peer, knobs: dict) -> dict:
-    "A peer's knobs: its published defaults, overridden by the given knobs it has that differ from SPA's defaults."
-    own, spa = inspect.signature(peer.knobs).parameters, spa_knobs()
-    return peer.knobs(**{k: v for k, v in knobs.items() if k in own and (k not in spa or v != spa[k])})
-
-def method_knobs(method: str, # a name in `list_methods()`
-                 **knobs, # overrides of `spa_knobs` defaults (a method's own settings win)
-                ) -> dict:
-    "Resolved knobs of one method."
+def method_knobs(method: str, # a name in `base.list_methods()`
+                 knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`); a method's own settings win
+                ) -> Knobs:
+    "Resolved knobs of one method: `knobs` with the method's own settings, or a peer's knobs."
+    knobs = knobs or SpaKnobs()
     if method in PEERS: return _peer_knobs(PEERS[method], knobs)
-    if method not in METHODS: raise SpaError(f"unknown method {method!r}: choose from {', '.join(list_methods())}")
-    return spa_knobs(**(knobs | METHODS[method]))
+    check_methods([method])
+    return knobs.replace(**METHODS[method])
 
 # %% ../nbs/10_learner.ipynb #4ce2e942
 @dataclass
@@ -131,19 +78,19 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      templates: list[str], # prompt templates with one "{}"
                      descriptions: dict[str, list[str]], # class name -> description phrases
                      sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
-                     n_desc: int | None = None, # descriptions kept per class (a fixed sample; None: all)
+                     n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
                     ) -> TextSide:
     "Class-name and semantic-token embeddings of every class, encoded once."
     sem = semantic_tokens(class_names, descriptions, clip, template=sem_template, n_desc=n_desc)
     return TextSide(class_embeddings(clip, class_names, templates), sem.tokens.float(), sem.mask)
 
 # %% ../nbs/10_learner.ipynb #582bf14b
-STATE_VERSION = 2 # bump when the saved state's layout changes (2: frozen-space patch sets, study knobs)
+STATE_VERSION = 3 # bump when the saved state's layout changes (3: typed knobs; 2: frozen-space patch sets, study knobs)
 
 @dataclass
 class CILState:
     "What a class-incremental run carries between tasks."
-    knobs: dict # from `spa_knobs`
+    knobs: SpaKnobs # the method's resolved knobs
     text: TextSide # frozen class-name and description embeddings of all classes
     proj: SpaProjectors # visual (phi) and textual (psi) adapters, one per trained task
     logit_scale: float # CLIP's temperature tau
@@ -158,11 +105,11 @@ class CILState:
 def new_state(text: TextSide, # frozen text side of the benchmark
               logit_scale: float, # CLIP's temperature
               seed: int = 0, # seeds the projectors' initialisation
-              **knobs, # see `spa_knobs`
+              knobs: SpaKnobs | None = None, # the method's knobs (default: `SpaKnobs()`)
              ) -> CILState:
     "A fresh state before the first task; projectors live where the text side does."
-    k = spa_knobs(**knobs)
-    proj = SpaProjectors(text.names.shape[1], k["hidden"], device=text.names.device, seed=seed)
+    k = knobs or SpaKnobs()
+    proj = SpaProjectors(text.names.shape[1], k.hidden, device=text.names.device, seed=seed)
     return CILState(k, text, proj, float(logit_scale))
 
 # %% ../nbs/10_learner.ipynb #1bd09264
@@ -170,9 +117,9 @@ def _patch_scores(state: CILState, patches: torch.Tensor, n: int) -> torch.Tenso
     "Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected descriptions."
     k, vis, txt = state.knobs, state.proj.visual, state.proj.text
     p, sem, mask = patches.to(state.text.sem.dtype), state.text.sem[:n], state.text.sem_mask[:n]
-    kk, chunk = min(k["k_patches"], p.shape[1]), None if torch.is_grad_enabled() else k["eval_chunk"]
-    pool = lambda S, m: pooled_score(S, k["pool"], m, k["eps"], k["ot_iters"], k["eps_relative"])
-    if k["selection"] == "agnostic":
+    kk, chunk = min(k.k_patches, p.shape[1]), None if torch.is_grad_enabled() else k.class_chunk
+    pool = lambda S, m: pooled_score(S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative)
+    if k.selection == "agnostic":
         Z = vis(select_patch_sets(p, sem, kk, mask, chunk))  # [B, k, d]: one set per image, for every class
         return torch.cat([pool(torch.einsum("bkd,cmd->bckm", Z, txt(s) * m[..., None]), m) for s, m in class_chunks(sem, mask, chunk)], 1)
     return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m))), txt(s) * m[..., None]), m)
@@ -183,17 +130,17 @@ def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, 
     k, vis = state.knobs, state.proj.visual
     vg = vis(g)
     s = vg @ state.proj.text(state.text.names[:n]).T
-    if k["proto"] > 0:
+    if k.proto > 0:
         if state.stats is None or len(state.stats.classes) < n: raise SpaError(f"proto > 0 needs the class means of all {n} classes: train the tasks first")
-        s = s + k["proto"] * vg @ vis(state.stats.means[:n].to(g.dtype)).T
-    if k["lam"] > 0:
+        s = s + k.proto * vg @ vis(state.stats.means[:n].to(g.dtype)).T
+    if k.lam > 0:
         if patches is None: raise SpaError("the patch branch needs patch tokens: extract features with patches, or use lam=0")
-        s = s + k["lam"] * _patch_scores(state, patches, n)
+        s = s + k.lam * _patch_scores(state, patches, n)
     return s
 
 def _baseline_scores(state: CILState, g: torch.Tensor, n: int) -> torch.Tensor:
     "Frozen baselines' cosine scores [B, n]."
-    scorer = state.knobs["scorer"]
+    scorer = state.knobs.scorer
     if scorer == "zeroshot": return g @ state.text.names[:n].T
     if scorer == "descriptions":
         m = state.text.sem_mask[:n, :, None]
@@ -209,7 +156,7 @@ def predict(state: CILState, # a trained (or fresh) state
     "Logits of SPA (or of the state's baseline scorer) over the seen classes."
     n = n_classes or state.n_seen
     if n < 1: raise SpaError("no class seen yet: train a task first, or pass n_classes")
-    s = _spa_scores(state, g, patches, n) if state.knobs["scorer"] == "spa" else _baseline_scores(state, g, n)
+    s = _spa_scores(state, g, patches, n) if state.knobs.scorer == "spa" else _baseline_scores(state, g, n)
     return state.logit_scale * s
 
 # %% ../nbs/10_learner.ipynb #1083df65
@@ -238,10 +185,10 @@ def task_rows(feats: FeatureSet, # cached features of one split
     return np.flatnonzero((feats.labels >= lo) & (feats.labels < hi))
 
 # %% ../nbs/10_learner.ipynb #61716c5b
-def _optimizer(params: list, k: dict, steps: int):
+def _optimizer(params: list, k: SpaKnobs, steps: int):
     "The optimiser and its per-step cosine schedule."
-    if k["optimizer"] == "sgd": opt = torch.optim.SGD(params, lr=k["lr"], momentum=k["momentum"], weight_decay=k["weight_decay"])
-    else: opt = torch.optim.AdamW(params, lr=k["lr"], weight_decay=k["weight_decay"])
+    if k.optimizer == "sgd": opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
+    else: opt = torch.optim.AdamW(params, lr=k.lr, weight_decay=k.weight_decay)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
 
 def replay_schedule(old: torch.Tensor, # [C_old] long, the old classes
@@ -271,27 +218,23 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     "Train the newest adapters on `data` (+ pseudo-features of the `old` classes, every one each epoch)."
     k = state.knobs
     params = state.proj.add_task(gen).freeze_old()
-    n, bs = len(data.y), k["batch_size"]
+    n, bs = len(data.y), k.batch_size
     n_batches = math.ceil(n / bs)
-    opt, sched = _optimizer(params, k, k["epochs"] * n_batches)
-    replay = k["calibration"] and len(old) > 0 and k["pseudo_ratio"] > 0
-    for _ in tqdm(range(k["epochs"]), desc=f"task {state.n_tasks}", disable=not progress, leave=False):
-        per_batch = max(1, round(bs * k["pseudo_ratio"]), math.ceil(len(old) / n_batches))  # room for every old class each epoch
+    opt, sched = _optimizer(params, k, k.epochs * n_batches)
+    replay = k.calibration and len(old) > 0 and k.pseudo_ratio > 0
+    for _ in tqdm(range(k.epochs), desc=f"task {state.n_tasks}", disable=not progress, leave=False):
+        per_batch = max(1, round(bs * k.pseudo_ratio), math.ceil(len(old) / n_batches))  # room for every old class each epoch
         pseudo = replay_schedule(old, n_batches, per_batch, gen) if replay else [None] * n_batches
         for b, labels in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
             loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen)
-            if labels is not None: loss = loss + k["pseudo_ratio"] * _loss(state, *_pseudo_batch(state, labels, gen), n_seen)
+            if labels is not None: loss = loss + k.pseudo_ratio * _loss(state, *_pseudo_batch(state, labels, gen), n_seen)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
-
-def _uses_patches(knobs: dict) -> bool:
-    "Whether a method reads patch tokens: SPA with its patch branch on."
-    return knobs.get("scorer") == "spa" and knobs["lam"] > 0
 
 def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
     "[B, k, d] frozen patch sets whose statistics stand in for images of class `y`: the sets their test images will show."
     k, sem, mask = state.knobs, state.text.sem, state.text.sem_mask
-    kk = min(k["k_patches"], p.shape[1])
-    if k["selection"] == "agnostic": return select_patch_sets(p, sem[:n], kk, mask[:n], k["eval_chunk"])
+    kk = min(k.k_patches, p.shape[1])
+    if k.selection == "agnostic": return select_patch_sets(p, sem[:n], kk, mask[:n], k.class_chunk)
     return select_patches_for_labels(p, sem, y, kk, mask)
 
 def _patch_sets(state: CILState, data: Rows, n: int, chunk: int = 256) -> torch.Tensor:
@@ -301,9 +244,9 @@ def _patch_sets(state: CILState, data: Rows, n: int, chunk: int = 256) -> torch.
 def _new_stats(state: CILState, data: Rows, sets: torch.Tensor | None, classes: torch.Tensor) -> tuple:
     "Statistics of the task's classes: frozen global features, and the frozen patch sets SPA selects for them."
     k = state.knobs
-    st = class_stats(data.g, data.y, classes, cov=k["cov"], shrink=k["shrink"])
-    if sets is None or not k["calibration"]: return st, None
-    return st, patch_stats(sets, data.y, classes, cov=k["cov"], shrink=k["shrink"])
+    st = class_stats(data.g, data.y, classes, cov=k.cov, shrink=k.shrink)
+    if sets is None or not k.calibration: return st, None
+    return st, patch_stats(sets, data.y, classes, cov=k.cov, shrink=k.shrink)
 
 # %% ../nbs/10_learner.ipynb #f15e33ae
 def train_task(state: CILState, # the state after the previous task (updated in place and returned)
@@ -317,21 +260,21 @@ def train_task(state: CILState, # the state after the previous task (updated in 
     if lo != state.n_seen or hi - lo != len(set(classes)):
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")
     gen = generator if generator is not None else make_generator(state.n_tasks, state.device)
-    data = rows(train, task_rows(train, lo, hi), state.device, patches=_uses_patches(state.knobs))
+    data = rows(train, task_rows(train, lo, hi), state.device, patches=state.knobs.uses_patches)
     if not len(data.y): raise SpaError(f"no training images for classes {lo}..{hi - 1}: check the benchmark's train split")
     sets = None if data.p is None else _patch_sets(state, data, hi)  # frozen: selected once per task, not per batch
-    if sets is not None and state.knobs["selection"] == "agnostic": data = data._replace(p=sets)  # what every class is scored on
+    if sets is not None and state.knobs.selection == "agnostic": data = data._replace(p=sets)  # what every class is scored on
     st, pst = _new_stats(state, data, sets, torch.arange(lo, hi, device=state.device))  # frozen features: known before training
     state.stats = st if state.stats is None else merge_stats(state.stats, st)
     state.pstats = pst if state.pstats is None or pst is None else merge_stats(state.pstats, pst)
-    if state.knobs["scorer"] == "spa" and state.knobs["epochs"] > 0: _fit(state, data, hi, torch.arange(lo, device=state.device), gen, progress)
+    if state.knobs.scorer == "spa" and state.knobs.epochs > 0: _fit(state, data, hi, torch.arange(lo, device=state.device), gen, progress)
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
 
 # %% ../nbs/10_learner.ipynb #45312b95
 def _logits(state, r: Rows) -> torch.Tensor:
     "Logits of a SPA state or a peer's over the seen classes."
-    return PEERS[state.knobs["peer"]].logits(state, r.g) if "peer" in state.knobs else predict(state, r.g, r.p)
+    return PEERS[state.knobs.peer].logits(state, r.g) if state.knobs.peer else predict(state, r.g, r.p)
 
 def evaluate(state, # a trained state (`CILState` or a peer's)
              test: FeatureSet, # cached features of the test split
@@ -342,7 +285,7 @@ def evaluate(state, # a trained state (`CILState` or a peer's)
     preds, labels = [], []
     with torch.no_grad():
         for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / batch_size))):
-            r = rows(test, chunk, state.device, patches=_uses_patches(state.knobs))
+            r = rows(test, chunk, state.device, patches=state.knobs.uses_patches)
             preds.append(_logits(state, r).argmax(1).cpu()); labels.append(r.y.cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
@@ -364,7 +307,7 @@ def replay_margins(state: CILState, # a trained state with statistics
                   ) -> tuple[torch.Tensor, torch.Tensor]: # margins of the real test images [n], of the pseudo-features [m]
     "Margins of old classes' real test images and of pseudo-features drawn for them, under the same state."
     cls = torch.as_tensor(sorted(set(classes)), device=state.device)
-    r = rows(test, np.flatnonzero(np.isin(test.labels, cls.cpu().numpy())), state.device, patches=_uses_patches(state.knobs))
+    r = rows(test, np.flatnonzero(np.isin(test.labels, cls.cpu().numpy())), state.device, patches=state.knobs.uses_patches)
     g = sample_pseudo(state.stats, n_per_class, generator, classes=cls, normalize=True)
     p = sample_pseudo_patches(state.pstats, n_per_class, generator, classes=cls, normalize=True).feats if state.pstats is not None else None
     return score_margins(state, r.g, r.p, r.y), score_margins(state, g.feats, p, g.labels)
@@ -380,7 +323,7 @@ def _stats_from(d: dict | None):
 
 def state_dict(state: CILState) -> dict:
     "A plain dict of tensors, numbers and strings holding the whole state."
-    return dict(version=STATE_VERSION, knobs=state.knobs, text=dict(vars(state.text)), proj=state.proj.state_dict(),
+    return dict(version=STATE_VERSION, knobs=state.knobs.to_dict(), text=dict(vars(state.text)), proj=state.proj.state_dict(),
                 logit_scale=state.logit_scale, stats=_stats_dict(state.stats), pstats=_stats_dict(state.pstats),
                 n_seen=state.n_seen, n_tasks=state.n_tasks)
 
@@ -391,16 +334,17 @@ def state_from_dict(d: dict, # from `state_dict`
     if d.get("version") != STATE_VERSION:
         raise SpaError(f"state format {d.get('version')} is not this version's {STATE_VERSION}: rerun without --resume to start afresh")
     text = TextSide(**{k: v.to(device) for k, v in d["text"].items()})
-    proj = SpaProjectors.from_state_dict(d["proj"], text.names.shape[1], d["knobs"]["hidden"]).to(device)
+    knobs = SpaKnobs.from_dict(d["knobs"])
+    proj = SpaProjectors.from_state_dict(d["proj"], text.names.shape[1], knobs.hidden).to(device)
     st, pst = (None if x is None else x.to(device) for x in (_stats_from(d["stats"]), _stats_from(d["pstats"])))
-    return CILState(d["knobs"], text, proj, d["logit_scale"], st, pst, d["n_seen"], d["n_tasks"])
+    return CILState(knobs, text, proj, d["logit_scale"], st, pst, d["n_seen"], d["n_tasks"])
 
 def save_state(state, # a `CILState` or a peer's state
                path: str | Path, # where to write
                **extra, # plain data saved with it
               ) -> Path:
     "Write a state (and any `extra` plain data) to `path` atomically."
-    d = PEERS[state.knobs["peer"]].to_dict(state) if "peer" in state.knobs else state_dict(state)
+    d = PEERS[state.knobs.peer].to_dict(state) if state.knobs.peer else state_dict(state)
     with atomic_path(path) as tmp: torch.save(d | dict(extra=extra), tmp)
     return Path(path)
 
@@ -473,13 +417,13 @@ def prepare(benchmark: Benchmark, # the benchmark
 
 # %% ../nbs/10_learner.ipynb #c9978f17
 def run_key(prep: Prepared, # the prepared benchmark
-            knobs: dict, # a method's resolved knobs
+            knobs: Knobs, # a method's resolved knobs
             seed: int, # run seed
            ) -> str:
     "Content key of everything that determines a method's numbers: images, class order, setting, model, descriptions, seed, knobs."
-    return content_key(prep.benchmark.key, prep.benchmark.order, prep.setting, prep.train.folder.name, prep.text_key, seed, knobs)
+    return content_key(prep.benchmark.key, prep.benchmark.order, prep.setting, prep.train.folder.name, prep.text_key, seed, knobs.to_dict())
 
-def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: dict, seed: int):
+def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: Knobs, seed: int):
     "The state, per-task records and generator to continue from (fresh when there is nothing to resume)."
     gen = make_generator(seed, prep.text.names.device)
     if resume and ckpt is not None and ckpt.exists():
@@ -489,8 +433,8 @@ def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: dict, seed: 
                            "rerun without --resume, or pass another --out")
         gen.set_state(extra["generator"])
         return state, extra["records"], gen
-    if "peer" in knobs: return PEERS[knobs["peer"]].new(prep.text.names, prep.logit_scale, seed, knobs), [], gen
-    return new_state(prep.text, prep.logit_scale, seed, **knobs), [], gen
+    if knobs.peer: return PEERS[knobs.peer].new(prep.text.names, prep.logit_scale, seed, knobs), [], gen
+    return new_state(prep.text, prep.logit_scale, seed, knobs), [], gen
 
 def _reader(feats: FeatureSet, device: torch.device):
     "A peer's view of a feature cache: sorted rows -> (global features [n, d], labels [n])."
@@ -498,8 +442,8 @@ def _reader(feats: FeatureSet, device: torch.device):
 
 def _train(state, train: FeatureSet, classes: list[int], gen: torch.Generator):
     "One task of SPA (`train_task`) or of a peer (its own training on the rows of the task's classes)."
-    if "peer" not in state.knobs: return train_task(state, train, classes, gen)
-    return PEERS[state.knobs["peer"]].train(state, _reader(train, state.device), task_rows(train, min(classes), max(classes) + 1), classes, gen)
+    if not state.knobs.peer: return train_task(state, train, classes, gen)
+    return PEERS[state.knobs.peer].train(state, _reader(train, state.device), task_rows(train, min(classes), max(classes) + 1), classes, gen)
 
 def _record(state: CILState, test: FeatureSet, n_old: int) -> dict:
     "Predictions and timings of one evaluation."
@@ -508,22 +452,22 @@ def _record(state: CILState, test: FeatureSet, n_old: int) -> dict:
     return dict(preds=torch.from_numpy(p), labels=torch.from_numpy(y), n_old=n_old, eval_s=time.perf_counter() - t0)
 
 # %% ../nbs/10_learner.ipynb #7d146564
-def _result(method: str, prep: Prepared, knobs: dict, records: list[dict], key: str) -> RunResult:
+def _result(method: str, prep: Prepared, knobs: Knobs, records: list[dict], key: str) -> RunResult:
     "The `RunResult` of finished per-task records."
     preds, labels = [r["preds"].numpy() for r in records], [r["labels"].numpy() for r in records]
     curve = accuracy_curve([accuracy(p, y) for p, y in zip(preds, labels)])
     on = [list(old_new_harmonic(p, y, r["n_old"])) for p, y, r in zip(preds, labels, records)]
     timings = dict(train_s=sum(r["train_s"] for r in records), eval_s=sum(r["eval_s"] for r in records))
     return RunResult(method, prep.benchmark.name, prep.setting, curve, accuracy_matrix(preds, labels, prep.splits).tolist(),
-                     [max(s) + 1 for s in prep.splits], prep.benchmark.order, knobs, on, timings, run_key=key)
+                     [max(s) + 1 for s in prep.splits], prep.benchmark.order, knobs.to_dict(), on, timings, run_key=key)
 
 def check_stats_fit(prep: Prepared, # the prepared benchmark
-                    knobs: dict, # a method's resolved knobs
+                    knobs: SpaKnobs, # a SPA method's resolved knobs
                    ) -> int: # bytes the statistics will take at the last task
     "Raise `SpaError`, before any work, when the method's statistics of all the benchmark's classes would not fit in memory."
     p = prep.train.patches
-    slots = min(knobs["k_patches"], p.shape[1]) if knobs["calibration"] and _uses_patches(knobs) and p is not None else 0
-    return check_stats_memory(len(prep.benchmark.class_names), prep.text.names.shape[1], knobs["cov"], slots,
+    slots = min(knobs.k_patches, p.shape[1]) if knobs.calibration and knobs.uses_patches and p is not None else 0
+    return check_stats_memory(len(prep.benchmark.class_names), prep.text.names.shape[1], knobs.cov, slots,
                               stats_budget(prep.text.names.device))
 
 def run_method(prep: Prepared, # shared features and text side
@@ -532,13 +476,13 @@ def run_method(prep: Prepared, # shared features and text side
                out_dir: str | Path | None = None, # save the state after every task here (enables resume)
                resume: bool = False, # continue from `out_dir`'s saved state
                progress: bool = True, # a progress bar over tasks
-               **knobs, # see `spa_knobs`
+               knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`); the method's own settings win
               ) -> RunResult:
     "Train and evaluate one method over all tasks of the prepared benchmark."
-    knobs = method_knobs(method, **knobs)
-    if clash := {k: (knobs[k], v) for k, v in prep.text_knobs.items() if k in knobs and knobs[k] != v}:
+    knobs = method_knobs(method, knobs)
+    if clash := {k: (getattr(knobs, k), v) for k, v in prep.text_knobs.items() if getattr(knobs, k, v) != v}:
         raise SpaError(f"{method}'s text knobs {clash} (asked, prepared) differ from the prepared text side: prepare() with them")
-    if "peer" not in knobs: check_stats_fit(prep, knobs)  # SPA's statistics; a peer keeps its own
+    if not knobs.peer: check_stats_fit(prep, knobs)  # SPA's statistics; a peer keeps its own
     ckpt = None if out_dir is None else Path(out_dir) / f"{method}.state.pt"
     state, records, gen = _resume(ckpt, resume, prep, knobs, seed)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):
@@ -559,9 +503,10 @@ def run_protocol(benchmark: Benchmark, # the benchmark
                  out_dir: str | Path | None = None, # per-task checkpoints (enables resume)
                  resume: bool = False, # continue interrupted methods from `out_dir`
                  progress: bool = True, # progress bars
-                 **knobs, # see `spa_knobs`
+                 knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`)
                 ) -> dict[str, RunResult]:
     "Run every method over every task of `benchmark`: features once, text once, one `RunResult` per method."
-    k = [method_knobs(m, **knobs) for m in methods][0]  # fail on a bad name or knob before any work
-    prep = prepare(benchmark, clip, setting, descriptions, cache_dir, k["sem_template"], n_desc=k["n_desc"], progress=progress)
-    return {m: run_method(prep, m, seed, out_dir, resume, progress, **knobs) for m in methods}
+    knobs = knobs or SpaKnobs()
+    check_methods(list(methods))  # a bad name fails before any work
+    prep = prepare(benchmark, clip, setting, descriptions, cache_dir, knobs.sem_template, n_desc=knobs.n_desc, progress=progress)
+    return {m: run_method(prep, m, seed, out_dir, resume, progress, knobs) for m in methods}

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import SpaError, atomic_write_json, l2norm, library_versions
+from .base import K_PATCHES, SpaError
+from .core import atomic_write_json, l2norm, library_versions
 from .data import (DEFAULT_WORLD, DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, Benchmark, all_combinations, class_name,
                               clip_transform, demo_classes, describe, pretrain_classes, render_sample, world_attributes,
                               world_image_size)
@@ -341,7 +342,7 @@ def _encode(clip: ClipBundle, images: list, patches: bool, batch_size: int = 256
 
 def premise_views(clip: ClipBundle, # the model
                   world: Benchmark, # a synthetic world (`data.synthetic_world`)
-                  k: int = 16, # patches SPA selects per image
+                  k_patches: int = K_PATCHES, # patches SPA selects per image
                  ) -> PremiseViews:
     "The paper's premise, measured before any learning: part-only siblings told apart by global vs patch views."
     names, attrs = world.class_names, world_attributes_of(world.class_names)
@@ -352,7 +353,7 @@ def premise_views(clip: ClipBundle, # the model
     marks = encode_texts(clip, [describe(a)[2] for a in attrs])  # [C, d] each class's mark phrase
     sim = torch.einsum("bnd,cd->bcn", p, marks)  # [n, C, N]
     sem = semantic_tokens(names, world.descriptions, clip)  # SPA's semantic tokens, its default phrasing
-    chosen = select_patch_sets(p, sem.tokens, min(k, p.shape[1]), sem.mask)  # [n, k, d]: SPA's frozen-space set of each image
+    chosen = select_patch_sets(p, sem.tokens, min(k_patches, p.shape[1]), sem.mask)  # [n, k, d]: SPA's frozen-space set of each image
     on_set = torch.einsum("bkd,cd->bck", chosen, marks).amax(-1)  # [n, C]
     scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, sim.amax(-1), on_set)
     return PremiseViews(*(sibling_top1(s, y, sibling_mask(names)) for s in scores))

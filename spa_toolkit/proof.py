@@ -6,37 +6,39 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import SpaError, l2norm, make_generator
+from .base import Knobs, SpaError, check_least
+from .core import l2norm, make_generator
 from .exemplars import rank_exemplars
 
 # %% auto #0
-__all__ = ['PROOF_STATE_VERSION', 'Reader', 'proof_knobs', 'new_linear', 'dropout', 'Fusion', 'ProofNet', 'project', 'ProofState',
+__all__ = ['PROOF_STATE_VERSION', 'Reader', 'ProofKnobs', 'new_linear', 'dropout', 'Fusion', 'ProofNet', 'project', 'ProofState',
            'new_proof_state', 'ProofScores', 'proof_scores', 'clip_loss', 'proof_loss', 'proof_logits',
            'herding_memory', 'cut_memory', 'train_proof_task', 'proof_state_dict', 'proof_state_from_dict']
 
 # %% ../nbs/09a_proof.ipynb #922ddd2f
-def proof_knobs(epochs: int = 5, # training epochs per task (`tuned_epoch`)
-                batch_size: int = 64, # images per batch
-                lr: float = 1e-3, # peak learning rate (`init_lr`), cosine to 0 over the task's epochs
-                weight_decay: float = 0.05, # SGD weight decay
-                momentum: float = 0.9, # SGD momentum
-                memory_size: int = 2000, # exemplars kept in all (`memory_size // n_seen` per class)
-                prompt_len: int = 3, # context prompts added per task
-                dropout: float = 0.1, # attention and output dropout of the fusion module
-               ) -> dict:
-    "PROOF's hyper-parameters (`exps/cifar.json`), validated."
-    knobs = dict(locals())
-    for name, least in dict(epochs=0, batch_size=1, memory_size=0, prompt_len=1).items():
-        if knobs[name] < least: raise SpaError(f"{name}={knobs[name]} is too small: use at least {least}")
-    if not (lr > 0 and 0 <= dropout < 1): raise SpaError(f"lr={lr} must be > 0 and dropout={dropout} in [0, 1)")
-    return knobs | dict(peer="proof")
+@dataclass(frozen=True)
+class ProofKnobs(Knobs):
+    "PROOF's hyper-parameters (`exps/cifar.json`), validated once."
+    peer: ClassVar[str] = "proof"
+    epochs: int = 5 # training epochs per task (`tuned_epoch`)
+    batch_size: int = 64 # images per batch
+    lr: float = 1e-3 # peak learning rate (`init_lr`), cosine to 0 over the task's epochs
+    weight_decay: float = 0.05 # SGD weight decay
+    momentum: float = 0.9 # SGD momentum
+    memory_size: int = 2000 # exemplars kept in all (`memory_size // n_seen` per class)
+    prompt_len: int = 3 # context prompts added per task
+    dropout: float = 0.1 # attention and output dropout of the fusion module
+
+    def check(self):
+        check_least(self, epochs=0, batch_size=1, memory_size=0, prompt_len=1)
+        if not (self.lr > 0 and 0 <= self.dropout < 1): raise SpaError(f"lr={self.lr} must be > 0 and dropout={self.dropout} in [0, 1)")
 
 # %% ../nbs/09a_proof.ipynb #19499b40
 def _uniform(shape: tuple, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -111,7 +113,7 @@ PROOF_STATE_VERSION = 1 # bump when the saved state's layout changes
 @dataclass
 class ProofState:
     "What a PROOF run carries between tasks."
-    knobs: dict # from `proof_knobs`
+    knobs: ProofKnobs
     names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
     net: ProofNet # projections, prompts, fusion
     logit_scale: float # CLIP's temperature tau (fixed)
@@ -127,12 +129,12 @@ class ProofState:
 def new_proof_state(names: torch.Tensor, # [C, d] class-name embeddings (unit norm), on the run's device
                     logit_scale: float, # CLIP's temperature
                     seed: int = 0, # seeds the fusion module's initialisation
-                    knobs: dict | None = None, # from `proof_knobs` (default: its defaults)
+                    knobs: ProofKnobs | None = None, # default: PROOF's published ones
                    ) -> ProofState:
     "A fresh PROOF state before the first task."
-    k, dev = knobs or proof_knobs(), names.device
+    k, dev = knobs or ProofKnobs(), names.device
     empty = torch.zeros(0, dtype=torch.long, device=dev)
-    net = ProofNet(names.shape[1], make_generator(seed, dev), k["dropout"])
+    net = ProofNet(names.shape[1], make_generator(seed, dev), k.dropout)
     return ProofState(k, names, net, float(logit_scale), names.new_zeros(0, names.shape[1]), empty, empty.clone())
 
 # %% ../nbs/09a_proof.ipynb #c79da6d9
@@ -205,10 +207,10 @@ Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] # sorted cach
 def _fit_proof(state: ProofState, g: torch.Tensor, y: torch.Tensor, params: list, gen: torch.Generator):
     "SGD with a per-epoch cosine schedule over `g`, `y`, scoring all seen classes."
     k = state.knobs
-    opt = torch.optim.SGD(params, lr=k["lr"], momentum=k["momentum"], weight_decay=k["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(k["epochs"], 1))
-    for _ in range(k["epochs"]):
-        for b in torch.randperm(len(y), generator=gen, device=gen.device).split(k["batch_size"]):
+    opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(k.epochs, 1))
+    for _ in range(k.epochs):
+        for b in torch.randperm(len(y), generator=gen, device=gen.device).split(k.batch_size):
             loss = proof_loss(proof_scores(state, g[b], state.n_seen, gen), y[b], state.logit_scale)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
@@ -226,10 +228,10 @@ def train_proof_task(state: ProofState, # the state after the previous task (upd
     g, y = read(rows)
     means = torch.stack([g[y == c].mean(0) for c in range(lo, hi)])
     state.protos, state.n_seen = torch.cat([state.protos, means]), hi
-    params = state.net.add_task(state.knobs["prompt_len"], generator)
+    params = state.net.add_task(state.knobs.prompt_len, generator)
     mg, my = read(np.sort(state.memory.cpu().numpy())) if len(state.memory) else (g[:0], y[:0])
     _fit_proof(state, torch.cat([g, mg]), torch.cat([y, my]), params, generator)
-    m = state.knobs["memory_size"] // hi
+    m = state.knobs.memory_size // hi
     old, new = cut_memory(state.memory, state.memory_labels, m), herding_memory(g, y, torch.as_tensor(rows, device=y.device), m)
     state.memory, state.memory_labels = torch.cat([old[0], new[0]]), torch.cat([old[1], new[1]])
     state.n_tasks += 1
@@ -238,7 +240,7 @@ def train_proof_task(state: ProofState, # the state after the previous task (upd
 # %% ../nbs/09a_proof.ipynb #9eb12e64
 def proof_state_dict(state: ProofState) -> dict:
     "A plain dict of tensors, numbers and strings holding the whole PROOF state."
-    return dict(version=PROOF_STATE_VERSION, knobs=state.knobs, names=state.names, net=state.net.state_dict(), logit_scale=state.logit_scale,
+    return dict(version=PROOF_STATE_VERSION, knobs=state.knobs.to_dict(), names=state.names, net=state.net.state_dict(), logit_scale=state.logit_scale,
                 protos=state.protos, memory=state.memory, memory_labels=state.memory_labels, n_seen=state.n_seen, n_tasks=state.n_tasks)
 
 def proof_state_from_dict(d: dict, # from `proof_state_dict`
@@ -248,8 +250,9 @@ def proof_state_from_dict(d: dict, # from `proof_state_dict`
     if d.get("version") != PROOF_STATE_VERSION:
         raise SpaError(f"PROOF state format {d.get('version')} is not this version's {PROOF_STATE_VERSION}: rerun without --resume")
     names = d["names"].to(device)
-    net, gen = ProofNet(names.shape[1], make_generator(0, device), d["knobs"]["dropout"]), make_generator(0, device)
-    for _ in range(d["n_tasks"]): net.add_task(d["knobs"]["prompt_len"], gen)
+    knobs = ProofKnobs.from_dict(d["knobs"])
+    net, gen = ProofNet(names.shape[1], make_generator(0, device), knobs.dropout), make_generator(0, device)
+    for _ in range(d["n_tasks"]): net.add_task(knobs.prompt_len, gen)
     net.load_state_dict(d["net"])
-    return ProofState(d["knobs"], names, net, d["logit_scale"], d["protos"].to(device), d["memory"].to(device),
+    return ProofState(knobs, names, net, d["logit_scale"], d["protos"].to(device), d["memory"].to(device),
                       d["memory_labels"].to(device), d["n_seen"], d["n_tasks"])

@@ -6,37 +6,41 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import SpaError, l2norm, make_generator
+from .base import Knobs, SpaError, check_least
+from .core import l2norm, make_generator
 from .proof import Reader, new_linear
 
 # %% auto #0
-__all__ = ['RAPF_STATE_VERSION', 'rapf_knobs', 'separation_loss', 'fuse_adapters', 'RapfState', 'new_rapf_state',
-           'gaussian_stats', 'sample_classes', 'rapf_scores', 'rapf_logits', 'hard_pairs', 'train_rapf_task',
-           'rapf_state_dict', 'rapf_state_from_dict']
+__all__ = ['RAPF_STATE_VERSION', 'RapfKnobs', 'separation_loss', 'fuse_adapters', 'RapfState', 'new_rapf_state', 'gaussian_stats',
+           'sample_classes', 'rapf_scores', 'rapf_logits', 'hard_pairs', 'train_rapf_task', 'rapf_state_dict',
+           'rapf_state_from_dict']
 
 # %% ../nbs/09b_rapf.ipynb #0df305c6
-def rapf_knobs(epochs: int = 15, # training epochs per task
-               batch_size: int = 100, # real images per batch (`train_batch_size`)
-               lr: float = 1e-3, # Adam learning rate
-               milestones: tuple[int, ...] = (4, 10), # epochs at which the rate drops x0.1
-               beta: float = 2.0, # 10*beta pseudo-features per replayed old class, 20*beta per hard pair
-               classes_per_batch: int = 2, # old classes replayed per batch
-               threshold: float = 0.55, # class-name embedding distance below which (old, new) is a hard pair
-               margin: float = 0.1, # separation hinge margin
-               mix_bias: float = 0.6, # parameter fusion's mask offset b
-              ) -> dict:
-    "RAPF's hyper-parameters (`configs/class/cifar100_10-10.yaml`), validated."
-    knobs = dict(locals()) | dict(milestones=[int(m) for m in milestones])
-    for name, least in dict(epochs=0, batch_size=1, classes_per_batch=1).items():
-        if knobs[name] < least: raise SpaError(f"{name}={knobs[name]} is too small: use at least {least}")
-    if not (lr > 0 and beta > 0 and 0 <= mix_bias <= 1): raise SpaError(f"lr={lr} and beta={beta} must be > 0, mix_bias={mix_bias} in [0, 1]")
-    return knobs | dict(peer="rapf")
+@dataclass(frozen=True)
+class RapfKnobs(Knobs):
+    "RAPF's hyper-parameters (`configs/class/cifar100_10-10.yaml`), validated once."
+    peer: ClassVar[str] = "rapf"
+    epochs: int = 15 # training epochs per task
+    batch_size: int = 100 # real images per batch (`train_batch_size`)
+    lr: float = 1e-3 # Adam learning rate
+    milestones: tuple[int, ...] = (4, 10) # epochs at which the rate drops x0.1
+    beta: float = 2.0 # 10*beta pseudo-features per replayed old class, 20*beta per hard pair
+    classes_per_batch: int = 2 # old classes replayed per batch
+    threshold: float = 0.55 # class-name embedding distance below which (old, new) is a hard pair
+    margin: float = 0.1 # separation hinge margin
+    mix_bias: float = 0.6 # parameter fusion's mask offset b
+
+    def check(self):
+        check_least(self, epochs=0, batch_size=1, classes_per_batch=1)
+        if not (self.lr > 0 and self.beta > 0 and 0 <= self.mix_bias <= 1):
+            raise SpaError(f"lr={self.lr} and beta={self.beta} must be > 0, mix_bias={self.mix_bias} in [0, 1]")
 
 # %% ../nbs/09b_rapf.ipynb #ecbe99bf
 def separation_loss(f: torch.Tensor, # [n, d] adapted features of old-class samples, unit norm
@@ -64,7 +68,7 @@ RAPF_STATE_VERSION = 1 # bump when the saved state's layout changes
 @dataclass
 class RapfState:
     "What a RAPF run carries between tasks."
-    knobs: dict # from `rapf_knobs`
+    knobs: RapfKnobs
     names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
     adapter: nn.Linear # A: d -> d, no bias
     logit_scale: float # CLIP's temperature tau
@@ -79,11 +83,11 @@ class RapfState:
 def new_rapf_state(names: torch.Tensor, # [C, d] class-name embeddings (unit norm), on the run's device
                    logit_scale: float, # CLIP's temperature
                    seed: int = 0, # seeds the adapter's initialisation
-                   knobs: dict | None = None, # from `rapf_knobs`
+                   knobs: RapfKnobs | None = None, # default: RAPF's published ones
                   ) -> RapfState:
     "A fresh RAPF state: a randomly initialised adapter, no statistics."
     d = names.shape[1]
-    return RapfState(knobs or rapf_knobs(), names, new_linear(d, d, make_generator(seed, names.device), bias=False),
+    return RapfState(knobs or RapfKnobs(), names, new_linear(d, d, make_generator(seed, names.device), bias=False),
                      float(logit_scale), names.new_zeros(0, d), names.new_zeros(0, d, d))
 
 def gaussian_stats(g: torch.Tensor, # [n, d] frozen features
@@ -124,27 +128,27 @@ def hard_pairs(names: torch.Tensor, # [C, d] class-name embeddings
 def _replay(state: RapfState, order: torch.Tensor, b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     "Batch `b`'s pseudo-features: `classes_per_batch` old classes, taken in turn from the epoch's shuffled `order`."
     k = state.knobs
-    cls = order[(b * k["classes_per_batch"] + torch.arange(k["classes_per_batch"], device=order.device)) % len(order)]
-    n = int(10 * k["beta"])
+    cls = order[(b * k.classes_per_batch + torch.arange(k.classes_per_batch, device=order.device)) % len(order)]
+    n = int(10 * k.beta)
     return sample_classes(state, cls, n, gen), cls.repeat_interleave(n)
 
 def _rapf_loss(state: RapfState, g, y, n: int, pairs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     "Cross-entropy over all seen classes, plus the separation hinge on every hard pair's old-class samples."
     loss = F.cross_entropy(rapf_scores(state, g, n), y)
     if not len(pairs): return loss
-    m = int(20 * state.knobs["beta"])
+    m = int(20 * state.knobs.beta)
     f = l2norm(state.adapter(sample_classes(state, pairs[:, 0], m, gen)))
     pos, neg = (state.names[pairs[:, c].repeat_interleave(m)] for c in (0, 1))
-    return loss + separation_loss(f, pos, neg, state.knobs["margin"])
+    return loss + separation_loss(f, pos, neg, state.knobs.margin)
 
 def _fit_rapf(state: RapfState, g, y, n: int, pairs, gen: torch.Generator):
     "Adam with step decay over the task's features, each batch with old classes' pseudo-features."
     k, lo = state.knobs, state.means.shape[0]
-    opt = torch.optim.Adam(state.adapter.parameters(), lr=k["lr"])
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, k["milestones"], gamma=0.1)
-    for _ in range(k["epochs"]):
+    opt = torch.optim.Adam(state.adapter.parameters(), lr=k.lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, k.milestones, gamma=0.1)
+    for _ in range(k.epochs):
         order = torch.randperm(lo, generator=gen, device=gen.device)
-        for b, idx in enumerate(torch.randperm(len(y), generator=gen, device=gen.device).split(k["batch_size"])):
+        for b, idx in enumerate(torch.randperm(len(y), generator=gen, device=gen.device).split(k.batch_size)):
             gb, yb = g[idx], y[idx]
             if lo:
                 pg, py = _replay(state, order, b, gen)
@@ -165,19 +169,19 @@ def train_rapf_task(state: RapfState, # the state after the previous task (updat
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")
     g, y = read(rows)
     w_old = state.adapter.weight.detach().clone()
-    pairs = hard_pairs(state.names, lo, hi, state.knobs["threshold"]) if lo else torch.zeros(0, 2, dtype=torch.long, device=g.device)
+    pairs = hard_pairs(state.names, lo, hi, state.knobs.threshold) if lo else torch.zeros(0, 2, dtype=torch.long, device=g.device)
     _fit_rapf(state, g, y, hi, pairs, generator)
     mu, L = gaussian_stats(g, y, range(lo, hi))
     state.means, state.chols = torch.cat([state.means, mu]), torch.cat([state.chols, L])
     if lo:
-        with torch.no_grad(): state.adapter.weight.copy_(fuse_adapters(w_old, state.adapter.weight, state.knobs["mix_bias"]))
+        with torch.no_grad(): state.adapter.weight.copy_(fuse_adapters(w_old, state.adapter.weight, state.knobs.mix_bias))
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
 
 # %% ../nbs/09b_rapf.ipynb #6905f7e2
 def rapf_state_dict(state: RapfState) -> dict:
     "A plain dict of tensors, numbers and strings holding the whole RAPF state."
-    return dict(version=RAPF_STATE_VERSION, knobs=state.knobs, names=state.names, adapter=state.adapter.weight.detach(),
+    return dict(version=RAPF_STATE_VERSION, knobs=state.knobs.to_dict(), names=state.names, adapter=state.adapter.weight.detach(),
                 logit_scale=state.logit_scale, means=state.means, chols=state.chols, n_seen=state.n_seen, n_tasks=state.n_tasks)
 
 def rapf_state_from_dict(d: dict, # from `rapf_state_dict`
@@ -186,7 +190,7 @@ def rapf_state_from_dict(d: dict, # from `rapf_state_dict`
     "Rebuild a `RapfState` on `device`."
     if d.get("version") != RAPF_STATE_VERSION:
         raise SpaError(f"RAPF state format {d.get('version')} is not this version's {RAPF_STATE_VERSION}: rerun without --resume")
-    st = new_rapf_state(d["names"].to(device), d["logit_scale"], knobs=d["knobs"])
+    st = new_rapf_state(d["names"].to(device), d["logit_scale"], knobs=RapfKnobs.from_dict(d["knobs"]))
     with torch.no_grad(): st.adapter.weight.copy_(d["adapter"].to(device))
     st.means, st.chols, st.n_seen, st.n_tasks = d["means"].to(device), d["chols"].to(device), d["n_seen"], d["n_tasks"]
     return st

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .base import SpaKnobs
 from .data import synthetic_world
 from .learner import method_knobs, prepare, run_method
 from .microclip import load_embedded_clip
@@ -32,9 +33,10 @@ def run_seed(variant: str, # world variant
     "Every configuration on one seed of one world: average and last accuracy, forgetting."
     clip, bench, preps, rows = load_embedded_clip(variant=variant), synthetic_world(variant=variant, seed=seed, **world), {}, []
     for name, (method, knobs) in configs.items():
-        tk = tuple(method_knobs(method, **knobs)[t] for t in TEXT_KNOBS)
+        resolved = method_knobs(method, SpaKnobs(**knobs))
+        tk = tuple(getattr(resolved, t) for t in TEXT_KNOBS)
         if tk not in preps: preps[tk] = prepare(bench, clip, cache_dir=cache_dir, progress=False, **dict(zip(TEXT_KNOBS, tk)))
-        r = run_method(preps[tk], method, seed=seed, progress=False, **knobs)
+        r = run_method(preps[tk], method, seed=seed, progress=False, knobs=SpaKnobs(**knobs))
         rows.append(dict(world=variant, config=name, seed=seed, avg=r.average, last=r.last, forgetting=r.forgetting))
     return rows
 
