@@ -17,6 +17,7 @@ from spa_toolkit.backbone import FeatureSet, load_clip
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.data import synthetic_world
 from spa_toolkit.fixtures import make_tiny_clip
+from spa_toolkit.base import SpaKnobs
 from spa_toolkit.learner import TextSide, new_state, prepare, train_task
 
 def tiny_world():
@@ -38,7 +39,7 @@ def vitb16_shaped(n_classes=30, per_class=200, d=512, n_patches=196, m=8, inc=10
 
 def profile_task(name: str, feats, text, splits, scale: float, knobs: dict, tasks: int):
     "Train `tasks` tasks and print how the last one's time splits."
-    state = new_state(text, scale, **knobs)
+    state = new_state(text, scale, knobs=SpaKnobs(**knobs))
     for classes in splits[:tasks - 1]: train_task(state, feats, classes)
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof: train_task(state, feats, splits[tasks - 1])

@@ -17,7 +17,8 @@ import torch
 
 from spa_toolkit.backbone import FeatureSet
 from spa_toolkit.core import l2norm, make_generator
-from spa_toolkit.learner import TextSide, new_state, spa_knobs, train_task
+from spa_toolkit.base import SpaKnobs
+from spa_toolkit.learner import TextSide, new_state, train_task
 from spa_toolkit.patches import semantic_tokens
 
 B, C, OLD, N, D = 64, 100, 90, 196, 512
@@ -35,13 +36,13 @@ def step_peak(n_phrases: int, knobs: dict) -> dict:
     table = {}  # a fixed random embedding per distinct prompt, as a text encoder would give
     encode = lambda texts: torch.stack([table.setdefault(t, rnd(D)) for t in texts])
     sem = semantic_tokens(names, {n: [f"phrase {i} of {n}" for i in range(n_phrases)] for n in names}, encode,
-                          n_desc=spa_knobs(**knobs)["n_desc"])
+                          n_desc=SpaKnobs(**knobs).n_desc)
     text = TextSide(rnd(C, D), sem.tokens, sem.mask)
     labels = np.concatenate([np.repeat(np.arange(OLD), 2), np.resize(np.arange(OLD, C), B)])
     n = len(labels)
     feats = FeatureSet(rnd(n, D).numpy().astype(np.float16), rnd(n, N, D).numpy().astype(np.float16), None, labels, Path("."), {})
-    state = train_task(new_state(text, 100.0, **(knobs | dict(epochs=0))), feats, list(range(OLD)), g)  # old classes: statistics only
-    state.knobs = spa_knobs(**(knobs | dict(epochs=1, batch_size=B)))
+    state = train_task(new_state(text, 100.0, knobs=SpaKnobs(**(knobs | dict(epochs=0)))), feats, list(range(OLD)), g)  # old classes: statistics only
+    state.knobs = SpaKnobs(**(knobs | dict(epochs=1, batch_size=B)))
     before = status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
     train_task(state, feats, list(range(OLD, C)), g)

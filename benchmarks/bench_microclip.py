@@ -21,6 +21,7 @@ import torch
 
 from spa_toolkit.backbone import LOCAL_DIR, load_clip
 from spa_toolkit.data import DEFAULT_WORLD, WORLD_VARIANTS, synthetic_world
+from spa_toolkit.base import SpaKnobs
 from spa_toolkit.learner import run_protocol
 from spa_toolkit.microclip import demo_images, load_embedded_clip, mark_ranks, premise_views, zero_shot_top1
 
@@ -59,7 +60,7 @@ def protocol(clip, variant, seeds, methods, knobs):
     res = {m: [] for m in methods}
     for s in seeds:
         with tempfile.TemporaryDirectory() as cache:
-            out = run_protocol(synthetic_world(variant=variant, seed=s), clip, methods, seed=s, cache_dir=cache, progress=False, **knobs)
+            out = run_protocol(synthetic_world(variant=variant, seed=s), clip, methods, seed=s, cache_dir=cache, progress=False, knobs=SpaKnobs(**knobs))
         for m in methods: res[m].append((out[m].average, out[m].last, out[m].forgetting))
         print(f"seed {s}: " + "  ".join(f"{m} {out[m].average:.2f}/{out[m].last:.2f}/{out[m].forgetting:.2f}" for m in methods)
               + "  (avg/last/forgetting)")
@@ -91,7 +92,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--images-per-class", type=int, default=10)
     ap.add_argument("--methods", nargs="+", default=METHODS)
-    ap.add_argument("--knob", type=knob, action="append", default=[], help="a spa_knobs override, e.g. --knob epochs=10")
+    ap.add_argument("--knob", type=knob, action="append", default=[], help="a SpaKnobs override, e.g. --knob epochs=10")
     ap.add_argument("--model", help="an open_clip model folder (default: the variant's embedded micro-CLIP)")
     ap.add_argument("--json", type=Path, help="also write the numbers here as JSON")
     a = ap.parse_args()

@@ -17,6 +17,7 @@ import torch
 from spa_toolkit.backbone import FeatureSet
 from spa_toolkit.calibration import check_stats_memory, run_stats_bytes, stats_budget, stats_bytes
 from spa_toolkit.core import SpaError, l2norm, make_generator
+from spa_toolkit.base import SpaKnobs
 from spa_toolkit.learner import TextSide, evaluate, new_state, train_task
 
 def unit(gen: torch.Generator, *shape) -> torch.Tensor: return l2norm(torch.randn(*shape, generator=gen))
@@ -32,7 +33,7 @@ def probe(a: argparse.Namespace) -> list[dict]:
     gen = make_generator(0)
     train, test = (split(gen, a.classes, n, a.d, a.patches) for n in (a.per_class, a.test_per_class))
     text = TextSide(unit(gen, a.classes, a.d), unit(gen, a.classes, a.n_desc, a.d), torch.ones(a.classes, a.n_desc, dtype=torch.bool))
-    state, out = new_state(text, 100.0, k_patches=a.k, epochs=a.epochs), []
+    state, out = new_state(text, 100.0, knobs=SpaKnobs(k_patches=a.k, epochs=a.epochs)), []
     for lo in range(0, a.classes, a.inc):
         t0 = time.perf_counter(); train_task(state, train, list(range(lo, lo + a.inc)), gen)
         t1 = time.perf_counter(); evaluate(state, test)

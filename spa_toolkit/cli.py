@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_cli.ipynb #9ea6ff2c
 from __future__ import annotations
-import argparse, inspect, os, re, sys
+import argparse, dataclasses, inspect, os, re, sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -23,26 +23,27 @@ from .exemplars import exemplar_images
 from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
                                       template_descriptions)
 from .microclip import embedded_clip_path
-from .learner import METHODS, list_methods, list_methods, Prepared, method_knobs, prepare, run_key, run_method, run_protocol, spa_knobs, split_features
+from .base import DEFAULT_METHODS, METHODS, SpaKnobs, check_methods, list_methods
+from .learner import Prepared, method_knobs, prepare, run_key, run_method, split_features
 from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
 
 # %% auto #0
-__all__ = ['KNOB_SKIP', 'DEFAULT_METHODS', 'PROTOCOL_MODEL', 'LLM_PREFIX', 'TEMPLATES', 'PUBLISHED', 'COUNTERPARTS',
-           'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'SETTING_HELP', 'DATASET_OPTION',
-           'OPTION_RANGES', 'knob_params', 'option_name', 'knob_type', 'add_knob_options', 'knobs_from',
-           'parse_methods', 'resolve_setting', 'default_model', 'model_for', 'note', 'backbone_label', 'model_note',
-           'check_llm_access', 'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'uses_descriptions',
-           'Described', 'descriptions_file', 'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report',
-           'write_png', 'write_report', 'run_meta', 'open_benchmark', 'open_model', 'run_one', 'BenchRow', 'bench_rows',
+__all__ = ['KNOB_SKIP', 'PROTOCOL_MODEL', 'LLM_PREFIX', 'TEMPLATES', 'PUBLISHED', 'COUNTERPARTS', 'DATA_OPTIONS', 'MODEL_OPTIONS',
+           'LLM_OPTIONS', 'RUN_OPTIONS', 'SETTING_HELP', 'DATASET_OPTION', 'OPTION_RANGES', 'knob_params',
+           'option_name', 'knob_type', 'add_knob_options', 'knobs_from', 'parse_methods', 'resolve_setting',
+           'default_model', 'model_for', 'note', 'backbone_label', 'model_note', 'check_llm_access',
+           'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'uses_descriptions', 'Described',
+           'descriptions_file', 'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report', 'write_png',
+           'write_report', 'run_meta', 'open_benchmark', 'open_model', 'run_one', 'BenchRow', 'bench_rows',
            'bench_table', 'plot_suite', 'cmd_run', 'cmd_bench', 'cmd_describe', 'cmd_features', 'build_parser', 'main',
            'check_writable', 'check_fresh', 'check_k_patches', 'check_options']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
 
-def knob_params() -> dict[str, inspect.Parameter]:
-    "The learner knobs the command line exposes: `spa_knobs`' parameters minus `KNOB_SKIP`."
-    return {n: p for n, p in inspect.signature(spa_knobs).parameters.items() if n not in KNOB_SKIP}
+def knob_params() -> dict[str, dataclasses.Field]:
+    "The learner knobs the command line exposes: `SpaKnobs`' fields minus `KNOB_SKIP`."
+    return {f.name: f for f in dataclasses.fields(SpaKnobs) if f.name not in KNOB_SKIP}
 
 def option_name(name: str) -> str:
     "The option of parameter `name`: `k_patches` -> `--k-patches`."
@@ -67,28 +68,23 @@ def knob_type(annotation, # a parameter annotation, e.g. "int | None" (text, or 
 def add_knob_options(parser: argparse.ArgumentParser, # gets one option per knob
                     ) -> argparse.ArgumentParser:
     "One option per learner knob, named like it, with its docments comment as help and its default."
-    group, docs = parser.add_argument_group("learner knobs (spa_knobs; a method's own settings win)"), docments(spa_knobs)
+    group, docs = parser.add_argument_group("learner knobs (SpaKnobs; a method's own settings win)"), docments(SpaKnobs)
     for name, p in knob_params().items():
         help = (docs.get(name) or "").replace("%", "%%") + " (default: %(default)s)"
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(p.default, bool) else dict(type=knob_type(p.annotation))
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(p.default, bool) else dict(type=knob_type(p.type))
         group.add_argument(option_name(name), default=p.default, help=help, **kind)
     return parser
 
 def knobs_from(args: argparse.Namespace, # parsed options (from a parser with `add_knob_options`)
-              ) -> dict:
-    "The learner knobs of the parsed options."
-    return {n: getattr(args, n) for n in knob_params()}
+              ) -> SpaKnobs:
+    "The learner knobs of the parsed options, validated once."
+    return SpaKnobs(**{n: getattr(args, n) for n in knob_params()})
 
 # %% ../nbs/11_cli.ipynb #100c5521
-DEFAULT_METHODS = tuple(inspect.signature(run_protocol).parameters["methods"].default) # run_protocol's default
-
 def parse_methods(text: str, # comma-separated names in `METHODS`, e.g. "spa,zeroshot"
                  ) -> list[str]:
     "Validated method names, in the order given."
-    names = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in names if m not in list_methods()]
-    if bad or not names: raise SpaError(f"unknown method(s) {bad or text!r}: choose from {', '.join(list_methods())} (comma-separated)")
-    return names
+    return check_methods([m.strip() for m in str(text).split(",") if m.strip()])
 
 def resolve_setting(bench: Benchmark, # the loaded benchmark
                     setting: str | None = None, # "b0" (default), "bx", or "B{base}Inc{inc}"
@@ -178,10 +174,10 @@ def descriptions_spec(spec: str | None, # the --descriptions value
          "has nothing class-specific to align; pass --descriptions llm:MODEL or FILE.json for real ones")
     return TEMPLATES
 
-def uses_descriptions(knobs: dict, # a method's resolved knobs (`method_knobs`)
+def uses_descriptions(knobs: dict, # a method's resolved knobs as saved (`method_knobs(...).to_dict()`)
                      ) -> bool:
     "Whether a method's scores use the class descriptions (the `descriptions` baseline, SPA with its patch branch)."
-    return knobs["scorer"] == "descriptions" or (knobs["scorer"] == "spa" and knobs["lam"] != 0)
+    return knobs.get("scorer") == "descriptions" or (knobs.get("scorer") == "spa" and knobs["lam"] != 0)
 
 # %% ../nbs/11_cli.ipynb #0202b557
 class Described(NamedTuple):
@@ -232,15 +228,15 @@ def run_methods(prep: Prepared, # shared features and text side
                 seed: int, # run seed
                 out: Path, # results and checkpoints go here
                 resume: bool = False, # reuse finished results, continue interrupted methods
-                knobs: dict | None = None, # see `spa_knobs`
+                knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`)
                 progress: bool = True, # a progress bar over each method's tasks
                ) -> dict[str, RunResult]:
     "Each method's result: read back when `resume` finds it finished, else run and saved."
-    out, knobs, res = Path(out), knobs or {}, {}
+    out, res = Path(out), {}
     for m in methods:
         path = out / f"{m}.json"
-        key = run_key(prep, method_knobs(m, **knobs), seed)
-        res[m] = (resume and finished(path, key)) or run_method(prep, m, seed, out, resume, progress, **knobs)
+        key = run_key(prep, method_knobs(m, knobs), seed)
+        res[m] = (resume and finished(path, key)) or run_method(prep, m, seed, out, resume, progress, knobs)
         res[m].save(path)
     return res
 
@@ -288,7 +284,7 @@ def write_report(rep: Report) -> Report:
     write_png(plot_curves, rep.out / "curves.png", rep.results)
     return rep
 
-def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str], knobs: dict,
+def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str], knobs: SpaKnobs,
              descriptions: str | None = None, # the descriptions' source (the --descriptions value used; None: the benchmark's own)
             ) -> dict:
     "What is written next to the results: the options, the model, the descriptions' source, each method's resolved knobs, the class order, versions."
@@ -296,7 +292,7 @@ def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBu
     return dict(options=opts, benchmark=bench.name, setting=setting, splits=bench.splits(setting),
                 model=dict(arch=clip.arch, pretrained=clip.pretrained, precision=clip.precision, key=clip.key),
                 class_folders=bench.folders, descriptions=descriptions or "benchmark",
-                knobs={m: method_knobs(m, **knobs) for m in methods}, class_order=bench.order, class_names=bench.class_names,
+                knobs={m: method_knobs(m, knobs).to_dict() for m in methods}, class_order=bench.order, class_names=bench.class_names,
                 versions=library_versions())
 
 # %% ../nbs/11_cli.ipynb #d5f739fb
@@ -330,17 +326,17 @@ def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
            ) -> Report:
     "Load, describe, extract, train and evaluate every method on one benchmark setting; write the report."
     methods, knobs = parse_methods(a.methods), knobs_from(a)
-    for m in methods: method_knobs(m, **knobs)
+    for m in methods: method_knobs(m, knobs)
     if (a.descriptions or "").startswith(LLM_PREFIX): check_llm_access(a.descriptions[len(LLM_PREFIX):], a.api_base)
     bench = open_benchmark(a, dataset)
     spec = descriptions_spec(a.descriptions, bench)
     setting, offline = resolve_setting(bench, setting), offline_descriptions(spec, bench)
     clip = open_model(a, dataset)
-    check_k_patches(knobs["k_patches"], clip)
+    check_k_patches(knobs.k_patches, clip)
     descs = _descriptions(a, bench, clip, offline)
-    prep = prepare(bench, clip, setting, descs, a.cache_dir / "features", knobs["sem_template"],
-                   n_desc=knobs["n_desc"], batch_size=a.extract_batch_size, num_workers=a.num_workers)
-    key = content_key(bench.key, bench.order, setting, a.seed, clip.key, descs, knobs)
+    prep = prepare(bench, clip, setting, descs, a.cache_dir / "features", knobs.sem_template,
+                   n_desc=knobs.n_desc, batch_size=a.extract_batch_size, num_workers=a.num_workers)
+    key = content_key(bench.key, bench.order, setting, a.seed, clip.key, descs, knobs.to_dict())
     out = Path(out or Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', bench.name)}-{setting}-{key[:8]}")
     check_fresh(out, a.resume)
     save_descriptions(out / "class_descriptions.json", descs, model=spec or "benchmark")

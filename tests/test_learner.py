@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import SpaError
 from spa_toolkit.learner import new_state, predict, prepare, run_method, train_task
 from spa_toolkit.data import synthetic_world
@@ -20,7 +21,7 @@ def test_a_cuda_run_on_a_cpu_machine_fails_with_the_fix():
 
 
 def test_everything_follows_the_state_device(prep):
-    state = train_task(new_state(prep.text, prep.logit_scale, epochs=1), prep.train, prep.splits[0])
+    state = train_task(new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(epochs=1)), prep.train, prep.splits[0])
     assert {p.device.type for p in state.proj.parameters()} == {"cpu"}
     assert state.stats.means.device.type == "cpu" and state.pstats.stats.means.device.type == "cpu"
     g = torch.zeros(2, prep.text.names.shape[1], device="meta")  # features on another device than the state
@@ -31,7 +32,7 @@ def test_everything_follows_the_state_device(prep):
 def test_a_cuda_state_gives_the_cpu_logits(prep):
     "The same trained state on CUDA scores the same features as on the CPU: logits allclose, not only curves."
     from spa_toolkit.learner import rows, state_dict, state_from_dict, task_rows
-    state = train_task(new_state(prep.text, prep.logit_scale, epochs=1), prep.train, prep.splits[0])
+    state = train_task(new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(epochs=1)), prep.train, prep.splits[0])
     gpu = state_from_dict(state_dict(state), "cuda")
     r = rows(prep.test, task_rows(prep.test, 0, 4), "cpu")
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_progress_false_keeps_extraction_quiet(tmp_path, capsys):
 
 def test_frozen_baselines_read_no_patch_tokens(prep):
     for scorer in ("zeroshot", "descriptions", "ncm"):
-        state = train_task(new_state(prep.text, prep.logit_scale, scorer=scorer, epochs=0), prep.train, prep.splits[0])
+        state = train_task(new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(scorer=scorer, epochs=0)), prep.train, prep.splits[0])
         assert state.pstats is None, scorer
 
 
@@ -61,7 +62,7 @@ def test_a_bad_setting_fails_before_extraction(tmp_path):
 
 def test_every_method_runs_through_run_method(prep):
     "SPA, its ablations, the baselines and the peers all run in the same loop on the same prepared features."
-    from spa_toolkit.learner import list_methods
+    from spa_toolkit.base import list_methods
     for m in list_methods():
-        r = run_method(prep, m, epochs=1, progress=False)
+        r = run_method(prep, m, progress=False, knobs=SpaKnobs(epochs=1))
         assert len(r.curve) == len(prep.splits) and 0 <= r.average <= 100, m

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import spa_toolkit.learner as L
+from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.data import synthetic_world
 from spa_toolkit.microclip import load_embedded_clip
@@ -17,7 +18,7 @@ def prep(tmp_path_factory):
 
 
 def trained(prep, tasks=2, **knobs):
-    state = L.new_state(prep.text, prep.logit_scale, **(dict(epochs=2, lr=0.05) | knobs))
+    state = L.new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(**(dict(epochs=2, lr=0.05) | knobs)))
     for classes in prep.splits[:tasks]: L.train_task(state, prep.train, classes, make_generator(0))
     return state
 
@@ -61,7 +62,7 @@ def test_training_replays_pseudo_features_of_every_old_class(prep, monkeypatch):
 
 def test_k_patches_is_the_number_of_patches_scored(prep):
     "With k = 1 and mean pooling the patch score is the mean similarity of the single most relevant patch."
-    state = L.new_state(prep.text, prep.logit_scale, k_patches=1, pool="mean")
+    state = L.new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(k_patches=1, pool="mean"))
     r = L.rows(prep.test, np.arange(6), state.device)
     p, sem, mask = r.p.float(), prep.text.sem[:4], prep.text.sem_mask[:4]
     rel = torch.einsum("bnd,cmd->bncm", p, sem).masked_fill(~mask[None, None], -torch.inf).amax(-1).amax(-1)  # [B, N] to any class
@@ -69,7 +70,7 @@ def test_k_patches_is_the_number_of_patches_scored(prep):
     want = (torch.einsum("bd,cmd->bcm", best, sem) * mask / mask.sum(1, keepdim=True)).sum(-1)
     with torch.no_grad(): got = L._patch_scores(state, r.p, 4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with torch.no_grad(): assert not torch.allclose(L._patch_scores(L.new_state(prep.text, prep.logit_scale, k_patches=8, pool="mean"), r.p, 4), got)
+    with torch.no_grad(): assert not torch.allclose(L._patch_scores(L.new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(k_patches=8, pool="mean")), r.p, 4), got)
 
 
 def test_each_patch_knob_changes_the_scores(prep):
@@ -89,18 +90,18 @@ def test_descriptions_are_capped_and_the_cap_is_in_the_run_key(prep):
     p8 = L.prepare(world, clip, descriptions=many, cache_dir=prep.train.folder.parent, n_desc=8, progress=False)
     assert p4.text.sem.shape[1] == 4 and p8.text.sem.shape[1] == 8
     assert capped(many[world.class_names[0]], 4, world.class_names[0]) != many[world.class_names[0]][:4]  # a sample, not a prefix
-    knobs = L.method_knobs("spa", n_desc=4)
+    knobs = L.method_knobs("spa", SpaKnobs(n_desc=4))
     assert L.run_key(p4, knobs, 0) != L.run_key(p8, knobs, 0)
-    assert L.run_key(p4, knobs, 0) != L.run_key(p4, L.method_knobs("spa", n_desc=8), 0)
+    assert L.run_key(p4, knobs, 0) != L.run_key(p4, L.method_knobs("spa", SpaKnobs(n_desc=8)), 0)
     with pytest.raises(L.SpaError, match="prepare"): L.run_method(p4, "spa", progress=False)  # knobs say 8, the text side holds 4
 
 
 def test_evaluation_scores_classes_a_chunk_at_a_time(prep, monkeypatch):
-    "Memory at evaluation is bounded by eval_chunk classes, whatever the number of classes."
+    "Memory at evaluation is bounded by class_chunk classes, whatever the number of classes."
     widths = []
     real = L.pooled_score
     monkeypatch.setattr(L, "pooled_score", lambda S, *a, **k: widths.append(S.shape[1]) or real(S, *a, **k))
-    state = trained(prep, tasks=3, eval_chunk=5, epochs=1)
+    state = trained(prep, tasks=3, class_chunk=5, epochs=1)
     widths.clear()
     L.evaluate(state, prep.test)  # 96 test images: one chunk of images
     assert widths == [5, 5, 2]  # 12 classes, 5 at a time
@@ -125,10 +126,10 @@ def test_replay_is_consistent_with_the_test(prep):
 
 def test_padded_descriptions_change_nothing(prep):
     "A class's patch score does not depend on how many padding slots its semantic tokens carry."
-    state = L.new_state(prep.text, prep.logit_scale, proto=0.0)
+    state = L.new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(proto=0.0))
     pad = lambda t, v: torch.cat([t, torch.full((t.shape[0], 3, *t.shape[2:]), v, dtype=t.dtype)], 1)
-    padded = L.new_state(L.TextSide(prep.text.names, pad(prep.text.sem, 0.0), pad(prep.text.sem_mask, False)), prep.logit_scale, proto=0.0)
+    padded = L.new_state(L.TextSide(prep.text.names, pad(prep.text.sem, 0.0), pad(prep.text.sem_mask, False)), prep.logit_scale, knobs=SpaKnobs(proto=0.0))
     r = L.rows(prep.test, np.arange(6), "cpu")
     for pool in ("semi_ot", "ot", "mean", "max"):
-        state.knobs["pool"] = padded.knobs["pool"] = pool
+        state.knobs = padded.knobs = state.knobs.replace(pool=pool)
         with torch.no_grad(): torch.testing.assert_close(L._patch_scores(padded, r.p, 8), L._patch_scores(state, r.p, 8), rtol=1e-5, atol=1e-6)
