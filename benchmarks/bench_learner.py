@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from spa_toolkit.backbone import FeatureSet, load_clip
 from spa_toolkit.core import l2norm, make_generator
-from spa_toolkit.data import synthetic_world
+from spa_toolkit.world import synthetic_world
 from spa_toolkit.fixtures import make_tiny_clip
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.learner import TextSide, new_state, prepare, train_task

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from spa_toolkit.core import l2norm, make_generator
-from spa_toolkit.data import synthetic_world
+from spa_toolkit.world import synthetic_world
 from spa_toolkit.learner import PEERS, method_knobs, run_protocol
 from spa_toolkit.microclip import load_embedded_clip
 

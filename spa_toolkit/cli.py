@@ -16,7 +16,9 @@ from fastcore.imports import in_ipython
 
 from . import __version__
 from .core import SpaError, atomic_path, atomic_write_json, atomic_write_text, content_key, library_versions
-from .data import BENCHMARKS, DEFAULT_WORLD, WORLD_VARIANTS, Benchmark, list_benchmarks, load_benchmark, synthetic_world
+from .catalog import BENCHMARKS, DEFAULT_WORLD, WORLD_VARIANTS, list_benchmarks
+from .data import Benchmark, load_benchmark
+from .world import synthetic_world
 from .backbone import LOCAL_DIR, ClipBundle, load_clip
 from .distributed import close_distributed, env_rank, init_distributed
 from .exemplars import exemplar_images

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from .base import K_PATCHES, SpaError
 from .core import atomic_write_json, l2norm, library_versions
-from .data import (DEFAULT_WORLD, DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, Benchmark, all_combinations, class_name,
-                              clip_transform, demo_classes, describe, pretrain_classes, render_sample, world_attributes,
-                              world_image_size)
+from .catalog import DEFAULT_WORLD
+from .data import Benchmark, clip_transform
+from .world import DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, all_combinations, class_name, demo_classes, describe, pretrain_classes, render_sample, world_attributes, world_image_size
 from .backbone import LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts, load_clip
 from .patches import select_patch_sets, semantic_tokens
 from .fixtures import WEIGHTS_FILE, write_clip_folder
@@ -48,7 +48,7 @@ def micro_spec(variant: str = DEFAULT_WORLD) -> MicroSpec:
     world_image_size(variant)  # a typo gets the list of variants
     return MICROCLIPS[variant]
 
-def microclip_config(variant: str = DEFAULT_WORLD, # a world variant (`data.WORLD_VARIANTS`)
+def microclip_config(variant: str = DEFAULT_WORLD, # a world variant (`catalog.WORLD_VARIANTS`)
                     ) -> dict:
     "The variant's open_clip model config: a small ViT with 8-px patches at the world's image size, a small text tower."
     return {"embed_dim": 64,
@@ -341,7 +341,7 @@ def _encode(clip: ClipBundle, images: list, patches: bool, batch_size: int = 256
     return torch.cat([o.global_ for o in out]), torch.cat([o.patches for o in out]) if patches else None
 
 def premise_views(clip: ClipBundle, # the model
-                  world: Benchmark, # a synthetic world (`data.synthetic_world`)
+                  world: Benchmark, # a synthetic world (`world.synthetic_world`)
                   k_patches: int = K_PATCHES, # patches SPA selects per image
                  ) -> PremiseViews:
     "The paper's premise, measured before any learning: part-only siblings told apart by global vs patch views."

@@ -14,7 +14,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from .base import SpaKnobs
-from .data import synthetic_world
+from .world import synthetic_world
 from .learner import method_knobs, prepare, run_method
 from .microclip import load_embedded_clip
 

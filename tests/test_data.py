@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from spa_toolkit.core import SpaError
-from spa_toolkit.data import (BENCHMARKS, CLIP_MEAN, CLIP_STD, Attributes, benchmark_info, class_order, clip_transform,
-                              demo_classes, load_benchmark, make_splits, parse_setting, pretrain_classes, registry_class_names,
-                              render_sample, synthetic_world, world_attributes)
+from spa_toolkit.catalog import BENCHMARKS, benchmark_info, class_order, make_splits, parse_setting, registry_class_names
+from spa_toolkit.data import CLIP_MEAN, CLIP_STD, clip_transform, load_benchmark
+from spa_toolkit.world import Attributes, demo_classes, pretrain_classes, render_sample, synthetic_world, world_attributes
 
 
 def pycil_order(n, seed=1993):

@@ -12,7 +12,7 @@ ENV = os.environ | dict(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFF
 # and fails when asked for a row below SKIP_BELOW (rows its last run already wrote)
 WORKER = """
 import os, sys
-from spa_toolkit.data import synthetic_world
+from spa_toolkit.world import synthetic_world
 from spa_toolkit.microclip import load_embedded_clip
 from spa_toolkit.distributed import close_distributed, env_rank, extract_sharded, init_distributed
 r = init_distributed("cpu")

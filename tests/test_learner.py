@@ -5,7 +5,7 @@ import torch
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import SpaError
 from spa_toolkit.learner import new_state, predict, prepare, run_method, train_task
-from spa_toolkit.data import synthetic_world
+from spa_toolkit.world import synthetic_world
 from spa_toolkit.microclip import load_embedded_clip
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from spa_toolkit.core import SpaError
 from spa_toolkit.backbone import LOCAL_DIR, encode_images
-from spa_toolkit.data import demo_classes, pretrain_classes, synthetic_world
+from spa_toolkit.world import demo_classes, pretrain_classes, synthetic_world
 from spa_toolkit.fixtures import WEIGHTS_FILE
 import spa_toolkit.microclip as mc
 

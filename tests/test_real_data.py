@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from spa_toolkit.data import benchmark_info, registry_class_names
+from spa_toolkit.catalog import benchmark_info, registry_class_names
 from spa_toolkit.descriptions import save_descriptions
 from spa_toolkit.microclip import embedded_clip_path
 

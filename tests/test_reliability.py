@@ -13,7 +13,8 @@ from test_cli import OFFLINE, SECRETS, check_user_error, cli, draw_folder, out_f
 from spa_toolkit.backbone import extract_features, open_features
 from spa_toolkit.cli import main
 from spa_toolkit.core import SpaError
-from spa_toolkit.data import class_order, load_benchmark
+from spa_toolkit.catalog import class_order
+from spa_toolkit.data import load_benchmark
 from spa_toolkit.descriptions import describe_run
 from spa_toolkit.learner import load_state
 from spa_toolkit.metrics import RunResult

@@ -6,7 +6,7 @@ import torch
 import spa_toolkit.learner as L
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import l2norm, make_generator
-from spa_toolkit.data import synthetic_world
+from spa_toolkit.world import synthetic_world
 from spa_toolkit.microclip import load_embedded_clip
 from spa_toolkit.patches import capped
 
