@@ -19,7 +19,7 @@ class SpaError(ValueError):
     "An error the user can fix: the message names the problem and the fix."
 
 # %% ../nbs/00_base.ipynb #8a72a899
-_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),), "tuple[int, ...]": (tuple,)}
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),), "tuple[int, ...]": (tuple,), "tuple[str, ...]": (tuple,)}
 
 def annotation_kinds(annotation: str, # a field's annotation as text, e.g. "int | None"
                     ) -> list[str]: # e.g. ["int", "None"]

@@ -4,41 +4,22 @@
 
 # %% ../nbs/11_cli.ipynb #9ea6ff2c
 from __future__ import annotations
-import argparse, dataclasses, inspect, os, re, sys
-from dataclasses import dataclass
+import argparse, dataclasses, os, sys
 from pathlib import Path
-from typing import Callable, NamedTuple
 
-import numpy as np
-import torch
 from fastcore.docments import docments
 from fastcore.imports import in_ipython
 
 from . import __version__
-from .core import SpaError, atomic_path, atomic_write_json, atomic_write_text, content_key, library_versions
-from .catalog import BENCHMARKS, DEFAULT_WORLD, WORLD_VARIANTS, list_benchmarks
-from .data import Benchmark, load_benchmark
-from .world import synthetic_world
-from .backbone import LOCAL_DIR, ClipBundle, load_clip
-from .distributed import close_distributed, env_rank, init_distributed
-from .exemplars import exemplar_images
-from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
-                                      template_descriptions)
-from .microclip import embedded_clip_path
-from .base import DEFAULT_METHODS, METHODS, SpaKnobs, check_methods, list_methods
-from .learner import Prepared, method_knobs, prepare, run_key, run_method, split_features
-from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
+from .base import DEFAULT_METHODS, METHODS, SpaError, SpaKnobs, annotation_kinds, check_methods, list_methods
+from .catalog import BENCHMARKS, WORLD_VARIANTS, list_benchmarks
+from .options import PROTOCOL_MODEL, RunOptions, check_fresh, check_writable
 
 # %% auto #0
-__all__ = ['KNOB_SKIP', 'PROTOCOL_MODEL', 'LLM_PREFIX', 'TEMPLATES', 'PUBLISHED', 'COUNTERPARTS', 'DATA_OPTIONS', 'MODEL_OPTIONS',
-           'LLM_OPTIONS', 'RUN_OPTIONS', 'SETTING_HELP', 'DATASET_OPTION', 'OPTION_RANGES', 'knob_params',
-           'option_name', 'knob_type', 'add_knob_options', 'knobs_from', 'parse_methods', 'resolve_setting',
-           'default_model', 'model_for', 'note', 'backbone_label', 'model_note', 'check_llm_access',
-           'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'uses_descriptions', 'Described',
-           'descriptions_file', 'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report', 'write_png',
-           'write_report', 'run_meta', 'open_benchmark', 'open_model', 'run_one', 'BenchRow', 'bench_rows',
-           'bench_table', 'plot_suite', 'cmd_run', 'cmd_bench', 'cmd_describe', 'cmd_features', 'build_parser', 'main',
-           'check_writable', 'check_fresh', 'check_k_patches', 'check_options']
+__all__ = ['KNOB_SKIP', 'RUN_DEFAULTS', 'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'SETTING_HELP',
+           'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type', 'add_knob_options', 'knobs_from',
+           'parse_methods', 'run_options', 'cmd_run', 'cmd_bench', 'cmd_describe', 'cmd_features', 'build_parser',
+           'main', 'check_options']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
@@ -52,11 +33,10 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 # %% ../nbs/11_cli.ipynb #f622b51b
-def knob_type(annotation, # a parameter annotation, e.g. "int | None" (text, or a type)
+def knob_type(annotation: str, # a knob's annotation, e.g. "int | None"
              ):
     "A converter of a command-line string to `annotation`'s types, tried as None, int, float, then str."
-    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
-    kinds = [k.strip() for k in text.split("|")]
+    text, kinds = annotation, annotation_kinds(annotation)
     def convert(s: str):
         if "None" in kinds and s.lower() == "none": return None
         for k, f in (("int", int), ("float", float), ("str", str)):
@@ -88,376 +68,38 @@ def parse_methods(text: str, # comma-separated names in `METHODS`, e.g. "spa,zer
     "Validated method names, in the order given."
     return check_methods([m.strip() for m in str(text).split(",") if m.strip()])
 
-def resolve_setting(bench: Benchmark, # the loaded benchmark
-                    setting: str | None = None, # "b0" (default), "bx", or "B{base}Inc{inc}"
-                   ) -> str:
-    "The explicit setting, checked against the benchmark's classes."
-    s = {"b0": bench.setting_b0, "bx": bench.setting_bx}.get(str(setting or "b0").lower(), setting)
-    bench.splits(s)
-    return s
+RUN_DEFAULTS = RunOptions() # the run options' defaults, shown by --help
 
-# %% ../nbs/11_cli.ipynb #607f6ece
-PROTOCOL_MODEL = ("ViT-B-16", "laion400m_e32") # the CLIP-CIL papers' backbone: open_clip arch and pretrained tag
-
-def default_model(world: str = DEFAULT_WORLD, # the synthetic world variant whose micro-CLIP is meant
-                 ) -> tuple[str, str | None]: # (arch, pretrained) for `load_clip`
-    "The embedded default model: a micro-CLIP shipped with the package."
-    return LOCAL_DIR + str(embedded_clip_path(world)), None
-
-def model_for(dataset: str, # the --dataset value
-              arch: str | None, pretrained: str | None, # the --arch and --pretrained values
-              world: str = DEFAULT_WORLD, # the --world value
-             ) -> tuple[str, str | None]: # (arch, pretrained) for `load_clip`
-    "As given (arch ViT-B-16 if only pretrained is); else the protocol's backbone for a registered benchmark, else the embedded model."
-    if arch or pretrained: return arch or PROTOCOL_MODEL[0], pretrained
-    return PROTOCOL_MODEL if dataset in [b.name for b in BENCHMARKS] else default_model(world)
-
-# %% ../nbs/11_cli.ipynb #45d867df
-def note(text: str):
-    "Tell the user something on stderr, as one `note:` line."
-    print(f"note: {text}", file=sys.stderr)
-
-def backbone_label(arch: str, pretrained: str | None, # as given to `load_clip`
-                  ) -> str:
-    "How a report names a model: the embedded micro-CLIP, or open_clip's arch with its tag or weights."
-    for world in WORLD_VARIANTS:
-        if (arch, pretrained or None) == default_model(world):
-            return f"embedded micro-CLIP (spa_toolkit.microclip, a small offline demo model; {world} world)"
-    return f"{arch} ({pretrained})" if pretrained else arch
-
-def model_note(dataset: str, arch: str, pretrained: str | None) -> str | None:
-    "What to tell a user whose own images would run on the embedded demo model."
-    if dataset == "synthetic" or dataset in list_benchmarks() or (arch, pretrained) != default_model(): return None
-    return (f"{dataset} runs on the embedded micro-CLIP, a small demo model trained on synthetic shapes: for real images pass "
-            f"--arch {PROTOCOL_MODEL[0]} --pretrained {PROTOCOL_MODEL[1]} (the papers' backbone; its weights download once)")
-
-# %% ../nbs/11_cli.ipynb #f8606220
-LLM_PREFIX = "llm:" # --descriptions llm:MODEL
-TEMPLATES = "templates" # --descriptions templates
-
-def check_llm_access(model: str, # a litellm model string
-                     api_base: str | None = None, # a local OpenAI-compatible server (its key is not checked)
-                    ):
-    "Raise `SpaError` when `model`'s provider needs an API key that the environment lacks."
-    if api_base: return
-    env = import_litellm().validate_environment(model=model)
-    keys = [k for k in env.get("missing_keys", []) if k.endswith("_API_KEY")]
-    if not env.get("keys_in_environment", True) and keys:
-        raise SpaError(f"no API key for LLM {model!r}: export {' or '.join(keys)} (or pass --api-base for a local server); "
-                       "offline, use --descriptions templates or --descriptions FILE.json")
-
-# %% ../nbs/11_cli.ipynb #ded80e04
-def descriptions_path(spec: str, # a --descriptions file path, may hold {dataset} and {key}
-                      bench: Benchmark, # the loaded benchmark
-                     ) -> str:
-    "`spec` with {dataset} as our benchmark name and {key} as the protocol's dataset key (ENGINE's `cifar224_des.json`)."
-    key = next((b.key for b in BENCHMARKS if b.name == bench.name), bench.name)
-    return spec.replace("{dataset}", bench.name).replace("{key}", key)
-
-def offline_descriptions(spec: str | None, # the --descriptions value
-                         bench: Benchmark, # the loaded benchmark
-                        ) -> dict[str, list[str]] | None: # None for "llm:MODEL" (generated later, with the model)
-    "Descriptions that need no LLM: the benchmark's own, 'templates', or a JSON file."
-    if spec is None:
-        if bench.descriptions is None: raise SpaError(f"{bench.name} has no built-in descriptions: pass --descriptions FILE.json, "
-                                                      "--descriptions llm:MODEL (e.g. llm:gpt-5) or --descriptions templates")
-        return bench.descriptions
-    if spec == TEMPLATES: return template_descriptions(bench.class_names, bench.templates)
-    if spec.startswith(LLM_PREFIX): return None
-    return load_descriptions(descriptions_path(spec, bench))
-
-# %% ../nbs/11_cli.ipynb #70f39a33
-def descriptions_spec(spec: str | None, # the --descriptions value
-                      bench: Benchmark, # the loaded benchmark
-                     ) -> str | None: # the --descriptions value to use
-    "`spec`, or 'templates' (saying so) for a folder benchmark given none."
-    if spec is not None or bench.descriptions is not None or bench.name in list_benchmarks(): return spec
-    note(f"{bench.name} has no descriptions: its prompt templates stand in (--descriptions templates), so SPA's patch alignment "
-         "has nothing class-specific to align; pass --descriptions llm:MODEL or FILE.json for real ones")
-    return TEMPLATES
-
-def uses_descriptions(knobs: dict, # a method's resolved knobs as saved (`method_knobs(...).to_dict()`)
-                     ) -> bool:
-    "Whether a method's scores use the class descriptions (the `descriptions` baseline, SPA with its patch branch)."
-    return knobs.get("scorer") == "descriptions" or (knobs.get("scorer") == "spa" and knobs["lam"] != 0)
-
-# %% ../nbs/11_cli.ipynb #0202b557
-class Described(NamedTuple):
-    result: DescribeResult # descriptions and usage
-    path: Path # the descriptions file written
-
-def descriptions_file(cache_dir: str | Path, bench: Benchmark, model: str) -> Path:
-    "Where a benchmark's descriptions by `model` are written."
-    return Path(cache_dir) / "descriptions" / f"{bench.name}-{bench.key[:8]}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.json"
-
-def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the frozen model
-                     model: str, # a litellm model string
-                     cache_dir: str | Path, # the CLI's cache folder (features/, descriptions/)
-                     api_base: str | None = None, # a local OpenAI-compatible server
-                     k: int = 5, # exemplar images per class (0: text only)
-                     n_descriptions: int = 8, # phrases per class
-                     progress: bool = True, # progress bars
-                     batch_size: int = 64, # images per forward pass when extracting the train features
-                     num_workers: int | None = None, # image-decoding processes when extracting (None: from the CPU count on CUDA)
-                     **completion_kwargs, # passed to litellm.completion (temperature, mock_response, ...)
-                    ) -> Described:
-    "Describe every class with `model`, shown its exemplar images; resumable (each class is cached)."
-    check_llm_access(model, api_base)
-    imgs = None
-    if k > 0:  # exemplars are picked on the train split's features (extracted here once, reused by the run)
-        train = split_features(clip, bench, "train", Path(cache_dir) / "features", batch_size=batch_size,
-                               num_workers=num_workers, progress=progress)
-        g, y = torch.from_numpy(np.asarray(train.global_, dtype=np.float32)), torch.from_numpy(np.asarray(train.labels))
-        imgs = exemplar_images(bench.train, g, y, bench.class_names, k)
-    path = descriptions_file(cache_dir, bench, model)
-    res = describe_benchmark(bench.class_names, imgs, path, model=model, api_base=api_base, n_descriptions=n_descriptions,
-                             progress=progress, **completion_kwargs)
-    return Described(res, path)
-
-# %% ../nbs/11_cli.ipynb #ed736e6f
-def finished(path: Path, # a method's result file
-             key: str, # `learner.run_key` of the run asked for now
-            ) -> RunResult | None:
-    "The result at `path` when there is one, checked to come from the same data, model, seed and knobs."
-    if not path.exists(): return None
-    r = RunResult.load(path)
-    if r.run_key != key: raise SpaError(f"{path} belongs to another run (other data, setting, model, descriptions, seed or knobs): "
-                                        "rerun without --resume, or pass another --out")
-    return r
-
-def run_methods(prep: Prepared, # shared features and text side
-                methods: list[str], # names in `METHODS`
-                seed: int, # run seed
-                out: Path, # results and checkpoints go here
-                resume: bool = False, # reuse finished results, continue interrupted methods
-                knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`)
-                progress: bool = True, # a progress bar over each method's tasks
-               ) -> dict[str, RunResult]:
-    "Each method's result: read back when `resume` finds it finished, else run and saved."
-    out, res = Path(out), {}
-    for m in methods:
-        path = out / f"{m}.json"
-        key = run_key(prep, method_knobs(m, knobs), seed)
-        res[m] = (resume and finished(path, key)) or run_method(prep, m, seed, out, resume, progress, knobs)
-        res[m].save(path)
-    return res
-
-# %% ../nbs/11_cli.ipynb #6ecc6b3d
-def curve_table(results: dict[str, RunResult], # method -> result (same benchmark and setting)
-                digits: int = 2, # decimals shown
-               ) -> str: # a markdown table
-    "One row per method: top-1 on all seen classes after each task."
-    first = next(iter(results.values()))
-    head = "| method | " + " | ".join(f"{n} cls" for n in first.classes_seen) + " |\n" + "|---" * (len(first.curve) + 1) + "|"
-    return "\n".join([head, *(f"| {m} | " + " | ".join(f"{a:.{digits}f}" for a in r.curve) + " |" for m, r in results.items())])
-
-@dataclass
-class Report:
-    "A finished run of some methods on one benchmark setting."
-    out: Path # the folder holding its files
-    results: dict[str, RunResult] # method -> result
-    meta: dict # what run.json holds: options, model, knobs, class order, versions
-
-    def text(self) -> str:
-        "The report as markdown: the backbone, per-task curves, then the summary; methods on template-only descriptions marked †."
-        r, marked = next(iter(self.results.values())), self.template_only()
-        res = {f"{m} †" if m in marked else m: v for m, v in self.results.items()}
-        foot = (f"\n† {', '.join(marked)}: the class descriptions were the prompt templates only (no LLM, no file); "
-                "pass --descriptions llm:MODEL or FILE.json for real ones\n") if marked else ""
-        return (f"backbone: {backbone_label(self.meta['model']['arch'], self.meta['model']['pretrained'])}\n\n"
-                f"## {r.benchmark} {r.setting}: top-1 (%) on all seen classes after each task\n\n{curve_table(res)}\n\n"
-                f"## Average and last accuracy\n\n{markdown_table(res)}\n{foot}")
-
-    def template_only(self) -> list[str]:
-        "The methods whose scores rest on template-only descriptions."
-        if self.meta.get("descriptions") != TEMPLATES: return []
-        return [m for m in self.results if uses_descriptions(self.meta["knobs"][m])]
-
-# %% ../nbs/11_cli.ipynb #dbb9b508
-def write_png(plot: Callable, path: Path, *args):
-    "`plot(*args, path)` when matplotlib is installed; otherwise say on stderr how to get the figure."
-    if can_plot(): plot(*args, path)
-    else: print(f"note: {path.name} not drawn: matplotlib is not installed; {PLOT_HINT}", file=sys.stderr)
-
-def write_report(rep: Report) -> Report:
-    "Write run.json, results.md and (with matplotlib) curves.png beside the per-method results, each atomically."
-    atomic_write_json(rep.out / "run.json", rep.meta)
-    atomic_write_text(rep.out / "results.md", rep.text())
-    write_png(plot_curves, rep.out / "curves.png", rep.results)
-    return rep
-
-def run_meta(a: argparse.Namespace, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str], knobs: SpaKnobs,
-             descriptions: str | None = None, # the descriptions' source (the --descriptions value used; None: the benchmark's own)
-            ) -> dict:
-    "What is written next to the results: the options, the model, the descriptions' source, each method's resolved knobs, the class order, versions."
-    opts = {k: v for k, v in vars(a).items() if k != "func"}
-    return dict(options=opts, benchmark=bench.name, setting=setting, splits=bench.splits(setting),
-                model=dict(arch=clip.arch, pretrained=clip.pretrained, precision=clip.precision, key=clip.key),
-                class_folders=bench.folders, descriptions=descriptions or "benchmark",
-                knobs={m: method_knobs(m, knobs).to_dict() for m in methods}, class_order=bench.order, class_names=bench.class_names,
-                versions=library_versions())
-
-# %% ../nbs/11_cli.ipynb #d5f739fb
-def open_benchmark(a: argparse.Namespace, dataset: str) -> Benchmark:
-    "The benchmark `dataset` with the options' data root, class-order seed and (synthetic) world variant."
-    if dataset == "synthetic": return synthetic_world(variant=a.world, class_order_seed=a.class_order_seed)
-    return load_benchmark(dataset, a.data_root, a.class_order_seed)
-
-def open_model(a: argparse.Namespace, dataset: str) -> ClipBundle:
-    "The frozen model the options (or the defaults for `dataset`) name, on the options' device."
-    arch, pretrained = model_for(dataset, a.arch, a.pretrained, a.world)
-    if text := model_note(str(dataset), arch, pretrained): note(text)
-    return load_clip(arch, pretrained, device=a.device, precision=a.precision)
-
-def _descriptions(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, offline: dict | None) -> dict[str, list[str]]:
-    "`offline`, or the descriptions of the options' LLM."
-    if offline is not None: return offline
-    return _described(a, bench, clip, a.descriptions[len(LLM_PREFIX):]).result.descriptions
-
-def _described(a: argparse.Namespace, bench: Benchmark, clip: ClipBundle, llm: str) -> Described:
-    "`llm_descriptions` with the options' cache, server, exemplar, phrase and extraction settings."
-    return llm_descriptions(bench, clip, llm, a.cache_dir, api_base=a.api_base, k=a.k_exemplars, n_descriptions=a.n_descriptions,
-                            batch_size=a.extract_batch_size, num_workers=a.num_workers)
-
-# %% ../nbs/11_cli.ipynb #1117bb70
-def run_one(a: argparse.Namespace, # parsed `run` / `bench` options
-            dataset: str, # benchmark name or folder
-            setting: str | None, # "b0", "bx", "B{base}Inc{inc}"
-            out: Path | None, # the output folder; None: <root>/<benchmark>-<setting>-<key>
-            root: Path, # parent of derived output folders
-           ) -> Report:
-    "Load, describe, extract, train and evaluate every method on one benchmark setting; write the report."
-    methods, knobs = parse_methods(a.methods), knobs_from(a)
-    for m in methods: method_knobs(m, knobs)
-    if (a.descriptions or "").startswith(LLM_PREFIX): check_llm_access(a.descriptions[len(LLM_PREFIX):], a.api_base)
-    bench = open_benchmark(a, dataset)
-    spec = descriptions_spec(a.descriptions, bench)
-    setting, offline = resolve_setting(bench, setting), offline_descriptions(spec, bench)
-    clip = open_model(a, dataset)
-    check_k_patches(knobs.k_patches, clip)
-    descs = _descriptions(a, bench, clip, offline)
-    prep = prepare(bench, clip, setting, descs, a.cache_dir / "features", knobs.sem_template,
-                   n_desc=knobs.n_desc, batch_size=a.extract_batch_size, num_workers=a.num_workers)
-    key = content_key(bench.key, bench.order, setting, a.seed, clip.key, descs, knobs.to_dict())
-    out = Path(out or Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', bench.name)}-{setting}-{key[:8]}")
-    check_fresh(out, a.resume)
-    save_descriptions(out / "class_descriptions.json", descs, model=spec or "benchmark")
-    results = run_methods(prep, methods, a.seed, out, a.resume, knobs)
-    return write_report(Report(out, results, run_meta(a, bench, setting, clip, methods, knobs, spec)))
-
-# %% ../nbs/11_cli.ipynb #3a41c1f2
-PUBLISHED = { # (benchmark, setting) -> {published method: (Avg, Last)}; sources: the papers and PROOF's public logs named above
-    ("cifar100", "B0Inc10"): {"SPA": (88.53, None), "PROOF": (86.77, 79.11), "zero-shot CLIP": (81.81, 71.38), "SimpleCIL": (84.15, 76.63),
-                           "RAPF": (86.14, 78.04), "ENGINE": (86.89, 79.29)},
-    ("cifar100", "B50Inc10"): {"SPA": (85.01, None), "PROOF": (83.33, 79.73), "SimpleCIL": (80.20, 76.63)},
-    ("cub", "B0Inc20"): {"PROOF": (84.87, 79.86), "SimpleCIL": (83.81, 77.52), "RAPF": (79.09, 62.77)},
-    ("cub", "B100Inc20"): {"SPA": (84.43, None), "PROOF": (81.30, 78.92), "SimpleCIL": (79.75, 77.52)},
-    ("imagenetr", "B0Inc20"): {"SPA": (85.63, None), "PROOF": (84.19, 78.50), "SimpleCIL": (81.06, 74.48), "RAPF": (81.26, 70.48)},
-    ("imagenetr", "B100Inc20"): {"PROOF": (81.06, 78.03), "SimpleCIL": (76.84, 74.48)},
-    ("objectnet", "B0Inc20"): {"PROOF": (56.17, 43.66), "SimpleCIL": (52.06, 40.13)},
-    ("objectnet", "B100Inc20"): {"PROOF": (49.78, 43.81), "SimpleCIL": (45.11, 40.13)},
-    ("aircraft", "B0Inc10"): {"PROOF": (64.61, 55.81), "zero-shot CLIP": (26.66, 17.22), "SimpleCIL": (59.24, 48.09),
-                           "RAPF": (50.38, 23.61), "ENGINE": (69.74, 58.51)},
-    ("aircraft", "B50Inc10"): {"PROOF": (63.60, 58.81), "SimpleCIL": (53.05, 48.09)},
-    ("cars", "B0Inc10"): {"PROOF": (92.70, 88.39), "SimpleCIL": (92.04, 86.85), "RAPF": (82.89, 62.85)},
-    ("cars", "B50Inc10"): {"PROOF": (90.23, 88.32), "SimpleCIL": (88.96, 86.85)},
-    ("food101", "B0Inc10"): {"SimpleCIL": (87.89, 81.65)},
-    ("food101", "B50Inc10"): {"SimpleCIL": (84.73, 81.65)},
-    ("sun", "B0Inc30"): {"PROOF": (83.75, 76.91), "SimpleCIL": (82.13, 75.58)},
-    ("sun", "B150Inc30"): {"PROOF": (80.15, 76.13), "SimpleCIL": (78.62, 75.58)},
-    ("ucf101", "B0Inc10"): {"PROOF": (94.34, 90.60), "SimpleCIL": (90.44, 85.68), "RAPF": (92.28, 80.33)},
-    ("ucf101", "B50Inc10"): {"PROOF": (93.56, 91.32), "SimpleCIL": (88.12, 85.68)},
-}
-COUNTERPARTS = {"spa": ("SPA", "PROOF"), "zeroshot": ("zero-shot CLIP",), "ncm": ("SimpleCIL",),
-                "zs_clip": ("zero-shot CLIP",), "simplecil": ("SimpleCIL",), "proof": ("PROOF",), "rapf": ("RAPF",), "engine": ("ENGINE",)} # our method -> published ones
-
-# %% ../nbs/11_cli.ipynb #59271e91
-class BenchRow(NamedTuple):
-    "One of our results beside one published number."
-    benchmark: str
-    setting: str
-    ours: str # our method
-    avg: float # our average incremental accuracy
-    last: float # our last accuracy
-    published: str | None # the published method compared with (None: no counterpart)
-    pub_avg: float | None
-    pub_last: float | None
-
-def bench_rows(results: dict[tuple[str, str], dict[str, RunResult]], # (benchmark, setting) -> method -> result
-              ) -> list[BenchRow]:
-    "One row per (our method, published counterpart) of every finished setting; a method with none gets one row alone."
-    rows = []
-    for (b, s), res in results.items():
-        pub = PUBLISHED.get((b, s), {})
-        for m, r in res.items():
-            refs = [p for p in COUNTERPARTS.get(m, ()) if p in pub] or [None]
-            rows += [BenchRow(b, s, m, r.average, r.last, p, *pub.get(p, (None, None))) for p in refs]
-    return rows
-
-# %% ../nbs/11_cli.ipynb #3fddb5c0
-def _num(x, sign: str = "") -> str: return "–" if x is None else f"{x:{sign}.2f}"
-
-def _diff(a: float, b: float | None) -> float | None: return None if b is None else a - b
-
-def bench_table(rows: list[BenchRow]) -> str:
-    "Markdown: our Avg / Last, the published ones, and our minus theirs."
-    head = ("| benchmark | setting | our method | our Avg | our Last | published method | published Avg | published Last | "
-            "ΔAvg (ours − published) | ΔLast (ours − published) |\n" + "|---" * 10 + "|")
-    return "\n".join([head, *(f"| {r.benchmark} | {r.setting} | {r.ours} | {_num(r.avg)} | {_num(r.last)} | {r.published or '–'} | "
-                              f"{_num(r.pub_avg)} | {_num(r.pub_last)} | {_num(_diff(r.avg, r.pub_avg), '+')} | "
-                              f"{_num(_diff(r.last, r.pub_last), '+')} |" for r in rows)])
-
-# %% ../nbs/11_cli.ipynb #02f75ffa
-def plot_suite(rows: list[BenchRow], # from `bench_rows`
-               path: str | Path, # the PNG to write
-              ) -> Path:
-    "One figure for the suite: Avg per benchmark setting, our methods beside the published ones."
-    vals = {}
-    for r in rows:
-        vals[(f"{r.ours} (ours)", (r.benchmark, r.setting))] = r.avg
-        if r.published and r.pub_avg is not None: vals[(r.published, (r.benchmark, r.setting))] = r.pub_avg
-    labels, cells = list(dict.fromkeys(k[0] for k in vals)), list(dict.fromkeys(k[1] for k in vals))
-    fig = figure_class()(figsize=(max(5, 1.2 * len(cells)), 3.5)); ax = fig.add_subplot()
-    x, w = np.arange(len(cells)), 0.8 / len(labels)
-    for i, lab in enumerate(labels): ax.bar(x + (i - (len(labels) - 1) / 2) * w, [vals.get((lab, c), np.nan) for c in cells], w, label=lab)
-    ax.set_xticks(x, [f"{b}\n{s}" for b, s in cells], fontsize=7); ax.set(ylabel="Avg top-1 (%)")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars, never over them
-    fig.tight_layout()
-    with atomic_path(path) as tmp_png: fig.savefig(tmp_png, format="png", dpi=120)
-    return Path(path)
+def run_options(a: argparse.Namespace, # parsed options of any subcommand
+               ) -> RunOptions:
+    "The `RunOptions` of the parsed options (the fields a subcommand has; defaults for the rest), validated once."
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(RunOptions) if hasattr(a, f.name)}
+    if "methods" in given: given["methods"] = tuple(parse_methods(given["methods"]))
+    if "cache_dir" in given: given["cache_dir"] = str(given["cache_dir"])
+    return RunOptions(**given)
 
 # %% ../nbs/11_cli.ipynb #b5842f0a
 def cmd_run(a: argparse.Namespace) -> int:
     "`run`: one benchmark setting; prints the report and where it went (under torchrun every rank extracts its share, rank 0 trains)."
+    from spa_toolkit import runs
+    from spa_toolkit.distributed import env_rank
     r = env_rank()
     if r.world_size > 1: cmd_features(a)  # the features, sharded; then rank 0 alone trains and evaluates on the finished cache
     if r.rank > 0: return 0
-    rep = run_one(a, a.dataset, a.setting, a.out, Path("runs"))
+    rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=run_options(a))
     print(rep.text()); print(f"results written to {rep.out}")
     return 0
 
-def _suite(a: argparse.Namespace) -> tuple[dict, list[str]]:
-    "Results of every (benchmark, setting) of the suite that runs, and the failures."
-    names = [d.strip() for d in a.datasets.split(",") if d.strip()]
-    bad = [d for d in names if d not in list_benchmarks()]
-    if bad: raise SpaError(f"unknown benchmark(s) {bad}: choose from {','.join(list_benchmarks())}")
-    results, failed = {}, []
-    for d in names:
-        for s in a.settings.split(","):
-            try: rep = run_one(a, d, s.strip(), None, a.out); results[(rep.meta["benchmark"], rep.meta["setting"])] = rep.results
-            except SpaError as e: failed.append(f"{d} {s}"); print(f"error: {d} {s}: {e}", file=sys.stderr)
-    return results, failed
-
 def cmd_bench(a: argparse.Namespace) -> int:
     "`bench`: the suite, resumable; prints and writes the table against the published numbers."
-    results, failed = _suite(a)
+    from spa_toolkit import runs
+    opts = run_options(a)
+    results, failed = runs.run_suite([d.strip() for d in a.datasets.split(",") if d.strip()], [s.strip() for s in a.settings.split(",")],
+                                     a.out, knobs=knobs_from(a), opts=opts)
     if results:
-        rows = bench_rows(results)
-        atomic_write_text(Path(a.out) / "bench.md", bench_table(rows) + "\n")
-        atomic_write_json(Path(a.out) / "bench.json", [r._asdict() for r in rows])
-        write_png(plot_suite, Path(a.out) / "bench.png", rows)
-        models = {backbone_label(*model_for(d, a.arch, a.pretrained, a.world)) for d, _ in results}
-        print(f"backbone: {', '.join(sorted(models))}\n"); print(bench_table(rows)); print(f"suite written to {a.out}")
+        rows = runs.write_suite(results, a.out)
+        models = {runs.backbone_label(*runs.model_for(d, opts.arch, opts.pretrained, opts.world)) for d, _ in results}
+        print(f"backbone: {', '.join(sorted(models))}\n"); print(runs.bench_table(rows)); print(f"suite written to {a.out}")
     if failed: print(f"error: {len(failed)} benchmark setting(s) did not run: {', '.join(failed)}; fix them (see above) and rerun",
                      file=sys.stderr)
     return 2 if failed else 0
@@ -465,50 +107,47 @@ def cmd_bench(a: argparse.Namespace) -> int:
 # %% ../nbs/11_cli.ipynb #fb160654
 def cmd_describe(a: argparse.Namespace) -> int:
     "`describe`: descriptions of a benchmark's classes by a litellm model, with the usage summary."
-    check_llm_access(a.llm, a.api_base)
-    bench = open_benchmark(a, a.dataset)
-    d = _described(a, bench, open_model(a, a.dataset), a.llm)
+    from spa_toolkit import runs
+    d = runs.describe(a.dataset, a.llm, run_options(a))
     print(d.result.summary()); print(f"descriptions written to {d.path}")
     print(f"use them: python -m spa_toolkit.cli run --dataset {a.dataset} --descriptions {d.path}")
     return 0
 
 def cmd_features(a: argparse.Namespace) -> int:
     "`features`: extract and cache a benchmark's train and test features (under torchrun each rank extracts its share)."
-    r = init_distributed(a.device)
-    bench, clip = open_benchmark(a, a.dataset), open_model(a, a.dataset)
-    for split in ("train", "test"):
-        f = split_features(clip, bench, split, a.cache_dir / "features", batch_size=a.extract_batch_size, num_workers=a.num_workers)
-        if r.rank == 0: print(f"{bench.name} {split}: {len(f)} images, cached in {f.folder}")
-    close_distributed()
+    from spa_toolkit import runs
+    from spa_toolkit.distributed import env_rank
+    for split, f in runs.extract(a.dataset, run_options(a)).items():
+        if env_rank().rank == 0: print(f"{a.dataset} {split}: {len(f)} images, cached in {f.folder}")
     return 0
 
 # %% ../nbs/11_cli.ipynb #57696bfb
 DATA_OPTIONS = [
     ("--data-root", dict(help="folder holding <dataset>/{train,test}/<class>/ (default: env SPA_DATA_ROOT; cifar100 comes from the HF hub)")),
-    ("--class-order-seed", dict(type=int, default=1993, help="PyCIL's class-order seed, separate from --seed (default: %(default)s)")),
-    ("--world", dict(choices=list(WORLD_VARIANTS), default=DEFAULT_WORLD, help="the synthetic world and its embedded micro-CLIP: premise "
+    ("--class-order-seed", dict(type=int, default=RUN_DEFAULTS.class_order_seed, help="PyCIL's class-order seed, separate from --seed (default: %(default)s)")),
+    ("--world", dict(choices=list(WORLD_VARIANTS), default=RUN_DEFAULTS.world, help="the synthetic world and its embedded micro-CLIP: premise "
                      "(the global embedding loses the small part, the patches keep it) or control (both know it) (default: %(default)s)")),
 ]
 MODEL_OPTIONS = [
     ("--arch", dict(help=f"open_clip architecture, or local-dir:<model folder> (default: {PROTOCOL_MODEL[0]} with --pretrained "
                          f"{PROTOCOL_MODEL[1]} for a registered benchmark, the embedded model otherwise)")),
     ("--pretrained", dict(help="open_clip pretrained tag (e.g. laion400m_e32), weights file or model folder")),
-    ("--device", dict(default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")),
-    ("--precision", dict(default="fp32", help="open_clip precision of the model and its feature extraction: fp32 (the protocol's), "
+    ("--device", dict(default=RUN_DEFAULTS.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")),
+    ("--precision", dict(default=RUN_DEFAULTS.precision, help="open_clip precision of the model and its feature extraction: fp32 (the protocol's), "
                                              "amp_bf16 / amp (bf16 / fp16 autocast), bf16, fp16 (default: %(default)s)")),
-    ("--cache-dir", dict(type=Path, default=Path(".cache"), help="features/, models/ and descriptions/ are cached here (default: %(default)s)")),
-    ("--extract-batch-size", dict(type=int, default=64, help="images per forward pass when extracting features (default: %(default)s)")),
+    ("--cache-dir", dict(type=Path, default=Path(RUN_DEFAULTS.cache_dir), help="features/, models/ and descriptions/ are cached here (default: %(default)s)")),
+    ("--extract-batch-size", dict(type=int, default=RUN_DEFAULTS.extract_batch_size, help="images per forward pass when extracting features (default: %(default)s)")),
     ("--num-workers", dict(type=int, help="image-decoding processes when extracting features, per process (default: from the CPU "
                                           "count on CUDA, at most 8; 0, in-process, on CPU)")),
 ]
 LLM_OPTIONS = [
     ("--api-base", dict(help="base URL of an OpenAI-compatible server (vLLM, Ollama, LM Studio) for the LLM")),
-    ("--k-exemplars", dict(type=int, default=5, help="exemplar images shown to the LLM per class, 0 for text only (default: %(default)s)")),
-    ("--n-descriptions", dict(type=int, default=8, help="descriptions asked per class (default: %(default)s)")),
+    ("--k-exemplars", dict(type=int, default=RUN_DEFAULTS.k_exemplars, help="exemplar images shown to the LLM per class, 0 for text only (default: %(default)s)")),
+    ("--n-descriptions", dict(type=int, default=RUN_DEFAULTS.n_descriptions, help="descriptions asked per class (default: %(default)s)")),
 ]
 RUN_OPTIONS = [
-    ("--methods", dict(default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")),
-    ("--seed", dict(type=int, default=0, help="run seed: projector init, shuffling, pseudo-features (default: %(default)s)")),
+    ("--methods", dict(default=",".join(RUN_DEFAULTS.methods), help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")),
+    ("--seed", dict(type=int, default=RUN_DEFAULTS.seed, help="run seed: projector init, shuffling, pseudo-features (default: %(default)s)")),
     ("--descriptions", dict(help="the benchmark's own (default; synthetic only), 'templates', 'llm:MODEL' (any litellm model, "
                                  "e.g. llm:gpt-5) or a descriptions JSON file, ours or ENGINE's ({dataset}: the benchmark name, {key}: the "
                                  "protocol's dataset key, e.g. chat/{key}_des.json for ENGINE's cifar224_des.json)")),
@@ -570,39 +209,11 @@ def main(argv: list[str] | None = None, # the arguments (default: sys.argv[1:])
         return 2
 
 # %% ../nbs/11_cli.ipynb #2ef78db7
-OPTION_RANGES = dict(class_order_seed=(0, 2**32 - 1), extract_batch_size=(1, None), num_workers=(0, None), k_exemplars=(0, None),
-                     n_descriptions=(1, None)) # option -> (least, most) integer allowed
-
-def _check_range(name: str, v: int):
-    lo, hi = OPTION_RANGES[name]
-    if v < lo or (hi is not None and v > hi):
-        raise SpaError(f"{option_name(name)} {v} is out of range: pass an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
-
-def check_writable(path: Path, # a folder to create or write in
-                   what: str, # the option naming it
-                  ):
-    "Raise `SpaError` unless `path` is, or can be made, a folder this process may write in."
-    up = next(q for q in [path.absolute(), *path.absolute().parents] if q.exists())  # the nearest existing part
-    if not up.is_dir(): raise SpaError(f"{what} {path}: {up} is a file, not a folder: pass a folder path")
-    if not os.access(up, os.W_OK | os.X_OK): raise SpaError(f"{what} {path}: cannot write in {up}: pass a folder you can write to")
-
-def check_fresh(out: Path | None, # the output folder of a run
-                resume: bool, # --resume given
-               ):
-    "Raise `SpaError` when `out` already holds files and the run does not resume (so no file of another run stays beside ours)."
-    if out is None or resume or not Path(out).is_dir() or not any(Path(out).iterdir()): return
-    raise SpaError(f"{out} already holds a run: pass --resume to reuse and continue it, or another --out (or delete {out}) to start afresh")
-
-def check_k_patches(k: int, clip: ClipBundle):
-    "Raise `SpaError` when `k` patches per image are more than `clip` makes."
-    if k > clip.n_patches: raise SpaError(f"--k-patches {k} is more than the {clip.n_patches} patches per image of this model: "
-                                          f"pass --k-patches {clip.n_patches} or fewer")
-
 def check_options(a: argparse.Namespace, # parsed options of any subcommand
                  ):
-    "Raise `SpaError` for option values that would fail later, before any work."
-    for name in OPTION_RANGES:
-        if getattr(a, name, None) is not None: _check_range(name, getattr(a, name))
+    "Raise `SpaError` for option values that would fail later, before any work (and before torch is imported)."
+    run_options(a)  # types and ranges, checked by `RunOptions`
+    if hasattr(a, "k_patches"): knobs_from(a)
     for name in ("out", "cache_dir"):
         if getattr(a, name, None) is not None: check_writable(Path(getattr(a, name)), option_name(name))
     check_fresh(getattr(a, "out", None), getattr(a, "resume", True))
