@@ -18,7 +18,8 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from .core import SpaError, atomic_write_json, content_key, l2norm, library_versions, pick_device
+from .base import DEVICE, PRECISION, SpaError
+from .core import atomic_write_json, content_key, l2norm, library_versions, pick_device
 
 # %% auto #0
 __all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle', 'load_clip', 'ImageFeatures',
@@ -134,8 +135,8 @@ def _bundle(model, preprocess, src: _Source, key: str, precision: str) -> ClipBu
 
 def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<folder>"
               pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, model folder, or None (random)
-              device: str | torch.device = "cpu", # where the model lives ("auto", "cpu", "cuda", ...)
-              precision: str = "fp32", # open_clip precision: "fp32" (the protocol's), "amp_bf16" / "amp" (autocast), "bf16", "fp16", ...
+              device: str | torch.device = DEVICE, # where the model lives ("auto", "cpu", "cuda", ...)
+              precision: str = PRECISION, # open_clip precision: "fp32" (the protocol's), "amp_bf16" / "amp" (autocast), "bf16", "fp16", ...
               allow_random: bool = False, # permit random weights when `pretrained` is None / ""
               resize_mode: str = "squash", # "squash" (protocol: whole image to a square) or "shortest" (resize + centre crop)
               cache_dir: str | None = None, # where hub weights are cached (default: the Hugging Face cache)

@@ -10,9 +10,9 @@ from typing import ClassVar
 
 # %% auto #0
 __all__ = ['K_PATCHES', 'EPS', 'EPS_RELATIVE', 'OT_ITERS', 'POOLS', 'POOL', 'SELECTIONS', 'SCORERS', 'OPTIMIZERS', 'COV_KINDS',
-           'SHRINK', 'SEM_TEMPLATE', 'N_DESC', 'CLASS_CHUNK', 'METHODS', 'ALIASES', 'PEER_METHODS', 'DEFAULT_METHODS',
-           'SpaError', 'annotation_kinds', 'Knobs', 'check_least', 'check_choice', 'check_stats_knobs', 'SpaKnobs',
-           'list_methods', 'check_methods']
+           'SHRINK', 'SEM_TEMPLATE', 'N_DESC', 'DEVICE', 'PRECISION', 'CLASS_CHUNK', 'METHODS', 'ALIASES',
+           'PEER_METHODS', 'DEFAULT_METHODS', 'SpaError', 'annotation_kinds', 'Knobs', 'check_least', 'check_choice',
+           'check_stats_knobs', 'SpaKnobs', 'list_methods', 'check_methods']
 
 # %% ../nbs/00_base.ipynb #0cf4dd94
 class SpaError(ValueError):
@@ -84,6 +84,8 @@ COV_KINDS = ("full", "diag", "shared", "none") # class covariance models of `cal
 SHRINK = "ledoit_wolf" # covariance shrinkage: Ledoit–Wolf, or a number gamma for Sigma + gamma*I
 SEM_TEMPLATE = "{s}" # a description phrased as a semantic token: the description alone ({c}: the class name); chosen in 10b_study
 N_DESC = 8 # descriptions kept per class (ENGINE's files hold ~500: memory and the OT problem grow with them)
+DEVICE = "auto" # where a model goes unless told: CUDA if there is a GPU, else MPS, else the CPU (tensors follow their inputs)
+PRECISION = "fp32" # open_clip precision of the model and its feature extraction (the protocol's)
 CLASS_CHUNK = 32 # classes scored at once on patches when no gradient is needed (bounds evaluation memory)
 
 def check_choice(name: str, value, choices: tuple):

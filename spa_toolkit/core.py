@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .base import SpaError
+from .base import DEVICE, SpaError
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'check_float_tensor',
@@ -22,7 +22,7 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', '
 # %% ../nbs/00_core.ipynb #c1a5dc27
 def _has_mps() -> bool: return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
-def pick_device(device: str | torch.device | None = "auto", # "auto", "cpu", "cuda", "cuda:1", "mps", or a `torch.device`
+def pick_device(device: str | torch.device | None = DEVICE, # "auto", "cpu", "cuda", "cuda:1", "mps", or a `torch.device`
                ) -> torch.device:
     "Resolve `device` to a `torch.device`, failing clearly when it is not available."
     if device is None or str(device) == "auto":

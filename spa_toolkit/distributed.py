@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .core import SpaError, atomic_write_json, pick_device
+from .base import DEVICE, SpaError
+from .core import atomic_write_json, pick_device
 from .backbone import (RECORD_EVERY, CachePlan, ClipBundle, FeatureSet, extract_features, fill_rows, finish_cache,
                                   open_features, plan_cache, start_cache)
 
@@ -36,7 +37,7 @@ def env_rank(env: dict | None = None, # environment variables (None: `os.environ
     return Rank(*(int(env.get(k, 1 if "WORLD" in k else 0)) for k in TORCHRUN_ENV))
 
 # %% ../nbs/02b_distributed.ipynb #84db8082
-def init_distributed(device: str | torch.device = "auto", # "auto", "cpu" or "cuda": the device type every rank uses
+def init_distributed(device: str | torch.device = DEVICE, # "auto", "cpu" or "cuda": the device type every rank uses
                     ) -> Rank:
     "Join a torchrun launch's process group (NCCL on CUDA, gloo otherwise), this rank on GPU `LOCAL_RANK`; outside torchrun, nothing."
     r = env_rank()

@@ -8,15 +8,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import DEFAULT_METHODS, Knobs, SpaError, check_methods
+from .base import DEFAULT_METHODS, DEVICE, PRECISION, Knobs, SpaError, check_methods
 from .catalog import CLASS_ORDER_SEED, DEFAULT_WORLD, WORLD_VARIANTS
 
 # %% auto #0
-__all__ = ['DEVICE', 'PRECISION', 'PROTOCOL_MODEL', 'INT_RANGES', 'RunOptions', 'check_writable', 'check_fresh']
+__all__ = ['PROTOCOL_MODEL', 'INT_RANGES', 'RunOptions', 'check_writable', 'check_fresh']
 
 # %% ../nbs/00b_options.ipynb #05668f42
-DEVICE = "auto" # where models and tensors go unless told: CUDA if there is a GPU, else MPS, else the CPU
-PRECISION = "fp32" # open_clip precision of the model and its feature extraction (the protocol's)
 PROTOCOL_MODEL = ("ViT-B-16", "laion400m_e32") # the CLIP-CIL papers' backbone: open_clip arch and pretrained tag
 INT_RANGES = dict(class_order_seed=(0, 2**32 - 1), extract_batch_size=(1, None), num_workers=(0, None), k_exemplars=(0, None),
                   n_descriptions=(1, None), seed=(0, None)) # field -> (least, most) integer allowed
