@@ -120,7 +120,8 @@ def _patch_scores(state: CILState, patches: torch.Tensor, n: int) -> torch.Tenso
     kk, chunk = min(k.k_patches, p.shape[1]), None if torch.is_grad_enabled() else k.class_chunk
     pool = lambda S, m: pooled_score(S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative)
     if k.selection == "agnostic":
-        Z = vis(select_patch_sets(p, sem, kk, mask, chunk))  # [B, k, d]: one set per image, for every class
+        sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)  # training and replay pass the frozen sets themselves
+        Z = vis(sets)  # [B, k, d]: one set per image, for every class
         return torch.cat([pool(torch.einsum("bkd,cmd->bckm", Z, txt(s) * m[..., None]), m) for s, m in class_chunks(sem, mask, chunk)], 1)
     return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m))), txt(s) * m[..., None]), m)
                       for s, m in class_chunks(sem, mask, chunk)], 1)
