@@ -3,7 +3,7 @@
 nbdev 2's `nbdev_readme` renders through Quarto, whose PyPI package downloads its binary at build time and so cannot be
 installed from a package registry alone. This renders the same notebook with the standard library: markdown cells as
 they are, code cells fenced, their printed (stdout) output fenced below them, `#|` directive lines and `#| hide` cells dropped.
-The outputs are those saved in the notebook: `python tools/readme.py --execute` runs the notebook first and saves them.
+The outputs are those saved in the notebook: `python tools/readme.py --execute` runs it first (`tools/notebooks.py --write`).
 Usage: `python tools/readme.py` writes README.md; `python tools/readme.py --check` fails when README.md is stale.
 """
 import json, sys
@@ -28,15 +28,10 @@ def render(nb_path=root/"nbs"/"index.ipynb"):
     return "\n\n".join(p for p in parts if p.strip()) + "\n"
 
 def execute(nb_path=root/"nbs"/"index.ipynb"):
-    "Run the notebook in its folder (as nbdev_test does) and save its outputs."
-    import os
-    from execnb.nbio import read_nb, write_nb
-    from execnb.shell import CaptureShell
-    nb, cwd = read_nb(nb_path), os.getcwd()
-    os.chdir(Path(nb_path).parent)
-    try: CaptureShell().run_all(nb, exc_stop=True)
-    finally: os.chdir(cwd)
-    write_nb(nb, nb_path)
+    "Run the notebook as the notebook tool does (tools/notebooks.py) and save its outputs."
+    sys.path.insert(0, str(root/"tools"))
+    from notebooks import main
+    if main(["--write", str(nb_path)]): sys.exit(f"{nb_path} failed to run")
 
 if __name__ == "__main__":
     if "--execute" in sys.argv: execute()
