@@ -26,6 +26,7 @@ from .projectors import SpaProjectors
 from .calibration import ClassStats, PatchStats, check_stats_knobs, check_stats_memory, stats_budget, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
 from .proof import new_proof_state, proof_knobs, proof_logits, proof_state_dict, proof_state_from_dict, train_proof_task
 from .rapf import new_rapf_state, rapf_knobs, rapf_logits, rapf_state_dict, rapf_state_from_dict, train_rapf_task
+from .engine import new_engine_state, engine_knobs, engine_logits, engine_state_dict, engine_state_from_dict, train_engine_task
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
@@ -92,14 +93,16 @@ METHODS |= {alias: METHODS[ours] for alias, ours in ALIASES.items()}
 class Peer(NamedTuple):
     "How the loop drives a peer method: its knobs, a fresh state, one task's training, logits, and the state as a plain dict."
     knobs: Callable # (**overrides) -> dict holding "peer": the method's name
-    new: Callable # (names [C, d], logit_scale, seed, knobs) -> state
+    new: Callable # (text: the benchmark's `TextSide`, logit_scale, seed, knobs) -> state
     train: Callable # (state, read(rows) -> (g, y), rows of the task, classes, generator) -> state
     logits: Callable # (state, g [B, d]) -> [B, n_seen]
     to_dict: Callable # state -> plain dict
     from_dict: Callable # (plain dict, device) -> state
 
-PEERS = {"proof": Peer(proof_knobs, new_proof_state, train_proof_task, proof_logits, proof_state_dict, proof_state_from_dict),
-         "rapf": Peer(rapf_knobs, new_rapf_state, train_rapf_task, rapf_logits, rapf_state_dict, rapf_state_from_dict)}
+PEERS = {"proof": Peer(proof_knobs, lambda text, *a: new_proof_state(text.names, *a), train_proof_task, proof_logits, proof_state_dict, proof_state_from_dict),
+         "rapf": Peer(rapf_knobs, lambda text, *a: new_rapf_state(text.names, *a), train_rapf_task, rapf_logits, rapf_state_dict, rapf_state_from_dict),
+         "engine": Peer(engine_knobs, lambda text, *a: new_engine_state(text.names, text.sem, text.sem_mask, *a), train_engine_task,
+                        engine_logits, engine_state_dict, engine_state_from_dict)} # each peer's constructor takes the text tensors it reads
 
 def list_methods() -> list[str]:
     "Every method name `run_method` accepts."
@@ -489,7 +492,7 @@ def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: dict, seed: 
                            "rerun without --resume, or pass another --out")
         gen.set_state(extra["generator"])
         return state, extra["records"], gen
-    if "peer" in knobs: return PEERS[knobs["peer"]].new(prep.text.names, prep.logit_scale, seed, knobs), [], gen
+    if "peer" in knobs: return PEERS[knobs["peer"]].new(prep.text, prep.logit_scale, seed, knobs), [], gen
     return new_state(prep.text, prep.logit_scale, seed, **knobs), [], gen
 
 def _reader(feats: FeatureSet, device: torch.device):
