@@ -3,11 +3,14 @@ cost per task on CIFAR-shaped random features on the CPU.
 
 Part 1 runs `run_protocol` on `synthetic_world(seed=s)` with the embedded micro-CLIP for s = 0, 1, 2 (world seed = run seed) and
 prints each method's Avg / Last (mean ± std) and its training time over SPA's. Part 2 trains each peer, with its published epochs,
-on random unit features of CIFAR-100's shape (100 classes, 10 tasks, d = 512); `--per-class` below 500 shrinks the training set
-and the time is extrapolated linearly in images (every epoch visits each image once). RAPF's pseudo-features do not grow with the
-images; PROOF's memory (at most 2000 images) is already all of a small class's images, so its extrapolation after task 1 is an
-upper bound.
-Usage: python benchmarks/bench_peers.py [--seeds 0 1 2] [--per-class 50] [--tasks 2] [--threads 1]
+on random unit features of CIFAR-100's shape (100 classes, 10 tasks, d = 512, 8 random description embeddings per class for
+ENGINE, no patch tokens), and SPA for reference (its default method, with 196 random patch tokens per image, ViT-B/16's grid);
+`--per-class` below 500 shrinks the training set and the time is extrapolated linearly in images (every epoch visits each image
+once). RAPF's and ENGINE's pseudo-features are a fixed number per batch, so they grow with the batches as the images do; their
+per-task statistics (RAPF's Gaussians, ENGINE's discriminant) do not, which makes the extrapolation a slight upper bound. PROOF's
+memory (at most 2000 images) is already all of a small class's images, so its extrapolation after task 1 is a large upper bound.
+Usage: python benchmarks/bench_peers.py [--seeds 0 1 2] [--per-class 50] [--tasks 10] [--threads 1] [--cifar-methods proof,rapf,engine,spa]
+       [--skip-synthetic]
 """
 import argparse, tempfile, time
 from pathlib import Path
@@ -15,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spa_toolkit.backbone import FeatureSet
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.world import synthetic_world
-from spa_toolkit.learner import PEERS, method_knobs, run_protocol
+from spa_toolkit.learner import PEERS, TextSide, method_knobs, new_state, run_protocol, train_task
 from spa_toolkit.microclip import load_embedded_clip
 
-METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf"]
+METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine"]
 
 def synthetic(seeds: list[int]):
     "Avg / Last over seeds and train time relative to SPA's, on the default synthetic world."
@@ -33,32 +37,49 @@ def synthetic(seeds: list[int]):
         t = np.mean([r[m].timings["train_s"] for r in runs])
         print(f"| {m} | {a.mean():.2f} ± {a.std():.2f} | {l.mean():.2f} ± {l.std():.2f} | {t / spa_t:.2f} |")
 
-def cifar_shaped(per_class: int, tasks: int, d: int = 512, n_classes: int = 100, inc: int = 10):
-    "Seconds per task of each peer on random CIFAR-shaped features, measured on `tasks` tasks and extrapolated to 500 per class."
+def cifar_shaped(per_class: int, tasks: int, methods: list[str], d: int = 512, n_classes: int = 100, inc: int = 10, n_desc: int = 8,
+                 n_patches: int = 196):
+    "Seconds per task of each peer (and SPA) on random CIFAR-shaped features, measured on `tasks` tasks and extrapolated to 500 per class."
     g = make_generator(0)
     feats = l2norm(torch.randn(n_classes * per_class, d, generator=g))
     labels = torch.arange(n_classes).repeat_interleave(per_class)
-    names = l2norm(torch.randn(n_classes, d, generator=g))
+    text = TextSide(l2norm(torch.randn(n_classes, d, generator=g)), l2norm(torch.randn(n_classes, n_desc, d, generator=g)),
+                    torch.ones(n_classes, n_desc, dtype=torch.bool))
     read = lambda r: (feats[torch.as_tensor(r)], labels[torch.as_tensor(r)])
-    scale = 500 / per_class
+    scale, totals = 500 / per_class, {}
     print(f"\nCIFAR-shaped random features: {n_classes} classes, {per_class} train images per class (CIFAR: 500), d = {d}, "
-          f"tasks of {inc}, CPU, {torch.get_num_threads()} thread(s)\n| peer | epochs | task | measured s | extrapolated to 500/class, s |\n|---|---|---|---|---|")
-    for name, peer in PEERS.items():
-        k = method_knobs(name)
-        state, gen = peer.new(names, 100.0, 0, k), make_generator(0)
+          f"tasks of {inc}, CPU, {torch.get_num_threads()} thread(s)\n| method | epochs | task | measured s | extrapolated to 500/class, s |\n|---|---|---|---|---|")
+    def timed(name: str, epochs: int, step):
         for t in range(tasks):
             cls = list(range(t * inc, (t + 1) * inc))
-            rows = np.flatnonzero((labels >= cls[0]).numpy() & (labels <= cls[-1]).numpy())
-            t0 = time.perf_counter(); peer.train(state, read, rows, cls, gen); s = time.perf_counter() - t0
-            print(f"| {name} | {k['epochs']} | {t + 1} | {s:.1f} | {s * scale:.0f} |")
+            t0 = time.perf_counter(); step(cls); s = time.perf_counter() - t0
+            totals.setdefault(name, []).append(s * scale)
+            print(f"| {name} | {epochs} | {t + 1} | {s:.1f} | {s * scale:.0f} |", flush=True)
+    for name, peer in PEERS.items():
+        if name not in methods: continue
+        k = method_knobs(name)
+        state, gen = peer.new(text, 100.0, 0, k), make_generator(0)
+        timed(name, k.epochs, lambda cls: peer.train(state, read, np.flatnonzero((labels >= cls[0]).numpy() & (labels <= cls[-1]).numpy()), cls, gen))
+    if "spa" not in methods: return summary(totals, tasks)
+    patches = l2norm(torch.randn(len(labels), n_patches, d, generator=g)).half().numpy()
+    train = FeatureSet(feats.half().numpy(), patches, None, labels.numpy(), None, {})
+    spa, gen = new_state(text, 100.0, 0, method_knobs("spa")), make_generator(0)
+    timed("spa", spa.knobs.epochs, lambda cls: train_task(spa, train, cls, gen))
+    summary(totals, tasks)
+
+def summary(totals: dict, tasks: int):
+    print(f"\nmean seconds per task over the {tasks} task(s) measured, extrapolated to 500 images per class:")
+    for name, ts in totals.items(): print(f"| {name} | {np.mean(ts):.0f} |")
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--per-class", type=int, default=50)
-    ap.add_argument("--tasks", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cifar-methods", default="proof,rapf,engine,spa", help="methods of part 2, comma-separated")
+    ap.add_argument("--skip-synthetic", action="store_true", help="run part 2 only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    synthetic(a.seeds)
-    cifar_shaped(a.per_class, a.tasks)
+    if not a.skip_synthetic: synthetic(a.seeds)
+    cifar_shaped(a.per_class, a.tasks, a.cifar_methods.split(","))

@@ -152,7 +152,7 @@ METHODS = { # method -> its own settings on top of the given knobs
 }
 ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
 METHODS |= {alias: METHODS[ours] for alias, ours in ALIASES.items()}
-PEER_METHODS = ("proof", "rapf") # peers re-expressed from their authors' code (see `learner.PEERS`)
+PEER_METHODS = ("proof", "rapf", "engine") # peers re-expressed from their authors' code (see `learner.PEERS`)
 DEFAULT_METHODS = ("spa", "spa_global", "spa_nocal", "zeroshot", "descriptions", "ncm") # what a run compares by default
 
 def list_methods() -> list[str]:

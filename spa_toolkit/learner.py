@@ -27,6 +27,7 @@ from .projectors import SpaProjectors
 from .calibration import ClassStats, PatchStats, check_stats_memory, stats_budget, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
 from .proof import ProofKnobs, new_proof_state, proof_logits, proof_state_dict, proof_state_from_dict, train_proof_task
 from .rapf import RapfKnobs, new_rapf_state, rapf_logits, rapf_state_dict, rapf_state_from_dict, train_rapf_task
+from .engine import EngineKnobs, new_engine_state, engine_logits, engine_state_dict, engine_state_from_dict, train_engine_task
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
@@ -39,15 +40,17 @@ __all__ = ['PEERS', 'STATE_VERSION', 'Peer', 'method_knobs', 'TextSide', 'encode
 class Peer(NamedTuple):
     "How the loop drives a peer method: its knobs, a fresh state, one task's training, logits, and the state as a plain dict."
     knobs: type # its frozen `base.Knobs` dataclass, with `peer` naming the method
-    new: Callable # (names [C, d], logit_scale, seed, knobs) -> state
+    new: Callable # (text: the benchmark's `TextSide`, logit_scale, seed, knobs) -> state
     train: Callable # (state, read(rows) -> (g, y), rows of the task, classes, generator) -> state
     logits: Callable # (state, g [B, d]) -> [B, n_seen]
     to_dict: Callable # state -> plain dict
     from_dict: Callable # (plain dict, device) -> state
 
-PEERS = {p.knobs.peer: p for p in (
-    Peer(ProofKnobs, new_proof_state, train_proof_task, proof_logits, proof_state_dict, proof_state_from_dict),
-    Peer(RapfKnobs, new_rapf_state, train_rapf_task, rapf_logits, rapf_state_dict, rapf_state_from_dict))}
+PEERS = {p.knobs.peer: p for p in ( # each peer's constructor takes the text tensors it reads
+    Peer(ProofKnobs, lambda text, *a: new_proof_state(text.names, *a), train_proof_task, proof_logits, proof_state_dict, proof_state_from_dict),
+    Peer(RapfKnobs, lambda text, *a: new_rapf_state(text.names, *a), train_rapf_task, rapf_logits, rapf_state_dict, rapf_state_from_dict),
+    Peer(EngineKnobs, lambda text, *a: new_engine_state(text.names, text.sem, text.sem_mask, *a), train_engine_task, engine_logits,
+         engine_state_dict, engine_state_from_dict))}
 assert tuple(PEERS) == PEER_METHODS, "base.PEER_METHODS (what the command line offers) must name the peers here"
 
 def _peer_knobs(peer: Peer, knobs: SpaKnobs) -> Knobs:
@@ -434,7 +437,7 @@ def _resume(ckpt: Path | None, resume: bool, prep: Prepared, knobs: Knobs, seed:
                            "rerun without --resume, or pass another --out")
         gen.set_state(extra["generator"])
         return state, extra["records"], gen
-    if knobs.peer: return PEERS[knobs.peer].new(prep.text.names, prep.logit_scale, seed, knobs), [], gen
+    if knobs.peer: return PEERS[knobs.peer].new(prep.text, prep.logit_scale, seed, knobs), [], gen
     return new_state(prep.text, prep.logit_scale, seed, knobs), [], gen
 
 def _reader(feats: FeatureSet, device: torch.device):

@@ -172,7 +172,7 @@ def test_describe_with_any_litellm_model_then_run_with_the_file(tmp_path, stub):
     (["run", "--setting", "half"], ["bad setting 'half'", "B0Inc10"]),
     (["run", "--arch", "ViT-Q-99", "--pretrained", "x"], ["unknown open_clip architecture 'ViT-Q-99'"]),
     (["run", "--arch", "ViT-B-16", "--pretrained", "nosuchtag"], ["unknown pretrained tag 'nosuchtag'", "laion400m_e32"]),
-    (["run", "--methods", "spa,engine"], ["unknown method(s) ['engine']", "spa_nocal"]),
+    (["run", "--methods", "spa,l2p"], ["unknown method(s) ['l2p']", "spa_nocal", "engine"]),
     (["run", "--epochs", "-1"], ["epochs=-1 is too small"]),
     (["run", "--k-patches", "four"], ["argument --k-patches: expected int, got 'four'"]),
     (["bench", "--datasets", "cifar1000"], ["unknown benchmark(s) ['cifar1000']"]),

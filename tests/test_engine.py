@@ -1,0 +1,199 @@
+"ENGINE as a peer: its losses and scores against hand-computed examples, shapes, determinism, resume mid-run, and the CLI flow."
+import json, math, os, re, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+
+from spa_toolkit.core import SpaError, l2norm, make_generator
+from spa_toolkit.base import SpaKnobs
+from spa_toolkit.world import synthetic_world
+from spa_toolkit.engine import (diagonal_ce, engine_cos, EngineKnobs, engine_logits, engine_loss, gda_scores, gda_stats, merge_gda,
+                                new_engine_state, noisy_prototypes, rerank_scores, sample_descriptions, train_engine_task)
+from spa_toolkit.learner import PEERS, Prepared, TextSide, load_state, rows, run_method, task_rows, prepare
+from spa_toolkit.microclip import load_embedded_clip
+from spa_toolkit.proof import project
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory):
+    world = synthetic_world(n_classes=8, n_train=8, n_test=4, inc=4)
+    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False)
+
+
+# --- losses, by hand ------------------------------------------------------------------------------------------------
+
+def test_diagonal_ce_by_hand():
+    s = torch.tensor([[0.6, 0.0], [0.8, 1.0]])
+    want = (math.log(1 + math.exp(-0.6)) + math.log(1 + math.exp(-0.2))) / 2  # row 0: e^.6 / (e^.6 + 1); row 1: e^1 / (e^.8 + e^1)
+    assert diagonal_ce(s).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_engine_loss_by_hand():
+    "Each term on a 2-row batch whose second row is a noisy prototype (no view): s = ln 100 on the contrastive term."
+    e = torch.eye(2)
+    desc = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    s = math.log(100.0)
+    clip = math.log(1 + math.exp(-s))  # logits s*I both ways: each row pays log(1 + e^-s)
+    des = (math.log(1 + math.exp(-0.6)) + math.log(1 + math.exp(-0.2))) / 2  # U D^T = [[.6, 0], [.8, 1]]
+    view = 0.0  # one real row: a softmax over one column
+    got = engine_loss(e, e, desc, e[:1], s, text_des=2.0, image_aug=0.5)
+    assert got.item() == pytest.approx(clip + 2 * des + 0.5 * view, rel=1e-6)
+    # two real rows whose views are swapped: the view term pays log(1 + e) per row
+    got = engine_loss(e, e, desc, e.flip(0), s, text_des=2.0, image_aug=0.5)
+    assert got.item() == pytest.approx(clip + 2 * des + 0.5 * math.log(1 + math.e), rel=1e-6)
+
+
+def test_gda_against_numpy_and_by_hand():
+    "P_task = d * pinv(S + tr(S)/(N-1) I), S the pooled within-class scatter, checked with numpy's covariance on random data."
+    gen = torch.Generator().manual_seed(0)
+    g, y = torch.randn(30, 5, generator=gen, dtype=torch.float64), torch.arange(30) % 3
+    mu, P = gda_stats(g, y, range(3))
+    x = np.concatenate([g[y == c].numpy() - g[y == c].numpy().mean(0) for c in range(3)])
+    cov = np.cov(x.T)  # x has zero mean overall, so (N - 1) cov is the scatter
+    want = 5 * np.linalg.pinv(29 * cov + np.trace(cov) * np.eye(5))
+    np.testing.assert_allclose(P.numpy(), want, rtol=1e-8)
+    np.testing.assert_allclose(mu.numpy(), np.stack([g[y == c].numpy().mean(0) for c in range(3)]))
+    # merge: k = 3 old, t = 5 seen; the between-means term weighs k (t - k) / t^3
+    mu2, P2 = torch.zeros(2, 5, dtype=torch.float64), torch.eye(5, dtype=torch.float64)
+    m, Pm = merge_gda(mu, P, mu2, P2)
+    delta = mu.mean(0)[:, None]
+    torch.testing.assert_close(Pm, 3 / 5 * P + 2 / 5 * P2 + 6 / 125 * delta @ delta.T)
+    assert m.shape == (5, 5) and torch.equal(m[:3], mu)
+    # scores by hand with P = I: <g, mu_c> - |mu_c|^2 / 2 - ln C, then the vector normalised
+    mus = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    raw = torch.tensor([1.0 - 0.5, 0.0 - 2.0]) - math.log(2)
+    torch.testing.assert_close(gda_scores(torch.tensor([[1.0, 0.0]]), mus, torch.eye(2)), (raw / raw.norm())[None])
+
+
+def test_rerank_by_hand():
+    "Only each image's top-K candidates of the adapted cosine get <g, e_c>; the rest 0."
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    g = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    cos = torch.tensor([[0.1, 0.3, 0.2], [0.9, 0.0, 0.5]])
+    want = torch.tensor([[0.0, 0.6, 0.96], [0.0, 0.0, 0.8]])
+    torch.testing.assert_close(rerank_scores(g, cos, centres, top=2), want)
+
+
+def test_description_draws_skip_padding_and_follow_the_generator():
+    sem = torch.arange(12, dtype=torch.float).reshape(2, 6, 1)
+    mask = torch.tensor([[True, False, True, False, False, False], [False] * 5 + [True]])
+    y = torch.tensor([0] * 300 + [1] * 10)
+    d = sample_descriptions(sem, mask, y, make_generator(0))[:, 0]
+    assert set(d[:300].tolist()) == {0.0, 2.0} and set(d[300:].tolist()) == {11.0}
+    assert torch.equal(d, sample_descriptions(sem, mask, y, make_generator(0))[:, 0])
+    assert not torch.equal(d, sample_descriptions(sem, mask, y, make_generator(1))[:, 0])
+
+
+def test_noisy_prototypes_are_the_means_plus_noise():
+    means = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    x, y = noisy_prototypes(means, 0.0, make_generator(0))
+    assert torch.equal(x, means) and y.tolist() == [0, 1]
+    x, _ = noisy_prototypes(means.repeat(1, 5000), 0.25, make_generator(0))
+    assert (x - means.repeat(1, 5000)).std().item() == pytest.approx(0.25, rel=0.03)
+
+
+# --- the peer on random features ------------------------------------------------------------------------------------
+
+def small_world(seed=0, d=6, n_classes=4, per_class=12):
+    gen = make_generator(seed)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    g = l2norm(torch.randn(len(y), d, generator=gen) + 2 * torch.eye(d)[y])
+    names = l2norm(torch.eye(d)[:n_classes] + 0.2 * torch.randn(n_classes, d, generator=gen))
+    sem = l2norm(names[:, None] + 0.3 * torch.randn(n_classes, 3, d, generator=gen))
+    return g, y, names, sem, torch.ones(n_classes, 3, dtype=torch.bool)
+
+
+def run_two_tasks(seed=0, **knobs):
+    g, y, names, sem, mask = small_world()
+    st, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(**(dict(epochs=3, batch_size=8) | knobs))), make_generator(seed)
+    read = lambda r: (g[torch.as_tensor(r)], y[torch.as_tensor(r)])
+    for cls in ([0, 1], [2, 3]): train_engine_task(st, read, np.flatnonzero((y >= cls[0]) & (y <= cls[-1])), cls, gen)
+    return st, g, y
+
+
+def test_shapes():
+    st, g, y = run_two_tasks()
+    assert (st.n_seen, st.n_tasks, len(st.net.img), len(st.net.txt)) == (4, 2, 2, 2)
+    assert st.means.shape == (4, 6) and st.prec.shape == (6, 6)
+    assert engine_logits(st, g).shape == (len(g), 4) and engine_cos(st, g, 3).shape == (len(g), 3)
+    assert engine_logits(st, g[:5]).shape == (5, 4)
+
+
+def test_same_seed_same_logits_other_seed_other_logits():
+    a, g, _ = run_two_tasks(0)
+    b, _, _ = run_two_tasks(0)
+    c, _, _ = run_two_tasks(1)
+    assert torch.equal(engine_logits(a, g), engine_logits(b, g))
+    assert not torch.equal(engine_logits(a, g), engine_logits(c, g))
+
+
+def test_training_lowers_the_loss_and_freezes_old_adapters():
+    g, y, names, sem, mask = small_world()
+    read = lambda r: (g[torch.as_tensor(r)], y[torch.as_tensor(r)])
+    first = np.flatnonzero(y < 2)
+    def loss(s):  # the first task's objective, each row with its class's first description
+        z, u = project(s.net.img, g[first]), project(s.net.txt, names)[y[first]]
+        return engine_loss(z, u, sem[y[first], 0], g[first], math.log(100.0)).item()
+    drawn = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=0))
+    train_engine_task(drawn, read, first, [0, 1], make_generator(0))  # the adapters as initialised
+    trained, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=5, batch_size=8)), make_generator(0)
+    train_engine_task(trained, read, first, [0, 1], gen)  # the same initial adapters (the generator's first draws)
+    assert loss(trained) < loss(drawn) - 0.1
+    old = [p.detach().clone() for p in trained.net.parameters()]
+    train_engine_task(trained, read, np.flatnonzero(y >= 2), [2, 3], gen)
+    kept = [p for m in (trained.net.img[0], trained.net.txt[0]) for p in m.parameters()]
+    assert len(kept) == len(old) == 4 and all(torch.equal(a, b) for a, b in zip(old, kept))
+
+
+def test_inference_mixes_the_three_scores():
+    st, g, _ = run_two_tasks()
+    cos = engine_cos(st, g, 4)
+    rr = rerank_scores(g, cos, l2norm(st.sem.sum(1)), 5)
+    gda = gda_scores(g, st.means, st.prec)
+    torch.testing.assert_close(engine_logits(st, g), 0.8 * gda + 0.2 * (0.5 * rr + 0.5 * cos))
+
+
+def test_a_class_without_descriptions_is_refused():
+    _, _, names, sem, mask = small_world()
+    mask[2] = False
+    with pytest.raises(SpaError, match=r"classes \[2\] have none"): new_engine_state(names, sem, mask, 100.0)
+
+
+# --- in the learner's loop ------------------------------------------------------------------------------------------
+
+def test_the_peer_reads_the_text_side(prep):
+    st = PEERS["engine"].new(prep.text, prep.logit_scale, 0, EngineKnobs())
+    assert st.sem is prep.text.sem and st.sem_mask is prep.text.sem_mask and st.names is prep.text.names
+
+
+def test_run_method_is_deterministic(prep):
+    a = run_method(prep, "engine", seed=3, progress=False, knobs=SpaKnobs(epochs=2))
+    b = run_method(prep, "engine", seed=3, progress=False, knobs=SpaKnobs(epochs=2))
+    assert a.curve == b.curve and a.knobs["peer"] == "engine" and a.knobs["epochs"] == 2 and len(a.curve) == len(prep.splits)
+
+
+def test_resume_mid_run_gives_the_uninterrupted_result(prep, tmp_path):
+    full = run_method(prep, "engine", seed=1, out_dir=tmp_path / "full", progress=False, knobs=SpaKnobs(epochs=2))
+    half = Prepared(**(vars(prep) | dict(splits=prep.splits[:1])))
+    run_method(half, "engine", seed=1, out_dir=tmp_path / "resumed", progress=False, knobs=SpaKnobs(epochs=2))
+    assert load_state(tmp_path / "resumed" / "engine.state.pt")[0].n_tasks == 1  # stopped after the first task
+    resumed = run_method(prep, "engine", seed=1, out_dir=tmp_path / "resumed", resume=True, progress=False, knobs=SpaKnobs(epochs=2))
+    assert resumed.curve == full.curve and resumed.run_key == full.run_key
+    a, b = (load_state(tmp_path / f / "engine.state.pt")[0] for f in ("full", "resumed"))
+    r = rows(prep.test, task_rows(prep.test, 0, a.n_seen), "cpu", patches=False)
+    assert torch.equal(engine_logits(a, r.g), engine_logits(b, r.g))
+    assert torch.equal(a.prec, b.prec) and torch.equal(a.means, b.means)
+
+
+def test_engine_runs_in_the_default_cli_flow(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "SPA_DATA_ROOT")} | dict(
+        LITELLM_LOCAL_MODEL_COST_MAP="True", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    p = subprocess.run([sys.executable, "-m", "spa_toolkit.cli", "run", "--methods", "engine"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = re.search(r"^\| engine \| synthetic \| B0Inc4 \| 6 \| ([\d.]+) \| ([\d.]+) \|", p.stdout, re.M)
+    assert row and 0 < float(row[1]) <= 100, p.stdout
+    out = tmp_path / re.search(r"results written to (\S+)", p.stdout)[1]
+    saved = json.loads((out / "engine.json").read_text())
+    assert saved["knobs"]["peer"] == "engine" and saved["knobs"]["epochs"] == 10  # the published epochs, not SPA's
