@@ -204,7 +204,7 @@ def encode_texts(clip: ClipBundle, # the frozen model
                  texts: list[str], # n texts
                  batch_size: int = 256, # texts per forward pass
                 ) -> torch.Tensor: # [n, d] unit norm, float32
-    "CLIP text embeddings of `texts`, L2-normalised."
+    "CLIP text embeddings [n, d] of the n `texts`, L2-normalised."
     with torch.no_grad():
         out = [clip.model.encode_text(t).float() for t in _token_batches(clip, texts, batch_size)]
     return l2norm(torch.cat(out)) if out else torch.zeros(0, clip.embed_dim, device=clip.device)
@@ -214,7 +214,7 @@ def class_embeddings(clip: ClipBundle, # the frozen model
                      names: list[str], # [C] class names
                      templates: list[str], # prompt templates, each with one "{}"
                     ) -> torch.Tensor: # [C, d] unit norm, float32
-    "Template-averaged class-name embeddings: CLIP's zero-shot classifier."
+    "Template-averaged class-name embeddings [C, d] of the C `names`: CLIP's zero-shot classifier."
     emb = encode_texts(clip, [t.format(n) for n in names for t in templates])
     return l2norm(emb.view(len(names), len(templates), -1).mean(1))
 
@@ -251,7 +251,7 @@ def patch_heatmap(clip: ClipBundle, # the frozen model
                   text: str, # the prompt
                   patch_source: str = "tokens", # "tokens" or "value"
                  ) -> torch.Tensor: # [grid_h, grid_w] cosine similarities
-    "Cosine similarity of each patch token of `image` to `text`, on the patch grid."
+    "Cosine similarity of each patch token of `image` to `text`, on the patch grid [grid_h, grid_w]."
     f = encode_images(clip, clip.preprocess(image)[None], patch_source=patch_source)
     sim = f.patches[0] @ encode_texts(clip, [text])[0]
     return sim.reshape(clip.model.visual.grid_size).cpu()
@@ -276,7 +276,7 @@ def cache_bytes(n: int, # images
 def top_patches(f: ImageFeatures, # global [B, d] and patches [B, N, d]
                 k: int, # patches to keep
                ) -> tuple[torch.Tensor, torch.Tensor]: # indices [B, k] (most similar first), patches [B, k, d]
-    "The `k` patch tokens of each image most similar to that image's global embedding."
+    "Indices [B, k] and tokens [B, k, d] of each image's `k` patches most similar to its global embedding [B, d]."
     idx = torch.einsum("bnd,bd->bn", f.patches, f.global_).topk(k, dim=1).indices
     return idx, f.patches.gather(1, idx[..., None].expand(-1, -1, f.patches.shape[-1]))
 

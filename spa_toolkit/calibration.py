@@ -58,7 +58,7 @@ class ShrunkCov(NamedTuple):
 def ledoit_wolf(x: torch.Tensor, # [n,d] samples
                 assume_centered: bool = False, # True: do not subtract the mean
                ) -> ShrunkCov:
-    "Ledoit-Wolf shrunk covariance of `x` (same result as `sklearn.covariance.ledoit_wolf`)."
+    "Ledoit-Wolf shrunk covariance [d, d] of samples `x` [n, d] (same result as `sklearn.covariance.ledoit_wolf`)."
     r = x.to(_acc_dtype(x))
     if not assume_centered: r = r - r.mean(0)
     n = torch.tensor(float(len(r)), dtype=r.dtype, device=r.device)
@@ -148,7 +148,7 @@ def class_stats(feats: torch.Tensor, # [n,d] frozen features
                 cov: str = "full", # "full", "diag", "shared" or "none"
                 shrink: str | float = SHRINK, # "ledoit_wolf", or gamma >= 0 for Sigma + gamma*I
                ) -> ClassStats:
-    "Per-class means and shrunk covariance factors of `feats`."
+    "Per-class means [C, d] and shrunk covariance factors of features `feats` [n, d] with labels [n]."
     check_stats_knobs(cov, shrink)
     cls, idx, counts = _group(feats, labels, classes)
     if (counts == 0).any(): raise SpaError(f"classes {cls[counts == 0].tolist()[:10]} have no sample: drop them from classes=")
@@ -222,7 +222,7 @@ def sample_pseudo(stats: ClassStats, # from `class_stats` / `merge_stats`
                   classes: torch.Tensor | None = None, # [C'] class ids to sample (default: all in `stats`)
                   normalize: bool = False, # L2-normalise the samples
                  ) -> Pseudo: # feats [n,d], labels [n], grouped by class in the order of `classes`
-    "Pseudo-features drawn from the stored class Gaussians."
+    "Pseudo-features [n, d] and their labels [n], drawn from the stored class Gaussians."
     cls = stats.classes if classes is None else classes.to(stats.classes.device)
     rows = _rows_of(stats.classes, cls, "classes")
     counts, m = _per_class(n_per_class, len(rows), rows.device)
@@ -249,7 +249,7 @@ def patch_stats(patches: torch.Tensor, # [n,k,d] selected patch tokens, sorted b
                 cov: str = "diag", # "diag", "shared", "none" or "full" (per slot)
                 shrink: str | float = SHRINK, # "ledoit_wolf", or gamma >= 0
                ) -> PatchStats:
-    "Per-class, per-slot statistics of selected patch sets."
+    "Per-class, per-slot statistics of selected patch sets [n, k, d] with labels [n]."
     if patches.ndim != 3 or labels.shape != patches.shape[:1]:
         raise SpaError(f"patch statistics need patch sets [n,k,d] and labels [n], got {tuple(patches.shape)} and {tuple(labels.shape)}")
     n, k, d = patches.shape
@@ -264,7 +264,7 @@ def sample_pseudo_patches(stats: PatchStats, # from `patch_stats` / `merge_stats
                           classes: torch.Tensor | None = None, # [C'] class ids (default: all)
                           normalize: bool = False, # L2-normalise each token
                          ) -> Pseudo: # feats [n,k,d], labels [n]
-    "Pseudo patch sets drawn slot by slot from the stored Gaussians."
+    "Pseudo patch sets [n, k, d] and their labels [n], drawn slot by slot from the stored Gaussians."
     cls = stats.classes if classes is None else classes.to(stats.classes.device)
     rows = _rows_of(stats.stats.classes, _slot_keys(cls, stats.k), "classes")
     counts, m = _per_class(n_per_class, len(cls), rows.device)

@@ -45,7 +45,7 @@ def make_generator(seed: int, # the run seed
 def l2norm(x: torch.Tensor, # [..., d]
            dim: int = -1, # axis to normalise
           ) -> torch.Tensor: # [..., d], unit norm along `dim`
-    "Unit-normalise `x` along `dim` (zero vectors stay zero)."
+    "Unit-normalise `x` [..., d] along `dim` (zero vectors stay zero); same shape out."
     return F.normalize(x, dim=dim, eps=1e-12)
 
 # %% ../nbs/00_core.ipynb #b2797955
@@ -79,7 +79,7 @@ def check_unit(x: torch.Tensor, # [..., d]
                what: str, # what `x` is, for the message
                tol: float = 1e-2, # allowed |norm - 1| (half precision rounds norms by ~1e-3)
               ) -> torch.Tensor:
-    "Return `x`, or raise `SpaError` unless every row along the last axis has unit (or zero, for padding) norm."
+    "Return `x` [..., d], or raise `SpaError` unless every row along the last axis has unit (or zero, for padding) norm."
     n = x.float().norm(dim=-1)
     if ((n - 1).abs() > tol).logical_and(n > 0).any(): raise SpaError(f"{what} must have unit-norm rows, got norms from "
                                                                        f"{float(n.min()):.3g} to {float(n.max()):.3g}: pass l2norm(x)")

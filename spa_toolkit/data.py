@@ -32,7 +32,7 @@ def clip_transform(image_size: int = 224, # output side in pixels
                    mean: tuple = CLIP_MEAN, # per-channel normalisation mean
                    std: tuple = CLIP_STD, # per-channel normalisation std
                   ) -> transforms.Compose: # PIL image (any mode) -> float tensor [3, image_size, image_size]
-    "The CLIP-CIL protocol transform: RGB, bicubic squash-resize, tensor, CLIP normalisation."
+    "The CLIP-CIL protocol transform, PIL image to [3, image_size, image_size]: RGB, bicubic squash-resize, tensor, CLIP normalisation."
     return transforms.Compose([to_rgb, transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
                                transforms.ToTensor(), transforms.Normalize(mean, std)])
 
@@ -64,7 +64,7 @@ def relabel(ds: datasets.Dataset, # a split with an integer `label` column of or
             order: list[int], # [C] original class ids in class order
             class_names: list[str], # [C] names in class order
            ) -> datasets.Dataset: # the same rows, label = order.index(original id)
-    "Map original class ids to class-order positions (PyCIL's `_map_new_class_index`)."
+    "Map original class ids to positions in the class order [C] (PyCIL's `_map_new_class_index`)."
     old = np.asarray(ds.with_format("numpy")["label"])
     if len(old) and (old.min() < 0 or old.max() >= len(order)):
         raise SpaError(f"labels span {old.min()}..{old.max()} but the benchmark has {len(order)} classes: check the class folders")
@@ -81,7 +81,7 @@ def assemble(name: str, # benchmark name
              descriptions: dict | None = None, # ground-truth descriptions by class name
              folders: dict | None = None, # source class name -> protocol class name (see `match_classes`)
             ) -> Benchmark:
-    "A `Benchmark` with labels and class names re-ordered by PyCIL's class order."
+    "A `Benchmark` with labels and class names [C] re-ordered by PyCIL's class order."
     order = class_order(len(names), class_order_seed, shuffle)
     ordered = [names[i] for i in order]
     train, test = (relabel(d, order, ordered) for d in (train, test))
@@ -181,7 +181,7 @@ def match_classes(found: list[str], # class folder (or label) names at the sourc
                   aliases: tuple = (), # (source spelling, protocol name) pairs
                   folder_ids: str | None = None, # regex of id-named folders that sort in class-id order
                  ) -> dict[str, int]: # found name -> original class id
-    "Map each class name found at a source to the protocol's class id, refusing names that match none."
+    "Map each class name found at a source to its id among the protocol's names [C], refusing names that match none."
     if folder_ids and all(re.fullmatch(folder_ids, f) for f in found): return {f: i for i, f in enumerate(sorted(found))}
     if (ids := _numbered(found, len(names))) is not None: return ids
     ids = _by_name(found, names, aliases)

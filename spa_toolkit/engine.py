@@ -51,7 +51,7 @@ class EngineKnobs(Knobs):
 # %% ../nbs/09c_engine.ipynb #eadc5a36
 def diagonal_ce(sim: torch.Tensor, # [n, m] similarities, m >= n, row i's positive at column i
                ) -> torch.Tensor: # scalar
-    "Cross-entropy of each row against its diagonal entry, no temperature (ENGINE's `contrastive_loss`)."
+    "Cross-entropy of each row of similarities [n, m] against its diagonal entry, no temperature (ENGINE's `contrastive_loss`)."
     return F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
 
 def engine_loss(z: torch.Tensor, # [B, d] adapted images, unit norm: the batch's real rows first, then noisy prototypes
@@ -62,7 +62,7 @@ def engine_loss(z: torch.Tensor, # [B, d] adapted images, unit norm: the batch's
                 text_des: float = 2.0, # weight of the description term
                 image_aug: float = 0.5, # weight of the view term
                ) -> torch.Tensor:
-    "ENGINE's objective: symmetric contrastive image-text loss, plus the description and view terms."
+    "ENGINE's objective over images z [B, d] and texts u [B, d]: symmetric contrastive loss, plus description and view terms."
     return clip_loss(z, u, scale) + text_des * diagonal_ce(u @ desc.T) + image_aug * diagonal_ce(z[:len(view)] @ view.T)
 
 # %% ../nbs/09c_engine.ipynb #1c7661c8
@@ -71,7 +71,7 @@ def sample_descriptions(sem: torch.Tensor, # [C, M, d] description embeddings (z
                         y: torch.Tensor, # [B] long classes
                         gen: torch.Generator, # draws the choices
                        ) -> torch.Tensor: # [B, d]
-    "One description embedding of each row's class, uniform among the class's real ones."
+    "One description embedding [B, d] of each row's class, drawn uniformly among the class's real ones in sem [C, M, d]."
     m = mask[y]
     pick = (torch.rand(len(y), generator=gen, device=gen.device).to(y.device) * m.sum(1)).long()
     slot = torch.argsort((~m).int(), dim=1, stable=True).gather(1, pick[:, None])[:, 0]  # the pick-th real slot
@@ -81,7 +81,7 @@ def noisy_prototypes(means: torch.Tensor, # [k, d] prototypes of the old classes
                      noise: float, # std per coordinate
                      gen: torch.Generator, # draws the noise
                     ) -> tuple[torch.Tensor, torch.Tensor]: # features [k, d], labels [k]
-    "One prototype plus Gaussian noise per old class, labelled with its class."
+    "One prototype plus Gaussian noise per old class: features [k, d] from means [k, d], and their labels [k]."
     eps = torch.randn(means.shape, generator=gen, device=gen.device).to(means)
     return means + noise * eps, torch.arange(len(means), device=means.device)
 
@@ -90,7 +90,7 @@ def gda_stats(g: torch.Tensor, # [n, d] frozen features of one task's images
               y: torch.Tensor, # [n] long labels
               classes: range, # the task's classes, each present in y
              ) -> tuple[torch.Tensor, torch.Tensor]: # means [k, d], P [d, d]
-    "One task's class means and ENGINE's regularised inverse of their pooled within-class scatter."
+    "One task's class means [k, d] and ENGINE's regularised inverse P [d, d] of their pooled within-class scatter, from g [n, d]."
     mu = torch.stack([g[y == c].mean(0) for c in classes])
     x = torch.cat([g[y == c] - m for c, m in zip(classes, mu)])
     if len(x) < 2: raise SpaError(f"classes {classes.start}..{classes.stop - 1} have {len(x)} training image: ENGINE's statistics need at least 2")
@@ -100,7 +100,7 @@ def gda_stats(g: torch.Tensor, # [n, d] frozen features of one task's images
 def merge_gda(mu_old: torch.Tensor, p_old: torch.Tensor, # [k, d] and [d, d]: the stored statistics (k = 0 before the first task)
               mu_new: torch.Tensor, p_new: torch.Tensor, # [t - k, d] and [d, d]: the new task's
              ) -> tuple[torch.Tensor, torch.Tensor]: # means [t, d], P [d, d]
-    "ENGINE's merge of a task's statistics into the stored ones."
+    "ENGINE's merge of a task's statistics (means [t - k, d], P [d, d]) into the stored ones: means [t, d], P [d, d]."
     k, t = len(mu_old), len(mu_old) + len(mu_new)
     if k == 0: return mu_new, p_new
     delta = (mu_old.mean(0) - mu_new.mean(0))[:, None]
@@ -110,7 +110,7 @@ def gda_scores(g: torch.Tensor, # [B, d] frozen features
                mu: torch.Tensor, # [C, d] class means
                p: torch.Tensor, # [d, d] merged P
               ) -> torch.Tensor: # [B, C], each row unit norm
-    "The linear discriminant's score of every class, the vector normalised per image."
+    "The linear discriminant's scores [B, C] of features [B, d] against means [C, d], each row normalised."
     b = -0.5 * ((mu @ p) * mu).sum(1) - math.log(len(mu))
     return l2norm(g @ p @ mu.T + b)
 
@@ -118,7 +118,7 @@ def gda_scores(g: torch.Tensor, # [B, d] frozen features
 def description_centres(sem: torch.Tensor, # [C, M, d] description embeddings
                         mask: torch.Tensor, # [C, M] bool, True for real ones
                        ) -> torch.Tensor: # [C, d] unit norm
-    "The unit mean of each class's real description embeddings."
+    "The unit mean [C, d] of each class's real description embeddings in sem [C, M, d]."
     return l2norm((sem * mask[..., None]).sum(1))
 
 def rerank_scores(g: torch.Tensor, # [B, d] frozen image features
@@ -126,7 +126,7 @@ def rerank_scores(g: torch.Tensor, # [B, d] frozen image features
                   centres: torch.Tensor, # [C, d] description centres
                   top: int = 5, # candidates per image
                  ) -> torch.Tensor: # [B, C], zero outside each image's top candidates
-    "ENGINE's re-ranking: each top candidate re-scored by the frozen image against its descriptions, the rest 0."
+    "ENGINE's re-ranking [B, C]: each image's top candidates of cos [B, C] re-scored against their description centres, the rest 0."
     idx = cos.topk(min(top, cos.shape[1]), dim=1).indices
     return torch.zeros_like(cos).scatter(1, idx, (g @ centres.T).gather(1, idx))
 
@@ -170,7 +170,7 @@ def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings (unit n
                      seed: int = 0, # unused: ENGINE draws its adapters task by task from the run's generator
                      knobs: EngineKnobs | None = None, # default: ENGINE's published ones
                     ) -> EngineState:
-    "A fresh ENGINE state before the first task."
+    "A fresh ENGINE state before the first task, over class names [C, d] and descriptions [C, M, d]."
     if not sem_mask.any(1).all():
         raise SpaError(f"ENGINE needs a description of every class; classes {torch.nonzero(~sem_mask.any(1))[:, 0].tolist()} have none")
     if not logit_scale > 1: raise SpaError(f"logit_scale={logit_scale} must be > 1: ENGINE's contrastive scale is its logarithm")
@@ -183,14 +183,14 @@ def engine_cos(state: EngineState, # the state
                g: torch.Tensor, # [B, d] frozen global features
                n: int, # score classes 0..n-1
               ) -> torch.Tensor: # [B, n]
-    "The adapted cosine <z(x), u_c>."
+    "The adapted cosine <z(x), u_c> [B, n] of global features [B, d]."
     return project(state.net.img, g) @ project(state.net.txt, state.names[:n]).T
 
 @torch.no_grad()
 def engine_logits(state: EngineState, # a trained state
                   g: torch.Tensor, # [B, d] frozen global features
                  ) -> torch.Tensor: # [B, n_seen]
-    "ENGINE's inference score: discriminant, plus re-ranked descriptions and adapted cosine."
+    "ENGINE's inference scores [B, n_seen] of global features [B, d]: discriminant, re-ranked descriptions and adapted cosine."
     if state.n_seen < 1: raise SpaError("no class seen yet: train a task first")
     k, n = state.knobs, state.n_seen
     cos = engine_cos(state, g, n)
@@ -225,7 +225,7 @@ def train_engine_task(state: EngineState, # the state after the previous task (u
                       classes: list[int], # the task's new classes (contiguous, right after the seen ones)
                       generator: torch.Generator, # initialisation, shuffling, noise and description draws
                      ) -> EngineState:
-    "Learn one task as ENGINE does: class statistics, a new adapter pair, training with noisy old prototypes and descriptions."
+    "Learn one task from its cache rows [n] as ENGINE does: class statistics, a new adapter pair, noisy old prototypes, descriptions."
     lo, hi = min(classes), max(classes) + 1
     if lo != state.n_seen or hi - lo != len(set(classes)):
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")

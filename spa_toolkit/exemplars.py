@@ -56,7 +56,7 @@ def rank_exemplars(feats: torch.Tensor, # [n, d] one class's features
                    method: str = "herding", # "herding", "kcenter" or "closest"
                    n: int | None = None, # length of the ranking (default: all n samples)
                   ) -> torch.LongTensor: # [min(n, len(feats))] indices into `feats`, best first
-    "Rank a class's samples once; the first K are the K exemplars."
+    "Ranking [min(n, len(feats))] of one class's samples [n, d], best first; the first K are the K exemplars."
     _check_method(method, _RANKINGS)
     x = _check_feats(feats)
     n = len(x) if n is None else min(int(n), len(x))
@@ -85,7 +85,7 @@ def select_exemplars(feats: torch.Tensor, # [n, d] one class's (global) features
                      seed: int = 0, # k-means seed (the other methods are deterministic)
                      n_init: int = 4, # k-means restarts
                     ) -> torch.LongTensor: # [min(k, n)] distinct indices into `feats`
-    "Pick `k` representative and diverse samples of one class."
+    "Indices [min(k, n)] of `k` representative and diverse samples of one class's features [n, d]."
     _check_method(method, METHODS)
     if int(k) < 1: raise SpaError(f"k={k} exemplars asked for: use k >= 1")
     if method != "kmeans": return rank_exemplars(feats, method, n=k)
@@ -99,7 +99,7 @@ def exemplars_by_class(feats: torch.Tensor, # [n, d] features of a whole trainin
                        method: str = "kmeans", # one of `METHODS`
                        seed: int = 0, # k-means seed
                       ) -> dict[int, torch.LongTensor]: # class label -> [min(k, n_c)] indices into `feats`
-    "Exemplar indices (into the whole set) for every class present in `labels`."
+    "Exemplar indices [min(k, n_c)] (into the whole set) for every class in `labels` [n], from features [n, d]."
     if labels.shape != feats.shape[:1]:
         raise SpaError(f"labels shape {tuple(labels.shape)} does not match features {tuple(feats.shape)}: pass one label per row")
     out = {}
@@ -117,7 +117,7 @@ def exemplar_images(images, # [n] PIL images, or a Dataset whose rows hold an "i
                     method: str = "kmeans", # one of `METHODS`
                     seed: int = 0, # k-means seed
                    ) -> dict[str, list]: # class name -> [min(k, n_c)] images
-    "The exemplar images of every class present in `labels`, keyed by class name."
+    "The exemplar images [min(k, n_c)] of every class in `labels` [n], keyed by class name, chosen from features [n, d]."
     def row(i):  # a Dataset decodes its image on every access: read the row once
         r = images[i]
         return r["image"] if isinstance(r, dict) else r

@@ -83,7 +83,7 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
                      n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
                     ) -> TextSide:
-    "Class-name and semantic-token embeddings of every class, encoded once."
+    "Class-name embeddings [C, d] and semantic tokens [C, M, d] (with mask [C, M]) of every class, encoded once."
     sem = semantic_tokens(class_names, descriptions, clip, template=sem_template, n_desc=n_desc)
     return TextSide(class_embeddings(clip, class_names, templates), sem.tokens.float(), sem.mask)
 
@@ -157,7 +157,7 @@ def predict(state: CILState, # a trained (or fresh) state
             patches: torch.Tensor | None = None, # [B, N, d] patch tokens, or [B, k', d] selected sets
             n_classes: int | None = None, # score classes 0..n_classes-1 (default: all seen)
            ) -> torch.Tensor: # [B, n_classes] logits
-    "Logits of SPA (or of the state's baseline scorer) over the seen classes."
+    "Logits [B, n_classes] of SPA (or of the state's baseline scorer) from global features [B, d] and patches [B, N, d]."
     n = n_classes or state.n_seen
     if n < 1: raise SpaError("no class seen yet: train a task first, or pass n_classes")
     s = _spa_scores(state, g, patches, n) if state.knobs.scorer == "spa" else _baseline_scores(state, g, n)
@@ -200,7 +200,7 @@ def replay_schedule(old: torch.Tensor, # [C_old] long, the old classes
                     per_batch: int, # pseudo-features per batch
                     generator: torch.Generator, # on `old`'s device
                    ) -> tuple[torch.Tensor, ...]: # n_batches label tensors [per_batch]
-    "Old-class labels of an epoch's pseudo-features: shuffled rounds over all old classes, so each comes once before any twice."
+    "Old-class labels [per_batch] for each of an epoch's `n_batches`: shuffled rounds over `old` [C_old], each once before any twice."
     total = n_batches * per_batch
     rounds = [old[torch.randperm(len(old), generator=generator, device=generator.device)] for _ in range(math.ceil(total / len(old)))]
     return torch.cat(rounds)[:total].split(per_batch)
@@ -284,7 +284,7 @@ def evaluate(state, # a trained state (`CILState` or a peer's)
              test: FeatureSet, # cached features of the test split
              batch_size: int = 256, # test images per chunk
             ) -> tuple[np.ndarray, np.ndarray]: # predictions [n] and labels [n] of the seen classes' test images
-    "Top-1 predictions on the test images of all seen classes."
+    "Top-1 predictions [n] and labels [n] on the test images of all seen classes."
     idx = task_rows(test, 0, state.n_seen)
     preds, labels = [], []
     with torch.no_grad():
@@ -299,7 +299,7 @@ def score_margins(state: CILState, # a trained state
                   patches: torch.Tensor | None, # [B, N, d] patch tokens or [B, k, d] (pseudo) sets
                   y: torch.Tensor, # [B] long, true classes
                  ) -> torch.Tensor: # [B] margins
-    "Logit of the true class minus the best other logit, over the seen classes."
+    "Margins [B]: logit of the true class minus the best other, from global features [B, d] and patches [B, N, d]."
     with torch.no_grad(): logits = predict(state, g, patches)
     return logits.gather(1, y[:, None])[:, 0] - logits.scatter(1, y[:, None], -torch.inf).amax(1)
 
@@ -309,7 +309,7 @@ def replay_margins(state: CILState, # a trained state with statistics
                    n_per_class: int, # pseudo-features drawn per class
                    generator: torch.Generator, # draws the pseudo-features
                   ) -> tuple[torch.Tensor, torch.Tensor]: # margins of the real test images [n], of the pseudo-features [m]
-    "Margins of old classes' real test images and of pseudo-features drawn for them, under the same state."
+    "Margins of old classes' real test images [n] and of pseudo-features drawn for them [m], under the same state."
     cls = torch.as_tensor(sorted(set(classes)), device=state.device)
     r = rows(test, np.flatnonzero(np.isin(test.labels, cls.cpu().numpy())), state.device, patches=state.knobs.uses_patches)
     g = sample_pseudo(state.stats, n_per_class, generator, classes=cls, normalize=True)

@@ -32,7 +32,7 @@ def _pair(preds, labels) -> tuple[np.ndarray, np.ndarray]:
 def accuracy(preds, # [n] predicted labels
              labels, # [n] true labels
             ) -> float: # percent, NaN when n = 0
-    "Top-1 accuracy in percent of predicted labels."
+    "Top-1 accuracy in percent of predicted labels [n] against true labels [n]."
     preds, labels = _pair(preds, labels)
     return int((preds == labels).sum()) * 100 / len(labels) if len(labels) else math.nan  # PyCIL's expression: same rounding ties
 
@@ -40,7 +40,7 @@ def topk_accuracy(scores, # [n, C] scores or logits (numpy or torch)
                   labels, # [n] true labels
                   k: int = 1, # count a hit when the label is among the top k
                  ) -> float: # percent
-    "Top-k accuracy in percent of a score matrix."
+    "Top-k accuracy in percent of a score matrix [n, C] against labels [n]."
     scores, labels = _np(scores), _np(labels)
     topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return float((topk == labels[:, None]).any(axis=1).mean() * 100)
@@ -51,7 +51,7 @@ def per_task_accuracy(preds, # [n] predicted labels
                       splits: Sequence[Sequence[int]], # T lists of label positions
                       upto: int | None = None, # last seen task (default: the last one)
                      ) -> np.ndarray: # [T] percent per task rounded to 2 decimals like PyCIL's grouped accuracy; NaN for tasks after `upto` or without images
-    "Accuracy on each task's classes; NaN for tasks not yet seen."
+    "Accuracy [T] on each task's classes from predictions and labels [n]; NaN for tasks not yet seen."
     preds, labels = _pair(preds, labels)
     upto = len(splits) - 1 if upto is None else upto
     out = np.full(len(splits), np.nan)
@@ -64,7 +64,7 @@ def accuracy_matrix(preds_per_task: Sequence, # T arrays: predictions after task
                     labels_per_task: Sequence, # T arrays: their true labels
                     splits: Sequence[Sequence[int]], # T lists of label positions
                    ) -> np.ndarray: # [T, T] percent; row t = after task t, column j = task j; NaN above the diagonal
-    "The accuracy matrix of a class-incremental run."
+    "The accuracy matrix [T, T] of a class-incremental run: row t after task t, column j on task j."
     return np.stack([per_task_accuracy(p, y, splits, t) for t, (p, y) in enumerate(zip(preds_per_task, labels_per_task))])
 
 # %% ../nbs/09_metrics.ipynb #70119ce7
@@ -93,7 +93,7 @@ def old_new_harmonic(preds, # [n] predicted labels on the seen test images
                      labels, # [n] true labels
                      n_old: int, # number of old classes (labels < n_old are old)
                     ) -> OldNew:
-    "Accuracy on old and new classes and their harmonic mean."
+    "Accuracy on old and new classes and their harmonic mean, from predictions and labels [n]."
     preds, labels = _pair(preds, labels)
     old, new = (np.around(accuracy(preds[m], labels[m]), decimals=2) for m in (labels < n_old, labels >= n_old))
     h = 2 * old * new / (old + new) if old + new != 0 else 0.0  # NaN (no old class yet) stays NaN
@@ -105,7 +105,7 @@ FORGETTING = ("pycil", "avalanche") # forgetting definitions: best accuracy incl
 def forgetting_matrix(acc: np.ndarray, # [T, T] accuracy matrix
                       definition: str = "pycil", # "pycil" (best including row t, never negative) or "avalanche" (best before t)
                      ) -> np.ndarray: # [T, T]; NaN where j >= t
-    "Forgetting of task j after task t: best accuracy so far minus current."
+    "Forgetting [T, T] of task j after task t, from the accuracy matrix [T, T]: best accuracy so far minus current."
     acc = np.asarray(acc, dtype=float)
     if acc.ndim != 2 or acc.shape[0] != acc.shape[1]: raise SpaError(f"accuracy matrix must be square [T, T], got shape {acc.shape}")
     if definition not in FORGETTING: raise SpaError(f"forgetting definition {definition!r}: choose one of {FORGETTING}")
@@ -119,7 +119,7 @@ def forgetting_matrix(acc: np.ndarray, # [T, T] accuracy matrix
 def forgetting(acc: np.ndarray, # [T, T] accuracy matrix
                definition: str = "pycil", # see `forgetting_matrix`
               ) -> float: # mean forgetting of the old tasks after the final task, percent points
-    "Average forgetting at the end of the run."
+    "Average forgetting at the end of the run, from the accuracy matrix [T, T]."
     f = forgetting_matrix(acc, definition)
     return float(np.mean(f[-1, :-1])) if len(f) > 1 else math.nan
 

@@ -130,7 +130,7 @@ def new_model(seed: int = 0, # fixes the initial weights
 def image_tokens(model: open_clip.CLIP, # from `new_model`
                  images: torch.Tensor, # [B, 3, H, W] transformed
                 ) -> tuple[torch.Tensor, torch.Tensor]: # global [B, d] and patch tokens [B, N, d], unit norm
-    "Global embedding and projected patch tokens, differentiable (the training view of `encode_images`)."
+    "Global embeddings [B, d] and patch tokens [B, N, d] of images [B, 3, H, W], differentiable (the training view of `encode_images`)."
     pooled, tokens = model.visual(images)
     return l2norm(pooled), l2norm(tokens @ model.visual.proj)
 
@@ -140,7 +140,7 @@ def ground_loss(patches: torch.Tensor, # [B, N, d] unit patch tokens
                 mark_patch: torch.Tensor, # [B] long: the patch holding it
                 scale: torch.Tensor, # logit scale (a scalar)
                ) -> torch.Tensor: # scalar
-    "Patch-level contrastive term: the mark phrase finds its patch (where), and that patch finds its phrase (what)."
+    "Patch-level contrastive term on patches [B, N, d] and mark phrases [K, d]: the phrase finds its patch, the patch its phrase."
     where = F.cross_entropy(scale * torch.einsum("bnd,bd->bn", patches, marks[mark]), mark_patch)
     at = patches[torch.arange(len(patches), device=patches.device), mark_patch]
     return (where + F.cross_entropy(scale * at @ marks.T, mark)) / 2
@@ -164,7 +164,7 @@ def caption_loss(img: torch.Tensor, # [B, d] unit image embeddings
                  captions: list[str], # [B] the captions (equal strings are the same caption)
                  scale: torch.Tensor, # logit scale (a scalar)
                 ) -> torch.Tensor: # scalar
-    "CLIP's symmetric contrastive loss where every image sharing a caption is a positive for it (soft targets)."
+    "CLIP's symmetric contrastive loss on images and captions [B, d], every image sharing a caption a positive for it."
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=img.dtype, device=img.device)
     target, logits = same / same.sum(1, keepdim=True), scale * img @ txt.T
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -263,7 +263,7 @@ def zero_shot_top1(clip: ClipBundle, # the model
                    names: list[str], # [C] class names
                    templates: list[str] = (WORLD_TEMPLATE,), # prompt templates
                   ) -> float: # top-1 accuracy in [0, 1]
-    "Zero-shot top-1 with class-name prompts."
+    "Zero-shot top-1 of images with labels [n] using prompts for the class names [C]."
     g = encode_images(clip, torch.stack([clip.preprocess(im) for im in images]), patches=False).global_
     pred = (g @ class_embeddings(clip, names, list(templates)).T).argmax(1)
     return (pred.cpu() == torch.as_tensor(labels)).float().mean().item()
@@ -292,7 +292,7 @@ def mark_ranks(clip: ClipBundle, # the model
                demo: DemoImages, # from `demo_images`
                patch_source: str = "tokens", # "tokens" or "value" (see `encode_images`)
               ) -> torch.Tensor: # [n] 1-based rank of the mark's patch among the N patches
-    "Rank of the patch holding the mark, by similarity to the image's mark phrase."
+    "Rank [n] of the patch holding the mark, by similarity to the image's mark phrase."
     p = encode_images(clip, torch.stack([clip.preprocess(im) for im in demo.images]), patch_source=patch_source).patches
     t = encode_texts(clip, [describe(a)[2] for a in demo_classes()])[torch.as_tensor(demo.labels)]  # each class's mark phrase, once
     sims = torch.einsum("bnd,bd->bn", p, t)
@@ -302,14 +302,14 @@ def mark_ranks(clip: ClipBundle, # the model
 # %% ../nbs/05a_microclip.ipynb #9ac844d4
 def world_attributes_of(names: list[str], # [C] synthetic-world class names
                        ) -> list[Attributes]: # [C]
-    "The attribute combination behind each synthetic-world class name."
+    "The attribute combination [C] behind each of the C synthetic-world class names."
     by_name = {class_name(a): a for a in all_combinations()}
     if unknown := [n for n in names if n not in by_name]: raise SpaError(f"{unknown[:3]} are not synthetic-world class names: pass a `synthetic_world()`")
     return [by_name[n] for n in names]
 
 def sibling_mask(names: list[str], # [C] synthetic-world class names
                 ) -> torch.Tensor: # [C, C] bool, True where two classes share shape and colour (a class is its own sibling)
-    "Which classes differ only in the mark."
+    "Which classes differ only in the mark: [C, C] bool from the C class names."
     looks = [(a.shape, a.colour) for a in world_attributes_of(names)]
     return torch.tensor([[a == b for b in looks] for a in looks])
 
@@ -317,7 +317,7 @@ def sibling_top1(scores: torch.Tensor, # [n, C] class scores
                  labels: torch.Tensor, # [n] long, true classes
                  siblings: torch.Tensor, # [C, C] bool, from `sibling_mask`
                 ) -> float: # fraction in [0, 1]
-    "Top-1 accuracy when each image chooses only among its class's siblings."
+    "Top-1 accuracy from scores [n, C] when each image chooses only among its class's siblings ([C, C] mask)."
     labels = labels.to(scores.device)
     return (scores.masked_fill(~siblings.to(scores.device)[labels], -torch.inf).argmax(1) == labels).float().mean().item()
 

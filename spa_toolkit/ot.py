@@ -78,7 +78,7 @@ def sinkhorn(C: torch.Tensor, # [..., n, m] cost matrices, any leading (batch) d
              ot_iters: int = OT_ITERS, # Sinkhorn sweeps (the maximum when `tol` is set)
              tol: float | None = None, # stop when the marginal error drops below this (checked every 10 sweeps; syncs a GPU); None: fixed ot_iters
             ) -> torch.Tensor: # [..., n, m] transport plans, dtype of `C`
-    "Entropic OT plans for a batch of cost matrices by log-domain Sinkhorn."
+    "Entropic OT plans [..., n, m] for a batch of cost matrices [..., n, m] by log-domain Sinkhorn."
     return _plan(C, eps, a, b, ot_iters, tol).to(C.dtype)
 
 # %% ../nbs/06_ot.ipynb #61967825
@@ -92,7 +92,7 @@ def _mask_weights(mask: torch.Tensor, m: int) -> torch.Tensor:
 def relative_cost(S: torch.Tensor, # [..., k, M] similarities
                   mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
                  ) -> torch.Tensor: # [..., k, M] cost, spread 1 over the real entries of each problem
-    "The cost $1 - S$ divided by its spread (max − min over real entries, held constant), so ε is relative to the spread."
+    "The cost $1 - S$ [..., k, M] divided by its spread (max − min over real entries, held constant), so ε is relative to it."
     real = torch.ones_like(S, dtype=torch.bool) if mask is None else mask.bool()[..., None, :].expand_as(S)
     spread = S.masked_fill(~real, -torch.inf).amax((-2, -1)) - S.masked_fill(~real, torch.inf).amin((-2, -1))
     return (1 - S) / spread.detach().clamp_min(1e-6)[..., None, None]
@@ -103,7 +103,7 @@ def sim_ot_plan(S: torch.Tensor, # [..., k, M] similarities of selected patches 
                 ot_iters: int = OT_ITERS, # Sinkhorn sweeps
                 eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread (`relative_cost`)
                ) -> torch.Tensor: # [..., k, M] plans, at least float32
-    "Entropic OT plans between patches (uniform) and real descriptions (uniform) for the cost $1 - S$."
+    "Entropic OT plans [..., k, M] between patches and real descriptions (uniform) for the cost $1 - S$, S [..., k, M]."
     b = None if mask is None else _mask_weights(mask, S.shape[-1])
     return _plan(relative_cost(S, mask) if eps_relative else 1 - S, eps, b=b, ot_iters=ot_iters)
 
@@ -114,7 +114,7 @@ def sim_ot_score(S: torch.Tensor, # [..., k, M] similarities of selected patches
                  detach_plan: bool = True, # hold the plan constant for the gradient
                  eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                 ) -> torch.Tensor: # [...] OT scores, at least float32
-    "OT score $\\langle \\Pi^*, S \\rangle$ with cost $1 - S$ and uniform marginals."
+    "OT scores [...] $\\langle \\Pi^*, S \\rangle$ of similarities S [..., k, M], with cost $1 - S$ and uniform marginals."
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan):
         plan = sim_ot_plan(S, eps, mask, ot_iters, eps_relative)
     return (plan * S.to(plan.dtype)).sum((-2, -1))
@@ -127,7 +127,7 @@ def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
              detach_plan: bool = True, # hold the plan constant for the gradient
              eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
             ) -> torch.Tensor: # [...] OT scores
-    "Patch-level score $\\langle \\Pi^*, Z T^\\top \\rangle$ of entropic OT between patches and semantic tokens."
+    "Patch-level scores [...] $\\langle \\Pi^*, Z T^\\top \\rangle$ of entropic OT between patches Z [..., k, d] and tokens T [..., M, d]."
     if Z.ndim < 2 or T.ndim < 2 or Z.shape[-1] != T.shape[-1]:
         raise SpaError(f"Z {tuple(Z.shape)} and T {tuple(T.shape)} must be [..., k, d] and [..., M, d] with the same d")
     check_unit(check_finite(Z, "the selected patches Z"), "the selected patches Z"); check_unit(check_finite(T, "the semantic tokens T"), "the semantic tokens T")
@@ -139,7 +139,7 @@ def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
 def plan_entropy(plan: torch.Tensor, # [..., k, M] transport plans (total mass 1)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
                 ) -> torch.Tensor: # [...] in [0, 1]; 1: the independent (uniform) coupling
-    "Entropy of each plan relative to that of the independent coupling of its uniform marginals."
+    "Entropy [...] of each plan [..., k, M] relative to that of the independent coupling of its uniform marginals."
     h = -(plan * plan.clamp_min(1e-30).log()).sum((-2, -1))
     m = plan.new_tensor(plan.shape[-1]) if mask is None else mask.sum(-1).to(plan.dtype)
     return h / (math.log(plan.shape[-2]) + m.log()).clamp_min(1e-12)
@@ -149,7 +149,7 @@ def semi_relaxed_plan(S: torch.Tensor, # [..., k, M] similarities
                       mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
                       eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                      ) -> torch.Tensor: # [..., k, M] plans: columns sum to the description weights, rows are free
-    "Entropic OT that keeps the descriptions' marginal and frees the patches': each description's mass goes to a softmax of its patches."
+    "Entropic OT plans [..., k, M] that keep the descriptions' marginal and free the patches': a softmax of patches per description."
     b = torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device) if mask is None else _mask_weights(mask, S.shape[-1]).to(S.dtype)
     C = relative_cost(S, mask) if eps_relative else 1 - S
     return torch.softmax(-C / eps, dim=-2) * b[..., None, :]
@@ -162,7 +162,7 @@ def pooled_score(S: torch.Tensor, # [..., k, M] similarities of selected patches
                  eps_relative: bool = EPS_RELATIVE, # OT: eps relative to each problem's cost spread
                  detach_plan: bool = True, # OT: hold the plan constant for the gradient
                 ) -> torch.Tensor: # [...] scores
-    "Patch-level score of each (patch set, descriptions) pair: balanced or semi-relaxed OT, mean pooling, or mean of maxima."
+    "Scores [...] of similarities [..., k, M]: balanced or semi-relaxed OT, mean pooling, or mean of maxima."
     if pool == "ot": return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative)
     if pool == "semi_ot":
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan): plan = semi_relaxed_plan(S, eps, mask, eps_relative)
@@ -191,7 +191,7 @@ def patch_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                     agnostic: bool = False, # one patch selection per image for all classes
                    ) -> torch.Tensor: # [B, C] OT scores
-    "OT score of every image against every class: semantic-guided selection then batched Sinkhorn."
+    "OT scores [B, C] of patches [B, N, d] against semantic tokens [C, M, d]: semantic-guided selection then batched Sinkhorn."
     mask = check_patch_inputs(patches, sem, mask)
     idx = select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True) if agnostic else None
     idxs = idx.split(class_chunk or sem.shape[0], 1) if agnostic else repeat(None)
@@ -208,6 +208,6 @@ def label_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     detach_plan: bool = True, # hold the plan constant for the gradient
                     eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                    ) -> torch.Tensor: # [B] OT score of each image with its own class
-    "Training path: OT score of each image against its label's descriptions only."
+    "Training path: OT scores [B] of patches [B, N, d] against their labels' semantic tokens only (of [C, M, d])."
     Z = select_patches_for_labels(patches, sem, labels, k_patches, mask)
     return ot_score(Z, sem[labels], eps, None if mask is None else mask[labels], ot_iters, detach_plan, eps_relative)

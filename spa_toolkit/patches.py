@@ -97,7 +97,7 @@ def check_patch_inputs(patches: torch.Tensor, # [B, N, d] patch tokens
                        sem: torch.Tensor, # [C, M, d] semantic tokens
                        mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions; None: all real
                       ) -> torch.Tensor: # [C, M] bool mask
-    "Validate patch and semantic tokens (shapes, dims, finiteness, a real token per class); return the mask."
+    "Validate patches [B, N, d] and semantic tokens [C, M, d] (dims, finiteness, a real token per class); return the mask [C, M]."
     if patches.ndim != 3 or sem.ndim != 3:
         raise SpaError(f"patches must be [B, N, d] and semantic tokens [C, M, d], got {tuple(patches.shape)} and {tuple(sem.shape)}")
     if patches.shape[-1] != sem.shape[-1]: raise SpaError(f"patch dim {patches.shape[-1]} != semantic token dim {sem.shape[-1]}: "
@@ -112,20 +112,20 @@ def check_patch_inputs(patches: torch.Tensor, # [B, N, d] patch tokens
 def patch_similarity(patches: torch.Tensor, # [B, N, d]
                      sem: torch.Tensor, # [C, M, d]
                     ) -> torch.Tensor: # [B, C, N, M] cosine similarities (inputs unit-norm)
-    "Similarity of every patch of every image to every description of every class."
+    "Similarities [B, C, N, M] of every patch [B, N, d] to every description [C, M, d] of every class."
     return torch.einsum("bnd,cmd->bcnm", patches, sem)
 
 def relevance(sim: torch.Tensor, # [..., C, N, M] similarities (or [B, N, M] with a [B, M] mask)
               mask: torch.Tensor, # [C, M] bool (broadcast over the leading dims)
              ) -> torch.Tensor: # [..., C, N]
-    "Max similarity of each patch over the valid descriptions."
+    "Max similarity [..., C, N] of each patch over the valid descriptions, from similarities [..., C, N, M]."
     return sim.masked_fill(~mask[..., None, :], float("-inf")).amax(-1)
 
 def patch_relevance(patches: torch.Tensor, # [B, N, d]
                     sem: torch.Tensor, # [C, M, d]
                     mask: torch.Tensor | None = None, # [C, M] bool
                    ) -> torch.Tensor: # [B, C, N]
-    "Relevance $r_{ci} = \\max_j \\langle P_i, T_{cj} \\rangle$ of every patch to every class."
+    "Relevance $r_{ci} = \\max_j \\langle P_i, T_{cj} \\rangle$ [B, C, N] of every patch [B, N, d] to every class [C, M, d]."
     mask = check_patch_inputs(patches, sem, mask)
     return relevance(patch_similarity(patches, sem), mask)
 
@@ -133,7 +133,7 @@ def patch_relevance(patches: torch.Tensor, # [B, N, d]
 def topk_patches(rel: torch.Tensor, # [..., N] relevance
                  k: int, # patches to keep
                 ) -> torch.Tensor: # [..., k] long indices, most relevant first
-    "Indices of the `k` most relevant patches."
+    "Indices [..., k] of the `k` most relevant patches, from relevance [..., N]."
     if not 0 < k <= rel.shape[-1]: raise SpaError(f"k={k} patches asked for, but images have {rel.shape[-1]}: use 1 <= k <= {rel.shape[-1]}")
     return rel.topk(k, dim=-1).indices
 
@@ -155,7 +155,7 @@ def select_patches(patches: torch.Tensor, # [B, N, d] patch tokens
                    class_chunk: int | None = None, # classes per memory chunk; None: all at once
                    agnostic: bool = False, # one selection per image, by relevance to any class
                   ) -> torch.Tensor: # [B, C, k] (or [B, C', k]) long patch indices
-    "Indices of the top-k patches of every image for every candidate class."
+    "Indices [B, C, k] of each image's top-k patches [B, N, d] for every candidate class [C, M, d]."
     mask = check_patch_inputs(patches, sem, mask)
     if classes is not None: sem, mask = sem[classes], mask[classes]
     if agnostic: return topk_patches(_agnostic_relevance(patches, sem, mask, class_chunk), k_patches)[:, None].expand(-1, sem.shape[0], -1)
@@ -164,7 +164,7 @@ def select_patches(patches: torch.Tensor, # [B, N, d] patch tokens
 def gather_patches(patches: torch.Tensor, # [B, N, d]
                    idx: torch.Tensor, # [B, C, k] long, from `select_patches`
                   ) -> torch.Tensor: # [B, C, k, d]
-    "The selected patches $Z_c(x)$ for every image and class."
+    "The selected patches $Z_c(x)$ [B, C, k, d] for every image and class, from patches [B, N, d] and indices [B, C, k]."
     return patches[torch.arange(patches.shape[0], device=patches.device)[:, None, None], idx]
 
 # %% ../nbs/05_patches.ipynb #a315d2d9
@@ -174,7 +174,7 @@ def select_patch_sets(patches: torch.Tensor, # [B, N, d] patch tokens
                       mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
                       class_chunk: int | None = None, # classes per memory chunk; None: all at once
                      ) -> torch.Tensor: # [B, k, d], most relevant first
-    "Each image's `k_patches` patches most relevant to any description of any candidate class: one set per image."
+    "One set [B, k, d] per image: its patches [B, N, d] most relevant to any description of any class [C, M, d]."
     return gather_patches(patches, select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True)[:, :1])[:, 0]
 
 # %% ../nbs/05_patches.ipynb #2e85f0f5
@@ -184,7 +184,7 @@ def select_patches_for_labels(patches: torch.Tensor, # [B, N, d] patch tokens
                               k_patches: int = K_PATCHES, # patches kept per image
                               mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
                              ) -> torch.Tensor: # [B, k, d] selected patches
-    "The top-k patches of each image for its own label's descriptions."
+    "The top-k patches [B, k, d] of each image [B, N, d] for its own label's descriptions (of [C, M, d])."
     mask = check_patch_inputs(patches, sem, mask)
     if labels.shape != patches.shape[:1]: raise SpaError(f"labels are {tuple(labels.shape)} but there are {patches.shape[0]} images: pass one label per image")
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < sem.shape[0]:
@@ -202,7 +202,7 @@ def toy_world(n_classes: int = 3, # C
               noise: float = 0.5, # norm of the noise added to object patches (before normalising)
               generator: torch.Generator | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor]: # patches [C, N, d] (image c shows class c, object first), sem [C, M, d]
-    "Random unit embeddings with one image per class whose first `n_object` patches show that class (a stand-in for CLIP)."
+    "Toy patches [C, N, d] (image c shows class c in its first `n_object`) and descriptions [C, M, d]: a stand-in for CLIP."
     sem = l2norm(torch.randn(n_classes, n_desc, d, generator=generator))
     obj = sem[:, torch.arange(n_object) % n_desc] + noise * l2norm(torch.randn(n_classes, n_object, d, generator=generator))
     bg = torch.randn(n_classes, n_background, d, generator=generator)

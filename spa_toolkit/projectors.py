@@ -73,6 +73,7 @@ class ProjectorBank(nn.Module):
 
     def forward(self, x: torch.Tensor, # [..., d] features or tokens
                ) -> torch.Tensor: # [..., d], unit norm
+        "Project features [..., d] through every adapter: `l2norm(x + sum_s A_s(x))`, [..., d] unit norm."
         if check_float_tensor(x, "ProjectorBank input").dtype != self._anchor.dtype:
             raise SpaError(f"ProjectorBank holds {self._anchor.dtype} weights but got {x.dtype} features: pass x.to({self._anchor.dtype}) "
                            "or build the bank with that dtype=")

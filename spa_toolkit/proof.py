@@ -79,6 +79,7 @@ class Fusion(nn.Module):
                 shared: torch.Tensor, # [S, d] tokens every image's sequence holds
                 gen: torch.Generator | None = None, # dropout masks (None: evaluation)
                ) -> torch.Tensor: # [B, 1 + S, d]
+        "Fused sequences [B, 1 + S, d]: each image token [B, d] attending with the shared tokens [S, d]."
         B = len(img)
         seq = lambda f: torch.cat([f(img)[:, None], f(shared).expand(B, -1, -1)], 1)
         x, q, k, v = seq(nn.Identity()), seq(self.q), seq(self.k), seq(self.v)
@@ -104,7 +105,7 @@ class ProofNet(nn.Module):
 def project(bank: nn.ModuleList, # one projection per task
             x: torch.Tensor, # [..., d]
            ) -> torch.Tensor: # [..., d] unit norm
-    "The normalised sum of a bank's projections of `x`."
+    "The normalised sum [..., d] of a bank's projections of `x` [..., d]."
     return l2norm(sum(f(x) for f in bank))
 
 # %% ../nbs/09a_proof.ipynb #20fc6460
@@ -131,7 +132,7 @@ def new_proof_state(names: torch.Tensor, # [C, d] class-name embeddings (unit no
                     seed: int = 0, # seeds the fusion module's initialisation
                     knobs: ProofKnobs | None = None, # default: PROOF's published ones
                    ) -> ProofState:
-    "A fresh PROOF state before the first task."
+    "A fresh PROOF state before the first task, over class-name embeddings [C, d]."
     k, dev = knobs or ProofKnobs(), names.device
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     net = ProofNet(names.shape[1], make_generator(seed, dev), k.dropout)
@@ -150,7 +151,7 @@ def proof_scores(state: ProofState, # the state
                  n: int, # score classes 0..n-1
                  gen: torch.Generator | None = None, # dropout masks (None: evaluation)
                 ) -> ProofScores:
-    "Project, fuse and score a batch against the first `n` classes."
+    "Project, fuse and score global features [B, d] against the first `n` classes: scores [B, n]."
     net = state.net
     z, t, p = project(net.img, g), project(net.txt, state.names[:n]), project(net.img, state.protos[:n])
     f = net.fusion(z, torch.cat([t, p, *net.prompts]), gen)  # [B, 1 + 2n + prompts, d]
@@ -161,7 +162,7 @@ def clip_loss(img: torch.Tensor, # [B, d] unit image features
               txt: torch.Tensor, # [B, d] unit text features, row b the positive of image b
               scale: float, # temperature tau
              ) -> torch.Tensor:
-    "Symmetric contrastive loss over the batch (open_clip's `ClipLoss`, as PROOF uses it)."
+    "Symmetric contrastive loss of image and text features [B, d] (open_clip's `ClipLoss`, as PROOF uses it)."
     logits, diag = scale * img @ txt.T, torch.arange(len(img), device=img.device)
     return (F.cross_entropy(logits, diag) + F.cross_entropy(logits.T, diag)) / 2
 
@@ -169,14 +170,14 @@ def proof_loss(s: ProofScores, # from `proof_scores`
                y: torch.Tensor, # [B] long labels
                scale: float, # temperature tau of the contrastive term
               ) -> torch.Tensor:
-    "PROOF's objective: fused-text and fused-prototype cross-entropies plus the contrastive term, weighted 1:1:1."
+    "PROOF's objective on scores and labels [B]: fused-text, fused-prototype cross-entropies and the contrastive term, 1:1:1."
     return F.cross_entropy(s.text, y) + F.cross_entropy(s.proto, y) + clip_loss(s.z, s.t[y], scale)
 
 @torch.no_grad()
 def proof_logits(state: ProofState, # a trained state
                  g: torch.Tensor, # [B, d] frozen global features
                 ) -> torch.Tensor: # [B, n_seen]
-    "PROOF's inference score: projected + fused-text + fused-prototype similarities."
+    "PROOF's inference logits [B, n_seen] of global features [B, d]: projected + fused-text + fused-prototype similarities."
     if state.n_seen < 1: raise SpaError("no class seen yet: train a task first")
     s = proof_scores(state, g, state.n_seen)
     return s.z @ s.t.T + s.text + s.proto
@@ -187,7 +188,7 @@ def herding_memory(g: torch.Tensor, # [n, d] frozen features of some cache rows
                    rows: torch.Tensor, # [n] long, their row indices in the cache
                    m: int, # exemplars per class
                   ) -> tuple[torch.Tensor, torch.Tensor]: # rows [k] and labels [k], class by class in herding order
-    "The first `m` herding picks of each class, as cache rows."
+    "Cache rows [k] and labels [k] of the first `m` herding picks of each class, from features [n, d]."
     picks = [torch.nonzero(y == c)[:, 0] for c in torch.unique(y)]
     picks = torch.cat([i[rank_exemplars(g[i], "herding", m).to(i.device)] for i in picks]) if m > 0 else y[:0]
     return rows[picks], y[picks]
@@ -196,7 +197,7 @@ def cut_memory(rows: torch.Tensor, # [k] long, cache rows, class by class in her
                labels: torch.Tensor, # [k] long, their classes
                m: int, # exemplars to keep per class
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Each class's first `m` exemplars."
+    "Each class's first `m` exemplars, from memory rows and labels [k]."
     first = {int(c): int(torch.nonzero(labels == c)[0, 0]) for c in torch.unique(labels)}
     keep = torch.arange(len(labels), device=labels.device) - torch.tensor([first[int(c)] for c in labels], device=labels.device, dtype=torch.long) < m
     return rows[keep], labels[keep]
@@ -221,7 +222,7 @@ def train_proof_task(state: ProofState, # the state after the previous task (upd
                      classes: list[int], # the task's new classes (contiguous, right after the seen ones)
                      generator: torch.Generator, # initialisation, shuffling and dropout
                     ) -> ProofState:
-    "Learn one task as PROOF does: prototypes, new projections and prompts, training with the memory, then herding."
+    "Learn one task's rows [n] as PROOF does: prototypes, new projections and prompts, training with the memory, herding."
     lo, hi = min(classes), max(classes) + 1
     if lo != state.n_seen or hi - lo != len(set(classes)):
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")

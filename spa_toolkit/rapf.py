@@ -48,14 +48,14 @@ def separation_loss(f: torch.Tensor, # [n, d] adapted features of old-class samp
                     neg: torch.Tensor, # [n, d] the nearby new class's texts
                     margin: float = 0.1, # hinge margin
                    ) -> torch.Tensor:
-    "RAPF's hinge: each sample nearer its own class text than the new class's, by `margin`."
+    "RAPF's hinge on features [n, d]: each nearer its own class text [n, d] than the new class's [n, d], by `margin`."
     return F.relu((f * neg).sum(-1) - (f * pos).sum(-1) + margin).mean()
 
 def fuse_adapters(w_old: torch.Tensor, # [d, d] adapter before the task
                   w_new: torch.Tensor, # [d, d] adapter after it
                   bias: float = 0.6, # mask offset b
                  ) -> torch.Tensor: # [d, d]
-    "RAPF's parameter fusion in the old adapter's singular frame."
+    "RAPF's fusion [d, d] of the old and new adapters [d, d], in the old adapter's singular frame."
     U, S, Vh = torch.linalg.svd(w_old)
     P, old = U.T @ w_new, S[:, None] * Vh
     D = (P - old).abs()
@@ -85,7 +85,7 @@ def new_rapf_state(names: torch.Tensor, # [C, d] class-name embeddings (unit nor
                    seed: int = 0, # seeds the adapter's initialisation
                    knobs: RapfKnobs | None = None, # default: RAPF's published ones
                   ) -> RapfState:
-    "A fresh RAPF state: a randomly initialised adapter, no statistics."
+    "A fresh RAPF state over class-name embeddings [C, d]: a randomly initialised adapter, no statistics."
     d = names.shape[1]
     return RapfState(knobs or RapfKnobs(), names, new_linear(d, d, make_generator(seed, names.device), bias=False),
                      float(logit_scale), names.new_zeros(0, d), names.new_zeros(0, d, d))
@@ -94,7 +94,7 @@ def gaussian_stats(g: torch.Tensor, # [n, d] frozen features
                    y: torch.Tensor, # [n] labels
                    classes: range, # classes to describe, each with at least 2 samples
                   ) -> tuple[torch.Tensor, torch.Tensor]: # means [C, d], Cholesky factors [C, d, d]
-    "RAPF's class Gaussians: mean and Cholesky factor of the sample covariance + 1e-4 I."
+    "RAPF's class Gaussians from features [n, d]: means [C, d], Cholesky factors [C, d, d] of covariance + 1e-4 I."
     eye = 1e-4 * torch.eye(g.shape[1], device=g.device, dtype=g.dtype)
     covs = [torch.cov(g[y == c].T) + eye for c in classes]
     return torch.stack([g[y == c].mean(0) for c in classes]), torch.linalg.cholesky(torch.stack(covs))
@@ -112,7 +112,7 @@ def rapf_scores(state: RapfState, g: torch.Tensor, n: int) -> torch.Tensor:
 def rapf_logits(state: RapfState, # a trained state
                 g: torch.Tensor, # [B, d] frozen global features
                ) -> torch.Tensor: # [B, n_seen]
-    "RAPF's inference logits over the seen classes."
+    "RAPF's inference logits [B, n_seen] of global features [B, d] over the seen classes."
     if state.n_seen < 1: raise SpaError("no class seen yet: train a task first")
     return rapf_scores(state, g, state.n_seen)
 
@@ -120,7 +120,7 @@ def hard_pairs(names: torch.Tensor, # [C, d] class-name embeddings
                lo: int, hi: int, # old classes 0..lo-1, new lo..hi-1
                threshold: float, # distance below which a pair is hard
               ) -> torch.Tensor: # [P, 2] long (old, new)
-    "Old/new class pairs whose name embeddings are closer than `threshold`."
+    "Old/new class pairs [P, 2] whose name embeddings [C, d] are closer than `threshold`."
     i, j = torch.nonzero(torch.cdist(names[:lo], names[lo:hi]) < threshold, as_tuple=True)
     return torch.stack([i, j + lo], 1)
 
@@ -163,7 +163,7 @@ def train_rapf_task(state: RapfState, # the state after the previous task (updat
                     classes: list[int], # the task's new classes (contiguous, right after the seen ones)
                     generator: torch.Generator, # shuffling and sampling
                    ) -> RapfState:
-    "Learn one task as RAPF does: train the adapter with replay and separation, store the new Gaussians, fuse."
+    "Learn one task's rows [n] as RAPF does: train the adapter with replay and separation, store the new Gaussians, fuse."
     lo, hi = min(classes), max(classes) + 1
     if lo != state.n_seen or hi - lo != len(set(classes)):
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")

@@ -70,7 +70,7 @@ def all_combinations() -> list[Attributes]:
 def demo_classes(n_classes: int = 24, # number of demo classes
                  marks_per_look: int = 3, # classes that share shape and colour and differ only in the mark
                 ) -> list[Attributes]: # [n_classes] in original class-id order
-    "The fixed, documented subset of combinations used as the demo world's classes."
+    "The fixed, documented subset [n_classes] of combinations used as the demo world's classes."
     shapes, colours, n_looks = list(SHAPES), list(COLOURS), math.ceil(n_classes / max(marks_per_look, 1))
     if not 1 <= marks_per_look <= len(MARKS) or not 1 <= n_looks <= len(shapes) * len(colours):
         raise SpaError(f"demo world of {n_classes} classes with {marks_per_look} marks per look does not exist: "

@@ -1,5 +1,5 @@
 "The one-way data flow of DESIGN.md section 2: a module imports only modules whose notebooks come earlier."
-import ast, re
+import ast, io, re, tokenize
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "spa_toolkit"
@@ -48,3 +48,52 @@ def test_library_never_moves_tensors_to_a_hidden_device():
     bad = [f"{p.name}:{i}" for p in modules().values() for i, line in enumerate(p.read_text().splitlines(), 1)
            if re.search(r"\.cuda\(|\.to\(\s*['\"]cuda", line)]
     assert not bad, "hidden device moves: " + ", ".join(bad)
+
+SHAPE = re.compile(r"(?<![\w(])\[[^\[\]\"']*[A-Za-z][^\[\]\"']*\]")
+
+def shapes(text: str) -> list[str]:
+    "Shape brackets like `[B, d]` or `[..., k, M]` in `text`; not `list[str]`, `rng([a, b])`, `[\"x\"]` or `{k: [v]}`."
+    return SHAPE.findall(re.sub(r"\{[^{}]*\}", "", text))
+
+def def_comments(lines: list[str], f: ast.FunctionDef) -> list[str]:
+    "The comments on the def-lines of `f` (its parameters and return)."
+    seg, found = "\n".join(lines[f.lineno - 1:f.body[0].lineno - 1]) + "\n", []
+    try:
+        for t in tokenize.generate_tokens(io.StringIO(seg).readline):
+            if t.type == tokenize.COMMENT: found.append(t.string)
+    except tokenize.TokenError: pass # a body on the closing line leaves the segment open; the comments before it are found
+    return found
+
+def shapeless_docstrings(src: str) -> list[str]:
+    "Public functions and methods in `src` whose def-line comments state a shape but whose docstring states none."
+    lines, bad = src.splitlines(), []
+    for n in ast.parse(src).body:
+        fs = [(n.name, n)] if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) else \
+             [(f"{n.name}.{m.name}", m) for m in n.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))] \
+             if isinstance(n, ast.ClassDef) and not n.name.startswith("_") else []
+        bad += [name for name, f in fs if not f.name.startswith("_")
+                and any(shapes(c) for c in def_comments(lines, f)) and not shapes(ast.get_docstring(f) or "")]
+    return bad
+
+def test_docstrings_state_shapes():
+    "`help()` and editors show docstrings, not source comments: a shape in the def-lines is also in the docstring (issue 18)."
+    bad = [f"{p.stem}.{name}" for p in modules().values() for name in shapeless_docstrings(p.read_text())]
+    assert not bad, "docstrings that do not state the shapes their parameter comments give:\n" + "\n".join(bad)
+
+def test_checker_flags_a_shapeless_docstring():
+    src = '''
+def bad(g, # [B, d] global features
+       ) -> int: # [B] labels
+    "Labels of the batch."
+def good(g, # [B, d] global features
+        ):
+    "Norms [B] of global features [B, d]."
+def _private(g, # [B, d]
+            ): "No shape."
+def typed(xs: list[str], # e.g. ["a", "b"], or {name: [phrases]}
+         ): "Not a shape."
+class Bank:
+    def forward(self, x, # [..., d]
+               ): return x
+'''
+    assert shapeless_docstrings(src) == ["bad", "Bank.forward"]
