@@ -281,6 +281,7 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
                   knobs: SpaKnobs | None = None, # the learner's knobs (default: `SpaKnobs()`)
                   opts: RunOptions | None = None, # data, model, descriptions, methods, seed (default: `RunOptions()`)
                   root: str | Path = "runs", # parent of derived output folders
+                  progress: bool = True, # progress bars while extracting and training
                  ) -> Report:
     "Load, describe, extract, train and evaluate every method on one benchmark setting; write the report."
     knobs, opts = knobs or SpaKnobs(), opts or RunOptions()
@@ -294,12 +295,12 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     check_k_patches(knobs.k_patches, clip)
     descs = _descriptions(opts, bench, clip, offline)
     prep = prepare(bench, clip, setting, descs, Path(opts.cache_dir) / "features", knobs.sem_template,
-                   n_desc=knobs.n_desc, batch_size=opts.extract_batch_size, num_workers=opts.num_workers)
+                   n_desc=knobs.n_desc, batch_size=opts.extract_batch_size, num_workers=opts.num_workers, progress=progress)
     key = content_key(bench.key, bench.order, setting, opts.seed, clip.key, descs, knobs.to_dict())
     out = Path(out or Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', bench.name)}-{setting}-{key[:8]}")
     check_fresh(out, opts.resume)
     save_descriptions(out / "class_descriptions.json", descs, model=spec or "benchmark")
-    results = run_methods(prep, methods, opts.seed, out, opts.resume, knobs)
+    results = run_methods(prep, methods, opts.seed, out, opts.resume, knobs, progress)
     return write_report(Report(out, results, run_meta(opts, bench, setting, clip, methods, knobs, spec)))
 
 # %% ../nbs/10c_runs.ipynb #59271e91
