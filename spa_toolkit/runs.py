@@ -285,6 +285,7 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
                  ) -> Report:
     "Load, describe, extract, train and evaluate every method on one benchmark setting; write the report."
     knobs, opts = knobs or SpaKnobs(), opts or RunOptions()
+    if out is not None: check_fresh(Path(out), opts.resume)  # a named folder is checked before any work
     methods = list(opts.methods)
     for m in methods: method_knobs(m, knobs)
     if (opts.descriptions or "").startswith(LLM_PREFIX): check_llm_access(opts.descriptions[len(LLM_PREFIX):], opts.api_base)
