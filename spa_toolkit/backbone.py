@@ -18,7 +18,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from .base import DEVICE, PRECISION, SpaError
+from .base import LIBRARY_DEVICE, PRECISION, SpaError
 from .core import atomic_write_json, content_key, l2norm, library_versions, pick_device
 
 # %% auto #0
@@ -135,7 +135,7 @@ def _bundle(model, preprocess, src: _Source, key: str, precision: str) -> ClipBu
 
 def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<folder>"
               pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, model folder, or None (random)
-              device: str | torch.device = DEVICE, # where the model lives ("auto", "cpu", "cuda", ...)
+              device: str | torch.device = LIBRARY_DEVICE, # where the model lives ("auto", "cpu", "cuda", ...)
               precision: str = PRECISION, # open_clip precision: "fp32" (the protocol's), "amp_bf16" / "amp" (autocast), "bf16", "fp16", ...
               allow_random: bool = False, # permit random weights when `pretrained` is None / ""
               resize_mode: str = "squash", # "squash" (protocol: whole image to a square) or "shortest" (resize + centre crop)

@@ -10,9 +10,9 @@ from typing import ClassVar
 
 # %% auto #0
 __all__ = ['K_PATCHES', 'EPS', 'EPS_RELATIVE', 'OT_ITERS', 'POOLS', 'POOL', 'SELECTIONS', 'SCORERS', 'OPTIMIZERS', 'COV_KINDS',
-           'SHRINK', 'SEM_TEMPLATE', 'N_DESC', 'DEVICE', 'PRECISION', 'CLASS_CHUNK', 'METHODS', 'ALIASES',
-           'PEER_METHODS', 'DEFAULT_METHODS', 'SpaError', 'annotation_kinds', 'Knobs', 'check_least', 'check_choice',
-           'check_stats_knobs', 'SpaKnobs', 'list_methods', 'check_methods']
+           'SHRINK', 'SEM_TEMPLATE', 'N_DESC', 'DEVICE', 'LIBRARY_DEVICE', 'PRECISION', 'CLASS_CHUNK', 'METHODS',
+           'ALIASES', 'PEER_METHODS', 'DEFAULT_METHODS', 'SpaError', 'annotation_kinds', 'Knobs', 'check_least',
+           'check_choice', 'check_stats_knobs', 'SpaKnobs', 'list_methods', 'check_methods']
 
 # %% ../nbs/00_base.ipynb #0cf4dd94
 class SpaError(ValueError):
@@ -65,6 +65,11 @@ class Knobs:
         "Whether a method with these knobs reads patch tokens (SPA with its patch branch; no peer)."
         return False
 
+    @property
+    def uses_descriptions(self) -> bool:
+        "Whether a method with these knobs scores with the class descriptions (subclasses say)."
+        return False
+
 def check_least(knobs: Knobs, **least):
     "Raise `SpaError` when a named knob is below its least allowed value."
     for name, lo in least.items():
@@ -84,7 +89,8 @@ COV_KINDS = ("full", "diag", "shared", "none") # class covariance models of `cal
 SHRINK = "ledoit_wolf" # covariance shrinkage: Ledoit–Wolf, or a number gamma for Sigma + gamma*I
 SEM_TEMPLATE = "{s}" # a description phrased as a semantic token: the description alone ({c}: the class name); chosen in 10b_study
 N_DESC = 8 # descriptions kept per class (ENGINE's files hold ~500: memory and the OT problem grow with them)
-DEVICE = "auto" # where a model goes unless told: CUDA if there is a GPU, else MPS, else the CPU (tensors follow their inputs)
+DEVICE = "auto" # what the command line asks for: CUDA if there is a GPU, else MPS, else the CPU
+LIBRARY_DEVICE = "cpu" # where a library call puts a model unless told: predictable and offline (tensors then follow their inputs)
 PRECISION = "fp32" # open_clip precision of the model and its feature extraction (the protocol's)
 CLASS_CHUNK = 32 # classes scored at once on patches when no gradient is needed (bounds evaluation memory)
 
@@ -142,6 +148,11 @@ class SpaKnobs(Knobs):
     def uses_patches(self) -> bool:
         "Whether these knobs read patch tokens: SPA with its patch branch on."
         return self.scorer == "spa" and self.lam > 0
+
+    @property
+    def uses_descriptions(self) -> bool:
+        "Whether these knobs score with the class descriptions: the `descriptions` baseline, SPA with its patch branch."
+        return self.scorer == "descriptions" or self.uses_patches
 
 # %% ../nbs/00_base.ipynb #7a1def00
 METHODS = { # method -> its own settings on top of the given knobs

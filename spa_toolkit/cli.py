@@ -4,14 +4,14 @@
 
 # %% ../nbs/11_cli.ipynb #9ea6ff2c
 from __future__ import annotations
-import argparse, dataclasses, os, sys
+import argparse, dataclasses, sys
 from pathlib import Path
 
 from fastcore.docments import docments
 from fastcore.imports import in_ipython
 
 from . import __version__
-from .base import DEFAULT_METHODS, METHODS, SpaError, SpaKnobs, annotation_kinds, check_methods, list_methods
+from .base import DEFAULT_METHODS, SpaError, SpaKnobs, annotation_kinds, check_methods, list_methods
 from .catalog import BENCHMARKS, WORLD_VARIANTS, list_benchmarks
 from .options import PROTOCOL_MODEL, RunOptions, check_fresh, check_writable
 
@@ -146,7 +146,7 @@ LLM_OPTIONS = [
     ("--n-descriptions", dict(type=int, default=RUN_DEFAULTS.n_descriptions, help="descriptions asked per class (default: %(default)s)")),
 ]
 RUN_OPTIONS = [
-    ("--methods", dict(default=",".join(RUN_DEFAULTS.methods), help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")),
+    ("--methods", dict(default=",".join(RUN_DEFAULTS.methods), help=f"comma-separated, from {', '.join(list_methods())} (default: %(default)s)")),
     ("--seed", dict(type=int, default=RUN_DEFAULTS.seed, help="run seed: projector init, shuffling, pseudo-features (default: %(default)s)")),
     ("--descriptions", dict(help="the benchmark's own (default; synthetic only), 'templates', 'llm:MODEL' (any litellm model, "
                                  "e.g. llm:gpt-5) or a descriptions JSON file, ours or ENGINE's ({dataset}: the benchmark name, {key}: the "

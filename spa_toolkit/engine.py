@@ -48,6 +48,9 @@ class EngineKnobs(Knobs):
             if not 0 <= getattr(self, name) <= 1: raise SpaError(f"{name}={getattr(self, name)} must lie in [0, 1]")
         if not self.lr > 0: raise SpaError(f"lr={self.lr} must be > 0")
 
+    @property
+    def uses_descriptions(self) -> bool: return True # its description loss and re-ranking
+
 # %% ../nbs/09c_engine.ipynb #eadc5a36
 def diagonal_ce(sim: torch.Tensor, # [n, m] similarities, m >= n, row i's positive at column i
                ) -> torch.Tensor: # scalar

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .base import METHODS, N_DESC, PEER_METHODS, SEM_TEMPLATE, Knobs, SpaError, SpaKnobs, check_methods
+from .base import DEFAULT_METHODS, METHODS, N_DESC, PEER_METHODS, SEM_TEMPLATE, Knobs, SpaError, SpaKnobs, check_methods
 from .core import atomic_path, check_finite, content_key, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
@@ -499,7 +499,7 @@ def run_method(prep: Prepared, # shared features and text side
 # %% ../nbs/10_learner.ipynb #381ba9ec
 def run_protocol(benchmark: Benchmark, # the benchmark
                  clip: ClipBundle, # the frozen model, on the device to run on
-                 methods: list[str] = ("spa", "spa_global", "spa_nocal", "zeroshot", "descriptions", "ncm"), # names in `METHODS`
+                 methods: list[str] = DEFAULT_METHODS, # names in `base.list_methods()`
                  setting: str | None = None, # e.g. "B0Inc10" (default: the benchmark's B0 setting)
                  descriptions: dict[str, list[str]] | None = None, # class name -> phrases (default: the benchmark's own)
                  seed: int = 0, # run seed

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .base import DEVICE, K_PATCHES, PRECISION, SpaError
+from .base import K_PATCHES, LIBRARY_DEVICE, PRECISION, SpaError
 from .core import atomic_write_json, l2norm, library_versions
 from .catalog import DEFAULT_WORLD
 from .data import Benchmark, clip_transform
@@ -246,7 +246,7 @@ def embedded_clip_path(variant: str = DEFAULT_WORLD, # world variant
     "A shipped micro-CLIP's model folder inside the package."
     return Path(str(resources.files("spa_toolkit"))) / "assets" / micro_spec(variant).folder
 
-def load_embedded_clip(device: str | torch.device = DEVICE, # where the model lives
+def load_embedded_clip(device: str | torch.device = LIBRARY_DEVICE, # where the model lives
                        precision: str = PRECISION, # open_clip precision
                        variant: str = DEFAULT_WORLD, # world variant: "premise" (the default) or "control"
                       ) -> ClipBundle:

@@ -39,7 +39,7 @@ def _check_mass(loga: torch.Tensor, logb: torch.Tensor):
 def _prepare(C, eps, a, b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Validate a Sinkhorn problem; return K = -C/eps and the log-marginals in the working dtype."
     if C.ndim < 2: raise SpaError(f"the cost must be [..., n, m], got shape {tuple(C.shape)}")
-    if not eps > 0: raise SpaError(f"eps={eps}: the entropic regularisation must be positive (the default is 0.1)")
+    if not eps > 0: raise SpaError(f"eps={eps}: the entropic regularisation must be positive (the default is {EPS})")
     check_finite(C, "the OT cost matrix")
     dt = torch.promote_types(C.dtype, torch.float32)
     loga = _log_marginal(a, C.shape[-2], dt, C.device, "the source marginal a")
@@ -64,7 +64,7 @@ def _potentials(K, loga, logb, ot_iters: int, tol: float | None) -> tuple[torch.
         warnings.warn(f"Sinkhorn stopped at ot_iters={ot_iters} with marginal error {err:.2e} > tol={tol}: raise ot_iters or eps")
     return u, v
 
-def _plan(C, eps, a=None, b=None, ot_iters=50, tol=None) -> torch.Tensor:
+def _plan(C, eps, a=None, b=None, ot_iters=OT_ITERS, tol=None) -> torch.Tensor:
     "Entropic OT plans in the working dtype (at least float32)."
     K, loga, logb = _prepare(C, eps, a, b)
     u, v = _potentials(K, loga, logb, ot_iters, tol)

@@ -109,7 +109,7 @@ def project(bank: nn.ModuleList, # one projection per task
     return l2norm(sum(f(x) for f in bank))
 
 # %% ../nbs/09a_proof.ipynb #20fc6460
-PROOF_STATE_VERSION = 1 # bump when the saved state's layout changes
+PROOF_STATE_VERSION = 2 # bump when the saved state's layout changes (2: typed knobs)
 
 @dataclass
 class ProofState:

@@ -63,7 +63,7 @@ def fuse_adapters(w_old: torch.Tensor, # [d, d] adapter before the task
     return U @ (P * M + old * (1 - M))
 
 # %% ../nbs/09b_rapf.ipynb #44efc7c4
-RAPF_STATE_VERSION = 1 # bump when the saved state's layout changes
+RAPF_STATE_VERSION = 2 # bump when the saved state's layout changes (2: typed knobs)
 
 @dataclass
 class RapfState:

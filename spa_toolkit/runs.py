@@ -29,10 +29,10 @@ from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_tabl
 
 # %% auto #0
 __all__ = ['LLM_PREFIX', 'TEMPLATES', 'resolve_setting', 'default_model', 'model_for', 'note', 'backbone_label', 'model_note',
-           'check_llm_access', 'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'uses_descriptions',
-           'Described', 'descriptions_file', 'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report',
-           'write_png', 'write_report', 'run_meta', 'check_k_patches', 'open_benchmark', 'open_model', 'run_benchmark',
-           'BenchRow', 'bench_rows', 'bench_table', 'plot_suite', 'run_suite', 'write_suite', 'describe', 'extract']
+           'check_llm_access', 'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'Described',
+           'descriptions_file', 'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report', 'write_png',
+           'write_report', 'run_meta', 'check_k_patches', 'open_benchmark', 'open_model', 'run_benchmark', 'BenchRow',
+           'bench_rows', 'bench_table', 'plot_suite', 'run_suite', 'write_suite', 'describe', 'extract']
 
 # %% ../nbs/10c_runs.ipynb #b590617f
 def resolve_setting(bench: Benchmark, # the loaded benchmark
@@ -121,11 +121,6 @@ def descriptions_spec(spec: str | None, # the --descriptions value
          "has nothing class-specific to align; pass --descriptions llm:MODEL or FILE.json for real ones")
     return TEMPLATES
 
-def uses_descriptions(knobs: dict, # a method's resolved knobs as saved (`method_knobs(...).to_dict()`)
-                     ) -> bool:
-    "Whether a method's scores use the class descriptions (the `descriptions` baseline, SPA with its patch branch)."
-    return knobs.get("scorer") == "descriptions" or (knobs.get("scorer") == "spa" and knobs["lam"] != 0)
-
 # %% ../nbs/10c_runs.ipynb #0202b557
 class Described(NamedTuple):
     result: DescribeResult # descriptions and usage
@@ -139,10 +134,10 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
                      model: str, # a litellm model string
                      cache_dir: str | Path, # the CLI's cache folder (features/, descriptions/)
                      api_base: str | None = None, # a local OpenAI-compatible server
-                     k: int = 5, # exemplar images per class (0: text only)
-                     n_descriptions: int = 8, # phrases per class
+                     k: int = RunOptions.k_exemplars, # exemplar images per class (0: text only)
+                     n_descriptions: int = RunOptions.n_descriptions, # phrases per class
                      progress: bool = True, # progress bars
-                     batch_size: int = 64, # images per forward pass when extracting the train features
+                     batch_size: int = RunOptions.extract_batch_size, # images per forward pass when extracting the train features
                      num_workers: int | None = None, # image-decoding processes when extracting (None: from the CPU count on CUDA)
                      **completion_kwargs, # passed to litellm.completion (temperature, mock_response, ...)
                     ) -> Described:
@@ -216,7 +211,7 @@ class Report:
     def template_only(self) -> list[str]:
         "The methods whose scores rest on template-only descriptions."
         if self.meta.get("descriptions") != TEMPLATES: return []
-        return [m for m in self.results if uses_descriptions(self.meta["knobs"][m])]
+        return [m for m in self.results if m in self.meta["descriptions_used_by"]]
 
 # %% ../nbs/10c_runs.ipynb #dbb9b508
 def write_png(plot: Callable, path: Path, *args):
@@ -233,9 +228,11 @@ def write_report(rep: Report) -> Report:
 
 def run_meta(opts: RunOptions, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str], knobs: SpaKnobs,
              descriptions: str | None = None, # the descriptions' source (the --descriptions value used; None: the benchmark's own)
+             dataset: str | None = None, # the dataset as asked for (a name or a folder)
             ) -> dict:
     "What is written next to the results: the options, the model, the descriptions' source, each method's resolved knobs, the class order, versions."
-    return dict(options=dataclasses.asdict(opts), benchmark=bench.name, setting=setting, splits=bench.splits(setting),
+    return dict(options=dataclasses.asdict(opts), dataset=dataset or bench.name, benchmark=bench.name, setting=setting,
+                splits=bench.splits(setting), descriptions_used_by=[m for m in methods if method_knobs(m, knobs).uses_descriptions],
                 model=dict(arch=clip.arch, pretrained=clip.pretrained, precision=clip.precision, key=clip.key),
                 class_folders=bench.folders, descriptions=descriptions or "benchmark",
                 knobs={m: method_knobs(m, knobs).to_dict() for m in methods}, class_order=bench.order, class_names=bench.class_names,
@@ -302,7 +299,7 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     check_fresh(out, opts.resume)
     save_descriptions(out / "class_descriptions.json", descs, model=spec or "benchmark")
     results = run_methods(prep, methods, opts.seed, out, opts.resume, knobs, progress)
-    return write_report(Report(out, results, run_meta(opts, bench, setting, clip, methods, knobs, spec)))
+    return write_report(Report(out, results, run_meta(opts, bench, setting, clip, methods, knobs, spec, str(dataset))))
 
 # %% ../nbs/10c_runs.ipynb #59271e91
 class BenchRow(NamedTuple):
