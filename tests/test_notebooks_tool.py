@@ -1,5 +1,5 @@
 "tools/notebooks.py on throwaway notebooks: stale outputs fail, current ones pass, volatile and flagged cells are left alone."
-import json, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +7,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "notebooks.py"
 sys.path.insert(0, str(ROOT / "tools"))
+import notebooks  # noqa: E402
 from pct2nb import to_notebook  # noqa: E402
 
 
@@ -96,3 +97,12 @@ def test_each_notebook_runs_in_a_fresh_process(tmp_path):
     assert r.returncode == 0, r.stderr
     assert text(outputs(b)[0]) == "False\n"
     assert tool("--check", tmp_path).returncode == 0
+
+
+def test_stamp_says_where_it_ran(tmp_path, monkeypatch):
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200'\n"); (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    where = notebooks.machine()
+    assert ", 1x NVIDIA H200" in where and " CPU cores" in where
+    o = notebooks.stamp_output(41.2, where)
+    assert notebooks.is_stamp(o) and o["text"][0].endswith(f"on {where}; 41 s]\n")

@@ -2,16 +2,19 @@
 
 The notebooks are committed with their outputs, so they read as documentation on a code host without running them.
 Both modes run each notebook as `nbdev_test` does (execnb's CaptureShell, in the notebook's folder, the project root on
-`sys.path`, `IN_TEST=1`, stopping at the first error), each in a fresh process, two at a time. A code cell is not run when
-its `#|` directives hold a flag of settings.ini `tst_flags` (slow gpu llm) not asked for with `--flags`, `eval: false`, or
-when it calls `nbdev_export(`; such a cell keeps the outputs it has. A cell run because of `--flags` gets a first stdout
-line saying when and where it last ran (`[last run 2026-12-01 on AMD EPYC, 2 CPU cores, no GPU; torch 2.14.1; 41 s]`).
-A cell whose output legitimately varies (a timing) carries a `#| volatile` directive: it runs, its output is saved, but
+`sys.path`, `IN_TEST=1`, stopping at the first error), two notebooks at a time, each in a fresh interpreter: what a notebook
+prints then cannot depend on which notebooks ran before it in the same process (a warning is shown once per process).
+A code cell is not run when its `#|` directives hold a flag of settings.ini `tst_flags` (slow gpu llm) not asked for with
+`--flags`, `eval: false`, or when it calls `nbdev_export(`; such a cell keeps the outputs it has. A cell run because of
+`--flags` gets a first stdout line saying when and where it last ran
+(`[last run 2026-12-01 on AMD EPYC, 2 CPU cores, no GPU; torch 2.14.1; 41 s]`).
+A cell whose output legitimately varies (a timing) carries a `#| volatile` directive: it runs and its output is saved, but
 `--check` does not compare it.
 
-`--check` compares each compared cell's saved outputs with fresh ones after removing only what carries no meaning:
-execution counts, object addresses (`<... at 0x...>`, as `nbdev_clean` does), ANSI colour codes and trailing whitespace.
-Numbers are compared as printed; images byte for byte (the PNGs matplotlib writes here are byte-identical run to run).
+`--check` compares each cell it ran with its saved outputs after removing only what carries no meaning: execution counts,
+object addresses (`<... at 0x...>`, as `nbdev_clean` does), ANSI colour codes and trailing whitespace. Numbers are compared
+as printed; images byte for byte (matplotlib's PNGs are byte-identical run to run here). Cells run with `--flags` are compared
+too, their "last run" line aside.
 Usage:
   python tools/notebooks.py --write [NB ...] [--flags "slow gpu"]   run and save outputs (all of nbs/ by default)
   python tools/notebooks.py --check [NB ...]                         exit 1 naming each stale cell, or on an error
@@ -35,13 +38,13 @@ def config():
     return get_config(path=root)
 
 def find_notebooks(paths=()):
-    "Notebooks named in `paths` (files or folders), or all of nbs/, skipping `_`/`.` names as nbdev_test does."
+    "Notebooks named in `paths` (files or folders), or all of nbs/; skips `_`/`.` names and `.notest` folders as nbdev_test does."
     from fastcore.xtras import globtastic
     cfg, found = config(), []
     for p in [Path(p).resolve() for p in paths] or [cfg.path("nbs_path")]:
         found += [p] if p.is_file() else globtastic(p, file_glob="*.ipynb", skip_folder_re="^[_.]", skip_file_re="^[_.]",
                                                     recursive=cfg.recursive).map(Path)
-    return sorted(set(found))
+    return sorted(p for p in set(found) if not (p.parent / ".notest").exists())
 
 def directives(src):
     "The `#|` directives heading a cell (`{name: [args]}`) and the source nbdev_test runs (nbdev-only directives removed)."
