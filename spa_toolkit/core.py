@@ -17,7 +17,7 @@ from .base import DEVICE, SpaError
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'check_float_tensor',
            'check_generator', 'check_unit', 'atomic_path', 'atomic_write_text', 'atomic_write_json', 'content_key',
-           'library_versions']
+           'library_versions', 'check_state_version']
 
 # %% ../nbs/00_core.ipynb #c1a5dc27
 def _has_mps() -> bool: return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
@@ -135,3 +135,12 @@ def library_versions() -> dict:
         try: out[n] = metadata.version(n)
         except metadata.PackageNotFoundError: out[n] = None
     return out
+
+# %% ../nbs/00_core.ipynb #9be95763
+def check_state_version(d: dict, # a saved state, as `torch.load` returns it
+                        expected: int, # the layout version this code writes
+                        what: str, # names the state in the message, e.g. "PROOF"
+                       ):
+    "Raise `SpaError` unless the saved state `d` has the layout this code reads (a run state written by another version)."
+    if d.get("version") != expected:
+        raise SpaError(f"{what} state format {d.get('version')} is not this version's {expected}: rerun without --resume to start afresh")

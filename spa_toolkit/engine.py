@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Knobs, SpaError, check_least
-from .core import l2norm, make_generator
+from .core import check_state_version, l2norm, make_generator
 from .proof import Reader, clip_loss, new_linear, project
 
 # %% auto #0
@@ -251,8 +251,7 @@ def engine_state_from_dict(d: dict, # from `engine_state_dict`
                            device: str | torch.device = "cpu", # where to put it
                           ) -> EngineState:
     "Rebuild an `EngineState` on `device`."
-    if d.get("version") != ENGINE_STATE_VERSION:
-        raise SpaError(f"ENGINE state format {d.get('version')} is not this version's {ENGINE_STATE_VERSION}: rerun without --resume")
+    check_state_version(d, ENGINE_STATE_VERSION, "ENGINE")
     st = new_engine_state(d["names"].to(device), d["sem"].to(device), d["sem_mask"].to(device), d["logit_scale"], knobs=EngineKnobs.from_dict(d["knobs"]))
     gen = make_generator(0, device)
     for _ in range(d["n_tasks"]): st.net.add_task(st.names.shape[1], gen)

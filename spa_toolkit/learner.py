@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .base import DEFAULT_METHODS, METHODS, N_DESC, PEER_METHODS, SEM_TEMPLATE, Knobs, SpaError, SpaKnobs, check_methods
-from .core import atomic_path, check_finite, content_key, l2norm, make_generator
+from .core import atomic_path, check_finite, check_state_version, content_key, l2norm, make_generator
 from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
 from .distributed import extract_sharded
@@ -335,8 +335,7 @@ def state_from_dict(d: dict, # from `state_dict`
                     device: str | torch.device = "cpu", # where to put it
                    ) -> CILState:
     "Rebuild a `CILState` (on `device`) from `state_dict`'s output."
-    if d.get("version") != STATE_VERSION:
-        raise SpaError(f"state format {d.get('version')} is not this version's {STATE_VERSION}: rerun without --resume to start afresh")
+    check_state_version(d, STATE_VERSION, "SPA")
     text = TextSide(**{k: v.to(device) for k, v in d["text"].items()})
     knobs = SpaKnobs.from_dict(d["knobs"])
     proj = SpaProjectors.from_state_dict(d["proj"], text.names.shape[1], knobs.hidden).to(device)

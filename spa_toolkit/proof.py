@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Knobs, SpaError, check_least
-from .core import l2norm, make_generator
+from .core import check_state_version, l2norm, make_generator
 from .exemplars import rank_exemplars
 
 # %% auto #0
@@ -248,8 +248,7 @@ def proof_state_from_dict(d: dict, # from `proof_state_dict`
                           device: str | torch.device = "cpu", # where to put it
                          ) -> ProofState:
     "Rebuild a `ProofState` on `device`."
-    if d.get("version") != PROOF_STATE_VERSION:
-        raise SpaError(f"PROOF state format {d.get('version')} is not this version's {PROOF_STATE_VERSION}: rerun without --resume")
+    check_state_version(d, PROOF_STATE_VERSION, "PROOF")
     names = d["names"].to(device)
     knobs = ProofKnobs.from_dict(d["knobs"])
     net, gen = ProofNet(names.shape[1], make_generator(0, device), knobs.dropout), make_generator(0, device)

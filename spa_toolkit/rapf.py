@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Knobs, SpaError, check_least
-from .core import l2norm, make_generator
+from .core import check_state_version, l2norm, make_generator
 from .proof import Reader, new_linear
 
 # %% auto #0
@@ -188,8 +188,7 @@ def rapf_state_from_dict(d: dict, # from `rapf_state_dict`
                          device: str | torch.device = "cpu", # where to put it
                         ) -> RapfState:
     "Rebuild a `RapfState` on `device`."
-    if d.get("version") != RAPF_STATE_VERSION:
-        raise SpaError(f"RAPF state format {d.get('version')} is not this version's {RAPF_STATE_VERSION}: rerun without --resume")
+    check_state_version(d, RAPF_STATE_VERSION, "RAPF")
     st = new_rapf_state(d["names"].to(device), d["logit_scale"], knobs=RapfKnobs.from_dict(d["knobs"]))
     with torch.no_grad(): st.adapter.weight.copy_(d["adapter"].to(device))
     st.means, st.chols, st.n_seen, st.n_tasks = d["means"].to(device), d["chols"].to(device), d["n_seen"], d["n_tasks"]
