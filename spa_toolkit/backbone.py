@@ -25,7 +25,7 @@ from .core import atomic_write_json, content_key, l2norm, library_versions, pick
 __all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle', 'load_clip', 'ImageFeatures',
            'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap',
            'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'default_workers', 'CachePlan',
-           'plan_cache', 'start_cache', 'finish_cache', 'fill_rows', 'extract_features']
+           'plan_cache', 'start_cache', 'finish_cache', 'fill_rows', 'extract_features', 'NoisyViews']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
@@ -377,13 +377,14 @@ def _bad_image(data, i: int, err: Exception) -> SpaError:
                     "replace it with a valid image file or delete it, then rerun")
 
 class _Rows(Dataset):
-    "The `rows` of an (image, label) dataset, images run through `preprocess`; an undecodable image's row is its `SpaError`."
+    "The `rows` of an (image, label) dataset, PIL images run through `preprocess` (tensors are taken as transformed); an undecodable image's row is its `SpaError`."
     def __init__(self, data, preprocess: Callable, rows: range): self.data, self.preprocess, self.rows = data, preprocess, rows
     def __len__(self) -> int: return len(self.rows)
     def __getitem__(self, i: int):
-        try: row = self.data[self.rows[i]]; img = row["image"].convert("RGB")
+        try: row = self.data[self.rows[i]]; img = row["image"]; img = img if torch.is_tensor(img) else img.convert("RGB")
         except (OSError, SyntaxError) as e: return _bad_image(self.data, self.rows[i], e)  # raised in the main process
-        return self.preprocess(img), int(row["label"])
+        except SpaError as e: return e  # a wrapping dataset (`NoisyViews`) names the bad image itself
+        return (img if torch.is_tensor(img) else self.preprocess(img)), int(row["label"])
 
 def _collate(rows: list):
     "A batch of (image, label) rows, or the `SpaError` of its first undecodable image (a loader worker's traceback never shows)."
@@ -509,3 +510,25 @@ def extract_features(clip: ClipBundle, # the frozen model
                   batch_size, num_workers, progress, record_every)
         finish_cache(plan)
     return open_features(plan.folder)
+
+# %% ../nbs/02_backbone.ipynb #a7e10002
+class NoisyViews(Dataset):
+    "Row `i * n_views + v`: view v of image i of an (image, label) dataset, its transformed tensor [3, H, W] plus Gaussian noise, clamped to [0, 1]."
+    def __init__(self,
+                 data, # indexable; rows are dicts with "image" (PIL) and "label" (int)
+                 preprocess: Callable, # the model's transform: PIL image -> [3, H, W]
+                 n_views: int, # views per image
+                 noise: float, # std of the noise added to each value of the transformed tensor
+                 seed: int = 0, # with the image and view index, all that the noise depends on
+                ):
+        if n_views < 1: raise SpaError(f"n_views={n_views}: pass at least 1 view per image")
+        self.data, self.preprocess, self.n_views, self.noise, self.seed = data, preprocess, n_views, noise, seed
+
+    def __len__(self) -> int: return len(self.data) * self.n_views
+
+    def __getitem__(self, j: int) -> dict:
+        i, v = divmod(j, self.n_views)
+        try: row = self.data[i]; x = self.preprocess(row["image"].convert("RGB"))
+        except (OSError, SyntaxError) as e: raise _bad_image(self.data, i, e) from e
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, i, v]).generate_state(1)[0]))
+        return {"image": (x + self.noise * torch.randn(x.shape, generator=gen)).clamp(0, 1), "label": row["label"]}

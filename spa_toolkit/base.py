@@ -70,6 +70,11 @@ class Knobs:
         "Whether a method with these knobs scores with the class descriptions (subclasses say)."
         return False
 
+    @property
+    def cached_views(self) -> int:
+        "Noisy views per training image a method with these knobs reads from the feature cache (ENGINE's view loss; 0: none)."
+        return 0
+
 def check_least(knobs: Knobs, **least):
     "Raise `SpaError` when a named knob is below its least allowed value."
     for name, lo in least.items():

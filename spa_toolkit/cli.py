@@ -84,7 +84,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     from spa_toolkit import runs
     from spa_toolkit.distributed import env_rank
     r = env_rank()
-    if r.world_size > 1: cmd_features(a)  # the features, sharded; then rank 0 alone trains and evaluates on the finished cache
+    if r.world_size > 1:  # the features (and the noisy views a method reads), sharded; then rank 0 alone trains and evaluates on them
+        from spa_toolkit.learner import views_needed
+        cmd_features(a, views_needed(list(run_options(a).methods), knobs_from(a)))
     if r.rank > 0: return 0
     rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=run_options(a))
     print(rep.text()); print(f"results written to {rep.out}")
@@ -113,11 +115,11 @@ def cmd_describe(a: argparse.Namespace) -> int:
     print(f"use them: python -m spa_toolkit.cli run --dataset {a.dataset} --descriptions {d.path}")
     return 0
 
-def cmd_features(a: argparse.Namespace) -> int:
+def cmd_features(a: argparse.Namespace, views: int = 0) -> int:
     "`features`: extract and cache a benchmark's train and test features (under torchrun each rank extracts its share)."
     from spa_toolkit import runs
     from spa_toolkit.distributed import env_rank
-    for split, f in runs.extract(a.dataset, run_options(a)).items():
+    for split, f in runs.extract(a.dataset, run_options(a), views).items():
         if env_rank().rank == 0: print(f"{a.dataset} {split}: {len(f)} images, cached in {f.folder}")
     return 0
 

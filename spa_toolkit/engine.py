@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -18,10 +18,10 @@ from .core import check_state_version, l2norm, make_generator
 from .proof import Reader, clip_loss, new_linear, project
 
 # %% auto #0
-__all__ = ['ENGINE_STATE_VERSION', 'EngineKnobs', 'diagonal_ce', 'engine_loss', 'sample_descriptions', 'noisy_prototypes',
-           'gda_stats', 'merge_gda', 'gda_scores', 'description_centres', 'rerank_scores', 'EngineNet', 'EngineState',
-           'new_engine_state', 'engine_cos', 'engine_logits', 'train_engine_task', 'engine_state_dict',
-           'engine_state_from_dict']
+__all__ = ['ENGINE_STATE_VERSION', 'VIEW_NOISE', 'ViewReader', 'EngineKnobs', 'diagonal_ce', 'engine_loss', 'sample_descriptions',
+           'noisy_prototypes', 'gda_stats', 'merge_gda', 'gda_scores', 'description_centres', 'rerank_scores',
+           'EngineNet', 'EngineState', 'new_engine_state', 'engine_cos', 'engine_logits', 'train_engine_task',
+           'engine_state_dict', 'engine_state_from_dict']
 
 # %% ../nbs/09c_engine.ipynb #1b563a27
 @dataclass(frozen=True)
@@ -39,9 +39,11 @@ class EngineKnobs(Knobs):
     stat: float = 0.8 # weight alpha of the discriminant score at inference
     rerank: float = 0.5 # weight rho of the re-ranked description score in the rest
     rerank_top: int = 5 # candidates re-ranked per image (`rerank_top`)
+    views: int | None = None # cached noisy views per training image (None: one per epoch, as the authors draw; 0: the clean feature)
 
     def check(self):
         check_least(self, epochs=0, batch_size=1, rerank_top=1)
+        if self.views is not None: check_least(self, views=0)
         for name in ("weight_decay", "momentum", "text_des", "image_aug", "sample_noise"):
             if getattr(self, name) < 0: raise SpaError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("stat", "rerank"):
@@ -50,6 +52,12 @@ class EngineKnobs(Knobs):
 
     @property
     def uses_descriptions(self) -> bool: return True # its description loss and re-ranking
+
+    @property
+    def cached_views(self) -> int:
+        "Noisy views per training image the view loss reads: `views`, one per epoch when None, none when the loss is off."
+        if self.image_aug == 0: return 0
+        return self.epochs if self.views is None else self.views
 
 # %% ../nbs/09c_engine.ipynb #eadc5a36
 def diagonal_ce(sim: torch.Tensor, # [n, m] similarities, m >= n, row i's positive at column i
@@ -147,7 +155,7 @@ class EngineNet(nn.Module):
         return [*self.img[-1].parameters(), *self.txt[-1].parameters()]
 
 # %% ../nbs/09c_engine.ipynb #b6d4e7ee
-ENGINE_STATE_VERSION = 1 # bump when the saved state's layout changes
+ENGINE_STATE_VERSION = 2 # bump when the saved state's layout or meaning changes (2: knobs gained `views`)
 
 @dataclass
 class EngineState:
@@ -201,24 +209,30 @@ def engine_logits(state: EngineState, # a trained state
     return k.stat * gda_scores(g, state.means, state.prec) + (1 - k.stat) * (k.rerank * rr + (1 - k.rerank) * cos)
 
 # %% ../nbs/09c_engine.ipynb #a22e1420
-def _engine_batch_loss(state: EngineState, g: torch.Tensor, y: torch.Tensor, lo: int, hi: int, gen: torch.Generator) -> torch.Tensor:
-    "One batch's loss: the real rows `g`, `y`, plus a noisy prototype of each old class 0..lo-1."
+VIEW_NOISE = 0.25 # std of the pixel noise of an image view (fixed in the authors' `Learner.train`, not a config entry)
+ViewReader = Callable[[np.ndarray, int], torch.Tensor] # (sorted cache rows [n], view v) -> [n, d] view v of those images, unit norm
+
+def _engine_batch_loss(state: EngineState, g: torch.Tensor, y: torch.Tensor, view: torch.Tensor, lo: int, hi: int,
+                       gen: torch.Generator) -> torch.Tensor:
+    "One batch's loss: the real rows `g`, `y` with their views, plus a noisy prototype of each old class 0..lo-1."
     k, x, labels = state.knobs, g, y
     if lo:
         px, py = noisy_prototypes(state.means[:lo], k.sample_noise, gen)
         x, labels = torch.cat([g, px]), torch.cat([y, py])
     z, u = project(state.net.img, x), project(state.net.txt, state.names[:hi])[labels]
     desc = sample_descriptions(state.sem, state.sem_mask, labels, gen)
-    return engine_loss(z, u, desc, g, math.log(state.logit_scale), k.text_des, k.image_aug)
+    return engine_loss(z, u, desc, view, math.log(state.logit_scale), k.text_des, k.image_aug)
 
-def _fit_engine(state: EngineState, g: torch.Tensor, y: torch.Tensor, lo: int, hi: int, params: list, gen: torch.Generator):
-    "SGD with a per-epoch cosine schedule to 0 over the task's images."
+def _fit_engine(state: EngineState, g: torch.Tensor, y: torch.Tensor, views_of: Callable[[int], torch.Tensor], lo: int, hi: int,
+                params: list, gen: torch.Generator):
+    "SGD with a per-epoch cosine schedule to 0 over the task's images, epoch e viewing them through `views_of(e)` [n, d]."
     k = state.knobs
     opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(k.epochs, 1), eta_min=0.0)
-    for _ in range(k.epochs):
+    for epoch in range(k.epochs):
+        view = views_of(epoch)
         for b in torch.randperm(len(y), generator=gen, device=gen.device).split(k.batch_size):
-            loss = _engine_batch_loss(state, g[b], y[b], lo, hi, gen)
+            loss = _engine_batch_loss(state, g[b], y[b], view[b], lo, hi, gen)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
 
@@ -227,16 +241,21 @@ def train_engine_task(state: EngineState, # the state after the previous task (u
                       rows: np.ndarray, # [n] sorted cache rows of the task's images
                       classes: list[int], # the task's new classes (contiguous, right after the seen ones)
                       generator: torch.Generator, # initialisation, shuffling, noise and description draws
+                      read_views: ViewReader | None = None, # cached noisy views (needed when the knobs' `cached_views` > 0)
                      ) -> EngineState:
-    "Learn one task from its cache rows [n] as ENGINE does: class statistics, a new adapter pair, noisy old prototypes, descriptions."
-    lo, hi = min(classes), max(classes) + 1
+    "Learn one task from its cache rows [n] as ENGINE does: class statistics, a new adapter pair, noisy old prototypes, descriptions, image views."
+    lo, hi, n_views = min(classes), max(classes) + 1, state.knobs.cached_views
     if lo != state.n_seen or hi - lo != len(set(classes)):
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")
+    if n_views and read_views is None:
+        raise SpaError(f"ENGINE's view loss reads {n_views} cached noisy views per image: pass read_views (learner.prepare(views="
+                       f"{n_views}) caches them), or views=0 to view each image as its clean cached feature")
     g, y = read(rows)
     mu, p = gda_stats(g, y, range(lo, hi))
     state.means, state.prec = merge_gda(state.means, state.prec, mu, p)
     params = state.net.add_task(g.shape[1], generator)
-    _fit_engine(state, g, y, lo, hi, params, generator)
+    views_of = (lambda epoch: read_views(rows, epoch % n_views)) if n_views else (lambda epoch: g)
+    _fit_engine(state, g, y, views_of, lo, hi, params, generator)
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .base import DEFAULT_METHODS, METHODS, N_DESC, PEER_METHODS, SEM_TEMPLATE, Knobs, SpaError, SpaKnobs, check_methods
 from .core import atomic_path, check_finite, check_state_version, content_key, l2norm, make_generator
 from .data import Benchmark
-from .backbone import ClipBundle, FeatureSet, class_embeddings, extract_features
+from .backbone import ClipBundle, FeatureSet, NoisyViews, class_embeddings, extract_features
 from .distributed import extract_sharded
 from .patches import (class_chunks, gather_patches, select_patch_sets, select_patches,
                                  select_patches_for_labels, semantic_tokens)
@@ -27,21 +27,21 @@ from .projectors import SpaProjectors
 from .calibration import ClassStats, PatchStats, check_stats_memory, stats_budget, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
 from .proof import ProofKnobs, new_proof_state, proof_logits, proof_state_dict, proof_state_from_dict, train_proof_task
 from .rapf import RapfKnobs, new_rapf_state, rapf_logits, rapf_state_dict, rapf_state_from_dict, train_rapf_task
-from .engine import EngineKnobs, new_engine_state, engine_logits, engine_state_dict, engine_state_from_dict, train_engine_task
+from .engine import VIEW_NOISE, EngineKnobs, new_engine_state, engine_logits, engine_state_dict, engine_state_from_dict, train_engine_task
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
 __all__ = ['PEERS', 'STATE_VERSION', 'Peer', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict',
            'Rows', 'rows', 'task_rows', 'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins',
-           'state_dict', 'state_from_dict', 'save_state', 'load_state', 'split_features', 'Prepared', 'prepare',
-           'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
+           'state_dict', 'state_from_dict', 'save_state', 'load_state', 'split_features', 'view_features', 'Prepared',
+           'prepare', 'views_needed', 'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #6ba34b2f
 class Peer(NamedTuple):
     "How the loop drives a peer method: its knobs, a fresh state, one task's training, logits, and the state as a plain dict."
     knobs: type # its frozen `base.Knobs` dataclass, with `peer` naming the method
     new: Callable # (text: the benchmark's `TextSide`, logit_scale, seed, knobs) -> state
-    train: Callable # (state, read(rows) -> (g, y), rows of the task, classes, generator) -> state
+    train: Callable # (state, read(rows) -> (g, y), rows of the task, classes, generator[, read_views(rows, v) -> [n, d]]) -> state
     logits: Callable # (state, g [B, d]) -> [B, n_seen]
     to_dict: Callable # state -> plain dict
     from_dict: Callable # (plain dict, device) -> state
@@ -380,6 +380,22 @@ def split_features(clip: ClipBundle, # the frozen model
     return extract_sharded(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
                            patches=patches, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
+def view_features(clip: ClipBundle, # the frozen model
+                  benchmark: Benchmark, # the benchmark
+                  cache_dir: str | Path, # feature cache folder
+                  n_views: int, # noisy views per training image
+                  *,
+                  noise: float = VIEW_NOISE, # std of the noise on the transformed image
+                  seed: int = 0, # the views' seed (a property of the cache, not of a run)
+                  batch_size: int = 64, # images per forward pass
+                  num_workers: int | None = None, # image-decoding processes (None: from the CPU count on CUDA, 0 elsewhere)
+                  progress: bool = True, # a progress bar while extracting
+                 ) -> FeatureSet:
+    "Cached global features [n * n_views, d] of noisy views of the training images, row i * n_views + v (see `backbone.NoisyViews`)."
+    return extract_sharded(clip, NoisyViews(benchmark.train, clip.preprocess, n_views, noise, seed), cache_dir,
+                           f"{benchmark.name}-{benchmark.key}-train-views{n_views}-noise{noise}-seed{seed}",
+                           patches="none", batch_size=batch_size, num_workers=num_workers, progress=progress)
+
 @dataclass
 class Prepared:
     "What every method of a run shares: cached features and the frozen text side."
@@ -392,6 +408,8 @@ class Prepared:
     setting: str
     text_key: str # content key of the text side: model, class names, templates, descriptions, their phrasing and cap
     text_knobs: dict # the text knobs it was encoded with: sem_template, n_desc
+    views: FeatureSet | None = None # noisy views of the training images, row i * n_views + v (None: none cached)
+    n_views: int = 0 # views per training image in `views`
 
 def prepare(benchmark: Benchmark, # the benchmark
             clip: ClipBundle, # the frozen model (already on its device)
@@ -404,6 +422,7 @@ def prepare(benchmark: Benchmark, # the benchmark
             batch_size: int = 64, # images per forward pass when extracting
             num_workers: int | None = None, # image-decoding processes when extracting (None: from the CPU count on CUDA, 0 elsewhere)
             progress: bool = True, # progress bars
+            views: int = 0, # noisy views per training image to cache as well (ENGINE's view loss; see `views_needed`)
            ) -> Prepared:
     "Extract (or reuse) the features and encode the text side, once for all methods."
     descriptions = descriptions or benchmark.descriptions
@@ -414,9 +433,17 @@ def prepare(benchmark: Benchmark, # the benchmark
     train, test = (split_features(clip, benchmark, s, cache_dir, patches=patches, batch_size=batch_size,
                                   num_workers=num_workers, progress=progress)
                    for s in ("train", "test"))
+    view_set = view_features(clip, benchmark, cache_dir, views, batch_size=batch_size, num_workers=num_workers, progress=progress) if views else None
     text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc)
     text_key = content_key(clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc)
-    return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key, dict(sem_template=sem_template, n_desc=n_desc))
+    return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key, dict(sem_template=sem_template, n_desc=n_desc),
+                    view_set, views)
+
+def views_needed(methods: list[str], # names in `base.list_methods()`
+                 knobs: SpaKnobs | None = None, # the run's knobs
+                ) -> int:
+    "Noisy views per training image that `prepare` must cache for these methods: the most any of them reads (0: none)."
+    return max((method_knobs(m, knobs).cached_views for m in methods), default=0)
 
 # %% ../nbs/10_learner.ipynb #c9978f17
 def run_key(prep: Prepared, # the prepared benchmark
@@ -443,10 +470,16 @@ def _reader(feats: FeatureSet, device: torch.device):
     "A peer's view of a feature cache: sorted rows -> (global features [n, d], labels [n])."
     return lambda idx: rows(feats, idx, device, patches=False)[0::2]
 
-def _train(state, train: FeatureSet, classes: list[int], gen: torch.Generator):
-    "One task of SPA (`train_task`) or of a peer (its own training on the rows of the task's classes)."
-    if not state.knobs.peer: return train_task(state, train, classes, gen)
-    return PEERS[state.knobs.peer].train(state, _reader(train, state.device), task_rows(train, min(classes), max(classes) + 1), classes, gen)
+def _view_reader(prep: Prepared, device: torch.device):
+    "A peer's view of the cached noisy views: (sorted training rows [n], view v) -> their view-v features [n, d]."
+    return lambda idx, v: rows(prep.views, np.asarray(idx) * prep.n_views + v, device, patches=False).g
+
+def _train(state, prep: Prepared, classes: list[int], gen: torch.Generator):
+    "One task of SPA (`train_task`) or of a peer (its own training on the rows of the task's classes, with noisy views if it reads them)."
+    if not state.knobs.peer: return train_task(state, prep.train, classes, gen)
+    views = {"read_views": _view_reader(prep, state.device)} if state.knobs.cached_views else {}
+    return PEERS[state.knobs.peer].train(state, _reader(prep.train, state.device), task_rows(prep.train, min(classes), max(classes) + 1),
+                                         classes, gen, **views)
 
 def _record(state: CILState, test: FeatureSet, n_old: int) -> dict:
     "Predictions and timings of one evaluation."
@@ -486,11 +519,14 @@ def run_method(prep: Prepared, # shared features and text side
     if clash := {k: (getattr(knobs, k), v) for k, v in prep.text_knobs.items() if getattr(knobs, k, v) != v}:
         raise SpaError(f"{method}'s text knobs {clash} (asked, prepared) differ from the prepared text side: prepare() with them")
     if not knobs.peer: check_stats_fit(prep, knobs)  # SPA's statistics; a peer keeps its own
+    if knobs.cached_views > prep.n_views:
+        raise SpaError(f"{method} reads {knobs.cached_views} noisy views per training image, the prepared benchmark caches "
+                       f"{prep.n_views}: prepare(..., views={knobs.cached_views})")
     ckpt = None if out_dir is None else Path(out_dir) / f"{method}.state.pt"
     state, records, gen = _resume(ckpt, resume, prep, knobs, seed)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records), total=len(prep.splits)):
         t0, n_old = time.perf_counter(), state.n_seen
-        _train(state, prep.train, classes, gen)
+        _train(state, prep, classes, gen)
         records.append(dict(train_s=time.perf_counter() - t0) | _record(state, prep.test, n_old))
         if ckpt is not None: save_state(state, ckpt, records=records, generator=gen.get_state(), run_key=run_key(prep, knobs, seed))
     return _result(method, prep, knobs, records, run_key(prep, knobs, seed))
@@ -511,5 +547,6 @@ def run_protocol(benchmark: Benchmark, # the benchmark
     "Run every method over every task of `benchmark`: features once, text once, one `RunResult` per method."
     knobs = knobs or SpaKnobs()
     check_methods(list(methods))  # a bad name fails before any work
-    prep = prepare(benchmark, clip, setting, descriptions, cache_dir, knobs.sem_template, n_desc=knobs.n_desc, progress=progress)
+    prep = prepare(benchmark, clip, setting, descriptions, cache_dir, knobs.sem_template, n_desc=knobs.n_desc, progress=progress,
+                   views=views_needed(methods, knobs))
     return {m: run_method(prep, m, seed, out_dir, resume, progress, knobs) for m in methods}

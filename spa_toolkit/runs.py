@@ -24,7 +24,7 @@ from .exemplars import exemplar_images
 from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
                                       template_descriptions)
 from .microclip import embedded_clip_path
-from .learner import Prepared, method_knobs, prepare, run_key, run_method, split_features
+from .learner import Prepared, method_knobs, prepare, run_key, run_method, split_features, view_features, views_needed
 from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
 
 # %% auto #0
@@ -292,8 +292,8 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     clip = open_model(dataset, opts)
     check_k_patches(knobs.k_patches, clip)
     descs = _descriptions(opts, bench, clip, offline)
-    prep = prepare(bench, clip, setting, descs, Path(opts.cache_dir) / "features", knobs.sem_template,
-                   n_desc=knobs.n_desc, batch_size=opts.extract_batch_size, num_workers=opts.num_workers, progress=progress)
+    prep = prepare(bench, clip, setting, descs, Path(opts.cache_dir) / "features", knobs.sem_template, n_desc=knobs.n_desc,
+                   batch_size=opts.extract_batch_size, num_workers=opts.num_workers, progress=progress, views=views_needed(methods, knobs))
     key = content_key(bench.key, bench.order, setting, opts.seed, clip.key, descs, knobs.to_dict())
     out = Path(out or Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', bench.name)}-{setting}-{key[:8]}")
     check_fresh(out, opts.resume)
@@ -397,12 +397,14 @@ def describe(dataset: str, # a benchmark name or folder
 
 def extract(dataset: str, # a benchmark name or folder
             opts: RunOptions | None = None, # data, model and extraction settings
-           ) -> dict[str, FeatureSet]: # "train" / "test" -> its cache
-    "Extract and cache a benchmark's train and test features (under torchrun every rank extracts its share)."
+            views: int = 0, # noisy views per training image to cache as well (`learner.views_needed`)
+           ) -> dict[str, FeatureSet]: # "train" / "test" (/ "train views") -> its cache
+    "Extract and cache a benchmark's train and test features, and noisy training views if asked (under torchrun every rank extracts its share)."
     opts = opts or RunOptions()
     init_distributed(opts.device)
     try:
         bench, clip = open_benchmark(dataset, opts), open_model(dataset, opts)
-        return {s: split_features(clip, bench, s, Path(opts.cache_dir) / "features", batch_size=opts.extract_batch_size,
-                                  num_workers=opts.num_workers) for s in ("train", "test")}
+        where, how = Path(opts.cache_dir) / "features", dict(batch_size=opts.extract_batch_size, num_workers=opts.num_workers)
+        out = {s: split_features(clip, bench, s, where, **how) for s in ("train", "test")}
+        return out | ({"train views": view_features(clip, bench, where, views, **how)} if views else {})
     finally: close_distributed()

@@ -29,6 +29,20 @@ extract_sharded(load_embedded_clip(), Watched(), sys.argv[1], "tiny-train", batc
 close_distributed()
 """
 
+# noisy views (ENGINE's) of the same tiny world: each view's noise depends on its (image, view) alone, so sharding changes nothing
+VIEWS_WORKER = """
+import sys
+from spa_toolkit.backbone import NoisyViews
+from spa_toolkit.world import synthetic_world
+from spa_toolkit.microclip import load_embedded_clip
+from spa_toolkit.distributed import close_distributed, extract_sharded, init_distributed
+init_distributed("cpu")
+clip, world = load_embedded_clip(), synthetic_world(n_classes=4, n_train=3, n_test=2)
+extract_sharded(clip, NoisyViews(world.train, clip.preprocess, 3, 0.25), sys.argv[1], "tiny-train-views", patches="none",
+                batch_size=5, num_workers=0, progress=False)
+close_distributed()
+"""
+
 def arrays(cache: Path) -> dict[str, bytes]:
     "Every .npy file's bytes under `cache`, by path relative to it."
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*.npy"))}
@@ -69,3 +83,13 @@ def test_a_killed_rank_resumes_its_shard(tmp_path):
     assert len(a) == 3 and a == b
     labels = np.load(folder / "labels.npy")
     assert len(labels) == 12 and sorted(set(labels.tolist())) == [0, 1, 2, 3]
+
+def test_two_gloo_ranks_write_the_one_process_noisy_views(tmp_path):
+    (tmp_path / "views.py").write_text(VIEWS_WORKER)
+    for cmd, out in (([*TORCHRUN, "views.py"], "two"), ([sys.executable, "views.py"], "one")):
+        p = launch([*cmd, out], tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+    a, b = arrays(tmp_path / "one"), arrays(tmp_path / "two")
+    assert len(a) == 2 and a == b  # global and labels of 12 images x 3 views
+    g = np.load(next((tmp_path / "one").rglob("global.npy")))
+    assert g.shape[0] == 36 and not np.array_equal(g[0], g[1])  # two views of image 0 differ

@@ -18,7 +18,7 @@ from spa_toolkit.proof import project
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
     world = synthetic_world(n_classes=8, n_train=8, n_test=4, inc=4)
-    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False)
+    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False, views=2)
 
 
 # --- losses, by hand ------------------------------------------------------------------------------------------------
@@ -104,11 +104,14 @@ def small_world(seed=0, d=6, n_classes=4, per_class=12):
     return g, y, names, sem, torch.ones(n_classes, 3, dtype=torch.bool)
 
 
-def run_two_tasks(seed=0, **knobs):
+def run_two_tasks(seed=0, read_views=None, **knobs):
+    "Two tasks of two classes; the views default to two fixed noisy copies of each feature."
     g, y, names, sem, mask = small_world()
-    st, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(**(dict(epochs=3, batch_size=8) | knobs))), make_generator(seed)
+    views = l2norm(g[:, None] + 0.5 * torch.randn(len(g), 2, g.shape[1], generator=make_generator(9)))
+    read_views = read_views or (lambda r, v: views[torch.as_tensor(r), v])
+    st, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(**(dict(epochs=3, batch_size=8, views=2) | knobs))), make_generator(seed)
     read = lambda r: (g[torch.as_tensor(r)], y[torch.as_tensor(r)])
-    for cls in ([0, 1], [2, 3]): train_engine_task(st, read, np.flatnonzero((y >= cls[0]) & (y <= cls[-1])), cls, gen)
+    for cls in ([0, 1], [2, 3]): train_engine_task(st, read, np.flatnonzero((y >= cls[0]) & (y <= cls[-1])), cls, gen, read_views)
     return st, g, y
 
 
@@ -132,18 +135,48 @@ def test_training_lowers_the_loss_and_freezes_old_adapters():
     g, y, names, sem, mask = small_world()
     read = lambda r: (g[torch.as_tensor(r)], y[torch.as_tensor(r)])
     first = np.flatnonzero(y < 2)
-    def loss(s):  # the first task's objective, each row with its class's first description
+    def loss(s):  # the first task's objective, each row with its class's first description, viewed as its clean feature (views=0)
         z, u = project(s.net.img, g[first]), project(s.net.txt, names)[y[first]]
         return engine_loss(z, u, sem[y[first], 0], g[first], math.log(100.0)).item()
     drawn = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=0))
     train_engine_task(drawn, read, first, [0, 1], make_generator(0))  # the adapters as initialised
-    trained, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=5, batch_size=8)), make_generator(0)
+    trained, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=5, batch_size=8, views=0)), make_generator(0)
     train_engine_task(trained, read, first, [0, 1], gen)  # the same initial adapters (the generator's first draws)
     assert loss(trained) < loss(drawn) - 0.1
     old = [p.detach().clone() for p in trained.net.parameters()]
     train_engine_task(trained, read, np.flatnonzero(y >= 2), [2, 3], gen)
     kept = [p for m in (trained.net.img[0], trained.net.txt[0]) for p in m.parameters()]
     assert len(kept) == len(old) == 4 and all(torch.equal(a, b) for a, b in zip(old, kept))
+
+
+def test_epoch_e_reads_view_e_mod_v_of_the_task_rows():
+    g, y, *_ = small_world()
+    calls = []
+    def read_views(r, v): calls.append((r.tolist(), v)); return g[torch.as_tensor(r)]
+    run_two_tasks(read_views=read_views, epochs=5, views=2)
+    first, second = np.flatnonzero(y < 2).tolist(), np.flatnonzero(y >= 2).tolist()
+    assert calls == [(first, v) for v in (0, 1, 0, 1, 0)] + [(second, v) for v in (0, 1, 0, 1, 0)]
+
+
+def test_the_views_are_the_view_terms_targets():
+    "Views equal to the clean features train exactly as views=0 (the clean-feature stand-in); noisy views train otherwise."
+    g, *_ = small_world()
+    clean, _, _ = run_two_tasks(views=0)
+    same, _, _ = run_two_tasks(read_views=lambda r, v: g[torch.as_tensor(r)])
+    noisy, _, _ = run_two_tasks()
+    assert torch.equal(engine_logits(clean, g), engine_logits(same, g))
+    assert not torch.equal(engine_logits(clean, g), engine_logits(noisy, g))
+    off, _, _ = run_two_tasks(read_views=lambda r, v: 1 / 0, views=2, image_aug=0.0)  # no view loss: no view read
+    assert off.n_tasks == 2
+
+
+def test_missing_views_are_refused_before_any_work():
+    g, y, names, sem, mask = small_world()
+    st = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(views=2))
+    read = lambda r: 1 / 0  # never reached
+    with pytest.raises(SpaError, match=r"reads 2 cached noisy views per image: pass read_views"):
+        train_engine_task(st, read, np.arange(10), [0, 1], make_generator(0))
+    assert st.n_seen == 0 and len(st.net.img) == 0
 
 
 def test_inference_mixes_the_three_scores():
@@ -165,6 +198,29 @@ def test_a_class_without_descriptions_is_refused():
 def test_the_peer_reads_the_text_side(prep):
     st = PEERS["engine"].new(prep.text, prep.logit_scale, 0, EngineKnobs())
     assert st.sem is prep.text.sem and st.sem_mask is prep.text.sem_mask and st.names is prep.text.names
+
+
+def test_the_loop_refuses_engine_without_its_views(prep):
+    with pytest.raises(SpaError, match=r"engine reads 10 noisy views per training image, the prepared benchmark caches 2: "
+                                       r"prepare\(\.\.\., views=10\)"):
+        run_method(prep, "engine", progress=False)  # the published 10 epochs, one view each
+    bare = Prepared(**(vars(prep) | dict(views=None, n_views=0)))
+    with pytest.raises(SpaError, match=r"caches 0: prepare\(\.\.\., views=2\)"): run_method(bare, "engine", progress=False, knobs=SpaKnobs(epochs=2))
+
+
+def test_the_loop_hands_engine_the_views_of_the_task_rows(prep, monkeypatch):
+    "The views reader gives view v of each training row: row i * V + v of the view cache, as the cached noisy view of image i."
+    seen = []
+    train = PEERS["engine"].train
+    def spy(state, read, rows_, classes, gen, read_views=None):
+        seen.append((rows_.copy(), read_views(rows_, 1)))
+        return train(state, read, rows_, classes, gen, read_views)
+    monkeypatch.setitem(PEERS, "engine", PEERS["engine"]._replace(train=spy))
+    run_method(prep, "engine", progress=False, knobs=SpaKnobs(epochs=1))
+    r, v1 = seen[0]
+    want = torch.from_numpy(prep.views.global_[r * 2 + 1].astype(np.float32))
+    assert torch.equal(v1, want) and (prep.views.labels[r * 2 + 1] == prep.train.labels[r]).all()
+    assert not torch.equal(v1, rows(prep.train, r, "cpu", patches=False).g)  # a noisy view, not the clean feature
 
 
 def test_run_method_is_deterministic(prep):

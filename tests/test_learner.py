@@ -12,7 +12,7 @@ from spa_toolkit.microclip import load_embedded_clip
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
     world = synthetic_world(n_classes=8, n_train=8, n_test=4, inc=4)
-    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False)
+    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False, views=1)  # ENGINE's, at 1 epoch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
