@@ -523,12 +523,19 @@ class NoisyViews(Dataset):
                 ):
         if n_views < 1: raise SpaError(f"n_views={n_views}: pass at least 1 view per image")
         self.data, self.preprocess, self.n_views, self.noise, self.seed = data, preprocess, n_views, noise, seed
+        self._last = (None, None, None)  # (image index, transformed tensor, label): a batch's rows are mostly views of one image
 
     def __len__(self) -> int: return len(self.data) * self.n_views
 
+    def _image(self, i: int) -> tuple:
+        "Image i transformed, and its label, decoded once for its consecutive views."
+        if self._last[0] != i:
+            try: row = self.data[i]; self._last = (i, self.preprocess(row["image"].convert("RGB")), row["label"])
+            except (OSError, SyntaxError) as e: raise _bad_image(self.data, i, e) from e
+        return self._last[1:]
+
     def __getitem__(self, j: int) -> dict:
         i, v = divmod(j, self.n_views)
-        try: row = self.data[i]; x = self.preprocess(row["image"].convert("RGB"))
-        except (OSError, SyntaxError) as e: raise _bad_image(self.data, i, e) from e
+        x, label = self._image(i)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, i, v]).generate_state(1)[0]))
-        return {"image": (x + self.noise * torch.randn(x.shape, generator=gen)).clamp(0, 1), "label": row["label"]}
+        return {"image": (x + self.noise * torch.randn(x.shape, generator=gen)).clamp(0, 1), "label": label}
