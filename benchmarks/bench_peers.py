@@ -3,8 +3,9 @@ cost per task on CIFAR-shaped random features on the CPU.
 
 Part 1 runs `run_protocol` on `synthetic_world(seed=s)` with the embedded micro-CLIP for s = 0, 1, 2 (world seed = run seed) and
 prints each method's Avg / Last (mean ± std) and its training time over SPA's. Part 2 trains each peer, with its published epochs,
-on random unit features of CIFAR-100's shape (100 classes, 10 tasks, d = 512, 8 random description embeddings per class for
-ENGINE, random noisy views, one per epoch, no patch tokens), and SPA for reference (its default method, with 196 random patch tokens per image, ViT-B/16's grid);
+on random unit features of CIFAR-100's shape (100 classes, 10 tasks, d = 512, 8 random description embeddings per class and
+random noisy views, one per epoch, for ENGINE; no patch tokens), and SPA for reference (its default method, with 196 random
+patch tokens per image, ViT-B/16's grid);
 `--per-class` below 500 shrinks the training set and the time is extrapolated linearly in images (every epoch visits each image
 once). RAPF's and ENGINE's pseudo-features are a fixed number per batch, so they grow with the batches as the images do; their
 per-task statistics (RAPF's Gaussians, ENGINE's discriminant) do not, which makes the extrapolation a slight upper bound. PROOF's
@@ -59,8 +60,10 @@ def cifar_shaped(per_class: int, tasks: int, methods: list[str], d: int = 512, n
         if name not in methods: continue
         k = method_knobs(name)
         state, gen = peer.new(text, 100.0, 0, k), make_generator(0)
-        views = l2norm(torch.randn(len(labels), k.cached_views, d, generator=g)) if k.cached_views else None  # ENGINE's noisy views
-        extra = {"read_views": lambda r, v: views[torch.as_tensor(r), v]} if k.cached_views else {}
+        extra = {}
+        if k.cached_views:  # ENGINE's noisy views, random like the features
+            views = l2norm(torch.randn(len(labels), k.cached_views, d, generator=g))
+            extra["read_views"] = lambda r, v: views[torch.as_tensor(r), v]
         timed(name, k.epochs, lambda cls: peer.train(state, read, np.flatnonzero((labels >= cls[0]).numpy() & (labels <= cls[-1]).numpy()),
                                                      cls, gen, **extra))
     if "spa" not in methods: return summary(totals, tasks)

@@ -519,7 +519,7 @@ class NoisyViews(Dataset):
                  preprocess: Callable, # the model's transform: PIL image -> [3, H, W]
                  n_views: int, # views per image
                  noise: float, # std of the noise added to each value of the transformed tensor
-                 seed: int = 0, # with the image and view index, all that the noise depends on
+                 seed: int, # with the image and view index, all that the noise depends on
                 ):
         if n_views < 1: raise SpaError(f"n_views={n_views}: pass at least 1 view per image")
         self.data, self.preprocess, self.n_views, self.noise, self.seed = data, preprocess, n_views, noise, seed
@@ -529,10 +529,12 @@ class NoisyViews(Dataset):
 
     def _image(self, i: int) -> tuple:
         "Image i transformed, and its label, decoded once for its consecutive views."
-        if self._last[0] != i:
-            try: row = self.data[i]; self._last = (i, self.preprocess(row["image"].convert("RGB")), row["label"])
+        last = self._last
+        if last[0] != i:
+            try: row = self.data[i]; last = (i, self.preprocess(row["image"].convert("RGB")), row["label"])
             except (OSError, SyntaxError) as e: raise _bad_image(self.data, i, e) from e
-        return self._last[1:]
+            self._last = last
+        return last[1:]
 
     def __getitem__(self, j: int) -> dict:
         i, v = divmod(j, self.n_views)

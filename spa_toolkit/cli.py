@@ -18,8 +18,8 @@ from .options import PROTOCOL_MODEL, RunOptions, check_fresh, check_writable
 # %% auto #0
 __all__ = ['KNOB_SKIP', 'RUN_DEFAULTS', 'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'SETTING_HELP',
            'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type', 'add_knob_options', 'knobs_from',
-           'parse_methods', 'run_options', 'cmd_run', 'cmd_bench', 'cmd_describe', 'cmd_features', 'build_parser',
-           'main', 'check_options']
+           'parse_methods', 'run_options', 'cmd_run', 'cmd_bench', 'cmd_describe', 'extract_and_report', 'cmd_features',
+           'build_parser', 'main', 'check_options']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
@@ -86,7 +86,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     r = env_rank()
     if r.world_size > 1:  # the features (and the noisy views a method reads), sharded; then rank 0 alone trains and evaluates on them
         from spa_toolkit.learner import views_needed
-        cmd_features(a, views_needed(list(run_options(a).methods), knobs_from(a)))
+        extract_and_report(a, views_needed(list(run_options(a).methods), knobs_from(a)))
     if r.rank > 0: return 0
     rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=run_options(a))
     print(rep.text()); print(f"results written to {rep.out}")
@@ -115,12 +115,18 @@ def cmd_describe(a: argparse.Namespace) -> int:
     print(f"use them: python -m spa_toolkit.cli run --dataset {a.dataset} --descriptions {d.path}")
     return 0
 
-def cmd_features(a: argparse.Namespace, views: int = 0) -> int:
-    "`features`: extract and cache a benchmark's train and test features (under torchrun each rank extracts its share)."
+def extract_and_report(a: argparse.Namespace, # parsed options of `features` or `run`
+                       views: int, # noisy views per training image to cache as well
+                      ):
+    "Extract the caches (each rank its share under torchrun); rank 0 says where they are."
     from spa_toolkit import runs
     from spa_toolkit.distributed import env_rank
     for split, f in runs.extract(a.dataset, run_options(a), views).items():
-        if env_rank().rank == 0: print(f"{a.dataset} {split}: {len(f)} images, cached in {f.folder}")
+        if env_rank().rank == 0: print(f"{a.dataset} {split}: {len(f)} {'views' if split.endswith('views') else 'images'}, cached in {f.folder}")
+
+def cmd_features(a: argparse.Namespace) -> int:
+    "`features`: extract and cache a benchmark's train and test features, and `--views` noisy views of each training image (under torchrun each rank extracts its share)."
+    extract_and_report(a, a.views)
     return 0
 
 # %% ../nbs/11_cli.ipynb #57696bfb
@@ -189,7 +195,10 @@ def _describe_parser(sub) -> None:
 
 def _features_parser(sub) -> None:
     p = sub.add_parser("features", help="extract and cache a benchmark's frozen features", description=cmd_features.__doc__)
-    _add(p, [DATASET_OPTION], DATA_OPTIONS, MODEL_OPTIONS).set_defaults(func=cmd_features)
+    _add(p, [DATASET_OPTION, ("--views", dict(type=int, default=0, help="noisy views of each training image to cache as well, for "
+                                              "ENGINE's view loss: it reads one per epoch, 10 at its published epochs (default: %(default)s; "
+                                              "`run` caches the views its methods read itself)"))],
+         DATA_OPTIONS, MODEL_OPTIONS).set_defaults(func=cmd_features)
 
 # %% ../nbs/11_cli.ipynb #77ca67dd
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +224,7 @@ def check_options(a: argparse.Namespace, # parsed options of any subcommand
                  ):
     "Raise `SpaError` for option values that would fail later, before any work (and before torch is imported)."
     run_options(a)  # types and ranges, checked by `RunOptions`
+    if getattr(a, "views", 0) < 0: raise SpaError(f"--views {a.views}: pass 0 (none) or the noisy views per training image to cache")
     if hasattr(a, "k_patches"): knobs_from(a)
     for name in ("out", "cache_dir"):
         if getattr(a, name, None) is not None: check_writable(Path(getattr(a, name)), option_name(name))

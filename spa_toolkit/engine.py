@@ -18,10 +18,10 @@ from .core import check_state_version, l2norm, make_generator
 from .proof import Reader, clip_loss, new_linear, project
 
 # %% auto #0
-__all__ = ['ENGINE_STATE_VERSION', 'VIEW_NOISE', 'ViewReader', 'EngineKnobs', 'diagonal_ce', 'engine_loss', 'sample_descriptions',
-           'noisy_prototypes', 'gda_stats', 'merge_gda', 'gda_scores', 'description_centres', 'rerank_scores',
-           'EngineNet', 'EngineState', 'new_engine_state', 'engine_cos', 'engine_logits', 'train_engine_task',
-           'engine_state_dict', 'engine_state_from_dict']
+__all__ = ['ENGINE_STATE_VERSION', 'VIEW_NOISE', 'VIEW_SEED', 'ViewReader', 'EngineKnobs', 'diagonal_ce', 'engine_loss',
+           'sample_descriptions', 'noisy_prototypes', 'gda_stats', 'merge_gda', 'gda_scores', 'description_centres',
+           'rerank_scores', 'EngineNet', 'EngineState', 'new_engine_state', 'engine_cos', 'engine_logits',
+           'train_engine_task', 'engine_state_dict', 'engine_state_from_dict']
 
 # %% ../nbs/09c_engine.ipynb #1b563a27
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class EngineKnobs(Knobs):
     def cached_views(self) -> int:
         "Noisy views per training image the view loss reads: `views`, one per epoch when None, none when the loss is off."
         if self.image_aug == 0: return 0
-        return self.epochs if self.views is None else self.views
+        return self.epochs if self.views is None else min(self.views, self.epochs)  # views beyond the epochs would never be read
 
 # %% ../nbs/09c_engine.ipynb #eadc5a36
 def diagonal_ce(sim: torch.Tensor, # [n, m] similarities, m >= n, row i's positive at column i
@@ -210,6 +210,7 @@ def engine_logits(state: EngineState, # a trained state
 
 # %% ../nbs/09c_engine.ipynb #a22e1420
 VIEW_NOISE = 0.25 # std of the pixel noise of an image view (fixed in the authors' `Learner.train`, not a config entry)
+VIEW_SEED = 0 # the cached views' noise is drawn from (VIEW_SEED, image, view): fixed, so runs of every seed share one cache
 ViewReader = Callable[[np.ndarray, int], torch.Tensor] # (sorted cache rows [n], view v) -> [n, d] view v of those images, unit norm
 
 def _engine_batch_loss(state: EngineState, g: torch.Tensor, y: torch.Tensor, view: torch.Tensor, lo: int, hi: int,
@@ -249,7 +250,7 @@ def train_engine_task(state: EngineState, # the state after the previous task (u
         raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {state.n_seen} seen classes, contiguously")
     if n_views and read_views is None:
         raise SpaError(f"ENGINE's view loss reads {n_views} cached noisy views per image: pass read_views (learner.prepare(views="
-                       f"{n_views}) caches them), or views=0 to view each image as its clean cached feature")
+                       f"{n_views}) caches them), or EngineKnobs(views=0) to view each image as its clean cached feature")
     g, y = read(rows)
     mu, p = gda_stats(g, y, range(lo, hi))
     state.means, state.prec = merge_gda(state.means, state.prec, mu, p)

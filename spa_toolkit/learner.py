@@ -27,7 +27,7 @@ from .projectors import SpaProjectors
 from .calibration import ClassStats, PatchStats, check_stats_memory, stats_budget, class_stats, merge_stats, patch_stats, sample_pseudo, sample_pseudo_patches
 from .proof import ProofKnobs, new_proof_state, proof_logits, proof_state_dict, proof_state_from_dict, train_proof_task
 from .rapf import RapfKnobs, new_rapf_state, rapf_logits, rapf_state_dict, rapf_state_from_dict, train_rapf_task
-from .engine import VIEW_NOISE, EngineKnobs, new_engine_state, engine_logits, engine_state_dict, engine_state_from_dict, train_engine_task
+from .engine import VIEW_NOISE, VIEW_SEED, EngineKnobs, new_engine_state, engine_logits, engine_state_dict, engine_state_from_dict, train_engine_task
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
@@ -60,13 +60,16 @@ def _peer_knobs(peer: Peer, knobs: SpaKnobs) -> Knobs:
                          if hasattr(spa, f.name) and getattr(knobs, f.name) != getattr(spa, f.name)})
 
 def method_knobs(method: str, # a name in `base.list_methods()`
-                 knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`); a method's own settings win
+                 knobs: Knobs | None = None, # the run's `SpaKnobs` (default: `SpaKnobs()`; a method's own settings win), or a peer's own knobs
                 ) -> Knobs:
-    "Resolved knobs of one method: `knobs` with the method's own settings, or a peer's knobs."
+    "Resolved knobs of one method: `knobs` with the method's own settings, a peer's knobs drawn from them, or the peer's own knobs as given."
     knobs = knobs or SpaKnobs()
-    if method in PEERS: return _peer_knobs(PEERS[method], knobs)
     check_methods([method])
-    return knobs.replace(**METHODS[method])
+    own = PEERS[method].knobs if method in PEERS else SpaKnobs
+    if isinstance(knobs, own): return knobs if method in PEERS else knobs.replace(**METHODS[method])
+    if not isinstance(knobs, SpaKnobs):
+        raise SpaError(f"{method} takes {own.__name__ if own is SpaKnobs else own.__name__ + ' or SpaKnobs'}, not {type(knobs).__name__}")
+    return _peer_knobs(PEERS[method], knobs)
 
 # %% ../nbs/10_learner.ipynb #4ce2e942
 @dataclass
@@ -385,15 +388,13 @@ def view_features(clip: ClipBundle, # the frozen model
                   cache_dir: str | Path, # feature cache folder
                   n_views: int, # noisy views per training image
                   *,
-                  noise: float = VIEW_NOISE, # std of the noise on the transformed image
-                  seed: int = 0, # the views' seed (a property of the cache, not of a run)
                   batch_size: int = 64, # images per forward pass
                   num_workers: int | None = None, # image-decoding processes (None: from the CPU count on CUDA, 0 elsewhere)
                   progress: bool = True, # a progress bar while extracting
                  ) -> FeatureSet:
-    "Cached global features [n * n_views, d] of noisy views of the training images, row i * n_views + v (see `backbone.NoisyViews`)."
-    return extract_sharded(clip, NoisyViews(benchmark.train, clip.preprocess, n_views, noise, seed), cache_dir,
-                           f"{benchmark.name}-{benchmark.key}-train-views{n_views}-noise{noise}-seed{seed}",
+    "Cached global features [n * n_views, d] of ENGINE's noisy views of the training images, row i * n_views + v (see `backbone.NoisyViews`)."
+    views = NoisyViews(benchmark.train, clip.preprocess, n_views, VIEW_NOISE, VIEW_SEED)  # constants, so the run key need not name them
+    return extract_sharded(clip, views, cache_dir, f"{benchmark.name}-{benchmark.key}-train-views{n_views}-noise{VIEW_NOISE}-seed{VIEW_SEED}",
                            patches="none", batch_size=batch_size, num_workers=num_workers, progress=progress)
 
 @dataclass
@@ -408,8 +409,8 @@ class Prepared:
     setting: str
     text_key: str # content key of the text side: model, class names, templates, descriptions, their phrasing and cap
     text_knobs: dict # the text knobs it was encoded with: sem_template, n_desc
-    views: FeatureSet | None = None # noisy views of the training images, row i * n_views + v (None: none cached)
-    n_views: int = 0 # views per training image in `views`
+    train_views: FeatureSet | None = None # noisy views of the training images, row i * n_views + v (None: none cached)
+    n_views: int = 0 # views per training image in `train_views`
 
 def prepare(benchmark: Benchmark, # the benchmark
             clip: ClipBundle, # the frozen model (already on its device)
@@ -430,6 +431,7 @@ def prepare(benchmark: Benchmark, # the benchmark
                                              "descriptions.load_descriptions, an LLM via describe_classes, or template_descriptions)")
     setting = setting or benchmark.setting_b0
     splits = benchmark.splits(setting)  # a bad setting fails before any extraction
+    if views < 0: raise SpaError(f"views={views}: pass 0 (none) or the noisy views per training image to cache")
     train, test = (split_features(clip, benchmark, s, cache_dir, patches=patches, batch_size=batch_size,
                                   num_workers=num_workers, progress=progress)
                    for s in ("train", "test"))
@@ -472,7 +474,7 @@ def _reader(feats: FeatureSet, device: torch.device):
 
 def _view_reader(prep: Prepared, device: torch.device):
     "A peer's view of the cached noisy views: (sorted training rows [n], view v) -> their view-v features [n, d]."
-    return lambda idx, v: rows(prep.views, np.asarray(idx) * prep.n_views + v, device, patches=False).g
+    return lambda idx, v: rows(prep.train_views, np.asarray(idx) * prep.n_views + v, device, patches=False).g
 
 def _train(state, prep: Prepared, classes: list[int], gen: torch.Generator):
     "One task of SPA (`train_task`) or of a peer (its own training on the rows of the task's classes, with noisy views if it reads them)."
@@ -512,7 +514,7 @@ def run_method(prep: Prepared, # shared features and text side
                out_dir: str | Path | None = None, # save the state after every task here (enables resume)
                resume: bool = False, # continue from `out_dir`'s saved state
                progress: bool = True, # a progress bar over tasks
-               knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`); the method's own settings win
+               knobs: Knobs | None = None, # the run's knobs (default: `SpaKnobs()`; the method's own settings win), or a peer's own knobs
               ) -> RunResult:
     "Train and evaluate one method over all tasks of the prepared benchmark."
     knobs = method_knobs(method, knobs)

@@ -1,5 +1,5 @@
 "Sharded extraction under a real `torchrun` launch (gloo, 2 CPU processes): byte-identical to one process, and a killed rank resumes its shard."
-import json, os, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from spa_toolkit.microclip import load_embedded_clip
 from spa_toolkit.distributed import close_distributed, extract_sharded, init_distributed
 init_distributed("cpu")
 clip, world = load_embedded_clip(), synthetic_world(n_classes=4, n_train=3, n_test=2)
-extract_sharded(clip, NoisyViews(world.train, clip.preprocess, 3, 0.25), sys.argv[1], "tiny-train-views", patches="none",
+extract_sharded(clip, NoisyViews(world.train, clip.preprocess, 3, 0.25, 0), sys.argv[1], "tiny-train-views", patches="none",
                 batch_size=5, num_workers=0, progress=False)
 close_distributed()
 """
@@ -93,3 +93,13 @@ def test_two_gloo_ranks_write_the_one_process_noisy_views(tmp_path):
     assert len(a) == 2 and a == b  # global and labels of 12 images x 3 views
     g = np.load(next((tmp_path / "one").rglob("global.npy")))
     assert g.shape[0] == 36 and not np.array_equal(g[0], g[1])  # two views of image 0 differ
+
+def test_a_torchrun_run_extracts_engines_views_on_both_ranks(tmp_path):
+    cli = ["-m", "spa_toolkit.cli", "run", "--device", "cpu", "--methods", "engine", "--epochs", "2", "--extract-batch-size", "50"]
+    p = launch([*TORCHRUN, *cli, "--cache-dir", "cache", "--out", "out"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"^\| engine \| synthetic \| B0Inc4 \|", p.stdout, re.M), p.stdout
+    metas = {m.parent.name: json.loads(m.read_text()) for m in (tmp_path / "cache").rglob("meta.json")}
+    (views,) = [m for name, m in metas.items() if "-train-views2-" in name]  # ENGINE at 2 epochs reads 2 views per image
+    (train,) = [m for name, m in metas.items() if "-train-" in name and "-views" not in name]
+    assert views["complete"] and views["world_size"] == 2 and views["n"] == 2 * train["n"]

@@ -204,7 +204,7 @@ def test_the_loop_refuses_engine_without_its_views(prep):
     with pytest.raises(SpaError, match=r"engine reads 10 noisy views per training image, the prepared benchmark caches 2: "
                                        r"prepare\(\.\.\., views=10\)"):
         run_method(prep, "engine", progress=False)  # the published 10 epochs, one view each
-    bare = Prepared(**(vars(prep) | dict(views=None, n_views=0)))
+    bare = Prepared(**(vars(prep) | dict(train_views=None, n_views=0)))
     with pytest.raises(SpaError, match=r"caches 0: prepare\(\.\.\., views=2\)"): run_method(bare, "engine", progress=False, knobs=SpaKnobs(epochs=2))
 
 
@@ -218,8 +218,8 @@ def test_the_loop_hands_engine_the_views_of_the_task_rows(prep, monkeypatch):
     monkeypatch.setitem(PEERS, "engine", PEERS["engine"]._replace(train=spy))
     run_method(prep, "engine", progress=False, knobs=SpaKnobs(epochs=1))
     r, v1 = seen[0]
-    want = torch.from_numpy(prep.views.global_[r * 2 + 1].astype(np.float32))
-    assert torch.equal(v1, want) and (prep.views.labels[r * 2 + 1] == prep.train.labels[r]).all()
+    want = torch.from_numpy(prep.train_views.global_[r * 2 + 1].astype(np.float32))
+    assert torch.equal(v1, want) and (prep.train_views.labels[r * 2 + 1] == prep.train.labels[r]).all()
     assert not torch.equal(v1, rows(prep.train, r, "cpu", patches=False).g)  # a noisy view, not the clean feature
 
 
