@@ -32,9 +32,9 @@ from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_n
 
 # %% auto #0
 __all__ = ['PEERS', 'STATE_VERSION', 'Peer', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict',
-           'Rows', 'rows', 'task_rows', 'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins',
-           'state_dict', 'state_from_dict', 'save_state', 'load_state', 'split_features', 'Prepared', 'prepare',
-           'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
+           'Rows', 'rows', 'task_rows', 'pseudo_per_batch', 'replay_schedule', 'train_task', 'evaluate',
+           'score_margins', 'replay_margins', 'state_dict', 'state_from_dict', 'save_state', 'load_state',
+           'split_features', 'Prepared', 'prepare', 'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #6ba34b2f
 class Peer(NamedTuple):
@@ -202,6 +202,13 @@ def _optimizer(params: list, k: SpaKnobs, steps: int):
     else: opt = torch.optim.AdamW(params, lr=k.lr, weight_decay=k.weight_decay)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
 
+def pseudo_per_batch(n_old: int, # old classes
+                     n_batches: int, # batches of real images in an epoch
+                     knobs: SpaKnobs, # `batch_size` and `pseudo_ratio`
+                    ) -> int:
+    "Pseudo-features per batch: `pseudo_ratio` per real image, but room for every old class once each epoch."
+    return max(1, round(knobs.batch_size * knobs.pseudo_ratio), math.ceil(n_old / n_batches))
+
 def replay_schedule(old: torch.Tensor, # [C_old] long, the old classes
                     n_batches: int, # batches in the epoch
                     per_batch: int, # pseudo-features per batch
@@ -240,7 +247,7 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     opt, sched = _optimizer(params, k, k.epochs * n_batches)
     replay = k.calibration and len(old) > 0 and k.pseudo_ratio > 0
     for _ in tqdm(range(k.epochs), desc=f"task {state.n_tasks}", disable=not progress, leave=False):
-        per_batch = max(1, round(bs * k.pseudo_ratio), math.ceil(len(old) / n_batches))  # room for every old class each epoch
+        per_batch = pseudo_per_batch(len(old), n_batches, k)
         pseudo = _replay_counts(replay_schedule(old, n_batches, per_batch, gen), len(old)) if replay else [None] * n_batches
         for b, replayed in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
             loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen)
