@@ -1,15 +1,22 @@
 """CPU scale probe: SPA over 1,000 classes in 100 tasks, time and memory per task as the classes grow.
 
 Random unit global features (and a small patch grid) stand in for cached features: speed and memory do not depend on their
-values. Per task: training seconds (its images are a fixed number, each scored against every seen class, so the cost should
-grow linearly with the seen classes), evaluation seconds (the seen classes' test images against every seen class: quadratic,
-so it is also shown per image x class), the bytes of the stored statistics and the process's peak memory. The probe fits a
-line to the training cost of the tasks up to 100 classes and reports the last task's cost against its extrapolation
-(target, issue 20: within 2x). Then it shows which covariance models the statistics of 1,000 classes at ViT-B/16 sizes
-(d = 512, 16 patch slots) allow in this machine's memory and in a 24 GiB GPU's, and that the run is refused before any work.
-Usage: python benchmarks/bench_scale.py [--classes 1000] [--inc 10] [--threads 1] [--json PATH]
+values. Per task: training seconds, the pseudo-features it replayed, training microseconds per scored (image, class) pair,
+evaluation seconds (the seen classes' test images against every seen class: quadratic, so also shown per image x class), the
+bytes of the stored statistics and the process's peak memory. The probe fits a line to the training cost of the tasks up to
+100 classes and reports the last task's cost against its extrapolation (target, issue 20: within 2x).
+
+A task's training cost is (its real images + its pseudo-features) x the seen classes. Its real images are a fixed number; its
+pseudo-features are `learner.pseudo_per_batch` per batch: one per real image (pseudo_ratio 1), but room for every old class once
+an epoch. So the cost grows linearly with the classes while a task's real images outnumber the old classes, and quadratically
+once the old classes outnumber them (the probe prints where that crossover lies). Run it at two numbers of train images per
+class, all else equal: `--per-class 10` (100 real images a task: quadratic from 130 old classes on) and `--per-class 100`
+(1,000 a task, as in every real benchmark: CIFAR-100 has 500 per class, ImageNet-1k about 1,300; linear up to 1,024 old classes).
+Then it shows which covariance models the statistics of 1,000 classes at ViT-B/16 sizes (d = 512, 16 patch slots) allow in
+this machine's memory and in a 24 GiB GPU's, and that the run is refused before any work.
+Usage: python benchmarks/bench_scale.py [--classes 1000] [--inc 10] [--per-class 10] [--threads 1] [--json PATH]
 """
-import argparse, json, resource, time
+import argparse, json, math, resource, time
 
 import numpy as np
 import torch
@@ -18,7 +25,7 @@ from spa_toolkit.backbone import FeatureSet
 from spa_toolkit.calibration import check_stats_memory, run_stats_bytes, stats_budget, stats_bytes
 from spa_toolkit.core import SpaError, l2norm, make_generator
 from spa_toolkit.base import SpaKnobs
-from spa_toolkit.learner import TextSide, evaluate, new_state, train_task
+from spa_toolkit.learner import TextSide, evaluate, new_state, pseudo_per_batch, train_task
 
 def unit(gen: torch.Generator, *shape) -> torch.Tensor: return l2norm(torch.randn(*shape, generator=gen))
 
@@ -28,25 +35,38 @@ def split(gen: torch.Generator, n_classes: int, per_class: int, d: int, n_patche
     return FeatureSet(unit(gen, n, d).half().numpy(), unit(gen, n, n_patches, d).half().numpy(), None,
                       np.repeat(np.arange(n_classes), per_class), None, {})
 
-def probe(a: argparse.Namespace) -> list[dict]:
+def replay(knobs: SpaKnobs, n_old: int, n_real: int) -> int:
+    "Pseudo-features a task with `n_real` images replays for `n_old` old classes over its epochs."
+    n_batches = math.ceil(n_real / knobs.batch_size)
+    return knobs.epochs * n_batches * pseudo_per_batch(n_old, n_batches, knobs) if n_old else 0
+
+def crossover(knobs: SpaKnobs, n_real: int) -> int:
+    "Old classes above which every-old-class coverage sets a task's pseudo-features: ceil(C_old / n_batches) > round(bs * ratio)."
+    n_batches = math.ceil(n_real / knobs.batch_size)
+    return n_batches * pseudo_per_batch(0, n_batches, knobs)
+
+def probe(a: argparse.Namespace, knobs: SpaKnobs) -> list[dict]:
     "Train and evaluate task by task; one record per task."
     gen = make_generator(0)
     train, test = (split(gen, a.classes, n, a.d, a.patches) for n in (a.per_class, a.test_per_class))
     text = TextSide(unit(gen, a.classes, a.d), unit(gen, a.classes, a.n_desc, a.d), torch.ones(a.classes, a.n_desc, dtype=torch.bool))
-    state, out = new_state(text, 100.0, knobs=SpaKnobs(k_patches=a.k, epochs=a.epochs)), []
+    state, out, n_real = new_state(text, 100.0, knobs=knobs), [], a.inc * a.per_class
     for lo in range(0, a.classes, a.inc):
         t0 = time.perf_counter(); train_task(state, train, list(range(lo, lo + a.inc)), gen)
         t1 = time.perf_counter(); evaluate(state, test)
         t2 = time.perf_counter()
         held = stats_bytes(state.stats) + (stats_bytes(state.pstats) if state.pstats is not None else 0)
-        out.append(dict(classes=state.n_seen, train_s=t1 - t0, eval_s=t2 - t1, eval_us_per_image_class=1e6 * (t2 - t1) / (state.n_seen ** 2 * a.test_per_class),
+        pseudo = replay(knobs, lo, n_real)
+        out.append(dict(classes=state.n_seen, train_s=t1 - t0, pseudo=pseudo,
+                        train_us_per_pair=1e6 * (t1 - t0) / ((knobs.epochs * n_real + pseudo) * state.n_seen),
+                        eval_s=t2 - t1, eval_us_per_image_class=1e6 * (t2 - t1) / (state.n_seen ** 2 * a.test_per_class),
                         stats_mib=held / 2**20, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10))
         if state.n_seen % (a.classes // 10) == 0: print(row(out[-1]), flush=True)
     return out
 
 def row(r: dict) -> str:
-    return (f"{r['classes']:>7} {r['train_s']:>9.3f} {r['eval_s']:>8.3f} {r['eval_us_per_image_class']:>12.3f} "
-            f"{r['stats_mib']:>10.2f} {r['peak_rss_mib']:>9.0f}")
+    return (f"{r['classes']:>7} {r['train_s']:>9.3f} {r['pseudo']:>7} {r['train_us_per_pair']:>12.3f} {r['eval_s']:>8.3f} "
+            f"{r['eval_us_per_image_class']:>12.3f} {r['stats_mib']:>10.2f} {r['peak_rss_mib']:>9.0f}")
 
 def linearity(recs: list[dict], upto: int = 100) -> dict:
     "The last task's training cost against a line fitted to the tasks up to `upto` classes (median of 3 neighbours against noise)."
@@ -69,11 +89,18 @@ def covariance_table(classes: int, d: int = 512, slots: int = 16) -> list[dict]:
 
 def main(a: argparse.Namespace):
     torch.set_num_threads(a.threads)
-    print(f"SPA, {a.classes} classes in tasks of {a.inc}, d={a.d}, {a.patches} patches (k={a.k}), {a.per_class} train / "
-          f"{a.test_per_class} test images per class, {a.epochs} epoch(s), cov=diag, {a.threads} thread(s)")
-    print(f"{'classes':>7} {'train s':>9} {'eval s':>8} {'eval us/i*c':>12} {'stats MiB':>10} {'peak MiB':>9}")
-    recs = probe(a)
-    lin = linearity(recs)
+    knobs, n_real = SpaKnobs(k_patches=a.k, epochs=a.epochs), a.inc * a.per_class
+    cross = crossover(knobs, n_real)
+    print(f"SPA, {a.classes} classes in tasks of {a.inc}, d={a.d}, {a.patches} patches (k={a.k}), {a.n_desc} descriptions, "
+          f"{a.per_class} train / {a.test_per_class} test images per class, {a.epochs} epoch(s), batch {knobs.batch_size}, "
+          f"pseudo_ratio {knobs.pseudo_ratio}, cov={knobs.cov}, pool={knobs.pool}, {a.threads} thread(s)")
+    reach = (cross // a.inc + 2) * a.inc  # the first task whose old classes (a multiple of inc) exceed the crossover
+    print(f"replay: {n_real} real images a task in {math.ceil(n_real / knobs.batch_size)} batch(es); pseudo-features a task grow with the "
+          f"old classes once these exceed {cross}: " + (f"from the task reaching {reach} classes on (quadratic regime)" if reach <= a.classes
+                                                         else f"never within {a.classes} classes (linear regime)"))
+    print(f"{'classes':>7} {'train s':>9} {'pseudo':>7} {'train us/pair':>12} {'eval s':>8} {'eval us/i*c':>12} {'stats MiB':>10} {'peak MiB':>9}")
+    recs = probe(a, knobs)
+    lin = linearity(recs) | dict(crossover_old_classes=cross, crossover_task_classes=reach if reach <= a.classes else None)
     print(f"training cost of the task reaching {lin['last_classes']} classes: {lin['last_train_s']:.3f} s, a line fitted up to "
           f"{lin['fit_upto']} classes predicts {lin['extrapolated_s']:.3f} s: ratio {lin['ratio']:.2f} (target <= 2)")
     cov = covariance_table(a.classes)

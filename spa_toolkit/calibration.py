@@ -88,9 +88,10 @@ class ClassStats:
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
 # %% ../nbs/08_calibration.ipynb #e9f36661
-def _rows_of(classes: torch.Tensor, wanted: torch.Tensor, what: str) -> torch.Tensor:
-    "Rows of sorted `classes` holding each of `wanted`; `SpaError` names any that is missing."
+def _rows_of(classes: torch.Tensor, wanted: torch.Tensor, what: str, check: bool = True) -> torch.Tensor:
+    "Rows of sorted `classes` holding each of `wanted`; `SpaError` names any that is missing (when `check`)."
     rows = torch.searchsorted(classes, wanted).clamp_max(len(classes) - 1)
+    if not check: return rows
     missing = torch.unique(wanted[classes[rows] != wanted])
     if len(missing): raise SpaError(f"{what} {missing.tolist()[:10]} not among the classes {classes.tolist()[:10]}...: "
                                     "pass matching labels/classes, or compute statistics for them first")
@@ -187,16 +188,17 @@ class Pseudo(NamedTuple):
     feats: torch.Tensor # [n,d] global pseudo-features, or [n,k,d] pseudo patch sets
     labels: torch.Tensor # [n] class ids
 
-def _per_class(n_per_class, n_rows: int, device) -> tuple[torch.Tensor, int]:
-    "Counts [n_rows] and their maximum."
+def _per_class(n_per_class, n_rows: int, device, sizes: tuple[int, int] | None = None) -> tuple[torch.Tensor, int, int]:
+    "Counts [n_rows], their maximum and their sum: checked and read back, or trusted with the caller's `sizes` (maximum, sum)."
     counts = torch.as_tensor(n_per_class, device=device)
+    if sizes is not None: return counts.expand(n_rows), *sizes
     if counts.is_floating_point() and (counts != counts.round()).any():
         raise SpaError(f"n_per_class must be whole numbers, got {n_per_class}: pass int counts (e.g. round them)")
     counts = counts.long()
     if counts.ndim > 1 or counts.numel() not in (1, n_rows) or (counts < 0).any():
         raise SpaError(f"n_per_class must be an int >= 0 or one count per class ({n_rows}), got {n_per_class}")
     counts = counts.expand(n_rows)
-    return counts, int(counts.max()) if n_rows else 0
+    return counts, int(counts.max()) if n_rows else 0, int(counts.sum())
 
 def _draw(stats: ClassStats, rows: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
     "`m` samples of each class row: [R, m, d]."
@@ -209,11 +211,12 @@ def _draw(stats: ClassStats, rows: torch.Tensor, m: int, generator: torch.Genera
     if stats.cov == "shared": return mu + eps @ stats.factor.T
     return mu.expand(-1, m, -1).clone()
 
-def _unpad(z: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, normalize: bool) -> Pseudo:
-    "Drop the padding of `z` [R, m, ...] beyond each row's count."
-    keep = torch.arange(z.shape[1], device=z.device) < counts[:, None]
-    feats = z[keep]
-    return Pseudo(l2norm(feats) if normalize else feats, labels[:, None].expand(-1, z.shape[1])[keep])
+def _unpad(z: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, normalize: bool, total: int) -> Pseudo:
+    "Drop the padding of `z` [R, m, ...] beyond each row's count, `total` entries kept (known, so no host read sizes the result)."
+    keep = (torch.arange(z.shape[1], device=z.device) < counts[:, None]).flatten()
+    idx = keep.nonzero_static(size=total)[:, 0]
+    feats = z.flatten(0, 1)[idx]
+    return Pseudo(l2norm(feats) if normalize else feats, labels[idx // z.shape[1]])
 
 # %% ../nbs/08_calibration.ipynb #8a79b142
 def sample_pseudo(stats: ClassStats, # from `class_stats` / `merge_stats`
@@ -221,12 +224,13 @@ def sample_pseudo(stats: ClassStats, # from `class_stats` / `merge_stats`
                   generator: torch.Generator, # on the statistics' device
                   classes: torch.Tensor | None = None, # [C'] class ids to sample (default: all in `stats`)
                   normalize: bool = False, # L2-normalise the samples
+                  sizes: tuple[int, int] | None = None, # (max, sum) of the counts when the caller knows them: inputs trusted, nothing read back to the host
                  ) -> Pseudo: # feats [n,d], labels [n], grouped by class in the order of `classes`
     "Pseudo-features [n, d] and their labels [n], drawn from the stored class Gaussians."
     cls = stats.classes if classes is None else classes.to(stats.classes.device)
-    rows = _rows_of(stats.classes, cls, "classes")
-    counts, m = _per_class(n_per_class, len(rows), rows.device)
-    return _unpad(_draw(stats, rows, m, generator), counts, cls, normalize)
+    rows = _rows_of(stats.classes, cls, "classes", check=sizes is None)
+    counts, m, total = _per_class(n_per_class, len(rows), rows.device, sizes)
+    return _unpad(_draw(stats, rows, m, generator), counts, cls, normalize, total)
 
 # %% ../nbs/08_calibration.ipynb #5e29bf7f
 @dataclass
@@ -263,13 +267,14 @@ def sample_pseudo_patches(stats: PatchStats, # from `patch_stats` / `merge_stats
                           generator: torch.Generator, # on the statistics' device
                           classes: torch.Tensor | None = None, # [C'] class ids (default: all)
                           normalize: bool = False, # L2-normalise each token
+                          sizes: tuple[int, int] | None = None, # (max, sum) of the counts when the caller knows them: inputs trusted, nothing read back to the host
                          ) -> Pseudo: # feats [n,k,d], labels [n]
     "Pseudo patch sets [n, k, d] and their labels [n], drawn slot by slot from the stored Gaussians."
     cls = stats.classes if classes is None else classes.to(stats.classes.device)
-    rows = _rows_of(stats.stats.classes, _slot_keys(cls, stats.k), "classes")
-    counts, m = _per_class(n_per_class, len(cls), rows.device)
+    rows = _rows_of(stats.stats.classes, _slot_keys(cls, stats.k), "classes", check=sizes is None)
+    counts, m, total = _per_class(n_per_class, len(cls), rows.device, sizes)
     z = _draw(stats.stats, rows, m, generator)
-    return _unpad(rearrange(z, "(c k) m d -> c m k d", k=stats.k), counts, cls, normalize)
+    return _unpad(rearrange(z, "(c k) m d -> c m k d", k=stats.k), counts, cls, normalize, total)
 
 # %% ../nbs/08_calibration.ipynb #25a4fc9c
 def stats_bytes(stats: ClassStats | PatchStats) -> int:

@@ -32,9 +32,10 @@ from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_n
 
 # %% auto #0
 __all__ = ['PEERS', 'STATE_VERSION', 'Peer', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict',
-           'Rows', 'rows', 'task_rows', 'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins',
-           'state_dict', 'state_from_dict', 'save_state', 'load_state', 'split_features', 'view_features', 'Prepared',
-           'prepare', 'views_needed', 'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
+           'Rows', 'rows', 'task_rows', 'pseudo_per_batch', 'replay_schedule', 'train_task', 'evaluate',
+           'score_margins', 'replay_margins', 'state_dict', 'state_from_dict', 'save_state', 'load_state',
+           'split_features', 'view_features', 'Prepared', 'prepare', 'views_needed', 'run_key', 'check_stats_fit',
+           'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #6ba34b2f
 class Peer(NamedTuple):
@@ -79,6 +80,12 @@ class TextSide:
     sem: torch.Tensor # [C, M, d] semantic tokens, unit rows (zero where padded)
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
 
+    def __post_init__(self):
+        "Check the masks once, here: training steps then pool with them unchecked, reading nothing back."
+        if self.sem_mask.shape != self.sem.shape[:2] or not self.sem_mask.any(-1).all():
+            raise SpaError(f"the description mask {tuple(self.sem_mask.shape)} must be [C, M] like the semantic tokens {tuple(self.sem.shape)}, "
+                           "with a real description in every row: give every class at least one description")
+
 def encode_text_side(clip: ClipBundle, # the frozen model
                      class_names: list[str], # [C] in label order
                      templates: list[str], # prompt templates with one "{}"
@@ -119,20 +126,20 @@ def new_state(text: TextSide, # frozen text side of the benchmark
     return CILState(k, text, proj, float(logit_scale))
 
 # %% ../nbs/10_learner.ipynb #1bd09264
-def _patch_scores(state: CILState, patches: torch.Tensor, n: int) -> torch.Tensor:
+def _patch_scores(state: CILState, patches: torch.Tensor, n: int, check: bool = True) -> torch.Tensor:
     "Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected descriptions."
     k, vis, txt = state.knobs, state.proj.visual, state.proj.text
     p, sem, mask = patches.to(state.text.sem.dtype), state.text.sem[:n], state.text.sem_mask[:n]
     kk, chunk = min(k.k_patches, p.shape[1]), None if torch.is_grad_enabled() else k.class_chunk
-    pool = lambda S, m: pooled_score(S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative)
+    pool = lambda S, m: pooled_score(S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check)
     if k.selection == "agnostic":
         sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)  # training and replay pass the frozen sets themselves
         Z = vis(sets)  # [B, k, d]: one set per image, for every class
         return torch.cat([pool(torch.einsum("bkd,cmd->bckm", Z, txt(s) * m[..., None]), m) for s, m in class_chunks(sem, mask, chunk)], 1)
-    return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m))), txt(s) * m[..., None]), m)
+    return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m, check=check))), txt(s) * m[..., None]), m)
                       for s, m in class_chunks(sem, mask, chunk)], 1)
 
-def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int) -> torch.Tensor:
+def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int, check: bool = True) -> torch.Tensor:
     "Un-scaled SPA scores [B, n]: projected global similarity, plus the prototype and patch-level terms when switched on."
     k, vis = state.knobs, state.proj.visual
     vg = vis(g)
@@ -142,7 +149,7 @@ def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, 
         s = s + k.proto * vg @ vis(state.stats.means[:n].to(g.dtype)).T
     if k.lam > 0:
         if patches is None: raise SpaError("the patch branch needs patch tokens: extract features with patches, or use lam=0")
-        s = s + k.lam * _patch_scores(state, patches, n)
+        s = s + k.lam * _patch_scores(state, patches, n, check)
     return s
 
 def _baseline_scores(state: CILState, g: torch.Tensor, n: int) -> torch.Tensor:
@@ -159,11 +166,12 @@ def predict(state: CILState, # a trained (or fresh) state
             g: torch.Tensor, # [B, d] global features (unit norm)
             patches: torch.Tensor | None = None, # [B, N, d] patch tokens, or [B, k', d] selected sets
             n_classes: int | None = None, # score classes 0..n_classes-1 (default: all seen)
+            check: bool = True, # validate the patch branch's values (host syncs on a GPU); False in training steps
            ) -> torch.Tensor: # [B, n_classes] logits
     "Logits [B, n_classes] of SPA (or of the state's baseline scorer) from global features [B, d] and patches [B, N, d]."
     n = n_classes or state.n_seen
     if n < 1: raise SpaError("no class seen yet: train a task first, or pass n_classes")
-    s = _spa_scores(state, g, patches, n) if state.knobs.scorer == "spa" else _baseline_scores(state, g, n)
+    s = _spa_scores(state, g, patches, n, check) if state.knobs.scorer == "spa" else _baseline_scores(state, g, n)
     return state.logit_scale * s
 
 # %% ../nbs/10_learner.ipynb #1083df65
@@ -198,6 +206,13 @@ def _optimizer(params: list, k: SpaKnobs, steps: int):
     else: opt = torch.optim.AdamW(params, lr=k.lr, weight_decay=k.weight_decay)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
 
+def pseudo_per_batch(n_old: int, # old classes
+                     n_batches: int, # batches of real images in an epoch
+                     knobs: SpaKnobs, # `batch_size` and `pseudo_ratio`
+                    ) -> int:
+    "Pseudo-features per batch: `pseudo_ratio` per real image, but room for every old class once each epoch."
+    return max(1, round(knobs.batch_size * knobs.pseudo_ratio), math.ceil(n_old / n_batches))
+
 def replay_schedule(old: torch.Tensor, # [C_old] long, the old classes
                     n_batches: int, # batches in the epoch
                     per_batch: int, # pseudo-features per batch
@@ -208,21 +223,27 @@ def replay_schedule(old: torch.Tensor, # [C_old] long, the old classes
     rounds = [old[torch.randperm(len(old), generator=generator, device=generator.device)] for _ in range(math.ceil(total / len(old)))]
     return torch.cat(rounds)[:total].split(per_batch)
 
-def _pseudo_batch(state: CILState, labels: torch.Tensor, gen: torch.Generator) -> tuple:
-    "Pseudo (global, patch set, label) triples of old classes, `labels` [n] saying how many of which."
-    old = torch.arange(int(labels.max()) + 1, device=labels.device)
-    counts = torch.bincount(labels, minlength=len(old))
-    g = sample_pseudo(state.stats, counts, gen, classes=old, normalize=True)
-    p = sample_pseudo_patches(state.pstats, counts, gen, classes=old, normalize=True).feats if state.pstats is not None else None
+def _replay_counts(batches: tuple[torch.Tensor, ...], n_old: int) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    "Each batch's counts [R] of pseudo-features of old classes 0..R-1 (R: its largest label + 1) and their (max, sum), read back once for all batches."
+    y = torch.stack(batches)  # [n_batches, per_batch]
+    counts = torch.zeros(len(y), n_old, dtype=torch.long, device=y.device).scatter_add_(1, y, torch.ones_like(y))
+    sizes = torch.stack([y.amax(1) + 1, counts.amax(1)], 1).tolist()  # the epoch's one host read: what sizes each batch's draw
+    return [(c[:r], (most, y.shape[1])) for c, (r, most) in zip(counts, sizes)]
+
+def _pseudo_batch(state: CILState, counts: torch.Tensor, sizes: tuple[int, int], gen: torch.Generator) -> tuple:
+    "Pseudo (global, patch set, label) triples of old classes, `counts` [R] saying how many of which, `sizes` their (max, sum)."
+    old = torch.arange(len(counts), device=counts.device)
+    g = sample_pseudo(state.stats, counts, gen, classes=old, normalize=True, sizes=sizes)
+    p = sample_pseudo_patches(state.pstats, counts, gen, classes=old, normalize=True, sizes=sizes).feats if state.pstats is not None else None
     return g.feats, p, g.labels
 
 def _loss(state: CILState, g, p, y, n: int) -> torch.Tensor:
-    "Cross-entropy over all `n` seen classes."
-    return F.cross_entropy(predict(state, g, p, n), y)
+    "Cross-entropy over all `n` seen classes; the inputs were validated once for the task, so nothing is read back."
+    return F.cross_entropy(predict(state, g, p, n, check=False), y)
 
 # %% ../nbs/10_learner.ipynb #274410b3
 def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch.Generator, progress: bool):
-    "Train the newest adapters on `data` (+ pseudo-features of the `old` classes, every one each epoch)."
+    "Train the newest adapters on `data` (+ pseudo-features of the `old` classes, every one each epoch); one host read an epoch, none a step."
     k = state.knobs
     params = state.proj.add_task(gen).freeze_old()
     n, bs = len(data.y), k.batch_size
@@ -230,11 +251,11 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     opt, sched = _optimizer(params, k, k.epochs * n_batches)
     replay = k.calibration and len(old) > 0 and k.pseudo_ratio > 0
     for _ in tqdm(range(k.epochs), desc=f"task {state.n_tasks}", disable=not progress, leave=False):
-        per_batch = max(1, round(bs * k.pseudo_ratio), math.ceil(len(old) / n_batches))  # room for every old class each epoch
-        pseudo = replay_schedule(old, n_batches, per_batch, gen) if replay else [None] * n_batches
-        for b, labels in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
+        per_batch = pseudo_per_batch(len(old), n_batches, k)
+        pseudo = _replay_counts(replay_schedule(old, n_batches, per_batch, gen), len(old)) if replay else [None] * n_batches
+        for b, replayed in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
             loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen)
-            if labels is not None: loss = loss + k.pseudo_ratio * _loss(state, *_pseudo_batch(state, labels, gen), n_seen)
+            if replayed is not None: loss = loss + k.pseudo_ratio * _loss(state, *_pseudo_batch(state, *replayed, gen), n_seen)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
 def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:

@@ -19,12 +19,11 @@ __all__ = ['sinkhorn', 'relative_cost', 'sim_ot_plan', 'sim_ot_score', 'ot_score
            'pooled_score', 'patch_ot_scores', 'label_ot_scores']
 
 # %% ../nbs/06_ot.ipynb #aa4b8482
-def _log_marginal(w: torch.Tensor | None, n: int, dtype, device, what: str) -> torch.Tensor:
-    "Log-weights [..., n] of a marginal: uniform for None; zero weights become exactly -inf."
+def _log_marginal(w: torch.Tensor | None, n: int, dtype, device, what: str, check: bool = True) -> torch.Tensor:
+    "Log-weights [..., n] of a marginal: uniform for None; zero weights become exactly -inf; values checked when `check`."
     if w is None: return torch.full((n,), -math.log(n), dtype=dtype, device=device)
     if w.shape[-1] != n: raise SpaError(f"{what} has {w.shape[-1]} weights but the cost matrix has {n} along that side: pass [..., {n}]")
-    check_finite(w, what)
-    if (w < 0).any(): raise SpaError(f"{what} has negative weights: marginals must be non-negative")
+    if check and (check_finite(w, what) < 0).any(): raise SpaError(f"{what} has negative weights: marginals must be non-negative")
     w = w.to(dtype)
     return torch.where(w > 0, w.clamp_min(torch.finfo(dtype).tiny).log(), float("-inf"))
 
@@ -36,15 +35,15 @@ def _check_mass(loga: torch.Tensor, logb: torch.Tensor):
     if (ma - mb).abs().max() > 1e-4:
         raise SpaError(f"the marginals carry different total mass (up to {float((ma - mb).abs().max()):.3g} in log): normalise a and b to sum to 1")
 
-def _prepare(C, eps, a, b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Validate a Sinkhorn problem; return K = -C/eps and the log-marginals in the working dtype."
+def _prepare(C, eps, a, b, check: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Validate a Sinkhorn problem (its values too when `check`); return K = -C/eps and the log-marginals in the working dtype."
     if C.ndim < 2: raise SpaError(f"the cost must be [..., n, m], got shape {tuple(C.shape)}")
     if not eps > 0: raise SpaError(f"eps={eps}: the entropic regularisation must be positive (the default is {EPS})")
-    check_finite(C, "the OT cost matrix")
+    if check: check_finite(C, "the OT cost matrix")
     dt = torch.promote_types(C.dtype, torch.float32)
-    loga = _log_marginal(a, C.shape[-2], dt, C.device, "the source marginal a")
-    logb = _log_marginal(b, C.shape[-1], dt, C.device, "the target marginal b")
-    _check_mass(loga, logb)
+    loga = _log_marginal(a, C.shape[-2], dt, C.device, "the source marginal a", check)
+    logb = _log_marginal(b, C.shape[-1], dt, C.device, "the target marginal b", check)
+    if check: _check_mass(loga, logb)
     return -C.to(dt) / eps, loga, logb
 
 # %% ../nbs/06_ot.ipynb #a8e0286d
@@ -64,9 +63,9 @@ def _potentials(K, loga, logb, ot_iters: int, tol: float | None) -> tuple[torch.
         warnings.warn(f"Sinkhorn stopped at ot_iters={ot_iters} with marginal error {err:.2e} > tol={tol}: raise ot_iters or eps")
     return u, v
 
-def _plan(C, eps, a=None, b=None, ot_iters=OT_ITERS, tol=None) -> torch.Tensor:
+def _plan(C, eps, a=None, b=None, ot_iters=OT_ITERS, tol=None, check=True) -> torch.Tensor:
     "Entropic OT plans in the working dtype (at least float32)."
-    K, loga, logb = _prepare(C, eps, a, b)
+    K, loga, logb = _prepare(C, eps, a, b, check)
     u, v = _potentials(K, loga, logb, ot_iters, tol)
     return torch.exp(K + u[..., :, None] + v[..., None, :])
 
@@ -82,11 +81,11 @@ def sinkhorn(C: torch.Tensor, # [..., n, m] cost matrices, any leading (batch) d
     return _plan(C, eps, a, b, ot_iters, tol).to(C.dtype)
 
 # %% ../nbs/06_ot.ipynb #61967825
-def _mask_weights(mask: torch.Tensor, m: int) -> torch.Tensor:
-    "Uniform weights [..., m] over the True entries of `mask`."
+def _mask_weights(mask: torch.Tensor, m: int, check: bool = True) -> torch.Tensor:
+    "Uniform weights [..., m] over the True entries of `mask` (checked for an empty row when `check`)."
     if mask.shape[-1] != m: raise SpaError(f"the description mask has {mask.shape[-1]} entries but there are {m} semantic tokens")
     mask = mask.bool()
-    if not mask.any(-1).all(): raise SpaError("a description mask is all False: every class needs at least one real description")
+    if check and not mask.any(-1).all(): raise SpaError("a description mask is all False: every class needs at least one real description")
     return mask / mask.sum(-1, keepdim=True)
 
 def relative_cost(S: torch.Tensor, # [..., k, M] similarities
@@ -102,10 +101,11 @@ def sim_ot_plan(S: torch.Tensor, # [..., k, M] similarities of selected patches 
                 mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
                 ot_iters: int = OT_ITERS, # Sinkhorn sweeps
                 eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread (`relative_cost`)
+                check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
                ) -> torch.Tensor: # [..., k, M] plans, at least float32
     "Entropic OT plans [..., k, M] between patches and real descriptions (uniform) for the cost $1 - S$, S [..., k, M]."
-    b = None if mask is None else _mask_weights(mask, S.shape[-1])
-    return _plan(relative_cost(S, mask) if eps_relative else 1 - S, eps, b=b, ot_iters=ot_iters)
+    b = None if mask is None else _mask_weights(mask, S.shape[-1], check)
+    return _plan(relative_cost(S, mask) if eps_relative else 1 - S, eps, b=b, ot_iters=ot_iters, check=check)
 
 def sim_ot_score(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
                  eps: float = EPS, # entropic regularisation (a fraction of the cost spread when `eps_relative`)
@@ -113,10 +113,11 @@ def sim_ot_score(S: torch.Tensor, # [..., k, M] similarities of selected patches
                  ot_iters: int = OT_ITERS, # Sinkhorn sweeps
                  detach_plan: bool = True, # hold the plan constant for the gradient
                  eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
+                 check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
                 ) -> torch.Tensor: # [...] OT scores, at least float32
     "OT scores [...] $\\langle \\Pi^*, S \\rangle$ of similarities S [..., k, M], with cost $1 - S$ and uniform marginals."
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan):
-        plan = sim_ot_plan(S, eps, mask, ot_iters, eps_relative)
+        plan = sim_ot_plan(S, eps, mask, ot_iters, eps_relative, check)
     return (plan * S.to(plan.dtype)).sum((-2, -1))
 
 def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
@@ -144,13 +145,19 @@ def plan_entropy(plan: torch.Tensor, # [..., k, M] transport plans (total mass 1
     m = plan.new_tensor(plan.shape[-1]) if mask is None else mask.sum(-1).to(plan.dtype)
     return h / (math.log(plan.shape[-2]) + m.log()).clamp_min(1e-12)
 
+def _description_weights(S: torch.Tensor, mask: torch.Tensor | None, check: bool) -> torch.Tensor:
+    "Weights [..., M] of the descriptions, uniform over the real ones, in the dtype of `S` [..., k, M]."
+    if mask is None: return torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device)
+    return _mask_weights(mask, S.shape[-1], check).to(S.dtype)
+
 def semi_relaxed_plan(S: torch.Tensor, # [..., k, M] similarities
                       eps: float = EPS, # entropic regularisation (a fraction of each problem's cost spread when `eps_relative`)
                       mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
                       eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
+                      check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
                      ) -> torch.Tensor: # [..., k, M] plans: columns sum to the description weights, rows are free
     "Entropic OT plans [..., k, M] that keep the descriptions' marginal and free the patches': a softmax of patches per description."
-    b = torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device) if mask is None else _mask_weights(mask, S.shape[-1]).to(S.dtype)
+    b = _description_weights(S, mask, check)
     C = relative_cost(S, mask) if eps_relative else 1 - S
     return torch.softmax(-C / eps, dim=-2) * b[..., None, :]
 
@@ -161,13 +168,14 @@ def pooled_score(S: torch.Tensor, # [..., k, M] similarities of selected patches
                  ot_iters: int = OT_ITERS, # OT: Sinkhorn sweeps
                  eps_relative: bool = EPS_RELATIVE, # OT: eps relative to each problem's cost spread
                  detach_plan: bool = True, # OT: hold the plan constant for the gradient
+                 check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
                 ) -> torch.Tensor: # [...] scores
     "Scores [...] of similarities [..., k, M]: balanced or semi-relaxed OT, mean pooling, or mean of maxima."
-    if pool == "ot": return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative)
+    if pool == "ot": return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative, check)
     if pool == "semi_ot":
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan): plan = semi_relaxed_plan(S, eps, mask, eps_relative)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan): plan = semi_relaxed_plan(S, eps, mask, eps_relative, check)
         return (plan * S).sum((-2, -1))
-    b = torch.full(S.shape[-1:], 1 / S.shape[-1], dtype=S.dtype, device=S.device) if mask is None else _mask_weights(mask, S.shape[-1]).to(S.dtype)
+    b = _description_weights(S, mask, check)
     if pool == "mean": return (S.mean(-2) * b).sum(-1)
     if pool == "max": return (S.amax(-2) * b).sum(-1)
     raise SpaError(f"pool={pool!r}: choose one of {POOLS}")

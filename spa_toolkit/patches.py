@@ -96,15 +96,17 @@ def semantic_tokens(class_names: list[str], # the C classes, in logit order
 def check_patch_inputs(patches: torch.Tensor, # [B, N, d] patch tokens
                        sem: torch.Tensor, # [C, M, d] semantic tokens
                        mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions; None: all real
+                       values: bool = True, # also read the values back (finite, a real token per class): host syncs on a GPU
                       ) -> torch.Tensor: # [C, M] bool mask
     "Validate patches [B, N, d] and semantic tokens [C, M, d] (dims, finiteness, a real token per class); return the mask [C, M]."
     if patches.ndim != 3 or sem.ndim != 3:
         raise SpaError(f"patches must be [B, N, d] and semantic tokens [C, M, d], got {tuple(patches.shape)} and {tuple(sem.shape)}")
     if patches.shape[-1] != sem.shape[-1]: raise SpaError(f"patch dim {patches.shape[-1]} != semantic token dim {sem.shape[-1]}: "
                                                           "embed both with the same CLIP model (and the same projector stage)")
-    check_finite(patches, "patch tokens"); check_finite(sem, "semantic tokens")
     mask = torch.ones(sem.shape[:2], dtype=torch.bool, device=sem.device) if mask is None else mask.bool()
     if mask.shape != sem.shape[:2]: raise SpaError(f"mask is {tuple(mask.shape)} but semantic tokens are {tuple(sem.shape)}: it must be [C, M]")
+    if not values: return mask
+    check_finite(patches, "patch tokens"); check_finite(sem, "semantic tokens")
     empty = (~mask.any(-1)).nonzero().flatten().tolist()
     if empty: raise SpaError(f"class(es) {empty} have no valid description token: give every class at least one description")
     return mask
@@ -154,9 +156,10 @@ def select_patches(patches: torch.Tensor, # [B, N, d] patch tokens
                    classes: torch.Tensor | None = None, # [C'] long, candidate classes (rows of `sem`); None: all
                    class_chunk: int | None = None, # classes per memory chunk; None: all at once
                    agnostic: bool = False, # one selection per image, by relevance to any class
+                   check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
                   ) -> torch.Tensor: # [B, C, k] (or [B, C', k]) long patch indices
     "Indices [B, C, k] of each image's top-k patches [B, N, d] for every candidate class [C, M, d]."
-    mask = check_patch_inputs(patches, sem, mask)
+    mask = check_patch_inputs(patches, sem, mask, values=check)
     if classes is not None: sem, mask = sem[classes], mask[classes]
     if agnostic: return topk_patches(_agnostic_relevance(patches, sem, mask, class_chunk), k_patches)[:, None].expand(-1, sem.shape[0], -1)
     return torch.cat([topk_patches(relevance(patch_similarity(patches, s), m), k_patches) for s, m in class_chunks(sem, mask, class_chunk)], 1)

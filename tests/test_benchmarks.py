@@ -26,5 +26,6 @@ def test_bench_scale_small_probe_reports_every_task(tmp_path):
     mib = [t["stats_mib"] for t in res["tasks"]]
     assert 0 < mib[0] < mib[1] < mib[2]  # statistics grow with the classes
     assert res["linearity"]["last_classes"] == 30 and res["linearity"]["ratio"] > 0
+    assert [t["pseudo"] for t in res["tasks"]] == [0, 64, 64] and res["linearity"]["crossover_old_classes"] == 64  # 40 real images: 1 batch
     gib = {r["cov"]: r["gib"] for r in res["covariance"]}
     assert len(res["covariance"]) == 8 and gib["full"] > gib["diag"] > gib["none"] > 0

@@ -45,9 +45,9 @@ def test_replay_schedule_covers_every_old_class_each_epoch():
 def test_training_replays_pseudo_features_of_every_old_class(prep, monkeypatch):
     seen = []
     real = L.sample_pseudo
-    def spy(stats, counts, gen, classes=None, normalize=False):
+    def spy(stats, counts, gen, classes=None, **kw):
         seen.append(classes[counts > 0].tolist())
-        return real(stats, counts, gen, classes=classes, normalize=normalize)
+        return real(stats, counts, gen, classes=classes, **kw)
     monkeypatch.setattr(L, "sample_pseudo", spy)
     trained(prep, tasks=2, epochs=1)
     assert seen, "no pseudo-features were drawn while training the second task"
