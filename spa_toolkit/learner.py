@@ -31,11 +31,11 @@ from .engine import VIEW_NOISE, VIEW_SEED, EngineKnobs, new_engine_state, engine
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
-__all__ = ['PEERS', 'STATE_VERSION', 'Peer', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'predict',
-           'Rows', 'rows', 'task_rows', 'pseudo_per_batch', 'replay_schedule', 'train_task', 'evaluate',
-           'score_margins', 'replay_margins', 'state_dict', 'state_from_dict', 'save_state', 'load_state',
-           'split_features', 'view_features', 'Prepared', 'prepare', 'views_needed', 'run_key', 'check_stats_fit',
-           'run_method', 'run_protocol']
+__all__ = ['PEERS', 'STATE_VERSION', 'Peer', 'method_knobs', 'TextSide', 'encode_text_side', 'CILState', 'new_state', 'ClassSide',
+           'frozen_class_side', 'class_side', 'predict', 'Rows', 'rows', 'task_rows', 'pseudo_per_batch',
+           'replay_schedule', 'train_task', 'evaluate', 'score_margins', 'replay_margins', 'state_dict',
+           'state_from_dict', 'save_state', 'load_state', 'split_features', 'view_features', 'Prepared', 'prepare',
+           'views_needed', 'run_key', 'check_stats_fit', 'run_method', 'run_protocol']
 
 # %% ../nbs/10_learner.ipynb #6ba34b2f
 class Peer(NamedTuple):
@@ -126,30 +126,63 @@ def new_state(text: TextSide, # frozen text side of the benchmark
     return CILState(k, text, proj, float(logit_scale))
 
 # %% ../nbs/10_learner.ipynb #1bd09264
-def _patch_scores(state: CILState, patches: torch.Tensor, n: int, check: bool = True) -> torch.Tensor:
+class ClassSide(NamedTuple):
+    "What every image is scored against: the class side of SPA's scores over classes 0..n-1."
+    names: torch.Tensor # [n, d] class-name embeddings
+    sem: torch.Tensor | None # [n, M, d] description embeddings (zero where padded); None without the patch branch
+    means: torch.Tensor | None # [n, d] class means; None without the prototype term
+
+def _class_inputs(state: CILState, n: int) -> ClassSide:
+    "The frozen class side [n, ...] the banks project: what the enabled terms need (the means once statistics cover the n classes)."
+    k, st = state.knobs, state.stats
+    means = st.means[:n].to(state.text.names.dtype) if k.proto > 0 and st is not None and len(st.classes) >= n else None
+    return ClassSide(state.text.names[:n], state.text.sem[:n] if k.lam > 0 else None, means)
+
+def _banks(state: CILState):
+    "The bank that projects each field of a `ClassSide`: text for names and descriptions, visual for class means."
+    return ClassSide(state.proj.text, state.proj.text, state.proj.visual)
+
+def frozen_class_side(state: CILState, # a state whose newest adapters are training
+                      n: int, # classes 0..n-1
+                     ) -> ClassSide:
+    "The class side's part from the frozen adapters (`ProjectorBank.frozen_sum`), constant while a task trains: computed once per task."
+    return ClassSide(*(None if x is None else bank.frozen_sum(x) for x, bank in zip(_class_inputs(state, n), _banks(state))))
+
+def class_side(state: CILState, # a trained (or training) state
+               n: int, # classes 0..n-1
+               frozen: ClassSide | None = None, # from `frozen_class_side`: then only the newest adapters run
+              ) -> ClassSide:
+    "The projected class side: names [n, d], descriptions [n, M, d] (zero where padded) and means [n, d], as the enabled terms need."
+    side = ClassSide(*(None if x is None else bank(x, None if frozen is None else f)
+                       for x, bank, f in zip(_class_inputs(state, n), _banks(state), frozen or (None,) * 3)))
+    return side if side.sem is None else side._replace(sem=side.sem * state.text.sem_mask[:n, :, None])
+
+def _patch_scores(state: CILState, patches: torch.Tensor, n: int, check: bool = True, side: ClassSide | None = None) -> torch.Tensor:
     "Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected descriptions."
-    k, vis, txt = state.knobs, state.proj.visual, state.proj.text
+    k, vis = state.knobs, state.proj.visual
     p, sem, mask = patches.to(state.text.sem.dtype), state.text.sem[:n], state.text.sem_mask[:n]
+    proj_sem = (side or class_side(state, n)).sem
     kk, chunk = min(k.k_patches, p.shape[1]), None if torch.is_grad_enabled() else k.class_chunk
     pool = lambda S, m: pooled_score(S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check)
     if k.selection == "agnostic":
         sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)  # training and replay pass the frozen sets themselves
         Z = vis(sets)  # [B, k, d]: one set per image, for every class
-        return torch.cat([pool(torch.einsum("bkd,cmd->bckm", Z, txt(s) * m[..., None]), m) for s, m in class_chunks(sem, mask, chunk)], 1)
-    return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m, check=check))), txt(s) * m[..., None]), m)
-                      for s, m in class_chunks(sem, mask, chunk)], 1)
+        return torch.cat([pool(torch.einsum("bkd,cmd->bckm", Z, t), m) for t, m in class_chunks(proj_sem, mask, chunk)], 1)
+    return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m, check=check))), t), m)
+                      for (s, m), (t, _) in zip(class_chunks(sem, mask, chunk), class_chunks(proj_sem, mask, chunk))], 1)
 
-def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int, check: bool = True) -> torch.Tensor:
+def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int, check: bool = True,
+                side: ClassSide | None = None) -> torch.Tensor:
     "Un-scaled SPA scores [B, n]: projected global similarity, plus the prototype and patch-level terms when switched on."
-    k, vis = state.knobs, state.proj.visual
-    vg = vis(g)
-    s = vg @ state.proj.text(state.text.names[:n]).T
+    k, side = state.knobs, side or class_side(state, n)
+    vg = state.proj.visual(g)
+    s = vg @ side.names.T
     if k.proto > 0:
-        if state.stats is None or len(state.stats.classes) < n: raise SpaError(f"proto > 0 needs the class means of all {n} classes: train the tasks first")
-        s = s + k.proto * vg @ vis(state.stats.means[:n].to(g.dtype)).T
+        if side.means is None: raise SpaError(f"proto > 0 needs the class means of all {n} classes: train the tasks first")
+        s = s + k.proto * vg @ side.means.T
     if k.lam > 0:
         if patches is None: raise SpaError("the patch branch needs patch tokens: extract features with patches, or use lam=0")
-        s = s + k.lam * _patch_scores(state, patches, n, check)
+        s = s + k.lam * _patch_scores(state, patches, n, check, side)
     return s
 
 def _baseline_scores(state: CILState, g: torch.Tensor, n: int) -> torch.Tensor:
@@ -167,11 +200,12 @@ def predict(state: CILState, # a trained (or fresh) state
             patches: torch.Tensor | None = None, # [B, N, d] patch tokens, or [B, k', d] selected sets
             n_classes: int | None = None, # score classes 0..n_classes-1 (default: all seen)
             check: bool = True, # validate the patch branch's values (host syncs on a GPU); False in training steps
+            side: ClassSide | None = None, # the projected class side of these n classes, when already computed (`class_side`)
            ) -> torch.Tensor: # [B, n_classes] logits
     "Logits [B, n_classes] of SPA (or of the state's baseline scorer) from global features [B, d] and patches [B, N, d]."
     n = n_classes or state.n_seen
     if n < 1: raise SpaError("no class seen yet: train a task first, or pass n_classes")
-    s = _spa_scores(state, g, patches, n, check) if state.knobs.scorer == "spa" else _baseline_scores(state, g, n)
+    s = _spa_scores(state, g, patches, n, check, side) if state.knobs.scorer == "spa" else _baseline_scores(state, g, n)
     return state.logit_scale * s
 
 # %% ../nbs/10_learner.ipynb #1083df65
@@ -237,15 +271,16 @@ def _pseudo_batch(state: CILState, counts: torch.Tensor, sizes: tuple[int, int],
     p = sample_pseudo_patches(state.pstats, counts, gen, classes=old, normalize=True, sizes=sizes).feats if state.pstats is not None else None
     return g.feats, p, g.labels
 
-def _loss(state: CILState, g, p, y, n: int) -> torch.Tensor:
-    "Cross-entropy over all `n` seen classes; the inputs were validated once for the task, so nothing is read back."
-    return F.cross_entropy(predict(state, g, p, n, check=False), y)
+def _loss(state: CILState, g, p, y, n: int, frozen: ClassSide) -> torch.Tensor:
+    "Cross-entropy over all `n` seen classes; inputs validated once for the task (nothing read back), old adapters' class side precomputed."
+    return F.cross_entropy(predict(state, g, p, n, check=False, side=class_side(state, n, frozen)), y)
 
 # %% ../nbs/10_learner.ipynb #274410b3
 def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch.Generator, progress: bool):
     "Train the newest adapters on `data` (+ pseudo-features of the `old` classes, every one each epoch); one host read an epoch, none a step."
     k = state.knobs
     params = state.proj.add_task(gen).freeze_old()
+    frozen = frozen_class_side(state, n_seen)  # the frozen adapters' part of every class input: one pass per task, not per step
     n, bs = len(data.y), k.batch_size
     n_batches = math.ceil(n / bs)
     opt, sched = _optimizer(params, k, k.epochs * n_batches)
@@ -254,8 +289,8 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
         per_batch = pseudo_per_batch(len(old), n_batches, k)
         pseudo = _replay_counts(replay_schedule(old, n_batches, per_batch, gen), len(old)) if replay else [None] * n_batches
         for b, replayed in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
-            loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen)
-            if replayed is not None: loss = loss + k.pseudo_ratio * _loss(state, *_pseudo_batch(state, *replayed, gen), n_seen)
+            loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen, frozen)
+            if replayed is not None: loss = loss + k.pseudo_ratio * _loss(state, *_pseudo_batch(state, *replayed, gen), n_seen, frozen)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
 def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
@@ -300,9 +335,9 @@ def train_task(state: CILState, # the state after the previous task (updated in 
     return state
 
 # %% ../nbs/10_learner.ipynb #45312b95
-def _logits(state, r: Rows) -> torch.Tensor:
-    "Logits of a SPA state or a peer's over the seen classes."
-    return PEERS[state.knobs.peer].logits(state, r.g) if state.knobs.peer else predict(state, r.g, r.p)
+def _logits(state, r: Rows, side: ClassSide | None = None) -> torch.Tensor:
+    "Logits of a SPA state (against its projected class side `side`, when given) or a peer's over the seen classes."
+    return PEERS[state.knobs.peer].logits(state, r.g) if state.knobs.peer else predict(state, r.g, r.p, side=side)
 
 def evaluate(state, # a trained state (`CILState` or a peer's)
              test: FeatureSet, # cached features of the test split
@@ -312,9 +347,11 @@ def evaluate(state, # a trained state (`CILState` or a peer's)
     idx = task_rows(test, 0, state.n_seen)
     preds, labels = [], []
     with torch.no_grad():
+        spa = state.n_seen and not state.knobs.peer and state.knobs.scorer == "spa"
+        side = class_side(state, state.n_seen) if spa else None  # the class side once, not per chunk of test images
         for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / batch_size))):
             r = rows(test, chunk, state.device, patches=state.knobs.uses_patches)
-            preds.append(_logits(state, r).argmax(1).cpu()); labels.append(r.y.cpu())
+            preds.append(_logits(state, r, side).argmax(1).cpu()); labels.append(r.y.cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
 # %% ../nbs/10_learner.ipynb #3219d73a

@@ -72,13 +72,21 @@ class ProjectorBank(nn.Module):
         return list(self.adapters[-1].requires_grad_(True).parameters())
 
     def forward(self, x: torch.Tensor, # [..., d] features or tokens
+                frozen: torch.Tensor | None = None, # [..., d] `frozen_sum(x)`, when x's frozen part is already known
                ) -> torch.Tensor: # [..., d], unit norm
         "Project features [..., d] through every adapter: `l2norm(x + sum_s A_s(x))`, [..., d] unit norm."
         if check_float_tensor(x, "ProjectorBank input").dtype != self._anchor.dtype:
             raise SpaError(f"ProjectorBank holds {self._anchor.dtype} weights but got {x.dtype} features: pass x.to({self._anchor.dtype}) "
                            "or build the bank with that dtype=")
         if x.shape[-1] != self.dim: raise SpaError(f"ProjectorBank(dim={self.dim}) got features of width {x.shape[-1]}: project with a bank of that width")
-        return l2norm(sum((a(x) for a in self.adapters), x))
+        if frozen is None: return l2norm(sum((a(x) for a in self.adapters), x))
+        return l2norm(frozen + self.adapters[-1](x))  # the same additions in the same order as above: the same bits
+
+    def frozen_sum(self, x: torch.Tensor, # [..., d] features or tokens
+                  ) -> torch.Tensor: # [..., d], not normalised, without gradient
+        "`x + sum_s A_s(x)` [..., d] over every adapter but the newest: constant while only the newest trains, so computed once."
+        if not self.adapters: raise SpaError("frozen_sum on a ProjectorBank with no task: call add_task() first")
+        with torch.no_grad(): return sum((a(x) for a in self.adapters[:-1]), x)
 
 # %% ../nbs/07_projectors.ipynb #a143d21b
 def _n_adapters(sd: dict) -> int:
