@@ -10,9 +10,9 @@ from typing import ClassVar
 
 # %% auto #0
 __all__ = ['K_PATCHES', 'EPS', 'EPS_RELATIVE', 'OT_ITERS', 'POOLS', 'POOL', 'SELECTIONS', 'SCORERS', 'OPTIMIZERS', 'COV_KINDS',
-           'SHRINK', 'SEM_TEMPLATE', 'N_DESC', 'DEVICE', 'LIBRARY_DEVICE', 'PRECISION', 'CLASS_CHUNK', 'METHODS',
-           'ALIASES', 'PEER_METHODS', 'DEFAULT_METHODS', 'SpaError', 'annotation_kinds', 'Knobs', 'check_least',
-           'check_choice', 'check_stats_knobs', 'SpaKnobs', 'list_methods', 'check_methods']
+           'SHRINK', 'SEM_TEMPLATE', 'N_DESC', 'DEVICE', 'LIBRARY_DEVICE', 'PRECISION', 'CLASS_CHUNK', 'REGISTRY',
+           'ALIASES', 'DEFAULT_METHODS', 'SpaError', 'annotation_kinds', 'Knobs', 'check_least', 'check_choice',
+           'check_stats_knobs', 'SpaKnobs', 'list_methods', 'check_methods']
 
 # %% ../nbs/00_base.ipynb #0cf4dd94
 class SpaError(ValueError):
@@ -160,24 +160,28 @@ class SpaKnobs(Knobs):
         return self.scorer == "descriptions" or self.uses_patches
 
 # %% ../nbs/00_base.ipynb #7a1def00
-METHODS = { # method -> its own settings on top of the given knobs
-    "spa": {}, "spa_nocal": dict(calibration=False),
-    "spa_global": dict(lam=0.0), "spa_global_nocal": dict(lam=0.0, calibration=False),
-    "zeroshot": dict(scorer="zeroshot", epochs=0), "descriptions": dict(scorer="descriptions", epochs=0),
-    "ncm": dict(scorer="ncm", epochs=0, cov="none"),
+_SPA = "spa_toolkit.learner:SPA" # SPA's ablations and frozen baselines are SPA with settings
+REGISTRY = { # method name -> (module:attribute of its `method.Method`, its own settings on top of that method's knobs)
+    "spa": (_SPA, {}), "spa_nocal": (_SPA, dict(calibration=False)),
+    "spa_global": (_SPA, dict(lam=0.0)), "spa_global_nocal": (_SPA, dict(lam=0.0, calibration=False)),
+    "zeroshot": (_SPA, dict(scorer="zeroshot", epochs=0)),
+    "descriptions": (_SPA, dict(scorer="descriptions", epochs=0)),
+    "ncm": (_SPA, dict(scorer="ncm", epochs=0, cov="none")),
+    "proof": ("spa_toolkit.peers.proof:PROOF", {}),
+    "rapf": ("spa_toolkit.peers.rapf:RAPF", {}),
+    "engine": ("spa_toolkit.peers.engine:ENGINE", {}),
 }
 ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
-METHODS |= {alias: METHODS[ours] for alias, ours in ALIASES.items()}
-PEER_METHODS = ("proof", "rapf", "engine") # peers re-expressed from their authors' code (see `learner.PEERS`)
+REGISTRY |= {alias: REGISTRY[ours] for alias, ours in ALIASES.items()}
 DEFAULT_METHODS = ("spa", "spa_global", "spa_nocal", "zeroshot", "descriptions", "ncm") # what a run compares by default
 
 def list_methods() -> list[str]:
     "Every method name a run accepts."
-    return [*METHODS, *PEER_METHODS]
+    return list(REGISTRY)
 
 def check_methods(names: list[str], # method names
                  ) -> list[str]:
     "`names`, or `SpaError` naming the unknown ones and the choices."
-    bad = [m for m in names if m not in list_methods()]
-    if bad or not names: raise SpaError(f"unknown method(s) {bad or names!r}: choose from {', '.join(list_methods())}")
+    bad = [m for m in names if m not in REGISTRY]
+    if bad or not names: raise SpaError(f"unknown method(s) {bad or names!r}: choose from {', '.join(REGISTRY)}")
     return list(names)

@@ -85,7 +85,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from spa_toolkit.distributed import env_rank
     r = env_rank()
     if r.world_size > 1:  # the features (and the noisy views a method reads), sharded; then rank 0 alone trains and evaluates on them
-        from spa_toolkit.learner import views_needed
+        from spa_toolkit.protocol import views_needed
         extract_and_report(a, views_needed(list(run_options(a).methods), knobs_from(a)))
     if r.rank > 0: return 0
     rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=run_options(a))

@@ -24,15 +24,16 @@ from .exemplars import exemplar_images
 from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
                                       template_descriptions)
 from .microclip import embedded_clip_path
-from .learner import Prepared, method_knobs, prepare, run_key, run_method, split_features, view_features, views_needed
+from .method import method_knobs
+from .protocol import prepare, run_methods, split_features, view_features, views_needed
 from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
 
 # %% auto #0
 __all__ = ['LLM_PREFIX', 'TEMPLATES', 'resolve_setting', 'default_model', 'model_for', 'note', 'backbone_label', 'model_note',
            'check_llm_access', 'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'Described',
-           'descriptions_file', 'llm_descriptions', 'finished', 'run_methods', 'curve_table', 'Report', 'write_png',
-           'write_report', 'run_meta', 'check_k_patches', 'open_benchmark', 'open_model', 'run_benchmark', 'BenchRow',
-           'bench_rows', 'bench_table', 'plot_suite', 'run_suite', 'write_suite', 'describe', 'extract']
+           'descriptions_file', 'llm_descriptions', 'curve_table', 'Report', 'write_png', 'write_report', 'run_meta',
+           'check_k_patches', 'open_benchmark', 'open_model', 'run_benchmark', 'BenchRow', 'bench_rows', 'bench_table',
+           'plot_suite', 'run_suite', 'write_suite', 'describe', 'extract']
 
 # %% ../nbs/10c_runs.ipynb #b590617f
 def resolve_setting(bench: Benchmark, # the loaded benchmark
@@ -153,34 +154,6 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
     res = describe_benchmark(bench.class_names, imgs, path, model=model, api_base=api_base, n_descriptions=n_descriptions,
                              progress=progress, **completion_kwargs)
     return Described(res, path)
-
-# %% ../nbs/10c_runs.ipynb #ed736e6f
-def finished(path: Path, # a method's result file
-             key: str, # `learner.run_key` of the run asked for now
-            ) -> RunResult | None:
-    "The result at `path` when there is one, checked to come from the same data, model, seed and knobs."
-    if not path.exists(): return None
-    r = RunResult.load(path)
-    if r.run_key != key: raise SpaError(f"{path} belongs to another run (other data, setting, model, descriptions, seed or knobs): "
-                                        "rerun without --resume, or pass another --out")
-    return r
-
-def run_methods(prep: Prepared, # shared features and text side
-                methods: list[str], # names in `METHODS`
-                seed: int, # run seed
-                out: Path, # results and checkpoints go here
-                resume: bool = False, # reuse finished results, continue interrupted methods
-                knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`)
-                progress: bool = True, # a progress bar over each method's tasks
-               ) -> dict[str, RunResult]:
-    "Each method's result: read back when `resume` finds it finished, else run and saved."
-    out, res = Path(out), {}
-    for m in methods:
-        path = out / f"{m}.json"
-        key = run_key(prep, method_knobs(m, knobs), seed)
-        res[m] = (resume and finished(path, key)) or run_method(prep, m, seed, out, resume, progress, knobs)
-        res[m].save(path)
-    return res
 
 # %% ../nbs/10c_runs.ipynb #6ecc6b3d
 def curve_table(results: dict[str, RunResult], # method -> result (same benchmark and setting)

@@ -15,7 +15,8 @@ from scipy import stats as sps
 
 from .base import SpaKnobs
 from .world import synthetic_world
-from .learner import method_knobs, prepare, run_method
+from .method import method_knobs
+from .protocol import prepare, run_method
 from .microclip import load_embedded_clip
 
 # %% auto #0
