@@ -17,7 +17,9 @@ from PIL import Image
 
 from spa_toolkit.backbone import FeatureSet, extract_features, load_clip
 from spa_toolkit.core import l2norm, make_generator, pick_device
-from spa_toolkit.learner import TextSide, evaluate, new_state, train_task
+from spa_toolkit.learner import SPA, new_state, train_task
+from spa_toolkit.method import TextSide
+from spa_toolkit.protocol import evaluate
 from spa_toolkit.microclip import load_embedded_clip
 
 FULL = dict(arch="ViT-B-16", n_images=4096, batch_size=256, n_train=50_000, n_test=10_000, n_classes=100, n_patches=196, d=512,
@@ -74,7 +76,7 @@ def protocol(cfg: dict, device: torch.device) -> dict:
         _sync(device); t0 = time.perf_counter()
         train_task(state, train, classes.tolist(), gen)
         _sync(device); t1 = time.perf_counter()
-        evaluate(state, test)
+        evaluate(SPA, state, test)
         _sync(device); t2 = time.perf_counter()
         train_s, eval_s = train_s + t1 - t0, eval_s + t2 - t1
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None

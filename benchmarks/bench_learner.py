@@ -18,7 +18,9 @@ from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.world import synthetic_world
 from spa_toolkit.fixtures import make_tiny_clip
 from spa_toolkit.base import SpaKnobs
-from spa_toolkit.learner import TextSide, new_state, prepare, train_task
+from spa_toolkit.learner import new_state, train_task
+from spa_toolkit.method import TextSide
+from spa_toolkit.protocol import prepare
 
 def tiny_world():
     "Cached features of the synthetic world through the tiny CLIP, its text side and splits."

@@ -18,7 +18,8 @@ import torch
 from spa_toolkit.backbone import FeatureSet
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.base import SpaKnobs
-from spa_toolkit.learner import TextSide, new_state, train_task
+from spa_toolkit.learner import new_state, train_task
+from spa_toolkit.method import TextSide
 from spa_toolkit.patches import semantic_tokens
 
 B, C, OLD, N, D = 64, 100, 90, 196, 512

@@ -23,7 +23,7 @@ from spa_toolkit.backbone import LOCAL_DIR, load_clip
 from spa_toolkit.catalog import DEFAULT_WORLD, WORLD_VARIANTS
 from spa_toolkit.world import synthetic_world
 from spa_toolkit.base import SpaKnobs
-from spa_toolkit.learner import run_protocol
+from spa_toolkit.protocol import run_protocol
 from spa_toolkit.microclip import demo_images, load_embedded_clip, mark_ranks, premise_views, zero_shot_top1
 
 METHODS = ["spa", "spa_global", "spa_nocal", "zeroshot", "ncm"]

@@ -22,7 +22,9 @@ import torch
 from spa_toolkit.backbone import FeatureSet
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.world import synthetic_world
-from spa_toolkit.learner import PEERS, TextSide, method_knobs, new_state, run_protocol, train_task
+from spa_toolkit.learner import new_state, train_task
+from spa_toolkit.method import Task, TextSide, get_method, method_knobs
+from spa_toolkit.protocol import run_protocol
 from spa_toolkit.microclip import load_embedded_clip
 
 METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine"]
@@ -56,16 +58,15 @@ def cifar_shaped(per_class: int, tasks: int, methods: list[str], d: int = 512, n
             t0 = time.perf_counter(); step(cls); s = time.perf_counter() - t0
             totals.setdefault(name, []).append(s * scale)
             print(f"| {name} | {epochs} | {t + 1} | {s:.1f} | {s * scale:.0f} |", flush=True)
-    for name, peer in PEERS.items():
-        if name not in methods: continue
-        k = method_knobs(name)
+    for name in (m for m in methods if m != "spa"):
+        peer, k = get_method(name), method_knobs(name)
         state, gen = peer.new(text, 100.0, 0, k), make_generator(0)
-        extra = {}
+        read_views = None
         if k.cached_views:  # ENGINE's noisy views, random like the features
             views = l2norm(torch.randn(len(labels), k.cached_views, d, generator=g))
-            extra["read_views"] = lambda r, v: views[torch.as_tensor(r), v]
-        timed(name, k.epochs, lambda cls: peer.train(state, read, np.flatnonzero((labels >= cls[0]).numpy() & (labels <= cls[-1]).numpy()),
-                                                     cls, gen, **extra))
+            read_views = lambda r, v: views[torch.as_tensor(r), v]
+        rows_of = lambda cls: np.flatnonzero((labels >= cls[0]).numpy() & (labels <= cls[-1]).numpy())
+        timed(name, k.epochs, lambda cls: peer.train(state, Task(cls, rows_of(cls), None, read, read_views), gen))
     if "spa" not in methods: return summary(totals, tasks)
     patches = l2norm(torch.randn(len(labels), n_patches, d, generator=g)).half().numpy()
     train = FeatureSet(feats.half().numpy(), patches, None, labels.numpy(), None, {})

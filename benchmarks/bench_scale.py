@@ -25,7 +25,9 @@ from spa_toolkit.backbone import FeatureSet
 from spa_toolkit.calibration import check_stats_memory, run_stats_bytes, stats_budget, stats_bytes
 from spa_toolkit.core import SpaError, l2norm, make_generator
 from spa_toolkit.base import SpaKnobs
-from spa_toolkit.learner import TextSide, evaluate, new_state, pseudo_per_batch, train_task
+from spa_toolkit.learner import SPA, new_state, pseudo_per_batch, train_task
+from spa_toolkit.method import TextSide
+from spa_toolkit.protocol import evaluate
 
 def unit(gen: torch.Generator, *shape) -> torch.Tensor: return l2norm(torch.randn(*shape, generator=gen))
 
@@ -53,7 +55,7 @@ def probe(a: argparse.Namespace, knobs: SpaKnobs) -> list[dict]:
     state, out, n_real = new_state(text, 100.0, knobs=knobs), [], a.inc * a.per_class
     for lo in range(0, a.classes, a.inc):
         t0 = time.perf_counter(); train_task(state, train, list(range(lo, lo + a.inc)), gen)
-        t1 = time.perf_counter(); evaluate(state, test)
+        t1 = time.perf_counter(); evaluate(SPA, state, test)
         t2 = time.perf_counter()
         held = stats_bytes(state.stats) + (stats_bytes(state.pstats) if state.pstats is not None else 0)
         pseudo = replay(knobs, lo, n_real)

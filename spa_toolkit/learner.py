@@ -244,7 +244,7 @@ def train_task(state: CILState, # the state after the previous task (updated in 
 # %% ../nbs/10_learner.ipynb #45312b95
 def spa_logits(state: CILState, # a trained state
               ): # a function of `Rows` giving logits [B, n_seen]
-    "SPA's scoring for one evaluation: the projected class side computed once, then each chunk of rows scored against it."
+    "SPA's scoring for one evaluation: the projected class side once, then rows -> logits [B, n_seen] against it."
     side = class_side(state, state.n_seen) if state.knobs.scorer == "spa" else None
     return lambda r: predict(state, r.g, r.p, side=side)
 

@@ -8,11 +8,14 @@ import torch
 from spa_toolkit.core import SpaError, l2norm, make_generator
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.world import synthetic_world
-from spa_toolkit.engine import (diagonal_ce, engine_cos, EngineKnobs, engine_logits, engine_loss, gda_scores, gda_stats, merge_gda,
+from spa_toolkit.peers.engine import (diagonal_ce, engine_cos, EngineKnobs, engine_logits, engine_loss, gda_scores, gda_stats, merge_gda,
                                 new_engine_state, noisy_prototypes, rerank_scores, sample_descriptions, train_engine_task)
-from spa_toolkit.learner import PEERS, Prepared, TextSide, load_state, rows, run_method, task_rows, prepare
+import dataclasses
+import spa_toolkit.peers.engine as E
+from spa_toolkit.method import TextSide, get_method, load_state, rows, task_rows
+from spa_toolkit.protocol import Prepared, prepare, run_method
 from spa_toolkit.microclip import load_embedded_clip
-from spa_toolkit.proof import project
+from spa_toolkit.peers.common import project
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +199,7 @@ def test_a_class_without_descriptions_is_refused():
 # --- in the learner's loop ------------------------------------------------------------------------------------------
 
 def test_the_peer_reads_the_text_side(prep):
-    st = PEERS["engine"].new(prep.text, prep.logit_scale, 0, EngineKnobs())
+    st = get_method("engine").new(prep.text, prep.logit_scale, 0, EngineKnobs())
     assert st.sem is prep.text.sem and st.sem_mask is prep.text.sem_mask and st.names is prep.text.names
 
 
@@ -205,18 +208,18 @@ def test_the_loop_refuses_engine_without_its_views(prep):
                                        r"prepare\(\.\.\., views=10\)"):
         run_method(prep, "engine", progress=False)  # the published 10 epochs, one view each
     bare = Prepared(**(vars(prep) | dict(train_views=None, n_views=0)))
-    with pytest.raises(SpaError, match=r"caches 0: prepare\(\.\.\., views=2\)"): run_method(bare, "engine", progress=False, knobs=SpaKnobs(epochs=2))
+    with pytest.raises(SpaError, match=r"caches 0: prepare\(\.\.\., views=2\)"): run_method(bare, "engine", progress=False, knobs=EngineKnobs(epochs=2))
 
 
 def test_the_loop_hands_engine_the_views_of_the_task_rows(prep, monkeypatch):
     "The views reader gives view v of each training row: row i * V + v of the view cache, as the cached noisy view of image i."
     seen = []
-    train = PEERS["engine"].train
-    def spy(state, read, rows_, classes, gen, read_views=None):
-        seen.append((rows_.copy(), read_views(rows_, 1)))
-        return train(state, read, rows_, classes, gen, read_views)
-    monkeypatch.setitem(PEERS, "engine", PEERS["engine"]._replace(train=spy))
-    run_method(prep, "engine", progress=False, knobs=SpaKnobs(epochs=1))
+    train = E.ENGINE.train
+    def spy(state, task, gen):
+        seen.append((task.rows.copy(), task.read_views(task.rows, 1)))
+        return train(state, task, gen)
+    monkeypatch.setattr(E, "ENGINE", dataclasses.replace(E.ENGINE, train=spy))
+    run_method(prep, "engine", progress=False, knobs=EngineKnobs(epochs=1))
     r, v1 = seen[0]
     want = torch.from_numpy(prep.train_views.global_[r * 2 + 1].astype(np.float32))
     assert torch.equal(v1, want) and (prep.train_views.labels[r * 2 + 1] == prep.train.labels[r]).all()
@@ -224,17 +227,17 @@ def test_the_loop_hands_engine_the_views_of_the_task_rows(prep, monkeypatch):
 
 
 def test_run_method_is_deterministic(prep):
-    a = run_method(prep, "engine", seed=3, progress=False, knobs=SpaKnobs(epochs=2))
-    b = run_method(prep, "engine", seed=3, progress=False, knobs=SpaKnobs(epochs=2))
+    a = run_method(prep, "engine", seed=3, progress=False, knobs=EngineKnobs(epochs=2))
+    b = run_method(prep, "engine", seed=3, progress=False, knobs=EngineKnobs(epochs=2))
     assert a.curve == b.curve and a.knobs["peer"] == "engine" and a.knobs["epochs"] == 2 and len(a.curve) == len(prep.splits)
 
 
 def test_resume_mid_run_gives_the_uninterrupted_result(prep, tmp_path):
-    full = run_method(prep, "engine", seed=1, out_dir=tmp_path / "full", progress=False, knobs=SpaKnobs(epochs=2))
+    full = run_method(prep, "engine", seed=1, out_dir=tmp_path / "full", progress=False, knobs=EngineKnobs(epochs=2))
     half = Prepared(**(vars(prep) | dict(splits=prep.splits[:1])))
-    run_method(half, "engine", seed=1, out_dir=tmp_path / "resumed", progress=False, knobs=SpaKnobs(epochs=2))
+    run_method(half, "engine", seed=1, out_dir=tmp_path / "resumed", progress=False, knobs=EngineKnobs(epochs=2))
     assert load_state(tmp_path / "resumed" / "engine.state.pt")[0].n_tasks == 1  # stopped after the first task
-    resumed = run_method(prep, "engine", seed=1, out_dir=tmp_path / "resumed", resume=True, progress=False, knobs=SpaKnobs(epochs=2))
+    resumed = run_method(prep, "engine", seed=1, out_dir=tmp_path / "resumed", resume=True, progress=False, knobs=EngineKnobs(epochs=2))
     assert resumed.curve == full.curve and resumed.run_key == full.run_key
     a, b = (load_state(tmp_path / f / "engine.state.pt")[0] for f in ("full", "resumed"))
     r = rows(prep.test, task_rows(prep.test, 0, a.n_seen), "cpu", patches=False)

@@ -6,6 +6,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import spa_toolkit.learner as L
+import spa_toolkit.protocol as P
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import make_generator
 from spa_toolkit.microclip import load_embedded_clip
@@ -52,7 +53,7 @@ def test_the_counter_sees_every_kind_of_read():
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
     world = synthetic_world(n_classes=8, n_train=40, n_test=2, inc=4)  # 160 images a task: 3 batches of the default 64
-    return L.prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False)
+    return P.prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False)
 
 
 @pytest.mark.parametrize("knobs", [{}, dict(pool="ot"), dict(pool="mean"), dict(selection="class"), dict(cov="full"),

@@ -4,7 +4,8 @@ import torch
 
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import SpaError
-from spa_toolkit.learner import new_state, predict, prepare, run_method, train_task
+from spa_toolkit.learner import new_state, predict, train_task
+from spa_toolkit.protocol import prepare, run_method
 from spa_toolkit.world import synthetic_world
 from spa_toolkit.microclip import load_embedded_clip
 
@@ -31,7 +32,8 @@ def test_everything_follows_the_state_device(prep):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_cuda_state_gives_the_cpu_logits(prep):
     "The same trained state on CUDA scores the same features as on the CPU: logits allclose, not only curves."
-    from spa_toolkit.learner import rows, state_dict, state_from_dict, task_rows
+    from spa_toolkit.learner import state_dict, state_from_dict
+    from spa_toolkit.method import rows, task_rows
     state = train_task(new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(epochs=1)), prep.train, prep.splits[0])
     gpu = state_from_dict(state_dict(state), "cuda")
     r = rows(prep.test, task_rows(prep.test, 0, 4), "cpu")
@@ -63,6 +65,10 @@ def test_a_bad_setting_fails_before_extraction(tmp_path):
 def test_every_method_runs_through_run_method(prep):
     "SPA, its ablations, the baselines and the peers all run in the same loop on the same prepared features."
     from spa_toolkit.base import list_methods
+    from spa_toolkit.peers.proof import ProofKnobs
+    from spa_toolkit.peers.rapf import RapfKnobs
+    from spa_toolkit.peers.engine import EngineKnobs
+    short = dict(proof=ProofKnobs(epochs=1), rapf=RapfKnobs(epochs=1), engine=EngineKnobs(epochs=1, views=0))
     for m in list_methods():
-        r = run_method(prep, m, progress=False, knobs=SpaKnobs(epochs=1))
+        r = run_method(prep, m, progress=False, knobs=short.get(m, SpaKnobs(epochs=1)))
         assert len(r.curve) == len(prep.splits) and 0 <= r.average <= 100, m

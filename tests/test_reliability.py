@@ -16,7 +16,7 @@ from spa_toolkit.core import SpaError
 from spa_toolkit.catalog import class_order
 from spa_toolkit.data import load_benchmark
 from spa_toolkit.descriptions import describe_run
-from spa_toolkit.learner import load_state
+from spa_toolkit.method import load_state
 from spa_toolkit.metrics import RunResult
 from spa_toolkit.microclip import load_embedded_clip
 

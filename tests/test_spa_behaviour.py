@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import spa_toolkit.learner as L
+import spa_toolkit.method as M
+import spa_toolkit.protocol as P
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.world import synthetic_world
@@ -14,7 +16,7 @@ from spa_toolkit.patches import capped
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
     world = synthetic_world(n_classes=12, n_train=10, n_test=8, inc=4)
-    return L.prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False)
+    return P.prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False)
 
 
 def trained(prep, tasks=2, **knobs):
@@ -63,7 +65,7 @@ def test_training_replays_pseudo_features_of_every_old_class(prep, monkeypatch):
 def test_k_patches_is_the_number_of_patches_scored(prep):
     "With k = 1 and mean pooling the patch score is the mean similarity of the single most relevant patch."
     state = L.new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(k_patches=1, pool="mean"))
-    r = L.rows(prep.test, np.arange(6), state.device)
+    r = M.rows(prep.test, np.arange(6), state.device)
     p, sem, mask = r.p.float(), prep.text.sem[:4], prep.text.sem_mask[:4]
     rel = torch.einsum("bnd,cmd->bncm", p, sem).masked_fill(~mask[None, None], -torch.inf).amax(-1).amax(-1)  # [B, N] to any class
     best = l2norm(p[torch.arange(6), rel.argmax(1)])  # identity projectors: the frozen token
@@ -74,7 +76,7 @@ def test_k_patches_is_the_number_of_patches_scored(prep):
 
 
 def test_each_patch_knob_changes_the_scores(prep):
-    r = L.rows(prep.test, np.arange(6), "cpu")
+    r = M.rows(prep.test, np.arange(6), "cpu")
     base = trained(prep, tasks=1)
     with torch.no_grad(): ref = L.predict(base, r.g, r.p, 4)
     for knob in [dict(selection="class"), dict(pool="mean"), dict(pool="max"), dict(pool="ot"), dict(eps_relative=False), dict(proto=0.0), dict(lam=0.0)]:
@@ -86,14 +88,14 @@ def test_descriptions_are_capped_and_the_cap_is_in_the_run_key(prep):
     world = prep.benchmark
     many = {c: [f"phrase {i}" for i in range(40)] for c in world.class_names}
     clip = load_embedded_clip()
-    p4 = L.prepare(world, clip, descriptions=many, cache_dir=prep.train.folder.parent, n_desc=4, progress=False)
-    p8 = L.prepare(world, clip, descriptions=many, cache_dir=prep.train.folder.parent, n_desc=8, progress=False)
+    p4 = P.prepare(world, clip, descriptions=many, cache_dir=prep.train.folder.parent, n_desc=4, progress=False)
+    p8 = P.prepare(world, clip, descriptions=many, cache_dir=prep.train.folder.parent, n_desc=8, progress=False)
     assert p4.text.sem.shape[1] == 4 and p8.text.sem.shape[1] == 8
     assert capped(many[world.class_names[0]], 4, world.class_names[0]) != many[world.class_names[0]][:4]  # a sample, not a prefix
-    knobs = L.method_knobs("spa", SpaKnobs(n_desc=4))
-    assert L.run_key(p4, knobs, 0) != L.run_key(p8, knobs, 0)
-    assert L.run_key(p4, knobs, 0) != L.run_key(p4, L.method_knobs("spa", SpaKnobs(n_desc=8)), 0)
-    with pytest.raises(L.SpaError, match="prepare"): L.run_method(p4, "spa", progress=False)  # knobs say 8, the text side holds 4
+    knobs = M.method_knobs("spa", SpaKnobs(n_desc=4))
+    assert P.run_key(p4, knobs, 0) != P.run_key(p8, knobs, 0)
+    assert P.run_key(p4, knobs, 0) != P.run_key(p4, M.method_knobs("spa", SpaKnobs(n_desc=8)), 0)
+    with pytest.raises(M.SpaError, match="prepare"): P.run_method(p4, "spa", progress=False)  # knobs say 8, the text side holds 4
 
 
 def test_evaluation_scores_classes_a_chunk_at_a_time(prep, monkeypatch):
@@ -103,7 +105,7 @@ def test_evaluation_scores_classes_a_chunk_at_a_time(prep, monkeypatch):
     monkeypatch.setattr(L, "pooled_score", lambda S, *a, **k: widths.append(S.shape[1]) or real(S, *a, **k))
     state = trained(prep, tasks=3, class_chunk=5, epochs=1)
     widths.clear()
-    L.evaluate(state, prep.test)  # 96 test images: one chunk of images
+    P.evaluate(L.SPA, state, prep.test)  # 96 test images: one chunk of images
     assert widths == [5, 5, 2]  # 12 classes, 5 at a time
 
 
@@ -128,8 +130,8 @@ def test_padded_descriptions_change_nothing(prep):
     "A class's patch score does not depend on how many padding slots its semantic tokens carry."
     state = L.new_state(prep.text, prep.logit_scale, knobs=SpaKnobs(proto=0.0))
     pad = lambda t, v: torch.cat([t, torch.full((t.shape[0], 3, *t.shape[2:]), v, dtype=t.dtype)], 1)
-    padded = L.new_state(L.TextSide(prep.text.names, pad(prep.text.sem, 0.0), pad(prep.text.sem_mask, False)), prep.logit_scale, knobs=SpaKnobs(proto=0.0))
-    r = L.rows(prep.test, np.arange(6), "cpu")
+    padded = L.new_state(M.TextSide(prep.text.names, pad(prep.text.sem, 0.0), pad(prep.text.sem_mask, False)), prep.logit_scale, knobs=SpaKnobs(proto=0.0))
+    r = M.rows(prep.test, np.arange(6), "cpu")
     for pool in ("semi_ot", "ot", "mean", "max"):
         state.knobs = padded.knobs = state.knobs.replace(pool=pool)
         with torch.no_grad(): torch.testing.assert_close(L._patch_scores(padded, r.p, 8), L._patch_scores(state, r.p, 8), rtol=1e-5, atol=1e-6)
