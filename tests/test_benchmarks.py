@@ -1,6 +1,9 @@
 "The prepared GPU benchmark (reduced mode) and the scale probe (few classes) run end to end on CPU and write their JSON."
 import json, os, subprocess, sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses: the whole module is in the slow set
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,6 +7,8 @@ from PIL import Image, ImageDraw
 
 from openai_stub import StubOpenAI, image_urls
 
+pytestmark = pytest.mark.slow  # subprocesses: the whole module is in the slow set
+
 SECRETS = ("OPENAI_API_KEY", "SPA_DATA_ROOT", "GEMINI_API_KEY", "GOOGLE_API_KEY")
 OFFLINE = dict(LITELLM_LOCAL_MODEL_COST_MAP="True", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 SUMMARY = re.compile(r"^\| (\w+) \| (\S+) \| (\w+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|", re.M)

@@ -245,6 +245,7 @@ def test_resume_mid_run_gives_the_uninterrupted_result(prep, tmp_path):
     assert torch.equal(a.prec, b.prec) and torch.equal(a.means, b.means)
 
 
+@pytest.mark.slow
 def test_engine_runs_in_the_default_cli_flow(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "SPA_DATA_ROOT")} | dict(
         LITELLM_LOCAL_MODEL_COST_MAP="True", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))

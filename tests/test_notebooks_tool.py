@@ -10,6 +10,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import notebooks  # noqa: E402
 from pct2nb import to_notebook  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses: the whole module is in the slow set
+
 
 def tool(*args):
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=300)

@@ -4,6 +4,9 @@ from pathlib import Path
 
 from spa_toolkit.cli import DEFAULT_METHODS
 from spa_toolkit.microclip import embedded_clip_path
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses: the whole module is in the slow set
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

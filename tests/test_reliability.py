@@ -20,6 +20,8 @@ from spa_toolkit.method import load_state
 from spa_toolkit.metrics import RunResult
 from spa_toolkit.microclip import load_embedded_clip
 
+pytestmark = pytest.mark.slow  # subprocesses: the whole module is in the slow set
+
 N_TRAIN, N_TASKS = 24 * 40, 6  # the demo world: 24 classes x 40 train images, B0Inc4
 
 
