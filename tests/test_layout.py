@@ -14,6 +14,7 @@ LAYERS = [ # each layer may import the layers above it, never its own or a later
     ["patches", "distributed"],
     ["ot", "microclip"],
     ["method"], # the one method interface: text side, cache rows, tasks, saving any state
+    ["settings"], # each method's per-benchmark settings, as data
     ["peers.common"], # what the peers share
     ["learner", "peers.proof", "peers.rapf", "peers.engine"], # the methods: each imports the interface, none another
     ["protocol"], # prepares once and runs any registered method

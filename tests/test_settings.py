@@ -1,0 +1,79 @@
+"""The settings records against the reference table they were read from (shared/reference/peer_settings.md, itself read
+from the authors' files), and their resolution into knobs: every record's values reach the knobs or are reported."""
+import re
+from pathlib import Path
+
+import pytest
+
+from spa_toolkit.catalog import BENCHMARKS
+from spa_toolkit.settings import KEYS, author_knobs, settings_records
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "peer_settings.md"
+num = lambda s: float(s.strip("* ")) if re.fullmatch(r"[\d.]+", s.strip("* ")) else s.strip("* ")
+
+
+def table(section: str) -> list[list[str]]:
+    "The body rows of the first markdown table after the heading that starts with `section`."
+    text = REF.read_text().split(f"## {section}", 1)[1]
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("|"))
+    rows = lines[start:start + next(i for i, l in enumerate(lines[start:] + [""]) if not l.startswith("|"))]
+    return [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+
+
+@pytest.fixture(scope="module")
+def by_file():
+    if not REF.exists(): pytest.skip("shared/reference is not beside this checkout")
+    return {r.file.split(" ", 1)[1]: r for r in settings_records()}
+
+
+def test_proof_records_equal_the_reference(by_file):
+    rows = table("PROOF")
+    assert len(rows) == 18
+    for f, _, _, epochs, batch, lr, opt, mem, fixed in rows:
+        a = by_file[f"exps/{f}"].authors
+        assert (a["tuned_epoch"], a["batch_size"], a["init_lr"], a["optimizer"], a["memory_size"]) == \
+               (num(epochs), num(batch), num(lr), opt.strip("*"), num(mem)), f
+        assert a["fixed_memory"] == fixed.startswith("true"), f
+        if a["fixed_memory"]: assert a["memory_per_class"] == int(re.search(r"\((\d+)\)", fixed)[1]), f
+
+
+def test_engine_records_equal_the_reference(by_file):
+    rows = table("ENGINE")
+    seen = 0
+    for files, aug, rerank, noise, stat, _ in rows:
+        for f in files.split(" / "):
+            a = by_file[f"exps/engine/{f}.json"].authors
+            assert (a["image_aug"], a["rerank"], a["sample_noise"], a["stat"]) == tuple(map(num, (aug, rerank, noise, stat))), f
+            seen += 1
+    assert seen == 18
+
+
+def test_rapf_records_equal_the_reference(by_file):
+    for files, batches, beta, mix, thr, shrink, margin in table("RAPF"):
+        for f in files.split(", "):
+            if f"configs/class/{f}.yaml" not in by_file: continue  # cifar100_50-5: a setting the protocol does not run
+            a = by_file[f"configs/class/{f}.yaml"].authors
+            assert (a["train_batch_size"], a["beta"], a["mix_bias"], a["threshold"]) == \
+                   (num(batches.split("/")[1]), num(beta), num(mix), num(thr)), f
+            assert a["shrinkage"] == (shrink.strip("*") == "true"), f
+            assert a.get("margin", 0.1) == float(re.search(r"[\d.]+", margin or "0.1")[0]), f  # "(default 0.1)", or blank
+
+
+def test_every_record_resolves_into_its_knobs_or_reports_what_it_cannot():
+    "Each authors' value either reaches the knob KEYS names, or is listed as unexpressed (nothing dropped silently)."
+    for r in settings_records():
+        got = author_knobs(r.method, r.benchmark, r.setting, r.source)
+        assert got.record == r
+        for key, value in r.authors.items():
+            knob = KEYS[r.method][key] or "memory_per_class"
+            if key == "fixed_memory": continue
+            if hasattr(got.knobs, knob): assert getattr(got.knobs, knob) == value, (r.file, key)
+            else: assert got.unexpressed.get(knob, value) == value, (r.file, key)
+
+
+def test_every_benchmark_setting_has_the_three_peers():
+    for info in BENCHMARKS:
+        for s in (info.setting_b0, info.setting_bx):
+            for m in ("proof", "engine", "rapf"):
+                assert author_knobs(m, info.name, s).record is not None, (m, info.name, s)
