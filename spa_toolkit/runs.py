@@ -25,6 +25,7 @@ from .descriptions import (DescribeResult, import_litellm, describe_benchmark, l
                                       template_descriptions)
 from .microclip import embedded_clip_path
 from .method import method_knobs
+from .settings import run_knobs
 from .protocol import prepare, run_methods, split_features, view_features, views_needed
 from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
 
@@ -199,16 +200,23 @@ def write_report(rep: Report) -> Report:
     write_png(plot_curves, rep.out / "curves.png", rep.results)
     return rep
 
-def run_meta(opts: RunOptions, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str], knobs: SpaKnobs,
+def _settings_note(r) -> dict:
+    "Where a method's knobs come from: its authors' record (source, file, what no knob expresses yet), or the run."
+    if r.record is None: return dict(source="run")
+    return dict(source=r.record.source, file=r.record.file, unexpressed=r.unexpressed)
+
+def run_meta(opts: RunOptions, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str],
+             resolved: dict, # method -> `settings.Resolved`: its knobs and the record they follow
              descriptions: str | None = None, # the descriptions' source (the --descriptions value used; None: the benchmark's own)
              dataset: str | None = None, # the dataset as asked for (a name or a folder)
             ) -> dict:
     "What is written next to the results: the options, the model, the descriptions' source, each method's resolved knobs, the class order, versions."
     return dict(options=dataclasses.asdict(opts), dataset=dataset or bench.name, benchmark=bench.name, setting=setting,
-                splits=bench.splits(setting), descriptions_used_by=[m for m in methods if method_knobs(m, knobs).uses_descriptions],
+                splits=bench.splits(setting), descriptions_used_by=[m for m in methods if resolved[m].knobs.uses_descriptions],
                 model=dict(arch=clip.arch, pretrained=clip.pretrained, precision=clip.precision, key=clip.key),
                 class_folders=bench.folders, descriptions=descriptions or "benchmark",
-                knobs={m: method_knobs(m, knobs).to_dict() for m in methods}, class_order=bench.order, class_names=bench.class_names,
+                knobs={m: resolved[m].knobs.to_dict() for m in methods},
+                settings={m: _settings_note(resolved[m]) for m in methods}, class_order=bench.order, class_names=bench.class_names,
                 versions=library_versions())
 
 # %% ../nbs/10c_runs.ipynb #65f9976a
@@ -252,6 +260,8 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
                   opts: RunOptions | None = None, # data, model, descriptions, methods, seed (default: `RunOptions()`)
                   root: str | Path = "runs", # parent of derived output folders
                   progress: bool = True, # progress bars while extracting and training
+                  source: str | None = None, # the peers' settings source where a method has it (`settings.run_knobs`)
+                  overrides: dict[str, dict] | None = None, # method -> {knob: value}: the user's, over the records
                  ) -> Report:
     "Load, describe, extract, train and evaluate every method on one benchmark setting; write the report."
     knobs, opts = knobs or SpaKnobs(), opts or RunOptions()
@@ -265,14 +275,17 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     clip = open_model(dataset, opts)
     check_k_patches(knobs.k_patches, clip)
     descs = _descriptions(opts, bench, clip, offline)
+    resolved = run_knobs(methods, bench.name, setting, knobs, source, overrides)
+    per = {m: r.knobs for m, r in resolved.items()}  # each method's knobs: its authors' record, else the run's
     prep = prepare(bench, clip, setting, descs, Path(opts.cache_dir) / "features", knobs.sem_template, n_desc=knobs.n_desc,
-                   batch_size=opts.extract_batch_size, num_workers=opts.num_workers, progress=progress, views=views_needed(methods, knobs))
+                   batch_size=opts.extract_batch_size, num_workers=opts.num_workers, progress=progress,
+                   views=views_needed(methods, per))
     key = content_key(bench.key, bench.order, setting, opts.seed, clip.key, descs, knobs.to_dict())
     out = Path(out or Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', bench.name)}-{setting}-{key[:8]}")
     check_fresh(out, opts.resume)
     save_descriptions(out / "class_descriptions.json", descs, model=spec or "benchmark")
-    results = run_methods(prep, methods, opts.seed, out, opts.resume, knobs, progress)
-    return write_report(Report(out, results, run_meta(opts, bench, setting, clip, methods, knobs, spec, str(dataset))))
+    results = run_methods(prep, methods, opts.seed, out, opts.resume, per, progress)
+    return write_report(Report(out, results, run_meta(opts, bench, setting, clip, methods, resolved, spec, str(dataset))))
 
 # %% ../nbs/10c_runs.ipynb #59271e91
 class BenchRow(NamedTuple):

@@ -10,10 +10,11 @@ from importlib import resources
 from typing import NamedTuple
 
 from .base import Knobs, SpaError, check_methods
-from .method import get_method
+from .method import get_method, method_knobs
 
 # %% auto #0
-__all__ = ['KEYS', 'IMPLICIT', 'PREFERRED', 'SettingsRecord', 'settings_records', 'Resolved', 'find_record', 'author_knobs']
+__all__ = ['KEYS', 'IMPLICIT', 'PREFERRED', 'SettingsRecord', 'settings_records', 'Resolved', 'find_record', 'author_knobs',
+           'run_knobs']
 
 # %% ../nbs/08c_settings.ipynb #c659eb9b
 class SettingsRecord(NamedTuple):
@@ -91,3 +92,20 @@ def author_knobs(method: str, # a name in `base.list_methods()`
     unexpressed = {k: v for k, v in values.items()
                    if k not in fields and v != IMPLICIT.get(method, {}).get(k, object())}
     return Resolved(cls(**{k: v for k, v in values.items() if k in fields} | overrides), rec, unexpressed)
+
+# %% ../nbs/08c_settings.ipynb #d7a9202e
+def run_knobs(methods: list[str], # names in `base.list_methods()`
+              benchmark: str, # the benchmark's name
+              setting: str, # e.g. "B0Inc10"
+              knobs: Knobs | None = None, # the run's `SpaKnobs` (for methods without a record)
+              source: str | None = None, # a records' source to follow where a method has it
+              overrides: dict[str, dict] | None = None, # method -> {knob: value} set explicitly by the user
+             ) -> dict[str, Resolved]:
+    "Each method's resolved knobs for a run on one benchmark setting, with the record it follows (if any)."
+    out, overrides = {}, overrides or {}
+    for m in check_methods(list(methods)):
+        own = {r.source for r in settings_records() if r.method == m}
+        rec = find_record(m, benchmark, setting, source if source in own else None)
+        out[m] = author_knobs(m, benchmark, setting, rec.source, **overrides.get(m, {})) if rec is not None else \
+            Resolved(method_knobs(m, knobs).replace(**overrides.get(m, {})), None, {})
+    return out
