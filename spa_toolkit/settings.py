@@ -4,7 +4,7 @@
 
 # %% ../nbs/08c_settings.ipynb #159b8077
 from __future__ import annotations
-import json
+import dataclasses, json
 from functools import cache
 from importlib import resources
 from typing import NamedTuple
@@ -14,7 +14,7 @@ from .method import get_method, method_knobs
 
 # %% auto #0
 __all__ = ['KEYS', 'IMPLICIT', 'PREFERRED', 'SettingsRecord', 'settings_records', 'Resolved', 'find_record', 'author_knobs',
-           'run_knobs']
+           'run_knobs', 'parse_override', 'overrides_from']
 
 # %% ../nbs/08c_settings.ipynb #c659eb9b
 class SettingsRecord(NamedTuple):
@@ -88,7 +88,7 @@ def author_knobs(method: str, # a name in `base.list_methods()`
     "A method's knobs on a benchmark setting from its authors' record (or its defaults), the user's overrides on top."
     cls, rec = get_method(method).knobs, find_record(method, benchmark, setting, source)
     values = {} if rec is None else _values(rec)
-    fields = set(cls.__dataclass_fields__)
+    fields = {f.name for f in dataclasses.fields(cls)}
     unexpressed = {k: v for k, v in values.items()
                    if k not in fields and v != IMPLICIT.get(method, {}).get(k, object())}
     return Resolved(cls(**{k: v for k, v in values.items() if k in fields} | overrides), rec, unexpressed)
@@ -108,4 +108,39 @@ def run_knobs(methods: list[str], # names in `base.list_methods()`
         rec = find_record(m, benchmark, setting, source if source in own else None)
         out[m] = author_knobs(m, benchmark, setting, rec.source, **overrides.get(m, {})) if rec is not None else \
             Resolved(method_knobs(m, knobs).replace(**overrides.get(m, {})), None, {})
+    return out
+
+# %% ../nbs/08c_settings.ipynb #8023bd9d
+def _typed(text: str, kinds: list[str]):
+    "`text` as the first of a knob's kinds (from `base.annotation_kinds`) it parses as."
+    for kind in kinds:
+        try:
+            if kind == "None" and text.lower() == "none": return None
+            if kind == "bool" and text.lower() in ("true", "false"): return text.lower() == "true"
+            if kind == "int": return int(text)
+            if kind == "float": return float(text)
+            if kind.startswith("tuple"): return tuple((int if "int" in kind else str)(x) for x in text.split(",") if x)
+            if kind == "str": return text
+        except ValueError: continue
+    raise SpaError(f"{text!r} is not a value of type {' | '.join(kinds)}")
+
+def parse_override(text: str, # "METHOD.KNOB=VALUE", e.g. "proof.epochs=3"
+                  ) -> tuple[str, str, object]: # (method, knob, typed value)
+    "One knob of one method, as the command line's `--set` gives it, typed by the knob's annotation."
+    from spa_toolkit.base import annotation_kinds
+    head, eq, value = text.partition("=")
+    method, dot, knob = head.strip().partition(".")
+    if not (eq and dot and knob): raise SpaError(f"--set {text!r}: write METHOD.KNOB=VALUE, e.g. --set proof.epochs=3")
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).knobs)}
+    if knob not in fields: raise SpaError(f"--set {text!r}: {method} has no knob {knob!r}; its knobs: {', '.join(fields)}")
+    try: return method, knob, _typed(value.strip(), annotation_kinds(fields[knob].type))
+    except SpaError as e: raise SpaError(f"--set {text!r}: {e}") from None
+
+def overrides_from(texts: list[str], # the `--set` values
+                  ) -> dict[str, dict]: # method -> {knob: value}
+    "The user's explicit knobs per method."
+    out = {}
+    for t in texts or []:
+        m, k, v = parse_override(t)
+        out.setdefault(m, {})[k] = v
     return out
