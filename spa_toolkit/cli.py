@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_cli.ipynb #9ea6ff2c
 from __future__ import annotations
-import argparse, dataclasses, sys
+import argparse, dataclasses, json, sys
 from pathlib import Path
 
 from fastcore.docments import docments
@@ -16,10 +16,10 @@ from .catalog import BENCHMARKS, WORLD_VARIANTS, list_benchmarks
 from .options import PROTOCOL_MODEL, RunOptions, check_fresh, check_writable
 
 # %% auto #0
-__all__ = ['KNOB_SKIP', 'RUN_DEFAULTS', 'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'RUN_OPTIONS', 'SETTING_HELP',
-           'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type', 'add_knob_options', 'knobs_from',
-           'parse_methods', 'run_options', 'cmd_run', 'cmd_bench', 'cmd_describe', 'extract_and_report', 'cmd_features',
-           'build_parser', 'main', 'check_options']
+__all__ = ['KNOB_SKIP', 'RUN_DEFAULTS', 'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'SETTINGS_OPTIONS', 'RUN_OPTIONS',
+           'SETTING_HELP', 'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type', 'add_knob_options',
+           'knobs_from', 'parse_methods', 'run_options', 'settings_of', 'cmd_knobs', 'cmd_run', 'cmd_bench',
+           'cmd_describe', 'extract_and_report', 'cmd_features', 'build_parser', 'main', 'check_options']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
@@ -79,6 +79,23 @@ def run_options(a: argparse.Namespace, # parsed options of any subcommand
     return RunOptions(**given)
 
 # %% ../nbs/11_cli.ipynb #b5842f0a
+def settings_of(a: argparse.Namespace) -> dict:
+    "The peers' settings source and the user's `--set` knobs, as `runs.run_benchmark` takes them."
+    from spa_toolkit.settings import overrides_from
+    return dict(source=a.settings_source, overrides=overrides_from(a.set))
+
+def cmd_knobs(a: argparse.Namespace) -> int:
+    "`knobs`: a method's resolved knobs on one benchmark setting as JSON (what run.json records), with their source."
+    from spa_toolkit.catalog import benchmark_info
+    from spa_toolkit.settings import overrides_from, run_knobs
+    setting = {"b0": benchmark_info(a.dataset).setting_b0, "bx": benchmark_info(a.dataset).setting_bx}.get(
+        (a.setting or "b0").lower(), a.setting)
+    r = run_knobs([a.method], a.dataset, setting, source=a.settings_source, overrides=overrides_from(a.set))[a.method]
+    rec = r.record
+    print(json.dumps(dict(method=a.method, benchmark=a.dataset, setting=setting, source=rec.source if rec else "defaults",
+                          file=rec.file if rec else None, knobs=r.knobs.to_dict(), unexpressed=r.unexpressed), indent=1))
+    return 0
+
 def cmd_run(a: argparse.Namespace) -> int:
     "`run`: one benchmark setting; prints the report and where it went (under torchrun every rank extracts its share, rank 0 trains)."
     from spa_toolkit import runs
@@ -88,7 +105,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         from spa_toolkit.protocol import views_needed
         extract_and_report(a, views_needed(list(run_options(a).methods), knobs_from(a)))
     if r.rank > 0: return 0
-    rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=run_options(a))
+    rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=run_options(a), **settings_of(a))
     print(rep.text()); print(f"results written to {rep.out}")
     return 0
 
@@ -97,7 +114,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from spa_toolkit import runs
     opts = run_options(a)
     results, failed = runs.run_suite([d.strip() for d in a.datasets.split(",") if d.strip()], [s.strip() for s in a.settings.split(",")],
-                                     a.out, knobs=knobs_from(a), opts=opts)
+                                     a.out, knobs=knobs_from(a), opts=opts, **settings_of(a))
     if results:
         rows = runs.write_suite(results, a.out)
         models = {runs.backbone_label(*runs.model_for(d, opts.arch, opts.pretrained, opts.world)) for d, _ in results}
@@ -153,6 +170,13 @@ LLM_OPTIONS = [
     ("--k-exemplars", dict(type=int, default=RUN_DEFAULTS.k_exemplars, help="exemplar images shown to the LLM per class, 0 for text only (default: %(default)s)")),
     ("--n-descriptions", dict(type=int, default=RUN_DEFAULTS.n_descriptions, help="descriptions asked per class (default: %(default)s)")),
 ]
+SETTINGS_OPTIONS = [
+    ("--settings-source", dict(choices=["authors", "c3box"], help="whose per-benchmark settings a peer runs where it has "
+                               "both (RAPF: its authors' runs, or C3Box's re-run that the published tables quote; "
+                               "default: the tables' source, c3box for RAPF)")),
+    ("--set", dict(action="append", default=[], metavar="METHOD.KNOB=VALUE", help="one knob of one method over its "
+                   "settings record, e.g. --set proof.epochs=3 (repeatable; see `knobs`)")),
+]
 RUN_OPTIONS = [
     ("--methods", dict(default=",".join(RUN_DEFAULTS.methods), help=f"comma-separated, from {', '.join(list_methods())} (default: %(default)s)")),
     ("--seed", dict(type=int, default=RUN_DEFAULTS.seed, help="run seed: projector init, shuffling, pseudo-features (default: %(default)s)")),
@@ -177,7 +201,7 @@ def _run_parser(sub) -> None:
     _add(p, [DATASET_OPTION, ("--setting", dict(help=SETTING_HELP)),
              ("--out", dict(type=Path, help="output folder (default: runs/<benchmark>-<setting>-<key of everything that sets the numbers>)")),
              ("--resume", dict(action="store_true", help="reuse finished methods and continue interrupted ones in the output folder"))],
-         RUN_OPTIONS, DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS)
+         RUN_OPTIONS, SETTINGS_OPTIONS, DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS)
     add_knob_options(p).set_defaults(func=cmd_run)
 
 def _bench_parser(sub) -> None:
@@ -185,7 +209,7 @@ def _bench_parser(sub) -> None:
     _add(p, [("--datasets", dict(default=",".join(b.name for b in BENCHMARKS), help="comma-separated benchmarks (default: %(default)s)")),
              ("--settings", dict(default="b0,bx", help="comma-separated settings (default: %(default)s); " + SETTING_HELP)),
              ("--out", dict(type=Path, default=Path("runs/bench"), help="suite folder; each setting runs in a sub-folder (default: %(default)s)"))],
-         RUN_OPTIONS, DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS)
+         RUN_OPTIONS, SETTINGS_OPTIONS, DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS)
     add_knob_options(p).set_defaults(func=cmd_bench, resume=True)
 
 def _describe_parser(sub) -> None:
@@ -200,14 +224,19 @@ def _features_parser(sub) -> None:
                                               "`run` caches the views its methods read itself)"))],
          DATA_OPTIONS, MODEL_OPTIONS).set_defaults(func=cmd_features)
 
+def _knobs_parser(sub) -> None:
+    p = sub.add_parser("knobs", help="a method's resolved knobs on one benchmark setting, as JSON", description=cmd_knobs.__doc__)
+    _add(p, [("--method", dict(required=True, help=f"one of {', '.join(list_methods())}")), DATASET_OPTION,
+             ("--setting", dict(help=SETTING_HELP))], SETTINGS_OPTIONS).set_defaults(func=cmd_knobs)
+
 # %% ../nbs/11_cli.ipynb #77ca67dd
 def build_parser() -> argparse.ArgumentParser:
-    "The `spa_toolkit` parser with its four subcommands."
+    "The `spa_toolkit` parser with its five subcommands."
     p = argparse.ArgumentParser(prog="spa_toolkit", description="SPA for CLIP-based class-incremental learning. "
                                 "Try: python -m spa_toolkit.cli run")
     p.add_argument("--version", action="version", version=f"spa_toolkit {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,bench,describe,features}")
-    for add in (_run_parser, _bench_parser, _describe_parser, _features_parser): add(sub)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,bench,describe,features,knobs}")
+    for add in (_run_parser, _bench_parser, _describe_parser, _features_parser, _knobs_parser): add(sub)
     return p
 
 def main(argv: list[str] | None = None, # the arguments (default: sys.argv[1:])

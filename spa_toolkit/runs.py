@@ -349,6 +349,8 @@ def run_suite(datasets: list[str], # registered benchmark names
               *,
               knobs: SpaKnobs | None = None, # the learner's knobs
               opts: RunOptions | None = None, # data, model, descriptions, methods, seed
+              source: str | None = None, # the peers' settings source where a method has it
+              overrides: dict[str, dict] | None = None, # method -> {knob: value}: the user's, over the records
              ) -> tuple[dict, list[str]]: # (benchmark, setting) -> method -> result; the settings that failed
     "Results of every (benchmark, setting) of the suite that runs, and the failures (each printed as an `error:` line)."
     bad = [d for d in datasets if d not in list_benchmarks()]
@@ -357,7 +359,8 @@ def run_suite(datasets: list[str], # registered benchmark names
     results, failed = {}, []
     for d in datasets:
         for s in settings:
-            try: rep = run_benchmark(d, s, knobs=knobs, opts=opts, root=out); results[(rep.meta["benchmark"], rep.meta["setting"])] = rep.results
+            try: rep = run_benchmark(d, s, knobs=knobs, opts=opts, root=out, source=source,
+                                       overrides=overrides); results[(rep.meta["benchmark"], rep.meta["setting"])] = rep.results
             except SpaError as e: failed.append(f"{d} {s}"); print(f"error: {d} {s}: {e}", file=sys.stderr)
     return results, failed
 

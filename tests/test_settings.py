@@ -77,3 +77,20 @@ def test_every_benchmark_setting_has_the_three_peers():
         for s in (info.setting_b0, info.setting_bx):
             for m in ("proof", "engine", "rapf"):
                 assert author_knobs(m, info.name, s).record is not None, (m, info.name, s)
+
+
+def test_knobs_command_prints_the_resolved_knobs(capsys):
+    import json
+    from spa_toolkit.cli import main
+    assert main(["knobs", "--method", "proof", "--dataset", "imagenetr", "--setting", "B0Inc20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["knobs"]["batch_size"], out["knobs"]["memory_size"], out["file"]) == (48, 4000, "zhoudw-zdw/PROOF exps/img.json")
+    assert main(["knobs", "--method", "engine", "--dataset", "ucf101"]) == 0  # b0 by default
+    out = json.loads(capsys.readouterr().out)
+    assert (out["setting"], out["knobs"]["sample_noise"]) == ("B0Inc10", 0)
+    assert main(["knobs", "--method", "rapf", "--dataset", "cub", "--settings-source", "authors",
+                 "--set", "rapf.epochs=3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["knobs"]["epochs"], out["knobs"]["beta"], out["unexpressed"]) == (3, 1, {"shrinkage": True})
+    assert main(["knobs", "--method", "proof", "--dataset", "cub", "--set", "proof.epoch=2"]) == 2
+    assert "proof has no knob 'epoch'" in capsys.readouterr().err
