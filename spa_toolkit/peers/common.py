@@ -82,7 +82,9 @@ def pack_state(state, # a peer's state dataclass, with `knobs`
                **computed, # further entries (e.g. a module's `state_dict()`)
               ) -> dict:
     "A plain dict of tensors, numbers and strings: `version`, the knobs as a dict, `fields` and `computed`."
-    return dict(version=version, knobs=state.knobs.to_dict(), **{f: getattr(state, f) for f in fields}, **computed)
+    return dict(
+        version=version, knobs=state.knobs.to_dict(), **{f: getattr(state, f) for f in fields}, **computed
+    )
 
 def unpack_state(d: dict, # from `pack_state`
                  version: int, # the layout version this code reads
