@@ -5,6 +5,7 @@
 # %% ../../nbs/09_peers.ipynb #ce46f09d
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ from ..core import check_state_version, l2norm, make_generator
 
 # %% auto #0
 __all__ = ['new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'check_seen', 'PeerState', 'pack_state',
-           'unpack_state']
+           'unpack_state', 'regrow']
 
 # %% ../../nbs/09_peers.ipynb #7cb2ac1f
 def _uniform(shape: tuple, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -70,8 +71,12 @@ def check_seen(n_seen: int, # classes a state has learned
     "Raise `SpaError` when no class has been learned yet."
     if n_seen < 1: raise SpaError("no class seen yet: train a task first")
 
+@dataclass
 class PeerState:
-    "Base of a peer's state dataclass: it lives where its class-name embeddings `names` [C, d] are."
+    "Base of a peer's state dataclass: its knobs, and the class names [C, d] whose device it lives on."
+    knobs: Knobs # the peer's own knobs
+    names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
+
     @property
     def device(self) -> torch.device: return self.names.device
 
@@ -95,3 +100,15 @@ def unpack_state(d: dict, # from `pack_state`
     "Check a saved peer state's version and put its tensors on `device`."
     check_state_version(d, version, what)
     return knobs.from_dict(d["knobs"]), {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}
+
+def regrow(net: nn.Module, # a fresh net whose `add_task(width, generator)` adds one task's parts
+           width: int, # what `add_task` takes first
+           n_tasks: int, # tasks the saved net had
+           weights: dict, # its saved `state_dict()`
+           device: str | torch.device, # where `net` lives
+          ) -> nn.Module:
+    "`net` grown task by task to the saved shapes, then loaded with the saved weights."
+    gen = make_generator(0, device)
+    for _ in range(n_tasks): net.add_task(width, gen)
+    net.load_state_dict(weights)
+    return net

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, ViewReader, task_span
-from .common import (PeerState, check_seen, clip_loss, new_linear, pack_state, project,
+from .common import (PeerState, check_seen, clip_loss, new_linear, pack_state, project, regrow,
                                       sgd_cosine, shuffled_batches, unpack_state)
 
 # %% auto #0
@@ -186,9 +186,7 @@ ENGINE_STATE_VERSION = 2 # bump when the saved state's layout or meaning changes
 
 @dataclass
 class EngineState(PeerState):
-    "What an ENGINE run carries between tasks."
-    knobs: EngineKnobs
-    names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
+    "What an ENGINE run carries between tasks (beside its `knobs` and class `names`)."
     sem: torch.Tensor # [C, M, d] frozen description embeddings, unit rows (zero where padded)
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
     net: EngineNet # the adapter banks
@@ -321,9 +319,7 @@ def engine_state_from_dict(d: dict, # from `engine_state_dict`
     "Rebuild an `EngineState` on `device`."
     knobs, e = unpack_state(d, ENGINE_STATE_VERSION, "ENGINE", EngineKnobs, device)
     st = new_engine_state(e["names"], e["sem"], e["sem_mask"], e["logit_scale"], knobs=knobs)
-    gen = make_generator(0, device)
-    for _ in range(e["n_tasks"]): st.net.add_task(st.names.shape[1], gen)
-    st.net.load_state_dict(d["net"])
+    regrow(st.net, st.names.shape[1], e["n_tasks"], d["net"], device)
     st.means, st.prec, st.n_seen, st.n_tasks = e["means"], e["prec"], e["n_seen"], e["n_tasks"]
     return st
 

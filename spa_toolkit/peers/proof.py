@@ -17,7 +17,7 @@ from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..exemplars import rank_exemplars
 from ..method import Method, Reader, Task, task_span
-from .common import (PeerState, check_seen, clip_loss, new_linear, pack_state, project,
+from .common import (PeerState, check_seen, clip_loss, new_linear, pack_state, project, regrow,
                                       sgd_cosine, shuffled_batches, unpack_state)
 
 # %% auto #0
@@ -102,9 +102,7 @@ PROOF_STATE_VERSION = 2 # bump when the saved state's layout changes (2: typed k
 
 @dataclass
 class ProofState(PeerState):
-    "What a PROOF run carries between tasks."
-    knobs: ProofKnobs
-    names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
+    "What a PROOF run carries between tasks (beside its `knobs` and class `names`)."
     net: ProofNet # projections, prompts, fusion
     logit_scale: float # CLIP's temperature tau (fixed)
     protos: torch.Tensor # [n_seen, d] mean frozen feature of each seen class
@@ -235,9 +233,7 @@ def proof_state_from_dict(d: dict, # from `proof_state_dict`
     "Rebuild a `ProofState` on `device`."
     knobs, e = unpack_state(d, PROOF_STATE_VERSION, "PROOF", ProofKnobs, device)
     net = ProofNet(e["names"].shape[1], make_generator(0, device), knobs.dropout)
-    gen = make_generator(0, device)
-    for _ in range(e["n_tasks"]): net.add_task(knobs.prompt_len, gen)
-    net.load_state_dict(d["net"])
+    net = regrow(net, knobs.prompt_len, e["n_tasks"], d["net"], device)
     return ProofState(knobs, net=net, **{f: e[f] for f in _SAVED})
 
 # %% ../../nbs/09a_proof.ipynb #abe967b1

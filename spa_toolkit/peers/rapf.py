@@ -71,9 +71,7 @@ RAPF_STATE_VERSION = 2 # bump when the saved state's layout changes (2: typed kn
 
 @dataclass
 class RapfState(PeerState):
-    "What a RAPF run carries between tasks."
-    knobs: RapfKnobs
-    names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
+    "What a RAPF run carries between tasks (beside its `knobs` and class `names`)."
     adapter: nn.Linear # A: d -> d, no bias
     logit_scale: float # CLIP's temperature tau
     means: torch.Tensor # [n_seen, d] class means of the frozen features
