@@ -23,6 +23,7 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', '
 def _has_mps() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
+# %% ../nbs/00_core.ipynb #b781d35e
 def pick_device(
     device: str | torch.device | None = DEVICE, # "auto", "cpu", "cuda", "cuda:1", "mps", or a `torch.device`
 ) -> torch.device:
@@ -109,6 +110,7 @@ def _umask() -> int:
     mask = os.umask(0o022); os.umask(mask)
     return mask
 
+# %% ../nbs/00_core.ipynb #c45b8167
 @contextmanager
 def atomic_path(path: str | Path, # final destination
                ):
@@ -129,6 +131,7 @@ def atomic_path(path: str | Path, # final destination
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
+# %% ../nbs/00_core.ipynb #415f6935
 def atomic_write_text(path: str | Path, text: str) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: Path(tmp).write_text(text, encoding="utf-8")

@@ -84,6 +84,7 @@ def relabel(ds: datasets.Dataset, # a split with an integer `label` column of or
         "label", new.tolist(), feature=datasets.ClassLabel(names=list(class_names))
     )
 
+# %% ../nbs/01_data.ipynb #16cc0272
 def assemble(name: str, # benchmark name
              names: list[str], # [C] class names by original id
              templates: list[str], # prompt templates
@@ -149,6 +150,7 @@ def _case_clashes(names: list[str]) -> list[list[str]]:
     for n in names: groups.setdefault(n.casefold(), []).append(n)
     return [g for g in groups.values() if len(g) > 1]
 
+# %% ../nbs/01_data.ipynb #e3d8d4f9
 def check_imagefolder(root: Path, # the benchmark folder holding train/ and test/
                       source: str = "", # where the data is published, for the messages
                      ) -> list[str]: # sorted class folder names
@@ -215,6 +217,7 @@ def _by_name(found: list[str], names: list[str], aliases: tuple) -> dict[str, in
     table = {_loose(c): i for i, c in enumerate(names)} | {_loose(a): names.index(c) for a, c in aliases}
     return {f: table.get(_loose(f), table.get(_loose(_PREFIX.sub("", f)))) for f in found}
 
+# %% ../nbs/01_data.ipynb #b5f4c1c0
 def match_classes(found: list[str], # class folder (or label) names at the source
                   names: list[str], # [C] the protocol's class names by original id
                   where: str, # what `found` comes from, for the messages (e.g. the folder and benchmark)

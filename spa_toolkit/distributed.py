@@ -56,6 +56,7 @@ def init_distributed(
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return r
 
+# %% ../nbs/02b_distributed.ipynb #3760c817
 def close_distributed():
     "Leave the process group, if this process joined one."
     if dist.is_initialized(): dist.destroy_process_group()
@@ -88,6 +89,7 @@ def shard_start(path: Path, # the rank's progress file
     done = json.loads(path.read_text())
     return done["n_done"] if done.get("rows") == [rows.start, rows.stop] else rows.start
 
+# %% ../nbs/02b_distributed.ipynb #23470573
 def extract_shard(
     clip: ClipBundle, # the frozen model
     dataset, # indexable (image, label) rows: the whole split
@@ -114,6 +116,7 @@ def extract_shard(
     )
     return todo
 
+# %% ../nbs/02b_distributed.ipynb #b3916e85
 def finish_shards(plan: CachePlan, # the cache, every rank's rows on disk
                   world_size: int, # processes that wrote them
                  ):
@@ -132,6 +135,7 @@ def _shared_plan(
     dist.barrier()
     return plan_cache(clip, dataset, cache_dir, name, patches, patch_source)
 
+# %% ../nbs/02b_distributed.ipynb #1d4692c5
 def extract_sharded(clip: ClipBundle, # the frozen model, on this rank's device
                     dataset, # indexable; rows are dicts with "image" (PIL) and "label" (int)
                     cache_dir: str | Path, # parent folder of all feature caches (shared by all nodes)

@@ -105,6 +105,7 @@ def class_side(state: CILState, # a trained (or training) state
                        for x, bank, f in zip(_class_inputs(state, n), _banks(state), frozen or (None,) * 3)))
     return side if side.sem is None else side._replace(sem=side.sem * state.text.sem_mask[:n, :, None])
 
+# %% ../nbs/10_learner.ipynb #6019335a
 def _patch_scores(
     state: CILState, patches: torch.Tensor, n: int, check: bool = True, side: ClassSide | None = None
 ) -> torch.Tensor:
@@ -137,6 +138,7 @@ def _patch_scores(
         1,
     )
 
+# %% ../nbs/10_learner.ipynb #520b6cef
 def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int, check: bool = True,
                 side: ClassSide | None = None) -> torch.Tensor:
     """Un-scaled SPA scores [B, n]: projected global similarity, plus the prototype and patch-level terms when
@@ -154,6 +156,7 @@ def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, 
         s = s + k.lam * _patch_scores(state, patches, n, check, side)
     return s
 
+# %% ../nbs/10_learner.ipynb #3d062807
 def _baseline_scores(state: CILState, g: torch.Tensor, n: int) -> torch.Tensor:
     "Frozen baselines' cosine scores [B, n]."
     scorer = state.knobs.scorer
@@ -165,6 +168,7 @@ def _baseline_scores(state: CILState, g: torch.Tensor, n: int) -> torch.Tensor:
         raise SpaError(f"ncm needs the class means of all {n} classes: train the tasks first")
     return g @ l2norm(state.stats.means[:n].to(g.dtype)).T
 
+# %% ../nbs/10_learner.ipynb #7a6bd082
 def predict(
     state: CILState, # a trained (or fresh) state
     g: torch.Tensor, # [B, d] global features (unit norm)
@@ -272,6 +276,7 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
                 )
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
+# %% ../nbs/10_learner.ipynb #cc102a87
 def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
     """[B, k, d] frozen patch sets whose statistics stand in for images of class `y`: the sets their test
     images will show."""
@@ -344,6 +349,7 @@ def score_margins(state: CILState, # a trained state
     with torch.no_grad(): logits = predict(state, g, patches)
     return logits.gather(1, y[:, None])[:, 0] - logits.scatter(1, y[:, None], -torch.inf).amax(1)
 
+# %% ../nbs/10_learner.ipynb #285b50a2
 def replay_margins(
     state: CILState, # a trained state with statistics
     test: FeatureSet, # cached test features

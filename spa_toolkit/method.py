@@ -100,6 +100,7 @@ class Rows(NamedTuple):
     p: torch.Tensor | None # [n, N, d] (or [n, k, d] compact) patch tokens, float16 as cached; None: not read
     y: torch.Tensor # [n] long labels
 
+# %% ../nbs/08b_method.ipynb #c27e3c76
 def rows(feats: FeatureSet, # cached features of one split
          idx: np.ndarray, # row indices
          device: torch.device, # where the tensors go
@@ -118,6 +119,7 @@ def rows(feats: FeatureSet, # cached features of one split
     check_finite(g, f"cached features in {feats.folder}")
     return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device))
 
+# %% ../nbs/08b_method.ipynb #37238685
 def task_rows(feats: FeatureSet, # cached features of one split
               lo: int, hi: int, # label range [lo, hi)
              ) -> np.ndarray:

@@ -114,6 +114,7 @@ def old_new_harmonic(preds, # [n] predicted labels on the seen test images
 # forgetting definitions: best accuracy including the current evaluation, or best earlier one
 FORGETTING = ("pycil", "avalanche")
 
+# %% ../nbs/09_metrics.ipynb #2814bf77
 def forgetting_matrix(
     acc: np.ndarray, # [T, T] accuracy matrix
     definition: str = "pycil", # "pycil" (best including row t, never negative) or "avalanche" (best before t)
@@ -132,6 +133,7 @@ def forgetting_matrix(
         out[t, :t] = np.fmax.reduce(seen[:t + last, :t], axis=0) - acc[t, :t]
     return out
 
+# %% ../nbs/09_metrics.ipynb #f979051c
 def forgetting(acc: np.ndarray, # [T, T] accuracy matrix
                definition: str = "pycil", # see `forgetting_matrix`
               ) -> float: # mean forgetting of the old tasks after the final task, percent points
@@ -152,6 +154,7 @@ def _nan_floats(x):
     "Inverse of `_json_floats`: None back to NaN."
     return [_nan_floats(v) for v in x] if isinstance(x, list) else (math.nan if x is None else float(x))
 
+# %% ../nbs/09_metrics.ipynb #ee5133df
 @dataclass
 class RunResult:
     "Everything a class-incremental run reports."
@@ -238,6 +241,7 @@ def figure_class():
     except ImportError as e: raise SpaError(f"plotting needs matplotlib: {PLOT_HINT}") from e
     return Figure
 
+# %% ../nbs/09_metrics.ipynb #d92e239f
 def plot_curves(results: dict[str, RunResult], # method name -> its result
                 path: str | Path, # the PNG to write
                 title: str | None = None, # figure title (default: benchmark and setting of the first result)

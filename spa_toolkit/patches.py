@@ -44,6 +44,7 @@ def as_clause(phrase: str, # a description: a phrase or a sentence
     s = phrase.strip().rstrip(".!?;:, ").strip()
     return s if s[:2].isalpha() and s[:2].isupper() else s[:1].lower() + s[1:]
 
+# %% ../nbs/05_patches.ipynb #c2216015
 def sem_prompts(
     name: str, # class name
     descriptions: dict[str, list[str]], # class name -> description phrases
@@ -72,6 +73,7 @@ def _encoder(encode_fn) -> tuple[Callable, str | None]:
         return (lambda texts: encode_texts(encode_fn, texts)), encode_fn.key
     return encode_fn, getattr(encode_fn, "key", None)
 
+# %% ../nbs/05_patches.ipynb #b8943e0b
 def _encode_all(
     prompts: dict[str, list[str]], encode: Callable, key: str | None, cache
 ) -> list[torch.Tensor]:
@@ -142,6 +144,7 @@ def check_patch_inputs(
         )
     return mask
 
+# %% ../nbs/05_patches.ipynb #a3b0d0cf
 def patch_similarity(patches: torch.Tensor, # [B, N, d]
                      sem: torch.Tensor, # [C, M, d]
                     ) -> torch.Tensor: # [B, C, N, M] cosine similarities (inputs unit-norm)
@@ -213,6 +216,7 @@ def select_patches(
         1,
     )
 
+# %% ../nbs/05_patches.ipynb #49718662
 def gather_patches(patches: torch.Tensor, # [B, N, d]
                    idx: torch.Tensor, # [B, C, k] long, from `select_patches`
                   ) -> torch.Tensor: # [B, C, k, d]

@@ -50,6 +50,7 @@ def split_features(
         progress=progress,
     )
 
+# %% ../nbs/10_protocol.ipynb #686042de
 def view_features(clip: ClipBundle, # the frozen model
                   benchmark: Benchmark, # the benchmark
                   cache_dir: str | Path, # feature cache folder
@@ -82,6 +83,7 @@ class Prepared:
     train_views: FeatureSet | None = None # noisy views of the training images, row i * n_views + v
     n_views: int = 0 # views per training image in `train_views`
 
+# %% ../nbs/10_protocol.ipynb #25a58463
 def prepare(
     benchmark: Benchmark, # the benchmark
     clip: ClipBundle, # the frozen model (already on its device)
@@ -121,6 +123,7 @@ def prepare(
     return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key,
                     dict(sem_template=sem_template, n_desc=n_desc), view_set, views)
 
+# %% ../nbs/10_protocol.ipynb #2cca5e47
 def views_needed(methods: list[str], # names in `base.list_methods()`
                  knobs: Knobs | dict | None = None, # the run's knobs, or {method: its knobs}
                 ) -> int:
@@ -195,6 +198,7 @@ def _result(name: str, prep: Prepared, knobs: Knobs, records: list[dict], key: s
         run_key=key,
     )
 
+# %% ../nbs/10_protocol.ipynb #50998ec1
 def _refuse_other_run(path: Path, saved_key: str | None, key: str):
     if saved_key != key:
         raise SpaError(
@@ -227,6 +231,7 @@ def _check(name: str, method: Method, prep: Prepared, knobs: Knobs):
         )
     if method.check is not None: method.check(prep, knobs)
 
+# %% ../nbs/10_protocol.ipynb #df269fc4
 def run_method(
     prep: Prepared, # shared features and text side
     method: str = "spa", # a name in `base.list_methods()`
@@ -283,6 +288,7 @@ def run_methods(
     for m in methods: _check(m, get_method(m), prep, method_knobs(m, knobs))
     return {m: run_method(prep, m, seed, out_dir, resume, progress, knobs) for m in methods}
 
+# %% ../nbs/10_protocol.ipynb #1eee62fa
 def run_protocol(
     benchmark: Benchmark, # the benchmark
     clip: ClipBundle, # the frozen model, on the device to run on

@@ -25,6 +25,7 @@ __all__ = ['TEXT_KNOBS', 'run_seed', 'run_grid', 'ci95', 'summary', 'markdown']
 # %% ../nbs/10b_study.ipynb #06bdd88b
 TEXT_KNOBS = ("sem_template", "n_desc")  # knobs that change the prepared text side
 
+# %% ../nbs/10b_study.ipynb #f502e034
 def run_seed(variant: str, # world variant
              seed: int, # world and run seed
              configs: dict, # row name -> (method, knob overrides)
@@ -45,6 +46,7 @@ def run_seed(variant: str, # world variant
         )
     return rows
 
+# %% ../nbs/10b_study.ipynb #25723ece
 def run_grid(variants: list[str], # world variants
              seeds: list[int], # world and run seeds
              configs: dict, # row name -> (method, knob overrides)

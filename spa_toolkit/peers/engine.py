@@ -71,6 +71,7 @@ def diagonal_ce(sim: torch.Tensor, # [n, m] similarities, m >= n, row i's positi
     `contrastive_loss`)."""
     return F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
 
+# %% ../../nbs/09c_engine.ipynb #cc9fcff8
 def engine_loss(
     z: torch.Tensor, # [B, d] adapted images, unit norm: the batch's real rows first, then noisy prototypes
     u: torch.Tensor, # [B, d] adapted class texts of their labels, unit norm
@@ -130,6 +131,7 @@ def gda_stats(g: torch.Tensor, # [n, d] frozen features of one task's images
         s + s.trace() / (len(x) - 1) * torch.eye(len(s), device=s.device, dtype=s.dtype)
     )
 
+# %% ../../nbs/09c_engine.ipynb #e305fa7f
 def merge_gda(
     mu_old: torch.Tensor, p_old: torch.Tensor, # [k, d], [d, d]: the stored statistics (k = 0 before task 1)
     mu_new: torch.Tensor, p_new: torch.Tensor, # [t - k, d] and [d, d]: the new task's
@@ -196,6 +198,7 @@ class EngineState(PeerState):
     n_seen: int = 0 # classes seen so far
     n_tasks: int = 0 # tasks trained so far
 
+# %% ../../nbs/09c_engine.ipynb #3c4bd3c8
 def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings (unit norm), on the run's device
                      sem: torch.Tensor, # [C, M, d] description embeddings (unit rows, zero where padded)
                      sem_mask: torch.Tensor, # [C, M] bool, True for real descriptions
@@ -259,6 +262,7 @@ def _engine_batch_loss(
     desc = sample_descriptions(state.sem, state.sem_mask, labels, gen)
     return engine_loss(z, u, desc, view, math.log(state.logit_scale), k.text_des, k.image_aug)
 
+# %% ../../nbs/09c_engine.ipynb #beda3ab0
 def _fit_engine(
     state: EngineState,
     g: torch.Tensor,
@@ -280,6 +284,7 @@ def _fit_engine(
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
 
+# %% ../../nbs/09c_engine.ipynb #7ba4f4a4
 def train_engine_task(
     state: EngineState, # the state after the previous task (updated in place and returned)
     read: Reader, # reads cached training rows

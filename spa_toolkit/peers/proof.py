@@ -91,6 +91,7 @@ class ProofNet(nn.Module):
         for p in [*self.img[:-1].parameters(), *self.prompts[:-1]]: p.requires_grad_(False)
         return [p for p in self.parameters() if p.requires_grad]
 
+# %% ../../nbs/09a_proof.ipynb #d90b604a
 def project(bank: nn.ModuleList, # one projection per task
             x: torch.Tensor, # [..., d]
            ) -> torch.Tensor: # [..., d] unit norm
@@ -198,6 +199,7 @@ def _fit_proof(state: ProofState, g: torch.Tensor, y: torch.Tensor, params: list
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
 
+# %% ../../nbs/09a_proof.ipynb #5beae564
 def train_proof_task(state: ProofState, # the state after the previous task (updated in place and returned)
                      read: Reader, # reads cached training rows
                      rows: np.ndarray, # [n] sorted cache rows of the task's images

@@ -168,6 +168,7 @@ def _fit_rapf(state: RapfState, g, y, n: int, pairs, gen: torch.Generator):
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
 
+# %% ../../nbs/09b_rapf.ipynb #37af5744
 def train_rapf_task(state: RapfState, # the state after the previous task (updated in place and returned)
                     read: Reader, # reads cached training rows
                     rows: np.ndarray, # [n] sorted cache rows of the task's images
