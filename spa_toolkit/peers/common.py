@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,7 @@ from ..core import check_state_version, l2norm, make_generator
 
 # %% auto #0
 __all__ = ['new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'check_seen', 'PeerState', 'pack_state',
-           'unpack_state', 'regrow']
+           'unpack_state', 'regrow', 'state_codec']
 
 # %% ../../nbs/09_peers.ipynb #7cb2ac1f
 def _uniform(shape: tuple, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -112,3 +113,17 @@ def regrow(net: nn.Module, # a fresh net whose `add_task(width, generator)` adds
     for _ in range(n_tasks): net.add_task(width, gen)
     net.load_state_dict(weights)
     return net
+
+def state_codec(version: int, # the layout version the peer writes and reads
+                what: str, # names the state in messages, e.g. "PROOF"
+                knobs: type, # the peer's knobs class
+                fields: tuple[str, ...], # attributes saved as they are
+                extra: Callable[[PeerState], dict], # further entries of a state (e.g. its net's weights)
+                rebuild: Callable, # (knobs, saved entries, device) -> the state
+               ) -> tuple[Callable, Callable]: # to_dict(state), from_dict(d, device="cpu")
+    "A peer's `(to_dict, from_dict)`: `pack_state` and `unpack_state` with its version, fields and rebuild."
+    def to_dict(state: PeerState) -> dict: return pack_state(state, version, fields, **extra(state))
+    def from_dict(d: dict, device: str | torch.device = "cpu") -> PeerState:
+        k, e = unpack_state(d, version, what, knobs, device)
+        return rebuild(k, e, device)
+    return to_dict, from_dict

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, ViewReader, task_span
-from .common import (PeerState, check_seen, clip_loss, new_linear, pack_state, project, regrow,
-                                      sgd_cosine, shuffled_batches, unpack_state)
+from .common import (PeerState, check_seen, clip_loss, new_linear, project, regrow, sgd_cosine,
+                                      shuffled_batches, state_codec)
 
 # %% auto #0
-__all__ = ['ENGINE_STATE_VERSION', 'ENGINE', 'EngineKnobs', 'diagonal_ce', 'engine_loss', 'sample_descriptions',
-           'noisy_prototypes', 'gda_stats', 'merge_gda', 'gda_scores', 'description_centres', 'rerank_scores',
-           'EngineNet', 'EngineState', 'new_engine_state', 'engine_cos', 'engine_logits', 'train_engine_task',
-           'engine_state_dict', 'engine_state_from_dict']
+__all__ = ['ENGINE_STATE_VERSION', 'engine_state_dict', 'engine_state_from_dict', 'ENGINE', 'EngineKnobs', 'diagonal_ce',
+           'engine_loss', 'sample_descriptions', 'noisy_prototypes', 'gda_stats', 'merge_gda', 'gda_scores',
+           'description_centres', 'rerank_scores', 'EngineNet', 'EngineState', 'new_engine_state', 'engine_cos',
+           'engine_logits', 'train_engine_task']
 
 # %% ../../nbs/09c_engine.ipynb #1b563a27
 @dataclass(frozen=True)
@@ -314,19 +314,17 @@ def train_engine_task(
 # %% ../../nbs/09c_engine.ipynb #10c4358b
 _SAVED = ("names", "sem", "sem_mask", "logit_scale", "means", "prec", "n_seen", "n_tasks")
 
-def engine_state_dict(state: EngineState) -> dict:
-    "A plain dict of tensors, numbers and strings holding the whole ENGINE state."
-    return pack_state(state, ENGINE_STATE_VERSION, _SAVED, net=state.net.state_dict())
-
-def engine_state_from_dict(d: dict, # from `engine_state_dict`
-                           device: str | torch.device = "cpu", # where to put it
-                          ) -> EngineState:
-    "Rebuild an `EngineState` on `device`."
-    knobs, e = unpack_state(d, ENGINE_STATE_VERSION, "ENGINE", EngineKnobs, device)
+def _rebuild_engine(knobs: EngineKnobs, e: dict, device: str | torch.device) -> EngineState:
+    "An `EngineState` on `device` from the entries `e` that `engine_state_dict` saved."
     st = new_engine_state(e["names"], e["sem"], e["sem_mask"], e["logit_scale"], knobs=knobs)
-    regrow(st.net, st.names.shape[1], e["n_tasks"], d["net"], device)
+    regrow(st.net, st.names.shape[1], e["n_tasks"], e["net"], device)
     st.means, st.prec, st.n_seen, st.n_tasks = e["means"], e["prec"], e["n_seen"], e["n_tasks"]
     return st
+
+# a plain dict of tensors, numbers and strings holding the whole ENGINE state, and back (on a device)
+engine_state_dict, engine_state_from_dict = state_codec(
+    ENGINE_STATE_VERSION, "ENGINE", EngineKnobs, _SAVED, lambda st: dict(net=st.net.state_dict()),
+    _rebuild_engine)
 
 # %% ../../nbs/09c_engine.ipynb #d82dc4ea
 ENGINE = Method(

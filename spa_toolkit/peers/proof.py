@@ -17,13 +17,13 @@ from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..exemplars import rank_exemplars
 from ..method import Method, Reader, Task, task_span
-from .common import (PeerState, check_seen, clip_loss, new_linear, pack_state, project, regrow,
-                                      sgd_cosine, shuffled_batches, unpack_state)
+from .common import (PeerState, check_seen, clip_loss, new_linear, project, regrow, sgd_cosine,
+                                      shuffled_batches, state_codec)
 
 # %% auto #0
-__all__ = ['PROOF_STATE_VERSION', 'PROOF', 'ProofKnobs', 'dropout', 'Fusion', 'ProofNet', 'project', 'ProofState',
-           'new_proof_state', 'ProofScores', 'proof_scores', 'proof_loss', 'proof_logits', 'herding_memory',
-           'cut_memory', 'train_proof_task', 'proof_state_dict', 'proof_state_from_dict']
+__all__ = ['PROOF_STATE_VERSION', 'proof_state_dict', 'proof_state_from_dict', 'PROOF', 'ProofKnobs', 'dropout', 'Fusion',
+           'ProofNet', 'project', 'ProofState', 'new_proof_state', 'ProofScores', 'proof_scores', 'proof_loss',
+           'proof_logits', 'herding_memory', 'cut_memory', 'train_proof_task']
 
 # %% ../../nbs/09a_proof.ipynb #922ddd2f
 @dataclass(frozen=True)
@@ -225,18 +225,16 @@ def train_proof_task(state: ProofState, # the state after the previous task (upd
 # %% ../../nbs/09a_proof.ipynb #9eb12e64
 _SAVED = ("names", "logit_scale", "protos", "memory", "memory_labels", "n_seen", "n_tasks")
 
-def proof_state_dict(state: ProofState) -> dict:
-    "A plain dict of tensors, numbers and strings holding the whole PROOF state."
-    return pack_state(state, PROOF_STATE_VERSION, _SAVED, net=state.net.state_dict())
-
-def proof_state_from_dict(d: dict, # from `proof_state_dict`
-                          device: str | torch.device = "cpu", # where to put it
-                         ) -> ProofState:
-    "Rebuild a `ProofState` on `device`."
-    knobs, e = unpack_state(d, PROOF_STATE_VERSION, "PROOF", ProofKnobs, device)
+def _rebuild_proof(knobs: ProofKnobs, e: dict, device: str | torch.device) -> ProofState:
+    "A `ProofState` on `device` from the entries `e` that `proof_state_dict` saved."
     net = ProofNet(e["names"].shape[1], make_generator(0, device), knobs.dropout)
-    net = regrow(net, knobs.prompt_len, e["n_tasks"], d["net"], device)
+    net = regrow(net, knobs.prompt_len, e["n_tasks"], e["net"], device)
     return ProofState(knobs, net=net, **{f: e[f] for f in _SAVED})
+
+# a plain dict of tensors, numbers and strings holding the whole PROOF state, and back (on a device)
+proof_state_dict, proof_state_from_dict = state_codec(
+    PROOF_STATE_VERSION, "PROOF", ProofKnobs, _SAVED, lambda st: dict(net=st.net.state_dict()),
+    _rebuild_proof)
 
 # %% ../../nbs/09a_proof.ipynb #abe967b1
 PROOF = Method(

@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import (PeerState, check_seen, new_linear, pack_state, shuffled_batches,
-                                      unpack_state)
+from .common import PeerState, check_seen, new_linear, shuffled_batches, state_codec
 
 # %% auto #0
-__all__ = ['RAPF_STATE_VERSION', 'RAPF', 'RapfKnobs', 'separation_loss', 'fuse_adapters', 'RapfState', 'new_rapf_state',
-           'gaussian_stats', 'sample_classes', 'rapf_scores', 'rapf_logits', 'hard_pairs', 'train_rapf_task',
-           'rapf_state_dict', 'rapf_state_from_dict']
+__all__ = ['RAPF_STATE_VERSION', 'rapf_state_dict', 'rapf_state_from_dict', 'RAPF', 'RapfKnobs', 'separation_loss',
+           'fuse_adapters', 'RapfState', 'new_rapf_state', 'gaussian_stats', 'sample_classes', 'rapf_scores',
+           'rapf_logits', 'hard_pairs', 'train_rapf_task']
 
 # %% ../../nbs/09b_rapf.ipynb #0df305c6
 @dataclass(frozen=True)
@@ -197,19 +196,17 @@ def train_rapf_task(state: RapfState, # the state after the previous task (updat
 # %% ../../nbs/09b_rapf.ipynb #6905f7e2
 _SAVED = ("names", "logit_scale", "means", "chols", "n_seen", "n_tasks")
 
-def rapf_state_dict(state: RapfState) -> dict:
-    "A plain dict of tensors, numbers and strings holding the whole RAPF state."
-    return pack_state(state, RAPF_STATE_VERSION, _SAVED, adapter=state.adapter.weight.detach())
-
-def rapf_state_from_dict(d: dict, # from `rapf_state_dict`
-                         device: str | torch.device = "cpu", # where to put it
-                        ) -> RapfState:
-    "Rebuild a `RapfState` on `device`."
-    knobs, e = unpack_state(d, RAPF_STATE_VERSION, "RAPF", RapfKnobs, device)
+def _rebuild_rapf(knobs: RapfKnobs, e: dict, device: str | torch.device) -> RapfState:
+    "A `RapfState` on `device` from the entries `e` that `rapf_state_dict` saved."
     st = new_rapf_state(e["names"], e["logit_scale"], knobs=knobs)
     with torch.no_grad(): st.adapter.weight.copy_(e["adapter"])
     st.means, st.chols, st.n_seen, st.n_tasks = e["means"], e["chols"], e["n_seen"], e["n_tasks"]
     return st
+
+# a plain dict of tensors, numbers and strings holding the whole RAPF state, and back (on a device)
+rapf_state_dict, rapf_state_from_dict = state_codec(
+    RAPF_STATE_VERSION, "RAPF", RapfKnobs, _SAVED, lambda st: dict(adapter=st.adapter.weight.detach()),
+    _rebuild_rapf)
 
 # %% ../../nbs/09b_rapf.ipynb #ec413c17
 RAPF = Method(
