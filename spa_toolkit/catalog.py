@@ -24,10 +24,11 @@ __all__ = ['CLASS_ORDER_SEED', 'PROOF_README', 'BENCHMARKS', 'WORLD_VARIANTS', '
 CLASS_ORDER_SEED = 1993 # PyCIL's class-order seed (its "seed"), separate from any run seed
 
 # %% ../nbs/00_catalog.ipynb #aaedf03b
-def class_order(n_classes: int, # number of classes C
-                seed: int = CLASS_ORDER_SEED, # the class-order seed (PyCIL's "seed"), separate from any run seed
-                shuffle: bool = True, # False keeps 0..C-1
-               ) -> list[int]: # original class ids; position i holds the class that becomes label i
+def class_order(
+    n_classes: int, # number of classes C
+    seed: int = CLASS_ORDER_SEED, # the class-order seed (PyCIL's "seed"), separate from any run seed
+    shuffle: bool = True, # False keeps 0..C-1
+) -> list[int]: # original class ids; position i holds the class that becomes label i
     "PyCIL's class order for `n_classes`, without touching numpy's global RNG."
     if not shuffle: return list(range(n_classes))
     return np.random.RandomState(seed).permutation(n_classes).tolist()
@@ -36,22 +37,28 @@ def class_order(n_classes: int, # number of classes C
 _SETTING = re.compile(r"B(\d+)\s*Inc(\d+)", re.IGNORECASE)
 
 def _default_inc(n_classes: int) -> int:
-    "The smallest task size that splits `n_classes` into 2 to 10 equal tasks of at least 2 classes; else into at most 10 tasks."
+    """The smallest task size that splits `n_classes` into 2 to 10 equal tasks of at least 2 classes; else
+    into at most 10 tasks."""
     fits = lambda d: n_classes % d == 0 and n_classes // d <= 10
-    return next((d for d in range(2, n_classes) if fits(d)), None) or next(d for d in range(1, n_classes + 1) if fits(d))
+    return next((d for d in range(2, n_classes) if fits(d)), None) or next(
+        d for d in range(1, n_classes + 1) if fits(d)
+    )
 
 def _check_split(n_classes: int, base: int, inc: int, what: str):
     "Raise `SpaError` unless `base` then `inc`-sized tasks tile `n_classes` exactly."
     if inc <= 0 or base <= 0 or base > n_classes or (n_classes - base) % inc:
-        raise SpaError(f"setting {what} does not fit {n_classes} classes: need inc > 0 and base + k*inc = {n_classes} "
-                       f"(e.g. B0Inc{_default_inc(n_classes)})")
+        raise SpaError(
+            f"setting {what} does not fit {n_classes} classes: need inc > 0 and base + k*inc = {n_classes} "
+            f"(e.g. B0Inc{_default_inc(n_classes)})"
+        )
 
 def parse_setting(setting: str, # e.g. "B0Inc10" or "B50Inc10" (case and a space before Inc are ignored)
                   n_classes: int, # number of classes C
                  ) -> tuple[int, int]: # (base, inc), with B0 resolved to base = inc
     "Parse a 'B{base}Inc{inc}' setting and check it fits `n_classes`."
     m = _SETTING.fullmatch(str(setting).strip())
-    if not m: raise SpaError(f"bad setting {setting!r}: write it as B{{base}}Inc{{inc}}, e.g. B0Inc10 or B50Inc10")
+    if not m:
+        raise SpaError(f"bad setting {setting!r}: write it as B{{base}}Inc{{inc}}, e.g. B0Inc10 or B50Inc10")
     base, inc = int(m[1]), int(m[2])
     base = base or inc
     _check_split(n_classes, base, inc, repr(setting))
@@ -79,7 +86,8 @@ def default_settings(n_classes: int, # number of classes C
     return settings
 
 # %% ../nbs/00_catalog.ipynb #063f1f1e
-_ASSETS = Path(str(resources.files("spa_toolkit")))/"assets" # package data, found the same way from the notebook and the module
+# package data, found the same way from the notebook and the module
+_ASSETS = Path(str(resources.files("spa_toolkit")))/"assets"
 PROOF_README = "see the PROOF repository README (https://github.com/zhoudw-zdw/PROOF) for download links"
 
 @dataclass(frozen=True)
@@ -94,21 +102,25 @@ class DatasetInfo:
     hub_id: str | None = None # HF hub dataset, when it loads from the hub
     columns: tuple = ("image", "label") # (image, label) column names at the source
     aliases: tuple = () # the authors' folder names for it (e.g. "imagenet-r"), accepted beside `name`
-    class_aliases: tuple = () # (spelling at the source, protocol class name) pairs, e.g. the hub's "cra" for "crab"
-    folder_ids: str | None = None # regex of id-named class folders (e.g. WordNet ids) that sort in class-id order
+    class_aliases: tuple = () # (source spelling, protocol class name) pairs, e.g. the hub's "cra" for "crab"
+    folder_ids: str | None = None # regex of id-named class folders (e.g. WordNet ids), in class-id order
+
+_BY_AUTHORS = f"pre-split by the authors: {PROOF_README}"
 
 BENCHMARKS = (
-    DatasetInfo("cifar100", 100, "cifar224", "B0Inc10", "B50Inc10", "HF hub uoft-cs/cifar100 (downloaded by `datasets`)",
-                "uoft-cs/cifar100", ("img", "fine_label"), ("cifar224",), (("cra", "crab"),)),
-    DatasetInfo("cub", 200, "cub", "B0Inc20", "B100Inc20", f"CUB-200 pre-split by the authors: {PROOF_README}"),
-    DatasetInfo("imagenetr", 200, "imagenetr", "B0Inc20", "B100Inc20", f"ImageNet-R pre-split by the authors: {PROOF_README}",
+    DatasetInfo("cifar100", 100, "cifar224", "B0Inc10", "B50Inc10",
+                "HF hub uoft-cs/cifar100 (downloaded by `datasets`)", "uoft-cs/cifar100",
+                ("img", "fine_label"), ("cifar224",), (("cra", "crab"),)),
+    DatasetInfo("cub", 200, "cub", "B0Inc20", "B100Inc20", f"CUB-200 {_BY_AUTHORS}"),
+    DatasetInfo("imagenetr", 200, "imagenetr", "B0Inc20", "B100Inc20", f"ImageNet-R {_BY_AUTHORS}",
                 aliases=("imagenet-r",), folder_ids=r"n\d{8}"),
-    DatasetInfo("objectnet", 200, "objectnet", "B0Inc20", "B100Inc20", f"ObjectNet (200 classes) pre-split by the authors: {PROOF_README}"),
-    DatasetInfo("aircraft", 100, "aircraft", "B0Inc10", "B50Inc10", f"FGVC Aircraft pre-split by the authors: {PROOF_README}"),
-    DatasetInfo("cars", 100, "cars", "B0Inc10", "B50Inc10", f"Stanford Cars (100 classes) pre-split by the authors: {PROOF_README}"),
-    DatasetInfo("food101", 100, "food101", "B0Inc10", "B50Inc10", f"Food-101 (100 classes) pre-split by the authors: {PROOF_README}"),
-    DatasetInfo("sun", 300, "sun", "B0Inc30", "B150Inc30", f"SUN397 (300-class subset) pre-split by the authors: {PROOF_README}"),
-    DatasetInfo("ucf101", 100, "ucf101", "B0Inc10", "B50Inc10", f"UCF-101 frames pre-split by the authors: {PROOF_README}",
+    DatasetInfo("objectnet", 200, "objectnet", "B0Inc20", "B100Inc20",
+                f"ObjectNet (200 classes) {_BY_AUTHORS}"),
+    DatasetInfo("aircraft", 100, "aircraft", "B0Inc10", "B50Inc10", f"FGVC Aircraft {_BY_AUTHORS}"),
+    DatasetInfo("cars", 100, "cars", "B0Inc10", "B50Inc10", f"Stanford Cars (100 classes) {_BY_AUTHORS}"),
+    DatasetInfo("food101", 100, "food101", "B0Inc10", "B50Inc10", f"Food-101 (100 classes) {_BY_AUTHORS}"),
+    DatasetInfo("sun", 300, "sun", "B0Inc30", "B150Inc30", f"SUN397 (300-class subset) {_BY_AUTHORS}"),
+    DatasetInfo("ucf101", 100, "ucf101", "B0Inc10", "B50Inc10", f"UCF-101 frames {_BY_AUTHORS}",
                 aliases=("ucf",)),
 )
 
@@ -120,7 +132,10 @@ def benchmark_info(name: str) -> DatasetInfo:
     "The registry record of `name` (ours or one of the authors' folder names)."
     for b in BENCHMARKS:
         if name == b.name or name in b.aliases: return b
-    raise SpaError(f"unknown benchmark {name!r}: choose one of {list_benchmarks()} or pass a folder with train/ and test/ sub-folders")
+    raise SpaError(
+        f"unknown benchmark {name!r}: choose one of {list_benchmarks()} or pass a folder with train/ and "
+        "test/ sub-folders"
+    )
 
 @lru_cache(None)
 def _asset(fname: str) -> dict: return json.loads((_ASSETS/fname).read_text(encoding="utf-8"))
@@ -134,13 +149,24 @@ def registry_templates(info: DatasetInfo) -> list[str]:
     return _asset("templates.json")[info.key]
 
 # %% ../nbs/00_catalog.ipynb #3960c295
-WORLD_VARIANTS = {"premise": dict(image_size=64), # the default: a [CLS]-pooled model whose global view loses the mark
-                  "control": dict(image_size=48)} # the first world: an average-pooled model whose global view knows it
+# the default: a [CLS]-pooled model whose global view loses the mark
+WORLD_VARIANTS = {"premise": dict(image_size=64),
+                  # the first world: an average-pooled model whose global view knows it
+                  "control": dict(image_size=48)}
 DEFAULT_WORLD = "premise"
 
 # %% ../nbs/00_catalog.ipynb #135af295
-COUNTERPARTS = {"spa": ("SPA", "PROOF"), "zeroshot": ("zero-shot CLIP",), "ncm": ("SimpleCIL",), "zs_clip": ("zero-shot CLIP",),
-                "simplecil": ("SimpleCIL",), "proof": ("PROOF",), "rapf": ("RAPF",), "engine": ("ENGINE",)} # our method -> published ones
+COUNTERPARTS = {
+    "spa": ("SPA", "PROOF"),
+    "zeroshot": ("zero-shot CLIP",),
+    "ncm": ("SimpleCIL",),
+    "zs_clip": ("zero-shot CLIP",),
+    # our method -> published ones
+    "simplecil": ("SimpleCIL",),
+    "proof": ("PROOF",),
+    "rapf": ("RAPF",),
+    "engine": ("ENGINE",),
+}
 
 class Published(NamedTuple):
     "One published result."

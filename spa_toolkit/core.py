@@ -20,18 +20,26 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', '
            'library_versions', 'check_state_version']
 
 # %% ../nbs/00_core.ipynb #c1a5dc27
-def _has_mps() -> bool: return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+def _has_mps() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
-def pick_device(device: str | torch.device | None = DEVICE, # "auto", "cpu", "cuda", "cuda:1", "mps", or a `torch.device`
-               ) -> torch.device:
+# %% ../nbs/00_core.ipynb #b781d35e
+def pick_device(
+    device: str | torch.device | None = DEVICE, # "auto", "cpu", "cuda", "cuda:1", "mps", or a `torch.device`
+) -> torch.device:
     "Resolve `device` to a `torch.device`, failing clearly when it is not available."
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if _has_mps() else "cpu")
-    try: dev = torch.device(device)
-    except RuntimeError as e: raise SpaError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SpaError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SpaError(f"device {device!r} asked for, but this torch sees no CUDA GPU: use --device cpu (or auto)")
-    if dev.type == "mps" and not _has_mps(): raise SpaError(f"device {device!r} asked for, but MPS is not available: use cpu")
+        raise SpaError(
+            f"device {device!r} asked for, but this torch sees no CUDA GPU: use --device cpu (or auto)"
+        )
+    if dev.type == "mps" and not _has_mps():
+        raise SpaError(f"device {device!r} asked for, but MPS is not available: use cpu")
     return dev
 
 # %% ../nbs/00_core.ipynb #a207418e
@@ -65,24 +73,35 @@ def check_float_tensor(x, # what the caller passed
                        what: str, # what `x` should be, for the message
                       ) -> torch.Tensor:
     "Return `x`, or raise `SpaError` unless it is a floating-point torch tensor."
-    if not isinstance(x, torch.Tensor): raise SpaError(f"{what} must be a torch tensor, got {type(x).__name__}: pass torch.as_tensor(x).float()")
-    if not x.is_floating_point(): raise SpaError(f"{what} must be floating point, got {x.dtype}: pass x.float()")
+    if not isinstance(x, torch.Tensor):
+        raise SpaError(
+            f"{what} must be a torch tensor, got {type(x).__name__}: pass torch.as_tensor(x).float()"
+        )
+    if not x.is_floating_point():
+        raise SpaError(f"{what} must be floating point, got {x.dtype}: pass x.float()")
     return x
 
 def check_generator(g, # what the caller passed as a generator
                    ) -> torch.Generator:
     "Return `g`, or raise `SpaError` unless it is a `torch.Generator`."
-    if not isinstance(g, torch.Generator): raise SpaError(f"generator must be a torch.Generator, got {type(g).__name__}: pass make_generator(seed)")
+    if not isinstance(g, torch.Generator):
+        raise SpaError(
+            f"generator must be a torch.Generator, got {type(g).__name__}: pass make_generator(seed)"
+        )
     return g
 
 def check_unit(x: torch.Tensor, # [..., d]
                what: str, # what `x` is, for the message
                tol: float = 1e-2, # allowed |norm - 1| (half precision rounds norms by ~1e-3)
               ) -> torch.Tensor:
-    "Return `x` [..., d], or raise `SpaError` unless every row along the last axis has unit (or zero, for padding) norm."
+    """Return `x` [..., d], or raise `SpaError` unless every row along the last axis has unit (or zero, for
+    padding) norm."""
     n = x.float().norm(dim=-1)
-    if ((n - 1).abs() > tol).logical_and(n > 0).any(): raise SpaError(f"{what} must have unit-norm rows, got norms from "
-                                                                       f"{float(n.min()):.3g} to {float(n.max()):.3g}: pass l2norm(x)")
+    if ((n - 1).abs() > tol).logical_and(n > 0).any():
+        raise SpaError(
+            f"{what} must have unit-norm rows, got norms from "
+            f"{float(n.min()):.3g} to {float(n.max()):.3g}: pass l2norm(x)"
+        )
     return x
 
 # %% ../nbs/00_core.ipynb #a9920ac4
@@ -91,6 +110,7 @@ def _umask() -> int:
     mask = os.umask(0o022); os.umask(mask)
     return mask
 
+# %% ../nbs/00_core.ipynb #c45b8167
 @contextmanager
 def atomic_path(path: str | Path, # final destination
                ):
@@ -104,10 +124,14 @@ def atomic_path(path: str | Path, # final destination
     except OSError as e:
         if e.errno != errno.ENOSPC: raise
         kept = "its previous version is intact" if path.exists() else "nothing was written"
-        raise SpaError(f"no space left on the device writing {path} ({kept}): free some disk space, or write elsewhere, and rerun") from e
+        raise SpaError(
+            f"no space left on the device writing {path} ({kept}): free some disk space, or write elsewhere, "
+            "and rerun"
+        ) from e
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
+# %% ../nbs/00_core.ipynb #415f6935
 def atomic_write_text(path: str | Path, text: str) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: Path(tmp).write_text(text, encoding="utf-8")
@@ -141,6 +165,10 @@ def check_state_version(d: dict, # a saved state, as `torch.load` returns it
                         expected: int, # the layout version this code writes
                         what: str, # names the state in the message, e.g. "PROOF"
                        ):
-    "Raise `SpaError` unless the saved state `d` has the layout this code reads (a run state written by another version)."
+    """Raise `SpaError` unless the saved state `d` has the layout this code reads (a run state written by
+    another version)."""
     if d.get("version") != expected:
-        raise SpaError(f"{what} state format {d.get('version')} is not this version's {expected}: rerun without --resume to start afresh")
+        raise SpaError(
+            f"{what} state format {d.get('version')} is not this version's {expected}: rerun without "
+            "--resume to start afresh"
+        )

@@ -14,8 +14,9 @@ from PIL import Image
 from torchvision import transforms
 
 from .base import SpaError
-from .catalog import (BENCHMARKS, CLASS_ORDER_SEED, DatasetInfo, benchmark_info, class_order, default_settings,
-                                 list_benchmarks, make_splits, parse_setting, registry_class_names, registry_templates)
+from .catalog import (BENCHMARKS, CLASS_ORDER_SEED, DatasetInfo, benchmark_info, class_order,
+                                 default_settings, list_benchmarks, make_splits, parse_setting,
+                                 registry_class_names, registry_templates)
 from .core import CLIP_MEAN, CLIP_STD, content_key
 
 # %% auto #0
@@ -32,9 +33,16 @@ def clip_transform(image_size: int = 224, # output side in pixels
                    mean: tuple = CLIP_MEAN, # per-channel normalisation mean
                    std: tuple = CLIP_STD, # per-channel normalisation std
                   ) -> transforms.Compose: # PIL image (any mode) -> float tensor [3, image_size, image_size]
-    "The CLIP-CIL protocol transform, PIL image to [3, image_size, image_size]: RGB, bicubic squash-resize, tensor, CLIP normalisation."
-    return transforms.Compose([to_rgb, transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+    """The CLIP-CIL protocol transform, PIL image to [3, image_size, image_size]: RGB, bicubic squash-resize,
+    tensor, CLIP normalisation."""
+    return transforms.Compose(
+        [
+            to_rgb,
+            transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 # %% ../nbs/01_data.ipynb #39e14582
 @dataclass
@@ -49,8 +57,8 @@ class Benchmark:
     setting_b0: str # the zero-base setting, e.g. "B0Inc10"
     setting_bx: str # the half-base setting, e.g. "B50Inc10"
     key: str # content key of the images and of their labels (class order), for feature caches
-    descriptions: dict[str, list[str]] | None = None # ground-truth attribute phrases per class (synthetic world only)
-    folders: dict[str, str] | None = None # class folder (or label) name at the source -> protocol class name, when matched
+    descriptions: dict[str, list[str]] | None = None # true attribute phrases per class (synthetic world only)
+    folders: dict[str, str] | None = None # source folder (or label) name -> protocol class name, when matched
 
     @property
     def n_classes(self) -> int: return len(self.class_names)
@@ -67,10 +75,16 @@ def relabel(ds: datasets.Dataset, # a split with an integer `label` column of or
     "Map original class ids to positions in the class order [C] (PyCIL's `_map_new_class_index`)."
     old = np.asarray(ds.with_format("numpy")["label"])
     if len(old) and (old.min() < 0 or old.max() >= len(order)):
-        raise SpaError(f"labels span {old.min()}..{old.max()} but the benchmark has {len(order)} classes: check the class folders")
+        raise SpaError(
+            f"labels span {old.min()}..{old.max()} but the benchmark has {len(order)} classes: check the "
+            "class folders"
+        )
     new = np.argsort(order)[old]
-    return ds.remove_columns("label").add_column("label", new.tolist(), feature=datasets.ClassLabel(names=list(class_names)))
+    return ds.remove_columns("label").add_column(
+        "label", new.tolist(), feature=datasets.ClassLabel(names=list(class_names))
+    )
 
+# %% ../nbs/01_data.ipynb #16cc0272
 def assemble(name: str, # benchmark name
              names: list[str], # [C] class names by original id
              templates: list[str], # prompt templates
@@ -85,7 +99,18 @@ def assemble(name: str, # benchmark name
     order = class_order(len(names), class_order_seed, shuffle)
     ordered = [names[i] for i in order]
     train, test = (relabel(d, order, ordered) for d in (train, test))
-    return Benchmark(name, ordered, list(templates), train, test, order, *settings, content_key(key, order), descriptions, folders)
+    return Benchmark(
+        name,
+        ordered,
+        list(templates),
+        train,
+        test,
+        order,
+        *settings,
+        content_key(key, order),
+        descriptions,
+        folders,
+    )
 
 # %% ../nbs/01_data.ipynb #bc866c19
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -99,16 +124,23 @@ def _visible(p: Path, top: Path) -> bool:
 
 def _images(folder: Path) -> list[Path]:
     "Image files under `folder` at any depth, sorted, hidden ones skipped."
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and _visible(p, folder))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and _visible(p, folder)
+    )
 
 def split_files(split_dir: Path, # a split folder holding <class>/ folders
                 source: str = "", # where the data is published, for the messages
                ) -> dict[str, list[Path]]: # class folder name -> its image files, names sorted
     "The image files of each class folder of a split, checking it exists and no class folder is empty."
-    if not split_dir.is_dir(): raise SpaError(f"folder {split_dir} not found: {_layout_hint(split_dir.parent, source)}")
+    if not split_dir.is_dir():
+        raise SpaError(f"folder {split_dir} not found: {_layout_hint(split_dir.parent, source)}")
     files = {p.name: _images(p) for p in sorted(split_dir.iterdir()) if p.is_dir() and _visible(p, split_dir)}
     if empty := [c for c, f in files.items() if not f]:
-        raise SpaError(f"class folder(s) with no images in {split_dir}: {empty[:5]}: add images or delete the folder(s)")
+        raise SpaError(
+            f"class folder(s) with no images in {split_dir}: {empty[:5]}: add images or delete the folder(s)"
+        )
     if not files: raise SpaError(f"no class folders in {split_dir}: {_layout_hint(split_dir.parent, source)}")
     return files
 
@@ -118,6 +150,7 @@ def _case_clashes(names: list[str]) -> list[list[str]]:
     for n in names: groups.setdefault(n.casefold(), []).append(n)
     return [g for g in groups.values() if len(g) > 1]
 
+# %% ../nbs/01_data.ipynb #e3d8d4f9
 def check_imagefolder(root: Path, # the benchmark folder holding train/ and test/
                       source: str = "", # where the data is published, for the messages
                      ) -> list[str]: # sorted class folder names
@@ -127,18 +160,25 @@ def check_imagefolder(root: Path, # the benchmark folder holding train/ and test
     train, test = (list(split_files(root/s, source)) for s in ("train", "test"))
     if train != test:
         only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
-        raise SpaError(f"{root}: classes in train/ without test/: {only_train[:5]}; in test/ without train/: {only_test[:5]}: "
-                       "every class needs images in both splits")
+        raise SpaError(
+            f"{root}: classes in train/ without test/: {only_train[:5]}; in test/ without train/: "
+            f"{only_test[:5]}: every class needs images in both splits"
+        )
     if clash := _case_clashes(train):
-        raise SpaError(f"{root}: class folders {clash[:3]} differ only in case, and CLIP lower-cases text, so their prompts "
-                       "would be identical: merge or rename them")
+        raise SpaError(
+            f"{root}: class folders {clash[:3]} differ only in case, and CLIP lower-cases text, so their "
+            "prompts would be identical: merge or rename them"
+        )
     return train
-
 
 # %% ../nbs/01_data.ipynb #cdb39cca
 def tree_key(root: Path) -> str:
     "Content key of an image tree: every image file's relative path and size."
-    files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        (str(p.relative_to(root)), p.stat().st_size)
+        for p in Path(root).rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    )
     return content_key("imagefolder", files)
 
 def _split_dataset(files: dict[str, list[Path]], ids: dict[str, int]) -> datasets.Dataset:
@@ -148,20 +188,22 @@ def _split_dataset(files: dict[str, list[Path]], ids: dict[str, int]) -> dataset
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     return datasets.Dataset.from_dict({"image": paths, "label": labels}, features=feats)
 
-def load_imagefolder(root: Path, # folder with train/<class>/* and test/<class>/*
-                     ids: dict[str, int] | None = None, # class folder -> original class id (default: sorted folder index)
-                    ) -> tuple[datasets.Dataset, datasets.Dataset]: # (train, test), columns image / label
+def load_imagefolder(
+    root: Path, # folder with train/<class>/* and test/<class>/*
+    ids: dict[str, int] | None = None, # class folder -> original class id (default: sorted folder index)
+) -> tuple[datasets.Dataset, datasets.Dataset]: # (train, test), columns image / label
     "Exactly the images under train/<class>/ and test/<class>/, one row per file, labelled by `ids`."
     found = split_files(Path(root)/"train")
     ids = ids or {c: i for i, c in enumerate(found)}
     return _split_dataset(found, ids), _split_dataset(split_files(Path(root)/"test"), ids)
 
-
 # %% ../nbs/01_data.ipynb #08530890
-_PREFIX = re.compile(r"^\d+[._\s-]+(?=\D)") # a class-number prefix: "001.Black_footed_Albatross", not "707-320"
+# a class-number prefix: "001.Black_footed_Albatross", not "707-320"
+_PREFIX = re.compile(r"^\d+[._\s-]+(?=\D)")
 
 def _loose(name: str) -> str:
-    "`name` as names are compared: case-folded, every run of other characters than letters and digits one space."
+    """`name` as names are compared: case-folded, every run of other characters than letters and digits one
+    space."""
     return " ".join(re.sub(r"[^0-9a-z]+", " ", name.casefold()).split())
 
 def _numbered(found: list[str], n: int) -> dict[str, int] | None:
@@ -175,37 +217,52 @@ def _by_name(found: list[str], names: list[str], aliases: tuple) -> dict[str, in
     table = {_loose(c): i for i, c in enumerate(names)} | {_loose(a): names.index(c) for a, c in aliases}
     return {f: table.get(_loose(f), table.get(_loose(_PREFIX.sub("", f)))) for f in found}
 
+# %% ../nbs/01_data.ipynb #b5f4c1c0
 def match_classes(found: list[str], # class folder (or label) names at the source
                   names: list[str], # [C] the protocol's class names by original id
                   where: str, # what `found` comes from, for the messages (e.g. the folder and benchmark)
                   aliases: tuple = (), # (source spelling, protocol name) pairs
                   folder_ids: str | None = None, # regex of id-named folders that sort in class-id order
                  ) -> dict[str, int]: # found name -> original class id
-    "Map each class name found at a source to its id among the protocol's names [C], refusing names that match none."
-    if folder_ids and all(re.fullmatch(folder_ids, f) for f in found): return {f: i for i, f in enumerate(sorted(found))}
+    """Map each class name found at a source to its id among the protocol's names [C], refusing names that
+    match none."""
+    if folder_ids and all(re.fullmatch(folder_ids, f) for f in found):
+        return {f: i for i, f in enumerate(sorted(found))}
     if (ids := _numbered(found, len(names))) is not None: return ids
     ids = _by_name(found, names, aliases)
     if bad := [f for f, i in ids.items() if i is None]:
-        raise SpaError(f"{where}: {len(bad)} class folder(s) match no class name of the protocol, e.g. {bad[:3]}: rename them to "
-                       f"the names in spa_toolkit/assets/labels.json (e.g. {names[0]!r}; case, '_' and a numeric prefix are ignored)")
+        raise SpaError(
+            f"{where}: {len(bad)} class folder(s) match no class name of the protocol, e.g. {bad[:3]}: "
+            f"rename them to the names in spa_toolkit/assets/labels.json (e.g. {names[0]!r}; case, '_' and a "
+            "numeric prefix are ignored)"
+        )
     if dup := sorted({names[i] for i in ids.values() if list(ids.values()).count(i) > 1}):
-        raise SpaError(f"{where}: several class folders match the class(es) {dup[:3]}: keep one folder per class")
+        raise SpaError(
+            f"{where}: several class folders match the class(es) {dup[:3]}: keep one folder per class"
+        )
     return ids
-
 
 # %% ../nbs/01_data.ipynb #522b1ce2
 def _hub_hint(info: DatasetInfo) -> str:
-    return (f"could not load {info.hub_id} from the HF hub (offline and not cached?): download it once with network access "
-            f"(python -c \"import datasets; datasets.load_dataset('{info.hub_id}')\"), or pass data_root= pointing at a folder "
-            f"holding {info.name}/ with train/<class>/*.png and test/<class>/*.png, or a copy written by `datasets` (save_to_disk, parquet)")
+    return (
+        f"could not load {info.hub_id} from the HF hub (offline and not cached?): download it once with "
+        f"network access (python -c \"import datasets; datasets.load_dataset('{info.hub_id}')\"), or pass "
+        f"data_root= pointing at a folder holding {info.name}/ with train/<class>/*.png and "
+        "test/<class>/*.png, or a copy written by `datasets` (save_to_disk, parquet)"
+    )
 
 def _rename(dd, info: DatasetInfo) -> tuple[datasets.Dataset, datasets.Dataset]:
     "The train and test splits of `dd` with the source's (image, label) columns renamed to image / label."
     img, lab = info.columns if set(info.columns) <= set(dd["train"].column_names) else ("image", "label")
     if missing := [c for c in (img, lab) if c not in dd["train"].column_names]:
-        raise SpaError(f"{info.name}: the copy's columns {dd['train'].column_names} lack {missing}: name the image and label "
-                       f"columns {info.columns} or ('image', 'label')")
-    return tuple(dd[s].select_columns([img, lab]).rename_columns({img: "image", lab: "label"}) for s in ("train", "test"))
+        raise SpaError(
+            f"{info.name}: the copy's columns {dd['train'].column_names} lack {missing}: name the image and "
+            f"label columns {info.columns} or ('image', 'label')"
+        )
+    return tuple(
+        dd[s].select_columns([img, lab]).rename_columns({img: "image", lab: "label"})
+        for s in ("train", "test")
+    )
 
 def load_hub(info: DatasetInfo, # a registry record with `hub_id`
              cache_dir: str | Path | None = None, # `datasets` cache (default: HF's)
@@ -216,11 +273,12 @@ def load_hub(info: DatasetInfo, # a registry record with `hub_id`
     train, test = _rename(dd, info)
     return train, test, content_key("hub", info.hub_id, len(train), len(test))
 
-
 # %% ../nbs/01_data.ipynb #81a82ec2
 def _parquet_files(root: Path, split: str) -> list[str]:
     "Parquet files under `root` whose relative path has `split` as a folder or a name token."
-    return sorted(str(p) for p in root.rglob("*.parquet") if split in re.split(r"[/\\._-]", str(p.relative_to(root))))
+    return sorted(
+        str(p) for p in root.rglob("*.parquet") if split in re.split(r"[/\\._-]", str(p.relative_to(root)))
+    )
 
 def saved_copy(root: Path, # a benchmark folder
                cache_dir: str | Path | None = None, # `datasets` cache, for parquet files
@@ -229,8 +287,11 @@ def saved_copy(root: Path, # a benchmark folder
     if (root/"dataset_dict.json").is_file(): return datasets.load_from_disk(str(root))
     files = {s: _parquet_files(root, s) for s in ("train", "test")}
     if not any(files.values()): return None
-    if not all(files.values()): raise SpaError(f"{root} holds parquet files of {[s for s in files if files[s]]} only: add the "
-                                               "other split, named like train-00000-of-00001.parquet / test-00000-of-00001.parquet")
+    if not all(files.values()):
+        raise SpaError(
+            f"{root} holds parquet files of {[s for s in files if files[s]]} only: add the "
+            "other split, named like train-00000-of-00001.parquet / test-00000-of-00001.parquet"
+        )
     return datasets.load_dataset("parquet", data_files=files, cache_dir=cache_dir and str(cache_dir))
 
 def _class_ids(ds: datasets.Dataset, ids: dict[str, int]) -> datasets.Dataset:
@@ -239,18 +300,19 @@ def _class_ids(ds: datasets.Dataset, ids: dict[str, int]) -> datasets.Dataset:
     new = [ids[names[i]] for i in ds.with_format("numpy")["label"]]
     return ds.remove_columns("label").add_column("label", new, feature=datasets.Value("int64"))
 
-def copy_splits(dd, # a DatasetDict with train and test (see `saved_copy`)
-                info: DatasetInfo, # the benchmark it holds
-                where: str, # where it was read, for the messages
-               ) -> tuple: # (train, test, key, folders): label = original class id; folders: source name -> class, or None
-    "The splits of a `datasets` copy, labels matched to the protocol's class names when they are a ClassLabel."
+def copy_splits(
+    dd, # a DatasetDict with train and test (see `saved_copy`)
+    info: DatasetInfo, # the benchmark it holds
+    where: str, # where it was read, for the messages
+) -> tuple: # (train, test, key, folders): label = original class id; folders: source name -> class, or None
+    """The splits of a `datasets` copy, labels matched to the protocol's class names when they are a
+    ClassLabel."""
     train, test = _rename(dd, info)
     key = content_key("datasets", info.name, train._fingerprint, test._fingerprint)
     if not isinstance(train.features["label"], datasets.ClassLabel): return train, test, key, None
     names = registry_class_names(info)
     ids = match_classes(train.features["label"].names, names, where, info.class_aliases)
     return _class_ids(train, ids), _class_ids(test, ids), key, {f: names[i] for f, i in ids.items()}
-
 
 # %% ../nbs/01_data.ipynb #603b4d2d
 def prompt_name(folder: str, # a class folder name, e.g. "blue_square"
@@ -260,7 +322,8 @@ def prompt_name(folder: str, # a class folder name, e.g. "blue_square"
 
 # %% ../nbs/01_data.ipynb #fb7a8045
 def _data_root(data_root, info: DatasetInfo) -> Path | None:
-    "The benchmark's folder under `data_root` (or env SPA_DATA_ROOT), ours or the authors' name; None when neither is set."
+    """The benchmark's folder under `data_root` (or env SPA_DATA_ROOT), ours or the authors' name; None when
+    neither is set."""
     root = data_root or os.environ.get("SPA_DATA_ROOT")
     if not root: return None
     folders = [Path(root).expanduser()/n for n in (info.name, *info.aliases)]
@@ -270,36 +333,57 @@ def _load_tree(root: Path, info: DatasetInfo) -> tuple:
     "(train, test, key, folders) of an ImageFolder tree, its class folders matched to the protocol's names."
     found = check_imagefolder(root, info.source)
     if len(found) != info.n_classes:
-        raise SpaError(f"{root} holds {len(found)} class folders but {info.name} has {info.n_classes}: use the authors' split ({info.source})")
+        raise SpaError(
+            f"{root} holds {len(found)} class folders but {info.name} has {info.n_classes}: use the authors' "
+            f"split ({info.source})"
+        )
     names = registry_class_names(info)
     ids = match_classes(found, names, f"{root} ({info.name})", info.class_aliases, info.folder_ids)
     return (*load_imagefolder(root, ids), tree_key(root), {f: names[i] for f, i in ids.items()})
 
 def _load_registered(info: DatasetInfo, data_root, cache_dir) -> tuple:
-    "(train, test, key, folders) of a registered benchmark: a local `datasets` copy, an ImageFolder tree, or the hub."
+    """(train, test, key, folders) of a registered benchmark: a local `datasets` copy, an ImageFolder tree, or
+    the hub."""
     root = _data_root(data_root, info)
     if info.hub_id and not (root and root.is_dir()): return (*load_hub(info, cache_dir), None)
-    if root is None: raise SpaError(f"{info.name} needs data_root= (or env SPA_DATA_ROOT): a folder holding {info.name}/{{train,test}}/<class>/*.jpg; {info.source}")
-    if root.is_dir() and (dd := saved_copy(root, cache_dir)) is not None: return copy_splits(dd, info, str(root))
+    if root is None:
+        raise SpaError(
+            f"{info.name} needs data_root= (or env SPA_DATA_ROOT): a folder holding "
+            f"{info.name}/{{train,test}}/<class>/*.jpg; {info.source}"
+        )
+    if root.is_dir() and (dd := saved_copy(root, cache_dir)) is not None:
+        return copy_splits(dd, info, str(root))
     return _load_tree(root, info)
 
 def _load_custom(root: Path, inc, class_order_seed, shuffle) -> Benchmark:
     names = check_imagefolder(root, "a custom benchmark: make one class folder per class in both splits")
     train, test = load_imagefolder(root)
-    return assemble(root.name, [prompt_name(n) for n in names], ["a photo of a {}."], train, test, default_settings(len(names), inc), tree_key(root),
-                    class_order_seed, shuffle)
-
+    return assemble(
+        root.name,
+        [prompt_name(n) for n in names],
+        ["a photo of a {}."],
+        train,
+        test,
+        default_settings(len(names), inc),
+        tree_key(root),
+        class_order_seed,
+        shuffle,
+    )
 
 # %% ../nbs/01_data.ipynb #736a30dd
-def load_benchmark(name: str, # a registered name (`list_benchmarks()`) or a path to an ImageFolder tree
-                   data_root: str | Path | None = None, # folder holding <name>/ (a tree or a `datasets` copy); default env SPA_DATA_ROOT
-                   class_order_seed: int = CLASS_ORDER_SEED, # PyCIL's class-order seed
-                   shuffle: bool = True, # False keeps the original class ids as labels
-                   cache_dir: str | Path | None = None, # `datasets` cache folder (default: HF's)
-                   inc: int | None = None, # classes per task of a custom benchmark (default: at most 10 tasks)
-                  ) -> Benchmark:
+def load_benchmark(
+    name: str, # a registered name (`list_benchmarks()`) or a path to an ImageFolder tree
+    data_root: str | Path | None = None, # has <name>/: a tree or `datasets` copy (default: env SPA_DATA_ROOT)
+    class_order_seed: int = CLASS_ORDER_SEED, # PyCIL's class-order seed
+    shuffle: bool = True, # False keeps the original class ids as labels
+    cache_dir: str | Path | None = None, # `datasets` cache folder (default: HF's)
+    inc: int | None = None, # classes per task of a custom benchmark (default: at most 10 tasks)
+) -> Benchmark:
     "Load a benchmark with its class names, templates, class order and settings."
-    if name == "synthetic": raise SpaError("the synthetic world is rendered, not loaded: call spa_toolkit.world.synthetic_world(variant=...)")
+    if name == "synthetic":
+        raise SpaError(
+            "the synthetic world is rendered, not loaded: call spa_toolkit.world.synthetic_world(variant=...)"
+        )
     registered = {n for b in BENCHMARKS for n in (b.name, *b.aliases)}
     if name not in registered and (Path(name).is_dir() or "/" in str(name) or os.sep in str(name)):
         return _load_custom(Path(name), inc, class_order_seed, shuffle)

@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from .base import DEVICE, SpaError
 from .core import atomic_write_json, pick_device
-from .backbone import (RECORD_EVERY, CachePlan, ClipBundle, FeatureSet, extract_features, fill_rows, finish_cache,
-                                  open_features, plan_cache, start_cache)
+from .backbone import (RECORD_EVERY, CachePlan, ClipBundle, FeatureSet, extract_features,
+                                  fill_rows, finish_cache, open_features, plan_cache, start_cache)
 
 # %% auto #0
 __all__ = ['TORCHRUN_ENV', 'Rank', 'env_rank', 'init_distributed', 'close_distributed', 'shard_rows', 'shard_file', 'shard_start',
@@ -28,7 +28,8 @@ class Rank(NamedTuple):
     local_rank: int  # rank on this node: the GPU it uses
     local_world_size: int  # processes on this node (they share its CPUs)
 
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # what torchrun sets, in `Rank`'s order
+# what torchrun sets, in `Rank`'s order
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 def env_rank(env: dict | None = None, # environment variables (None: `os.environ`)
             ) -> Rank:
@@ -37,19 +38,25 @@ def env_rank(env: dict | None = None, # environment variables (None: `os.environ
     return Rank(*(int(env.get(k, 1 if "WORLD" in k else 0)) for k in TORCHRUN_ENV))
 
 # %% ../nbs/02b_distributed.ipynb #84db8082
-def init_distributed(device: str | torch.device = DEVICE, # "auto", "cpu" or "cuda": the device type every rank uses
-                    ) -> Rank:
-    "Join a torchrun launch's process group (NCCL on CUDA, gloo otherwise), this rank on GPU `LOCAL_RANK`; outside torchrun, nothing."
+def init_distributed(
+    device: str | torch.device = DEVICE, # "auto", "cpu" or "cuda": the device type every rank uses
+) -> Rank:
+    """Join a torchrun launch's process group (NCCL on CUDA, gloo otherwise), this rank on GPU `LOCAL_RANK`;
+    outside torchrun, nothing."""
     r = env_rank()
     if r.world_size == 1 or dist.is_initialized(): return r
     dev = pick_device(device)
     if dev.type == "cuda":
         if dev.index is not None and r.local_world_size > 1:
-            raise SpaError(f"--device {device} under torchrun would put every rank on one GPU: pass --device cuda (rank i uses GPU LOCAL_RANK i)")
+            raise SpaError(
+                f"--device {device} under torchrun would put every rank on one GPU: pass --device cuda (rank "
+                "i uses GPU LOCAL_RANK i)"
+            )
         torch.cuda.set_device(r.local_rank)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return r
 
+# %% ../nbs/02b_distributed.ipynb #3760c817
 def close_distributed():
     "Leave the process group, if this process joined one."
     if dist.is_initialized(): dist.destroy_process_group()
@@ -60,7 +67,8 @@ def shard_rows(n: int, # images in the split
                rank: int, # this process's rank
                world_size: int, # processes in the launch
               ) -> range:
-    "The rows rank `rank` of `world_size` extracts: a contiguous run of whole batches (an empty range when there are fewer batches than ranks)."
+    """The rows rank `rank` of `world_size` extracts: a contiguous run of whole batches (an empty range when
+    there are fewer batches than ranks)."""
     n_batches = -(-n // batch_size)
     lo, hi = (n_batches * r // world_size * batch_size for r in (rank, rank + 1))
     return range(min(lo, n), min(hi, n))
@@ -75,27 +83,40 @@ def shard_file(folder: Path, # the cache folder
 def shard_start(path: Path, # the rank's progress file
                 rows: range, # the rows the rank owns
                ) -> int:
-    "The first of `rows` not yet on disk, by the progress file (none, or one written for other rows: `rows.start`)."
+    """The first of `rows` not yet on disk, by the progress file (none, or one written for other rows:
+    `rows.start`)."""
     if not path.exists(): return rows.start
     done = json.loads(path.read_text())
     return done["n_done"] if done.get("rows") == [rows.start, rows.stop] else rows.start
 
-def extract_shard(clip: ClipBundle, # the frozen model
-                  dataset, # indexable (image, label) rows: the whole split
-                  plan: CachePlan, # the started cache (`backbone.start_cache`)
-                  r: Rank, # this process's rank
-                  batch_size: int = 64, # images per forward pass: the same on every rank
-                  num_workers: int | None = None, # decoding processes (None: `default_workers`, the node's CPUs shared by its ranks)
-                  progress: bool = True, # a progress bar
-                  record_every: int = RECORD_EVERY, # batches between flushes and progress records
-                 ) -> range: # the rows extracted now
+# %% ../nbs/02b_distributed.ipynb #23470573
+def extract_shard(
+    clip: ClipBundle, # the frozen model
+    dataset, # indexable (image, label) rows: the whole split
+    plan: CachePlan, # the started cache (`backbone.start_cache`)
+    r: Rank, # this process's rank
+    batch_size: int = 64, # images per forward pass: the same on every rank
+    num_workers: int | None = None, # decoding processes (None: `default_workers`: the node's CPUs / ranks)
+    progress: bool = True, # a progress bar
+    record_every: int = RECORD_EVERY, # batches between flushes and progress records
+) -> range: # the rows extracted now
     "Extract (or resume) rank `r`'s rows of the cache, recording progress in its shard file."
     rows, path = shard_rows(plan.ident["n"], batch_size, r.rank, r.world_size), shard_file(plan.folder, r)
     todo = range(shard_start(path, rows), rows.stop)
-    fill_rows(clip, dataset, plan, todo, lambda i: atomic_write_json(path, dict(rows=[rows.start, rows.stop], n_done=i)),
-              batch_size, num_workers, progress, record_every)
+    fill_rows(
+        clip,
+        dataset,
+        plan,
+        todo,
+        lambda i: atomic_write_json(path, dict(rows=[rows.start, rows.stop], n_done=i)),
+        batch_size,
+        num_workers,
+        progress,
+        record_every,
+    )
     return todo
 
+# %% ../nbs/02b_distributed.ipynb #b3916e85
 def finish_shards(plan: CachePlan, # the cache, every rank's rows on disk
                   world_size: int, # processes that wrote them
                  ):
@@ -104,7 +125,9 @@ def finish_shards(plan: CachePlan, # the cache, every rank's rows on disk
     for p in plan.folder.glob("shard-*.json"): p.unlink()
 
 # %% ../nbs/02b_distributed.ipynb #3ed20536
-def _shared_plan(clip: ClipBundle, dataset, cache_dir, name: str, patches, patch_source: str, refresh: bool, rank: int) -> CachePlan:
+def _shared_plan(
+    clip: ClipBundle, dataset, cache_dir, name: str, patches, patch_source: str, refresh: bool, rank: int
+) -> CachePlan:
     "The cache plan every rank sees: rank 0 deletes (on `refresh`) or creates the cache first."
     if rank == 0:
         plan = plan_cache(clip, dataset, cache_dir, name, patches, patch_source, refresh)
@@ -112,6 +135,7 @@ def _shared_plan(clip: ClipBundle, dataset, cache_dir, name: str, patches, patch
     dist.barrier()
     return plan_cache(clip, dataset, cache_dir, name, patches, patch_source)
 
+# %% ../nbs/02b_distributed.ipynb #1d4692c5
 def extract_sharded(clip: ClipBundle, # the frozen model, on this rank's device
                     dataset, # indexable; rows are dicts with "image" (PIL) and "label" (int)
                     cache_dir: str | Path, # parent folder of all feature caches (shared by all nodes)
@@ -124,12 +148,28 @@ def extract_sharded(clip: ClipBundle, # the frozen model, on this rank's device
                     progress: bool = True, # a progress bar (rank 0's)
                     record_every: int = RECORD_EVERY, # batches between flushes and progress records
                    ) -> FeatureSet:
-    "`extract_features` with its rows split over the ranks of a torchrun launch (in one process: `extract_features`)."
+    """`extract_features` with its rows split over the ranks of a torchrun launch (in one process:
+    `extract_features`)."""
     r = env_rank()
     if r.world_size == 1:
-        return extract_features(clip, dataset, cache_dir, name, patches=patches, batch_size=batch_size, num_workers=num_workers,
-                                patch_source=patch_source, refresh=refresh, progress=progress, record_every=record_every)
-    if not refresh and (done := plan_cache(clip, dataset, cache_dir, name, patches, patch_source)).meta and done.meta["complete"]:
+        return extract_features(
+            clip,
+            dataset,
+            cache_dir,
+            name,
+            patches=patches,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            patch_source=patch_source,
+            refresh=refresh,
+            progress=progress,
+            record_every=record_every,
+        )
+    if (
+        not refresh
+        and (done := plan_cache(clip, dataset, cache_dir, name, patches, patch_source)).meta
+        and done.meta["complete"]
+    ):
         return open_features(done.folder)  # nothing to write: no rank waits for another
     if not dist.is_initialized():
         raise SpaError("running under torchrun (WORLD_SIZE > 1) outside a process group: call "

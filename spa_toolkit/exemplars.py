@@ -23,7 +23,8 @@ def _closest(x: torch.Tensor, n: int) -> list[int]:
 
 def _herding(x: torch.Tensor, n: int) -> list[int]:
     "iCaRL herding: each pick keeps the picks' mean closest to the class mean."
-    mu, acc, free, out = x.mean(0), torch.zeros_like(x[0]), torch.ones(len(x), dtype=torch.bool, device=x.device), []
+    mu, acc, out = x.mean(0), torch.zeros_like(x[0]), []
+    free = torch.ones(len(x), dtype=torch.bool, device=x.device)
     for t in range(1, n + 1):
         d = _sqdist((acc + x) / t, mu).masked_fill(~free, float("inf"))
         i = int(d.argmin()); out.append(i); free[i] = False; acc = acc + x[i]
@@ -45,12 +46,15 @@ _RANKINGS = {"closest": _closest, "herding": _herding, "kcenter": _kcenter}
 def _check_feats(feats: torch.Tensor) -> torch.Tensor:
     "L2-normalised float copy of `feats` [n,d], or `SpaError` on a bad shape / NaN."
     if feats.ndim != 2 or len(feats) == 0:
-        raise SpaError(f"exemplar features must be a non-empty [n, d] tensor, got shape {tuple(feats.shape)}: "
-                       "pass one class's global features")
+        raise SpaError(
+            f"exemplar features must be a non-empty [n, d] tensor, got shape {tuple(feats.shape)}: "
+            "pass one class's global features"
+        )
     return l2norm(check_finite(feats, "exemplar features").float())
 
 def _check_method(method: str, choices) -> None:
-    if method not in choices: raise SpaError(f"unknown exemplar method {method!r}: choose one of {sorted(choices)}")
+    if method not in choices:
+        raise SpaError(f"unknown exemplar method {method!r}: choose one of {sorted(choices)}")
 
 def rank_exemplars(feats: torch.Tensor, # [n, d] one class's features
                    method: str = "herding", # "herding", "kcenter" or "closest"
@@ -74,7 +78,8 @@ def _kmeans_medoids(x: torch.Tensor, k: int, seed: int, n_init: int) -> list[int
         members = (labels == c).nonzero().flatten()
         if len(members): out.append(int(members[_sqdist(x[members], cents[c]).argmin()]))
     if len(out) == k: return out
-    return out + [i for i in _herding(x, k) if i not in out][: k - len(out)]  # k herding picks hold k - len(out) new ones
+    # k herding picks hold k - len(out) new ones
+    return out + [i for i in _herding(x, k) if i not in out][: k - len(out)]
 
 # %% ../nbs/03_exemplars.ipynb #b61005f2
 METHODS = ("kmeans", "herding", "kcenter", "closest")
@@ -90,7 +95,9 @@ def select_exemplars(feats: torch.Tensor, # [n, d] one class's (global) features
     if int(k) < 1: raise SpaError(f"k={k} exemplars asked for: use k >= 1")
     if method != "kmeans": return rank_exemplars(feats, method, n=k)
     x = _check_feats(feats)
-    return torch.tensor(_kmeans_medoids(x, min(int(k), len(x)), seed, n_init), dtype=torch.long, device=feats.device)
+    return torch.tensor(
+        _kmeans_medoids(x, min(int(k), len(x)), seed, n_init), dtype=torch.long, device=feats.device
+    )
 
 # %% ../nbs/03_exemplars.ipynb #5af43017
 def exemplars_by_class(feats: torch.Tensor, # [n, d] features of a whole training set
@@ -99,9 +106,13 @@ def exemplars_by_class(feats: torch.Tensor, # [n, d] features of a whole trainin
                        method: str = "kmeans", # one of `METHODS`
                        seed: int = 0, # k-means seed
                       ) -> dict[int, torch.LongTensor]: # class label -> [min(k, n_c)] indices into `feats`
-    "Exemplar indices [min(k, n_c)] (into the whole set) for every class in `labels` [n], from features [n, d]."
+    """Exemplar indices [min(k, n_c)] (into the whole set) for every class in `labels` [n], from features
+    [n, d]."""
     if labels.shape != feats.shape[:1]:
-        raise SpaError(f"labels shape {tuple(labels.shape)} does not match features {tuple(feats.shape)}: pass one label per row")
+        raise SpaError(
+            f"labels shape {tuple(labels.shape)} does not match features {tuple(feats.shape)}: pass one "
+            "label per row"
+        )
     out = {}
     for c in labels.unique().tolist():
         idx = (labels == c).nonzero().flatten()
@@ -117,7 +128,8 @@ def exemplar_images(images, # [n] PIL images, or a Dataset whose rows hold an "i
                     method: str = "kmeans", # one of `METHODS`
                     seed: int = 0, # k-means seed
                    ) -> dict[str, list]: # class name -> [min(k, n_c)] images
-    "The exemplar images [min(k, n_c)] of every class in `labels` [n], keyed by class name, chosen from features [n, d]."
+    """The exemplar images [min(k, n_c)] of every class in `labels` [n], keyed by class name, chosen from
+    features [n, d]."""
     def row(i):  # a Dataset decodes its image on every access: read the row once
         r = images[i]
         return r["image"] if isinstance(r, dict) else r

@@ -22,8 +22,8 @@ from .patches import (class_chunks, gather_patches, select_patch_sets, select_pa
                                  select_patches_for_labels)
 from .ot import pooled_score
 from .projectors import SpaProjectors
-from .calibration import (ClassStats, PatchStats, check_stats_memory, class_stats, merge_stats, patch_stats,
-                                     sample_pseudo, sample_pseudo_patches, stats_budget)
+from .calibration import (ClassStats, PatchStats, check_stats_memory, class_stats, merge_stats,
+                                     patch_stats, sample_pseudo, sample_pseudo_patches, stats_budget)
 from .method import Method, Rows, TextSide, rows, save_state, task_rows, task_span
 
 # %% auto #0
@@ -32,7 +32,8 @@ __all__ = ['STATE_VERSION', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen
            'state_dict', 'state_from_dict', 'check_stats_fit']
 
 # %% ../nbs/10_learner.ipynb #582bf14b
-STATE_VERSION = 3 # bump when the saved state's layout changes (3: typed knobs; 2: frozen-space patch sets, study knobs)
+# bump when the saved state's layout changes (3: typed knobs; 2: frozen-space patch sets, study knobs)
+STATE_VERSION = 3
 
 @dataclass
 class CILState:
@@ -63,62 +64,99 @@ def new_state(text: TextSide, # frozen text side of the benchmark
 class ClassSide(NamedTuple):
     "What every image is scored against: the class side of SPA's scores over classes 0..n-1."
     names: torch.Tensor # [n, d] class-name embeddings
-    sem: torch.Tensor | None # [n, M, d] description embeddings (zero where padded); None without the patch branch
+    sem: torch.Tensor | None # [n, M, d] description embeddings (0 where padded); None without patches
     means: torch.Tensor | None # [n, d] class means; None without the prototype term
 
 def _class_inputs(state: CILState, n: int) -> ClassSide:
-    "The frozen class side [n, ...] the banks project: what the enabled terms need (the means once statistics cover the n classes)."
+    """The frozen class side [n, ...] the banks project: what the enabled terms need (the means once
+    statistics cover the n classes)."""
     k, st = state.knobs, state.stats
-    means = st.means[:n].to(state.text.names.dtype) if k.proto > 0 and st is not None and len(st.classes) >= n else None
+    means = (
+        st.means[:n].to(state.text.names.dtype)
+        if k.proto > 0 and st is not None and len(st.classes) >= n
+        else None
+    )
     return ClassSide(state.text.names[:n], state.text.sem[:n] if k.lam > 0 else None, means)
 
 def _banks(state: CILState):
-    "The bank that projects each field of a `ClassSide`: text for names and descriptions, visual for class means."
+    """The bank that projects each field of a `ClassSide`: text for names and descriptions, visual for class
+    means."""
     return ClassSide(state.proj.text, state.proj.text, state.proj.visual)
 
 def frozen_class_side(state: CILState, # a state whose newest adapters are training
                       n: int, # classes 0..n-1
                      ) -> ClassSide:
-    "The class side's part from the frozen adapters (`ProjectorBank.frozen_sum`), constant while a task trains: computed once per task."
-    return ClassSide(*(None if x is None else bank.frozen_sum(x) for x, bank in zip(_class_inputs(state, n), _banks(state))))
+    """The class side's part from the frozen adapters (`ProjectorBank.frozen_sum`), constant while a task
+    trains: computed once per task."""
+    return ClassSide(
+        *(
+            None if x is None else bank.frozen_sum(x)
+            for x, bank in zip(_class_inputs(state, n), _banks(state))
+        )
+    )
 
 def class_side(state: CILState, # a trained (or training) state
                n: int, # classes 0..n-1
                frozen: ClassSide | None = None, # from `frozen_class_side`: then only the newest adapters run
               ) -> ClassSide:
-    "The projected class side: names [n, d], descriptions [n, M, d] (zero where padded) and means [n, d], as the enabled terms need."
+    """The projected class side: names [n, d], descriptions [n, M, d] (zero where padded) and means [n, d], as
+    the enabled terms need."""
     side = ClassSide(*(None if x is None else bank(x, None if frozen is None else f)
                        for x, bank, f in zip(_class_inputs(state, n), _banks(state), frozen or (None,) * 3)))
     return side if side.sem is None else side._replace(sem=side.sem * state.text.sem_mask[:n, :, None])
 
-def _patch_scores(state: CILState, patches: torch.Tensor, n: int, check: bool = True, side: ClassSide | None = None) -> torch.Tensor:
-    "Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected descriptions."
+# %% ../nbs/10_learner.ipynb #6019335a
+def _patch_scores(
+    state: CILState, patches: torch.Tensor, n: int, check: bool = True, side: ClassSide | None = None
+) -> torch.Tensor:
+    """Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected
+    descriptions."""
     k, vis = state.knobs, state.proj.visual
     p, sem, mask = patches.to(state.text.sem.dtype), state.text.sem[:n], state.text.sem_mask[:n]
     proj_sem = (side or class_side(state, n)).sem
     kk, chunk = min(k.k_patches, p.shape[1]), None if torch.is_grad_enabled() else k.class_chunk
-    pool = lambda S, m: pooled_score(S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check)
+    pool = lambda S, m: pooled_score(
+        S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check
+    )
     if k.selection == "agnostic":
-        sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)  # training and replay pass the frozen sets themselves
+        # training and replay pass the frozen sets themselves
+        sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)
         Z = vis(sets)  # [B, k, d]: one set per image, for every class
-        return torch.cat([pool(torch.einsum("bkd,cmd->bckm", Z, t), m) for t, m in class_chunks(proj_sem, mask, chunk)], 1)
-    return torch.cat([pool(torch.einsum("bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m, check=check))), t), m)
-                      for (s, m), (t, _) in zip(class_chunks(sem, mask, chunk), class_chunks(proj_sem, mask, chunk))], 1)
+        return torch.cat(
+            [pool(torch.einsum("bkd,cmd->bckm", Z, t), m) for t, m in class_chunks(proj_sem, mask, chunk)], 1
+        )
+    return torch.cat(
+        [
+            pool(
+                torch.einsum(
+                    "bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m, check=check))), t
+                ),
+                m,
+            )
+            for (s, m), (t, _) in zip(class_chunks(sem, mask, chunk), class_chunks(proj_sem, mask, chunk))
+        ],
+        1,
+    )
 
+# %% ../nbs/10_learner.ipynb #520b6cef
 def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int, check: bool = True,
                 side: ClassSide | None = None) -> torch.Tensor:
-    "Un-scaled SPA scores [B, n]: projected global similarity, plus the prototype and patch-level terms when switched on."
+    """Un-scaled SPA scores [B, n]: projected global similarity, plus the prototype and patch-level terms when
+    switched on."""
     k, side = state.knobs, side or class_side(state, n)
     vg = state.proj.visual(g)
     s = vg @ side.names.T
     if k.proto > 0:
-        if side.means is None: raise SpaError(f"proto > 0 needs the class means of all {n} classes: train the tasks first")
+        if side.means is None:
+            raise SpaError(f"proto > 0 needs the class means of all {n} classes: train the tasks first")
         s = s + k.proto * vg @ side.means.T
     if k.lam > 0:
-        if patches is None: raise SpaError("the patch branch needs patch tokens: extract features with patches, or use lam=0")
+        if patches is None:
+            raise SpaError("the patch branch needs patch tokens: extract features with patches, or use lam=0")
         s = s + k.lam * _patch_scores(state, patches, n, check, side)
     return s
 
+# %% ../nbs/10_learner.ipynb #3d062807
 def _baseline_scores(state: CILState, g: torch.Tensor, n: int) -> torch.Tensor:
     "Frozen baselines' cosine scores [B, n]."
     scorer = state.knobs.scorer
@@ -126,26 +164,35 @@ def _baseline_scores(state: CILState, g: torch.Tensor, n: int) -> torch.Tensor:
     if scorer == "descriptions":
         m = state.text.sem_mask[:n, :, None]
         return g @ l2norm((state.text.sem[:n] * m).sum(1) / m.sum(1)).T
-    if state.stats is None or len(state.stats.classes) < n: raise SpaError(f"ncm needs the class means of all {n} classes: train the tasks first")
+    if state.stats is None or len(state.stats.classes) < n:
+        raise SpaError(f"ncm needs the class means of all {n} classes: train the tasks first")
     return g @ l2norm(state.stats.means[:n].to(g.dtype)).T
 
-def predict(state: CILState, # a trained (or fresh) state
-            g: torch.Tensor, # [B, d] global features (unit norm)
-            patches: torch.Tensor | None = None, # [B, N, d] patch tokens, or [B, k', d] selected sets
-            n_classes: int | None = None, # score classes 0..n_classes-1 (default: all seen)
-            check: bool = True, # validate the patch branch's values (host syncs on a GPU); False in training steps
-            side: ClassSide | None = None, # the projected class side of these n classes, when already computed (`class_side`)
-           ) -> torch.Tensor: # [B, n_classes] logits
-    "Logits [B, n_classes] of SPA (or of the state's baseline scorer) from global features [B, d] and patches [B, N, d]."
+# %% ../nbs/10_learner.ipynb #7a6bd082
+def predict(
+    state: CILState, # a trained (or fresh) state
+    g: torch.Tensor, # [B, d] global features (unit norm)
+    patches: torch.Tensor | None = None, # [B, N, d] patch tokens, or [B, k', d] selected sets
+    n_classes: int | None = None, # score classes 0..n_classes-1 (default: all seen)
+    check: bool = True, # validate the patch branch's values (host syncs on a GPU); False in training steps
+    side: ClassSide | None = None, # these n classes' projected class side, if computed (`class_side`)
+) -> torch.Tensor: # [B, n_classes] logits
+    """Logits [B, n_classes] of SPA (or of the state's baseline scorer) from global features [B, d] and
+    patches [B, N, d]."""
     n = n_classes or state.n_seen
     if n < 1: raise SpaError("no class seen yet: train a task first, or pass n_classes")
-    s = _spa_scores(state, g, patches, n, check, side) if state.knobs.scorer == "spa" else _baseline_scores(state, g, n)
+    s = (
+        _spa_scores(state, g, patches, n, check, side)
+        if state.knobs.scorer == "spa"
+        else _baseline_scores(state, g, n)
+    )
     return state.logit_scale * s
 
 # %% ../nbs/10_learner.ipynb #61716c5b
 def _optimizer(params: list, k: SpaKnobs, steps: int):
     "The optimiser and its per-step cosine schedule."
-    if k.optimizer == "sgd": opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
+    if k.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
     else: opt = torch.optim.AdamW(params, lr=k.lr, weight_decay=k.weight_decay)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
 
@@ -161,60 +208,96 @@ def replay_schedule(old: torch.Tensor, # [C_old] long, the old classes
                     per_batch: int, # pseudo-features per batch
                     generator: torch.Generator, # on `old`'s device
                    ) -> tuple[torch.Tensor, ...]: # n_batches label tensors [per_batch]
-    "Old-class labels [per_batch] for each of an epoch's `n_batches`: shuffled rounds over `old` [C_old], each once before any twice."
+    """Old-class labels [per_batch] for each of an epoch's `n_batches`: shuffled rounds over `old` [C_old],
+    each once before any twice."""
     total = n_batches * per_batch
-    rounds = [old[torch.randperm(len(old), generator=generator, device=generator.device)] for _ in range(math.ceil(total / len(old)))]
+    rounds = [
+        old[torch.randperm(len(old), generator=generator, device=generator.device)]
+        for _ in range(math.ceil(total / len(old)))
+    ]
     return torch.cat(rounds)[:total].split(per_batch)
 
-def _replay_counts(batches: tuple[torch.Tensor, ...], n_old: int) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-    "Each batch's counts [R] of pseudo-features of old classes 0..R-1 (R: its largest label + 1) and their (max, sum), read back once for all batches."
+def _replay_counts(
+    batches: tuple[torch.Tensor, ...], n_old: int
+) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """Each batch's counts [R] of pseudo-features of old classes 0..R-1 (R: its largest label + 1) and their
+    (max, sum), read back once for all batches."""
     y = torch.stack(batches)  # [n_batches, per_batch]
-    counts = torch.zeros(len(y), n_old, dtype=torch.long, device=y.device).scatter_add_(1, y, torch.ones_like(y))
-    sizes = torch.stack([y.amax(1) + 1, counts.amax(1)], 1).tolist()  # the epoch's one host read: what sizes each batch's draw
+    counts = torch.zeros(len(y), n_old, dtype=torch.long, device=y.device).scatter_add_(
+        1, y, torch.ones_like(y)
+    )
+    # the epoch's one host read: what sizes each batch's draw
+    sizes = torch.stack([y.amax(1) + 1, counts.amax(1)], 1).tolist()
     return [(c[:r], (most, y.shape[1])) for c, (r, most) in zip(counts, sizes)]
 
-def _pseudo_batch(state: CILState, counts: torch.Tensor, sizes: tuple[int, int], gen: torch.Generator) -> tuple:
-    "Pseudo (global, patch set, label) triples of old classes, `counts` [R] saying how many of which, `sizes` their (max, sum)."
+def _pseudo_batch(
+    state: CILState, counts: torch.Tensor, sizes: tuple[int, int], gen: torch.Generator
+) -> tuple:
+    """Pseudo (global, patch set, label) triples of old classes, `counts` [R] saying how many of which,
+    `sizes` their (max, sum)."""
     old = torch.arange(len(counts), device=counts.device)
     g = sample_pseudo(state.stats, counts, gen, classes=old, normalize=True, sizes=sizes)
-    p = sample_pseudo_patches(state.pstats, counts, gen, classes=old, normalize=True, sizes=sizes).feats if state.pstats is not None else None
+    p = (
+        sample_pseudo_patches(state.pstats, counts, gen, classes=old, normalize=True, sizes=sizes).feats
+        if state.pstats is not None
+        else None
+    )
     return g.feats, p, g.labels
 
 def _loss(state: CILState, g, p, y, n: int, frozen: ClassSide) -> torch.Tensor:
-    "Cross-entropy over all `n` seen classes; inputs validated once for the task (nothing read back), old adapters' class side precomputed."
+    """Cross-entropy over all `n` seen classes; inputs validated once for the task (nothing read back), old
+    adapters' class side precomputed."""
     return F.cross_entropy(predict(state, g, p, n, check=False, side=class_side(state, n, frozen)), y)
 
 # %% ../nbs/10_learner.ipynb #274410b3
 def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch.Generator, progress: bool):
-    "Train the newest adapters on `data` (+ pseudo-features of the `old` classes, every one each epoch); one host read an epoch, none a step."
+    """Train the newest adapters on `data` (+ pseudo-features of the `old` classes, every one each epoch); one
+    host read an epoch, none a step."""
     k = state.knobs
     params = state.proj.add_task(gen).freeze_old()
-    frozen = frozen_class_side(state, n_seen)  # the frozen adapters' part of every class input: one pass per task, not per step
+    # the frozen adapters' part of every class input: one pass per task, not per step
+    frozen = frozen_class_side(state, n_seen)
     n, bs = len(data.y), k.batch_size
     n_batches = math.ceil(n / bs)
     opt, sched = _optimizer(params, k, k.epochs * n_batches)
     replay = k.calibration and len(old) > 0 and k.pseudo_ratio > 0
     for _ in tqdm(range(k.epochs), desc=f"task {state.n_tasks}", disable=not progress, leave=False):
         per_batch = pseudo_per_batch(len(old), n_batches, k)
-        pseudo = _replay_counts(replay_schedule(old, n_batches, per_batch, gen), len(old)) if replay else [None] * n_batches
+        pseudo = (
+            _replay_counts(replay_schedule(old, n_batches, per_batch, gen), len(old))
+            if replay
+            else [None] * n_batches
+        )
         for b, replayed in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
             loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen, frozen)
-            if replayed is not None: loss = loss + k.pseudo_ratio * _loss(state, *_pseudo_batch(state, *replayed, gen), n_seen, frozen)
+            if replayed is not None:
+                loss = loss + k.pseudo_ratio * _loss(
+                    state, *_pseudo_batch(state, *replayed, gen), n_seen, frozen
+                )
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
+# %% ../nbs/10_learner.ipynb #cc102a87
 def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
-    "[B, k, d] frozen patch sets whose statistics stand in for images of class `y`: the sets their test images will show."
+    """[B, k, d] frozen patch sets whose statistics stand in for images of class `y`: the sets their test
+    images will show."""
     k, sem, mask = state.knobs, state.text.sem, state.text.sem_mask
     kk = min(k.k_patches, p.shape[1])
     if k.selection == "agnostic": return select_patch_sets(p, sem[:n], kk, mask[:n], k.class_chunk)
     return select_patches_for_labels(p, sem, y, kk, mask)
 
 def _patch_sets(state: CILState, data: Rows, n: int, chunk: int = 256) -> torch.Tensor:
-    "[n_img, k, d] the frozen patch sets of the task's images (float16 patches cast a chunk of images at a time)."
-    return torch.cat([_stat_sets(state, p.to(data.g.dtype), y, n) for p, y in zip(data.p.split(chunk), data.y.split(chunk))])
+    """[n_img, k, d] the frozen patch sets of the task's images (float16 patches cast a chunk of images at a
+    time)."""
+    return torch.cat(
+        [
+            _stat_sets(state, p.to(data.g.dtype), y, n)
+            for p, y in zip(data.p.split(chunk), data.y.split(chunk))
+        ]
+    )
 
 def _new_stats(state: CILState, data: Rows, sets: torch.Tensor | None, classes: torch.Tensor) -> tuple:
-    "Statistics of the task's classes: frozen global features, and the frozen patch sets SPA selects for them."
+    """Statistics of the task's classes: frozen global features, and the frozen patch sets SPA selects for
+    them."""
     k = state.knobs
     st = class_stats(data.g, data.y, classes, cov=k.cov, shrink=k.shrink)
     if sets is None or not k.calibration: return st, None
@@ -227,24 +310,31 @@ def train_task(state: CILState, # the state after the previous task (updated in 
                generator: torch.Generator | None = None, # shuffling, projector init and pseudo-features
                progress: bool = False, # show a progress bar over epochs
               ) -> CILState:
-    "Learn one task: store its classes' statistics, then train new adapters on its features (+ old classes' pseudo-features)."
+    """Learn one task: store its classes' statistics, then train new adapters on its features (+ old classes'
+    pseudo-features)."""
     lo, hi = task_span(classes, state.n_seen)
     gen = generator if generator is not None else make_generator(state.n_tasks, state.device)
     data = rows(train, task_rows(train, lo, hi), state.device, patches=state.knobs.uses_patches)
-    if not len(data.y): raise SpaError(f"no training images for classes {lo}..{hi - 1}: check the benchmark's train split")
-    sets = None if data.p is None else _patch_sets(state, data, hi)  # frozen: selected once per task, not per batch
-    if sets is not None and state.knobs.selection == "agnostic": data = data._replace(p=sets)  # what every class is scored on
-    st, pst = _new_stats(state, data, sets, torch.arange(lo, hi, device=state.device))  # frozen features: known before training
+    if not len(data.y):
+        raise SpaError(f"no training images for classes {lo}..{hi - 1}: check the benchmark's train split")
+    # frozen: selected once per task, not per batch
+    sets = None if data.p is None else _patch_sets(state, data, hi)
+    # what every class is scored on
+    if sets is not None and state.knobs.selection == "agnostic": data = data._replace(p=sets)
+    # frozen features: known before training
+    st, pst = _new_stats(state, data, sets, torch.arange(lo, hi, device=state.device))
     state.stats = st if state.stats is None else merge_stats(state.stats, st)
     state.pstats = pst if state.pstats is None or pst is None else merge_stats(state.pstats, pst)
-    if state.knobs.scorer == "spa" and state.knobs.epochs > 0: _fit(state, data, hi, torch.arange(lo, device=state.device), gen, progress)
+    if state.knobs.scorer == "spa" and state.knobs.epochs > 0:
+        _fit(state, data, hi, torch.arange(lo, device=state.device), gen, progress)
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
 
 # %% ../nbs/10_learner.ipynb #45312b95
 def spa_logits(state: CILState, # a trained state
               ): # a function of `Rows` giving logits [B, n_seen]
-    "SPA's scoring for one evaluation: the projected class side once, then rows -> logits [B, n_seen] against it."
+    """SPA's scoring for one evaluation: the projected class side once, then rows -> logits [B, n_seen]
+    against it."""
     side = class_side(state, state.n_seen) if state.knobs.scorer == "spa" else None
     return lambda r: predict(state, r.g, r.p, side=side)
 
@@ -254,21 +344,34 @@ def score_margins(state: CILState, # a trained state
                   patches: torch.Tensor | None, # [B, N, d] patch tokens or [B, k, d] (pseudo) sets
                   y: torch.Tensor, # [B] long, true classes
                  ) -> torch.Tensor: # [B] margins
-    "Margins [B]: logit of the true class minus the best other, from global features [B, d] and patches [B, N, d]."
+    """Margins [B]: logit of the true class minus the best other, from global features [B, d] and patches
+    [B, N, d]."""
     with torch.no_grad(): logits = predict(state, g, patches)
     return logits.gather(1, y[:, None])[:, 0] - logits.scatter(1, y[:, None], -torch.inf).amax(1)
 
-def replay_margins(state: CILState, # a trained state with statistics
-                   test: FeatureSet, # cached test features
-                   classes: list[int], # old classes to compare on
-                   n_per_class: int, # pseudo-features drawn per class
-                   generator: torch.Generator, # draws the pseudo-features
-                  ) -> tuple[torch.Tensor, torch.Tensor]: # margins of the real test images [n], of the pseudo-features [m]
-    "Margins of old classes' real test images [n] and of pseudo-features drawn for them [m], under the same state."
+# %% ../nbs/10_learner.ipynb #285b50a2
+def replay_margins(
+    state: CILState, # a trained state with statistics
+    test: FeatureSet, # cached test features
+    classes: list[int], # old classes to compare on
+    n_per_class: int, # pseudo-features drawn per class
+    generator: torch.Generator, # draws the pseudo-features
+) -> tuple[torch.Tensor, torch.Tensor]: # margins of the real test images [n], of the pseudo-features [m]
+    """Margins of old classes' real test images [n] and of pseudo-features drawn for them [m], under the same
+    state."""
     cls = torch.as_tensor(sorted(set(classes)), device=state.device)
-    r = rows(test, np.flatnonzero(np.isin(test.labels, cls.cpu().numpy())), state.device, patches=state.knobs.uses_patches)
+    r = rows(
+        test,
+        np.flatnonzero(np.isin(test.labels, cls.cpu().numpy())),
+        state.device,
+        patches=state.knobs.uses_patches,
+    )
     g = sample_pseudo(state.stats, n_per_class, generator, classes=cls, normalize=True)
-    p = sample_pseudo_patches(state.pstats, n_per_class, generator, classes=cls, normalize=True).feats if state.pstats is not None else None
+    p = (
+        sample_pseudo_patches(state.pstats, n_per_class, generator, classes=cls, normalize=True).feats
+        if state.pstats is not None
+        else None
+    )
     return score_margins(state, r.g, r.p, r.y), score_margins(state, g.feats, p, g.labels)
 
 # %% ../nbs/10_learner.ipynb #8652f32e
@@ -278,13 +381,25 @@ def _stats_dict(st) -> dict | None:
 
 def _stats_from(d: dict | None):
     if d is None: return None
-    return PatchStats(ClassStats(**{k: v for k, v in d.items() if k != "k"}), d["k"]) if "k" in d else ClassStats(**d)
+    return (
+        PatchStats(ClassStats(**{k: v for k, v in d.items() if k != "k"}), d["k"])
+        if "k" in d
+        else ClassStats(**d)
+    )
 
 def state_dict(state: CILState) -> dict:
     "A plain dict of tensors, numbers and strings holding the whole state."
-    return dict(version=STATE_VERSION, knobs=state.knobs.to_dict(), text=dict(vars(state.text)), proj=state.proj.state_dict(),
-                logit_scale=state.logit_scale, stats=_stats_dict(state.stats), pstats=_stats_dict(state.pstats),
-                n_seen=state.n_seen, n_tasks=state.n_tasks)
+    return dict(
+        version=STATE_VERSION,
+        knobs=state.knobs.to_dict(),
+        text=dict(vars(state.text)),
+        proj=state.proj.state_dict(),
+        logit_scale=state.logit_scale,
+        stats=_stats_dict(state.stats),
+        pstats=_stats_dict(state.pstats),
+        n_seen=state.n_seen,
+        n_tasks=state.n_tasks,
+    )
 
 def state_from_dict(d: dict, # from `state_dict`
                     device: str | torch.device = "cpu", # where to put it
@@ -294,7 +409,9 @@ def state_from_dict(d: dict, # from `state_dict`
     text = TextSide(**{k: v.to(device) for k, v in d["text"].items()})
     knobs = SpaKnobs.from_dict(d["knobs"])
     proj = SpaProjectors.from_state_dict(d["proj"], text.names.shape[1], knobs.hidden).to(device)
-    st, pst = (None if x is None else x.to(device) for x in (_stats_from(d["stats"]), _stats_from(d["pstats"])))
+    st, pst = (
+        None if x is None else x.to(device) for x in (_stats_from(d["stats"]), _stats_from(d["pstats"]))
+    )
     return CILState(knobs, text, proj, d["logit_scale"], st, pst, d["n_seen"], d["n_tasks"])
 
 @patch
@@ -306,9 +423,12 @@ def save(self: CILState, path: str | Path, **extra) -> Path:
 def check_stats_fit(prep, # the prepared benchmark (`protocol.Prepared`)
                     knobs: SpaKnobs, # a SPA method's resolved knobs
                    ) -> int: # bytes the statistics will take at the last task
-    "Raise `SpaError`, before any work, when the statistics of all the benchmark's classes would not fit in memory."
+    """Raise `SpaError`, before any work, when the statistics of all the benchmark's classes would not fit in
+    memory."""
     p = prep.train.patches
-    slots = min(knobs.k_patches, p.shape[1]) if knobs.calibration and knobs.uses_patches and p is not None else 0
+    slots = (
+        min(knobs.k_patches, p.shape[1]) if knobs.calibration and knobs.uses_patches and p is not None else 0
+    )
     return check_stats_memory(len(prep.benchmark.class_names), prep.text.names.shape[1], knobs.cov, slots,
                               stats_budget(prep.text.names.device))
 

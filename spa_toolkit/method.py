@@ -42,10 +42,12 @@ def get_method(name: str, # a name in `base.list_methods()`
     module, attr = REGISTRY[name][0].split(":")
     return getattr(importlib.import_module(module), attr)
 
-def method_knobs(name: str, # a name in `base.list_methods()`
-                 knobs: Knobs | dict | None = None, # the run's `SpaKnobs`, the method's own, or {name: either}
-                ) -> Knobs:
-    "The knobs method `name` runs with: its own as given, or the fields it shares of the run's `SpaKnobs`; its settings on top."
+def method_knobs(
+    name: str, # a name in `base.list_methods()`
+    knobs: Knobs | dict | None = None, # the run's `SpaKnobs`, the method's own, or {name: either}
+) -> Knobs:
+    """The knobs method `name` runs with: its own as given, or the fields it shares of the run's `SpaKnobs`;
+    its settings on top."""
     m, settings = get_method(name), REGISTRY[name][1]
     if isinstance(knobs, dict): knobs = knobs.get(name)  # per-method knobs of a run
     if knobs is None or not isinstance(knobs, m.knobs):
@@ -73,9 +75,11 @@ class TextSide:
     def __post_init__(self):
         "Check the masks once, here: training steps then pool with them unchecked, reading nothing back."
         if self.sem_mask.shape != self.sem.shape[:2] or not self.sem_mask.any(-1).all():
-            raise SpaError(f"the description mask {tuple(self.sem_mask.shape)} must be [C, M] like the semantic "
-                           f"tokens {tuple(self.sem.shape)}, with a real description in every row: "
-                           "give every class at least one description")
+            raise SpaError(
+                f"the description mask {tuple(self.sem_mask.shape)} must be [C, M] like the semantic "
+                f"tokens {tuple(self.sem.shape)}, with a real description in every row: "
+                "give every class at least one description"
+            )
 
 def encode_text_side(clip: ClipBundle, # the frozen model
                      class_names: list[str], # [C] in label order
@@ -84,7 +88,8 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
                      n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
                     ) -> TextSide:
-    "Class-name embeddings [C, d] and semantic tokens [C, M, d] (with mask [C, M]) of every class, encoded once."
+    """Class-name embeddings [C, d] and semantic tokens [C, M, d] (with mask [C, M]) of every class, encoded
+    once."""
     sem = semantic_tokens(class_names, descriptions, clip, template=sem_template, n_desc=n_desc)
     return TextSide(class_embeddings(clip, class_names, templates), sem.tokens.float(), sem.mask)
 
@@ -92,22 +97,29 @@ def encode_text_side(clip: ClipBundle, # the frozen model
 class Rows(NamedTuple):
     "Some cached rows as tensors."
     g: torch.Tensor # [n, d] float32 global features
-    p: torch.Tensor | None # [n, N, d] (or [n, k, d] compact) patch tokens, float16 as cached; None when not read
+    p: torch.Tensor | None # [n, N, d] (or [n, k, d] compact) patch tokens, float16 as cached; None: not read
     y: torch.Tensor # [n] long labels
 
+# %% ../nbs/08b_method.ipynb #c27e3c76
 def rows(feats: FeatureSet, # cached features of one split
          idx: np.ndarray, # row indices
          device: torch.device, # where the tensors go
          patches: bool = True, # also read the patch tokens
         ) -> Rows:
-    "Rows `idx` of a feature cache as tensors; patch tokens stay float16 (half the memory) until a batch uses them."
+    """Rows `idx` of a feature cache as tensors; patch tokens stay float16 (half the memory) until a batch
+    uses them."""
     idx = np.sort(np.asarray(idx))
-    p = torch.from_numpy(np.asarray(feats.patches[idx])).to(device) if patches and feats.patches is not None else None
+    p = (
+        torch.from_numpy(np.asarray(feats.patches[idx])).to(device)
+        if patches and feats.patches is not None
+        else None
+    )
     if p is not None: check_finite(p, f"cached patch tokens in {feats.folder}")
     g = torch.from_numpy(np.asarray(feats.global_[idx], dtype=np.float32)).to(device)
     check_finite(g, f"cached features in {feats.folder}")
     return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device))
 
+# %% ../nbs/08b_method.ipynb #37238685
 def task_rows(feats: FeatureSet, # cached features of one split
               lo: int, hi: int, # label range [lo, hi)
              ) -> np.ndarray:
@@ -115,10 +127,14 @@ def task_rows(feats: FeatureSet, # cached features of one split
     return np.flatnonzero((feats.labels >= lo) & (feats.labels < hi))
 
 # %% ../nbs/08b_method.ipynb #835c17d5
-VIEW_NOISE = 0.25 # std of the pixel noise of a cached image view (ENGINE's, fixed in its authors' `Learner.train`)
-VIEW_SEED = 0 # a view's noise is drawn from (VIEW_SEED, image, view): fixed, so runs of every seed share one cache
-Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] # sorted cache rows -> (features [n, d], labels [n])
-ViewReader = Callable[[np.ndarray, int], torch.Tensor] # (sorted cache rows [n], view v) -> their view-v features [n, d]
+# std of the pixel noise of a cached image view (ENGINE's, fixed in its authors' `Learner.train`)
+VIEW_NOISE = 0.25
+# a view's noise is drawn from (VIEW_SEED, image, view): fixed, so runs of every seed share one cache
+VIEW_SEED = 0
+# sorted cache rows -> (features [n, d], labels [n])
+Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+# (sorted cache rows [n], view v) -> their view-v features [n, d]
+ViewReader = Callable[[np.ndarray, int], torch.Tensor]
 
 class Task(NamedTuple):
     "One task of a run, as every method's `train` receives it."
@@ -131,10 +147,13 @@ class Task(NamedTuple):
 def task_span(classes: list[int], # a task's new classes
               n_seen: int, # classes seen before it
              ) -> tuple[int, int]: # its label range [lo, hi)
-    "The label range of a task's classes, or `SpaError` unless they continue right after the seen ones, contiguously."
+    """The label range of a task's classes, or `SpaError` unless they continue right after the seen ones,
+    contiguously."""
     lo, hi = min(classes), max(classes) + 1
     if lo != n_seen or hi - lo != len(set(classes)):
-        raise SpaError(f"task classes {lo}..{hi - 1} must continue right after the {n_seen} seen classes, contiguously")
+        raise SpaError(
+            f"task classes {lo}..{hi - 1} must continue right after the {n_seen} seen classes, contiguously"
+        )
     return lo, hi
 
 # %% ../nbs/08b_method.ipynb #3d90cf3c
@@ -157,5 +176,7 @@ def load_state(path: str | Path, # written by `save_state`
         raise SpaError(f"cannot read the run state {path} ({type(e).__name__}: {e}): "
                        "delete it to start that run afresh") from e
     if d.get("method") not in REGISTRY:
-        raise SpaError(f"{path} names no registered method ({d.get('method')!r}): delete it to start that run afresh")
+        raise SpaError(
+            f"{path} names no registered method ({d.get('method')!r}): delete it to start that run afresh"
+        )
     return get_method(d["method"]).from_dict(d, device), d.get("extra", {})

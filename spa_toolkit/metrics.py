@@ -26,7 +26,11 @@ def _np(x) -> np.ndarray:
 def _pair(preds, labels) -> tuple[np.ndarray, np.ndarray]:
     "Predictions and labels as numpy arrays of the same shape."
     preds, labels = _np(preds), _np(labels)
-    if preds.shape != labels.shape: raise SpaError(f"predictions {preds.shape} and labels {labels.shape} differ in shape: pass one prediction per label")
+    if preds.shape != labels.shape:
+        raise SpaError(
+            f"predictions {preds.shape} and labels {labels.shape} differ in shape: pass one prediction per "
+            "label"
+        )
     return preds, labels
 
 def accuracy(preds, # [n] predicted labels
@@ -34,7 +38,8 @@ def accuracy(preds, # [n] predicted labels
             ) -> float: # percent, NaN when n = 0
     "Top-1 accuracy in percent of predicted labels [n] against true labels [n]."
     preds, labels = _pair(preds, labels)
-    return int((preds == labels).sum()) * 100 / len(labels) if len(labels) else math.nan  # PyCIL's expression: same rounding ties
+    # PyCIL's expression: same rounding ties
+    return int((preds == labels).sum()) * 100 / len(labels) if len(labels) else math.nan
 
 def topk_accuracy(scores, # [n, C] scores or logits (numpy or torch)
                   labels, # [n] true labels
@@ -46,11 +51,12 @@ def topk_accuracy(scores, # [n, C] scores or logits (numpy or torch)
     return float((topk == labels[:, None]).any(axis=1).mean() * 100)
 
 # %% ../nbs/09_metrics.ipynb #b1f38792
-def per_task_accuracy(preds, # [n] predicted labels
-                      labels, # [n] true labels
-                      splits: Sequence[Sequence[int]], # T lists of label positions
-                      upto: int | None = None, # last seen task (default: the last one)
-                     ) -> np.ndarray: # [T] percent per task rounded to 2 decimals like PyCIL's grouped accuracy; NaN for tasks after `upto` or without images
+def per_task_accuracy(
+    preds, # [n] predicted labels
+    labels, # [n] true labels
+    splits: Sequence[Sequence[int]], # T lists of label positions
+    upto: int | None = None, # last seen task (default: the last one)
+) -> np.ndarray: # [T] percent, 2 decimals as PyCIL's; NaN after `upto` or without images
     "Accuracy [T] on each task's classes from predictions and labels [n]; NaN for tasks not yet seen."
     preds, labels = _pair(preds, labels)
     upto = len(splits) - 1 if upto is None else upto
@@ -60,12 +66,15 @@ def per_task_accuracy(preds, # [n] predicted labels
         if mask.any(): out[j] = np.around(accuracy(preds[mask], labels[mask]), decimals=2)
     return out
 
-def accuracy_matrix(preds_per_task: Sequence, # T arrays: predictions after task t on the seen test images
-                    labels_per_task: Sequence, # T arrays: their true labels
-                    splits: Sequence[Sequence[int]], # T lists of label positions
-                   ) -> np.ndarray: # [T, T] percent; row t = after task t, column j = task j; NaN above the diagonal
+def accuracy_matrix(
+    preds_per_task: Sequence, # T arrays: predictions after task t on the seen test images
+    labels_per_task: Sequence, # T arrays: their true labels
+    splits: Sequence[Sequence[int]], # T lists of label positions
+) -> np.ndarray: # [T, T] percent; row t = after task t, column j = task j; NaN above the diagonal
     "The accuracy matrix [T, T] of a class-incremental run: row t after task t, column j on task j."
-    return np.stack([per_task_accuracy(p, y, splits, t) for t, (p, y) in enumerate(zip(preds_per_task, labels_per_task))])
+    return np.stack(
+        [per_task_accuracy(p, y, splits, t) for t, (p, y) in enumerate(zip(preds_per_task, labels_per_task))]
+    )
 
 # %% ../nbs/09_metrics.ipynb #70119ce7
 def accuracy_curve(accs: Sequence[float], # per-task top-1 on all seen classes, percent
@@ -95,20 +104,28 @@ def old_new_harmonic(preds, # [n] predicted labels on the seen test images
                     ) -> OldNew:
     "Accuracy on old and new classes and their harmonic mean, from predictions and labels [n]."
     preds, labels = _pair(preds, labels)
-    old, new = (np.around(accuracy(preds[m], labels[m]), decimals=2) for m in (labels < n_old, labels >= n_old))
+    old, new = (
+        np.around(accuracy(preds[m], labels[m]), decimals=2) for m in (labels < n_old, labels >= n_old)
+    )
     h = 2 * old * new / (old + new) if old + new != 0 else 0.0  # NaN (no old class yet) stays NaN
     return OldNew(float(old), float(new), float(np.around(h, decimals=2)))
 
 # %% ../nbs/09_metrics.ipynb #86a52fc8
-FORGETTING = ("pycil", "avalanche") # forgetting definitions: best accuracy including the current evaluation, or best earlier one
+# forgetting definitions: best accuracy including the current evaluation, or best earlier one
+FORGETTING = ("pycil", "avalanche")
 
-def forgetting_matrix(acc: np.ndarray, # [T, T] accuracy matrix
-                      definition: str = "pycil", # "pycil" (best including row t, never negative) or "avalanche" (best before t)
-                     ) -> np.ndarray: # [T, T]; NaN where j >= t
-    "Forgetting [T, T] of task j after task t, from the accuracy matrix [T, T]: best accuracy so far minus current."
+# %% ../nbs/09_metrics.ipynb #2814bf77
+def forgetting_matrix(
+    acc: np.ndarray, # [T, T] accuracy matrix
+    definition: str = "pycil", # "pycil" (best including row t, never negative) or "avalanche" (best before t)
+) -> np.ndarray: # [T, T]; NaN where j >= t
+    """Forgetting [T, T] of task j after task t, from the accuracy matrix [T, T]: best accuracy so far minus
+    current."""
     acc = np.asarray(acc, dtype=float)
-    if acc.ndim != 2 or acc.shape[0] != acc.shape[1]: raise SpaError(f"accuracy matrix must be square [T, T], got shape {acc.shape}")
-    if definition not in FORGETTING: raise SpaError(f"forgetting definition {definition!r}: choose one of {FORGETTING}")
+    if acc.ndim != 2 or acc.shape[0] != acc.shape[1]:
+        raise SpaError(f"accuracy matrix must be square [T, T], got shape {acc.shape}")
+    if definition not in FORGETTING:
+        raise SpaError(f"forgetting definition {definition!r}: choose one of {FORGETTING}")
     seen = np.where(np.tril(np.ones(acc.shape, dtype=bool)), acc, np.nan)  # A[s, j] for s >= j only
     last = int(definition == "pycil")  # rows s < t + last are candidates for the best
     out = np.full_like(acc, np.nan)
@@ -116,6 +133,7 @@ def forgetting_matrix(acc: np.ndarray, # [T, T] accuracy matrix
         out[t, :t] = np.fmax.reduce(seen[:t + last, :t], axis=0) - acc[t, :t]
     return out
 
+# %% ../nbs/09_metrics.ipynb #f979051c
 def forgetting(acc: np.ndarray, # [T, T] accuracy matrix
                definition: str = "pycil", # see `forgetting_matrix`
               ) -> float: # mean forgetting of the old tasks after the final task, percent points
@@ -126,12 +144,17 @@ def forgetting(acc: np.ndarray, # [T, T] accuracy matrix
 # %% ../nbs/09_metrics.ipynb #ac57b374
 def _json_floats(x):
     "Nested lists of floats with NaN as None (strict JSON)."
-    return [_json_floats(v) for v in x] if isinstance(x, (list, tuple, np.ndarray)) else (None if x is None or math.isnan(x) else float(x))
+    return (
+        [_json_floats(v) for v in x]
+        if isinstance(x, (list, tuple, np.ndarray))
+        else (None if x is None or math.isnan(x) else float(x))
+    )
 
 def _nan_floats(x):
     "Inverse of `_json_floats`: None back to NaN."
     return [_nan_floats(v) for v in x] if isinstance(x, list) else (math.nan if x is None else float(x))
 
+# %% ../nbs/09_metrics.ipynb #ee5133df
 @dataclass
 class RunResult:
     "Everything a class-incremental run reports."
@@ -146,7 +169,7 @@ class RunResult:
     old_new: list[list[float]] = field(default_factory=list) # [T, 3] old, new, harmonic after each task
     timings: dict = field(default_factory=dict) # seconds per phase
     versions: dict = field(default_factory=library_versions) # library versions that produced it
-    run_key: str = "" # content key of what determined it (benchmark, setting, model, descriptions, seed, knobs), for resuming
+    run_key: str = "" # content key of its inputs (benchmark, setting, model, descriptions, seed, knobs)
 
     @property
     def average(self) -> float: return average_accuracy(self.curve)
@@ -157,7 +180,11 @@ class RunResult:
 
     def to_dict(self) -> dict:
         "A JSON-able dict, with the summary metrics first."
-        d = asdict(self) | dict(matrix=_json_floats(self.matrix), old_new=_json_floats(self.old_new), curve=_json_floats(self.curve))
+        d = asdict(self) | dict(
+            matrix=_json_floats(self.matrix),
+            old_new=_json_floats(self.old_new),
+            curve=_json_floats(self.curve),
+        )
         return dict(average=self.average, last=self.last, forgetting=_json_floats([self.forgetting])[0]) | d
 
     def save(self, path: str | Path) -> Path:
@@ -167,11 +194,24 @@ class RunResult:
     @classmethod
     def load(cls, path: str | Path) -> RunResult:
         "Read a result written by `save`."
-        try: d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise SpaError(f"{path} is not valid JSON ({e}): delete it and rerun to recompute it") from e
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SpaError(f"{path} is not valid JSON ({e}): delete it and rerun to recompute it") from e
         for k in ("average", "last", "forgetting"): d.pop(k, None)
-        try: return cls(**d | dict(matrix=_nan_floats(d["matrix"]), old_new=_nan_floats(d["old_new"]), curve=_nan_floats(d["curve"])))
-        except (KeyError, TypeError) as e: raise SpaError(f"{path} is not a RunResult file ({e}): pass a results JSON written by RunResult.save") from e
+        try:
+            return cls(
+                **d
+                | dict(
+                    matrix=_nan_floats(d["matrix"]),
+                    old_new=_nan_floats(d["old_new"]),
+                    curve=_nan_floats(d["curve"]),
+                )
+            )
+        except (KeyError, TypeError) as e:
+            raise SpaError(
+                f"{path} is not a RunResult file ({e}): pass a results JSON written by RunResult.save"
+            ) from e
 
 # %% ../nbs/09_metrics.ipynb #f575723d
 def _fmt(x: float, digits: int) -> str: return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
@@ -181,8 +221,11 @@ def markdown_table(results: dict[str, RunResult], # method name -> its result
                   ) -> str: # a GitHub-flavoured markdown table
     "One row per method: benchmark, setting, tasks, average, last, forgetting."
     head = "| method | benchmark | setting | tasks | Avg | Last | Forgetting |\n|---|---|---|---|---|---|---|"
-    rows = [f"| {m} | {r.benchmark} | {r.setting} | {len(r.curve)} | {_fmt(r.average, digits)} | {_fmt(r.last, digits)} | "
-            f"{_fmt(r.forgetting, digits)} |" for m, r in results.items()]
+    rows = [
+        f"| {m} | {r.benchmark} | {r.setting} | {len(r.curve)} | {_fmt(r.average, digits)} | "
+        f"{_fmt(r.last, digits)} | {_fmt(r.forgetting, digits)} |"
+        for m, r in results.items()
+    ]
     return "\n".join([head, *rows])
 
 # %% ../nbs/09_metrics.ipynb #84f4d666
@@ -198,6 +241,7 @@ def figure_class():
     except ImportError as e: raise SpaError(f"plotting needs matplotlib: {PLOT_HINT}") from e
     return Figure
 
+# %% ../nbs/09_metrics.ipynb #d92e239f
 def plot_curves(results: dict[str, RunResult], # method name -> its result
                 path: str | Path, # the PNG to write
                 title: str | None = None, # figure title (default: benchmark and setting of the first result)
@@ -206,11 +250,17 @@ def plot_curves(results: dict[str, RunResult], # method name -> its result
     if not results: raise SpaError("no results to plot: pass {method: RunResult}")
     fig = figure_class()(figsize=(5, 3.5))
     ax = fig.add_subplot()
-    for m, r in results.items(): ax.plot(r.classes_seen, r.curve, marker="o", label=f"{m} (avg {r.average:.2f})")
+    for m, r in results.items():
+        ax.plot(r.classes_seen, r.curve, marker="o", label=f"{m} (avg {r.average:.2f})")
     first = next(iter(results.values()))
-    ax.set(xlabel="classes seen", ylabel="top-1 on seen classes (%)", title=title or f"{first.benchmark} {first.setting}")
+    ax.set(
+        xlabel="classes seen",
+        ylabel="top-1 on seen classes (%)",
+        title=title or f"{first.benchmark} {first.setting}",
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)  # class counts are whole numbers
-    ax.grid(alpha=.3); ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the curves, never over them
+    # beside the curves, never over them
+    ax.grid(alpha=.3); ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=120)
     return Path(path)

@@ -29,30 +29,41 @@ def capped(items: list, # e.g. one class's descriptions
            n: int | None, # keep at most this many (None: all)
            salt: str, # names the sample (the class name): the same list and salt give the same sample
           ) -> list:
-    "At most `n` of `items` in their order: a deterministic random sample (ENGINE's files hold ~500 phrases a class)."
-    if n is not None and n < 1: raise SpaError(f"n_desc={n}: keep at least one description per class, or None for all")
+    """At most `n` of `items` in their order: a deterministic random sample (ENGINE's files hold ~500 phrases
+    a class)."""
+    if n is not None and n < 1:
+        raise SpaError(f"n_desc={n}: keep at least one description per class, or None for all")
     if n is None or len(items) <= n: return items
     keep = np.random.default_rng(int(content_key(salt, items)[:16], 16)).choice(len(items), n, replace=False)
     return [items[i] for i in sorted(keep)]
 
 def as_clause(phrase: str, # a description: a phrase or a sentence
              ) -> str: # e.g. "Typically round or oval shape." -> "typically round or oval shape"
-    "A description as a clause inside a template: trimmed, final punctuation dropped, first letter lower-cased unless an acronym."
+    """A description as a clause inside a template: trimmed, final punctuation dropped, first letter
+    lower-cased unless an acronym."""
     s = phrase.strip().rstrip(".!?;:, ").strip()
     return s if s[:2].isalpha() and s[:2].isupper() else s[:1].lower() + s[1:]
 
-def sem_prompts(name: str, # class name
-                descriptions: dict[str, list[str]], # class name -> description phrases
-                template: str = SEM_TEMPLATE, # with `{c}` (class name) and `{s}` (description)
-                n_desc: int | None = None, # keep at most this many descriptions, a fixed sample per class (None: all)
-               ) -> list[str]:
+# %% ../nbs/05_patches.ipynb #c2216015
+def sem_prompts(
+    name: str, # class name
+    descriptions: dict[str, list[str]], # class name -> description phrases
+    template: str = SEM_TEMPLATE, # with `{c}` (class name) and `{s}` (description)
+    n_desc: int | None = None, # keep at most this many descriptions, a fixed sample per class (None: all)
+) -> list[str]:
     "The text prompts of one class: `template` filled with the class name and each of its descriptions."
-    if "{s}" not in template: raise SpaError(f"template {template!r} has no '{{s}}' slot for the description: add one")
+    if "{s}" not in template:
+        raise SpaError(f"template {template!r} has no '{{s}}' slot for the description: add one")
     descs = capped(list(descriptions.get(name) or []), n_desc, name)
-    if not descs: raise SpaError(f"class {name!r} has no descriptions: generate them (spa_toolkit.descriptions) or give it "
-                                 f"template-only ones, e.g. descriptions[{name!r}] = ['its typical shape and colour']")
-    try: return [template.format(c=name, s=as_clause(s)) for s in descs]
-    except (KeyError, IndexError) as e: raise SpaError(f"template {template!r} has an unknown slot {e}: use only {{c}} and {{s}}") from e
+    if not descs:
+        raise SpaError(
+            f"class {name!r} has no descriptions: generate them (spa_toolkit.descriptions) or give it "
+            f"template-only ones, e.g. descriptions[{name!r}] = ['its typical shape and colour']"
+        )
+    try:
+        return [template.format(c=name, s=as_clause(s)) for s in descs]
+    except (KeyError, IndexError) as e:
+        raise SpaError(f"template {template!r} has an unknown slot {e}: use only {{c}} and {{s}}") from e
 
 # %% ../nbs/05_patches.ipynb #dde9a92b
 def _encoder(encode_fn) -> tuple[Callable, str | None]:
@@ -62,14 +73,21 @@ def _encoder(encode_fn) -> tuple[Callable, str | None]:
         return (lambda texts: encode_texts(encode_fn, texts)), encode_fn.key
     return encode_fn, getattr(encode_fn, "key", None)
 
-def _encode_all(prompts: dict[str, list[str]], encode: Callable, key: str | None, cache) -> list[torch.Tensor]:
+# %% ../nbs/05_patches.ipynb #b8943e0b
+def _encode_all(
+    prompts: dict[str, list[str]], encode: Callable, key: str | None, cache
+) -> list[torch.Tensor]:
     "Unit text embeddings [M_c, d] of each class's prompts, encoding what `cache` lacks in one call."
-    if cache is not None and key is None: raise SpaError("a cache needs a key naming the text encoder: pass key='<arch/weights>'")
+    if cache is not None and key is None:
+        raise SpaError("a cache needs a key naming the text encoder: pass key='<arch/weights>'")
     ck = {c: content_key("semantic-tokens-v1", key, p) for c, p in prompts.items()}
     todo = [c for c in prompts if cache is None or ck[c] not in cache]
     flat = [p for c in todo for p in prompts[c]]
     emb = l2norm(check_finite(encode(flat), "text embeddings of the descriptions")) if flat else None
-    if flat and emb.shape[0] != len(flat): raise SpaError(f"the text encoder returned {emb.shape[0]} rows for {len(flat)} prompts: it must return [n, d]")
+    if flat and emb.shape[0] != len(flat):
+        raise SpaError(
+            f"the text encoder returned {emb.shape[0]} rows for {len(flat)} prompts: it must return [n, d]"
+        )
     new = dict(zip(todo, emb.split([len(prompts[c]) for c in todo]))) if flat else {}
     if cache is not None: cache.update({ck[c]: e for c, e in new.items()})
     return [new[c] if c in new else cache[ck[c]] for c in prompts]
@@ -83,7 +101,8 @@ def semantic_tokens(class_names: list[str], # the C classes, in logit order
                     cache=None, # dict-like store of per-class tokens, reused across calls
                     key: str | None = None, # encoder name for the cache key (a `ClipBundle` brings its own)
                    ) -> SemanticTokens:
-    "Embed every class's descriptions (phrased with `template`) into padded, masked semantic tokens [C, M, d]."
+    """Embed every class's descriptions (phrased with `template`) into padded, masked semantic tokens
+    [C, M, d]."""
     if not class_names: raise SpaError("no class names given: pass the classes to build semantic tokens for")
     encode, own_key = _encoder(encode_fn)
     prompts = {c: sem_prompts(c, descriptions, template, n_desc) for c in class_names}
@@ -93,24 +112,39 @@ def semantic_tokens(class_names: list[str], # the C classes, in logit order
     return SemanticTokens(pad_sequence(embs, batch_first=True), mask)
 
 # %% ../nbs/05_patches.ipynb #50b49b45
-def check_patch_inputs(patches: torch.Tensor, # [B, N, d] patch tokens
-                       sem: torch.Tensor, # [C, M, d] semantic tokens
-                       mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions; None: all real
-                       values: bool = True, # also read the values back (finite, a real token per class): host syncs on a GPU
-                      ) -> torch.Tensor: # [C, M] bool mask
-    "Validate patches [B, N, d] and semantic tokens [C, M, d] (dims, finiteness, a real token per class); return the mask [C, M]."
+def check_patch_inputs(
+    patches: torch.Tensor, # [B, N, d] patch tokens
+    sem: torch.Tensor, # [C, M, d] semantic tokens
+    mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions; None: all real
+    values: bool = True, # also read the values back (finite, a real token per class): host syncs on a GPU
+) -> torch.Tensor: # [C, M] bool mask
+    """Validate patches [B, N, d] and semantic tokens [C, M, d] (dims, finiteness, a real token per class);
+    return the mask [C, M]."""
     if patches.ndim != 3 or sem.ndim != 3:
-        raise SpaError(f"patches must be [B, N, d] and semantic tokens [C, M, d], got {tuple(patches.shape)} and {tuple(sem.shape)}")
-    if patches.shape[-1] != sem.shape[-1]: raise SpaError(f"patch dim {patches.shape[-1]} != semantic token dim {sem.shape[-1]}: "
-                                                          "embed both with the same CLIP model (and the same projector stage)")
+        raise SpaError(
+            f"patches must be [B, N, d] and semantic tokens [C, M, d], got {tuple(patches.shape)} and "
+            f"{tuple(sem.shape)}"
+        )
+    if patches.shape[-1] != sem.shape[-1]:
+        raise SpaError(
+            f"patch dim {patches.shape[-1]} != semantic token dim {sem.shape[-1]}: "
+            "embed both with the same CLIP model (and the same projector stage)"
+        )
     mask = torch.ones(sem.shape[:2], dtype=torch.bool, device=sem.device) if mask is None else mask.bool()
-    if mask.shape != sem.shape[:2]: raise SpaError(f"mask is {tuple(mask.shape)} but semantic tokens are {tuple(sem.shape)}: it must be [C, M]")
+    if mask.shape != sem.shape[:2]:
+        raise SpaError(
+            f"mask is {tuple(mask.shape)} but semantic tokens are {tuple(sem.shape)}: it must be [C, M]"
+        )
     if not values: return mask
     check_finite(patches, "patch tokens"); check_finite(sem, "semantic tokens")
     empty = (~mask.any(-1)).nonzero().flatten().tolist()
-    if empty: raise SpaError(f"class(es) {empty} have no valid description token: give every class at least one description")
+    if empty:
+        raise SpaError(
+            f"class(es) {empty} have no valid description token: give every class at least one description"
+        )
     return mask
 
+# %% ../nbs/05_patches.ipynb #a3b0d0cf
 def patch_similarity(patches: torch.Tensor, # [B, N, d]
                      sem: torch.Tensor, # [C, M, d]
                     ) -> torch.Tensor: # [B, C, N, M] cosine similarities (inputs unit-norm)
@@ -127,7 +161,8 @@ def patch_relevance(patches: torch.Tensor, # [B, N, d]
                     sem: torch.Tensor, # [C, M, d]
                     mask: torch.Tensor | None = None, # [C, M] bool
                    ) -> torch.Tensor: # [B, C, N]
-    "Relevance $r_{ci} = \\max_j \\langle P_i, T_{cj} \\rangle$ [B, C, N] of every patch [B, N, d] to every class [C, M, d]."
+    """Relevance $r_{ci} = \\max_j \\langle P_i, T_{cj} \\rangle$ [B, C, N] of every patch [B, N, d] to every
+    class [C, M, d]."""
     mask = check_patch_inputs(patches, sem, mask)
     return relevance(patch_similarity(patches, sem), mask)
 
@@ -136,38 +171,57 @@ def topk_patches(rel: torch.Tensor, # [..., N] relevance
                  k: int, # patches to keep
                 ) -> torch.Tensor: # [..., k] long indices, most relevant first
     "Indices [..., k] of the `k` most relevant patches, from relevance [..., N]."
-    if not 0 < k <= rel.shape[-1]: raise SpaError(f"k={k} patches asked for, but images have {rel.shape[-1]}: use 1 <= k <= {rel.shape[-1]}")
+    if not 0 < k <= rel.shape[-1]:
+        raise SpaError(
+            f"k={k} patches asked for, but images have {rel.shape[-1]}: use 1 <= k <= {rel.shape[-1]}"
+        )
     return rel.topk(k, dim=-1).indices
 
 def class_chunks(sem: torch.Tensor, mask: torch.Tensor, class_chunk: int | None) -> zip:
     "Pairs of (tokens, mask) for consecutive blocks of `class_chunk` classes (all at once for None)."
-    if class_chunk is not None and class_chunk < 1: raise SpaError(f"class_chunk={class_chunk}: use a positive number of classes per chunk, or None")
+    if class_chunk is not None and class_chunk < 1:
+        raise SpaError(f"class_chunk={class_chunk}: use a positive number of classes per chunk, or None")
     return zip(sem.split(class_chunk or sem.shape[0]), mask.split(class_chunk or sem.shape[0]))
 
 def _agnostic_relevance(patches, sem, mask, class_chunk) -> torch.Tensor:
     "Relevance [B, N] of each patch to its closest description of any class, chunk by chunk."
-    return reduce(torch.maximum, (relevance(patch_similarity(patches, s), m).amax(1) for s, m in class_chunks(sem, mask, class_chunk)))
+    return reduce(
+        torch.maximum,
+        (relevance(patch_similarity(patches, s), m).amax(1) for s, m in class_chunks(sem, mask, class_chunk)),
+    )
 
 # %% ../nbs/05_patches.ipynb #9fc315bd
-def select_patches(patches: torch.Tensor, # [B, N, d] patch tokens
-                   sem: torch.Tensor, # [C, M, d] semantic tokens
-                   k_patches: int = K_PATCHES, # patches kept per (image, class)
-                   mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
-                   classes: torch.Tensor | None = None, # [C'] long, candidate classes (rows of `sem`); None: all
-                   class_chunk: int | None = None, # classes per memory chunk; None: all at once
-                   agnostic: bool = False, # one selection per image, by relevance to any class
-                   check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
-                  ) -> torch.Tensor: # [B, C, k] (or [B, C', k]) long patch indices
+def select_patches(
+    patches: torch.Tensor, # [B, N, d] patch tokens
+    sem: torch.Tensor, # [C, M, d] semantic tokens
+    k_patches: int = K_PATCHES, # patches kept per (image, class)
+    mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
+    classes: torch.Tensor | None = None, # [C'] long, candidate classes (rows of `sem`); None: all
+    class_chunk: int | None = None, # classes per memory chunk; None: all at once
+    agnostic: bool = False, # one selection per image, by relevance to any class
+    check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
+) -> torch.Tensor: # [B, C, k] (or [B, C', k]) long patch indices
     "Indices [B, C, k] of each image's top-k patches [B, N, d] for every candidate class [C, M, d]."
     mask = check_patch_inputs(patches, sem, mask, values=check)
     if classes is not None: sem, mask = sem[classes], mask[classes]
-    if agnostic: return topk_patches(_agnostic_relevance(patches, sem, mask, class_chunk), k_patches)[:, None].expand(-1, sem.shape[0], -1)
-    return torch.cat([topk_patches(relevance(patch_similarity(patches, s), m), k_patches) for s, m in class_chunks(sem, mask, class_chunk)], 1)
+    if agnostic:
+        return topk_patches(_agnostic_relevance(patches, sem, mask, class_chunk), k_patches)[:, None].expand(
+            -1, sem.shape[0], -1
+        )
+    return torch.cat(
+        [
+            topk_patches(relevance(patch_similarity(patches, s), m), k_patches)
+            for s, m in class_chunks(sem, mask, class_chunk)
+        ],
+        1,
+    )
 
+# %% ../nbs/05_patches.ipynb #49718662
 def gather_patches(patches: torch.Tensor, # [B, N, d]
                    idx: torch.Tensor, # [B, C, k] long, from `select_patches`
                   ) -> torch.Tensor: # [B, C, k, d]
-    "The selected patches $Z_c(x)$ [B, C, k, d] for every image and class, from patches [B, N, d] and indices [B, C, k]."
+    """The selected patches $Z_c(x)$ [B, C, k, d] for every image and class, from patches [B, N, d] and
+    indices [B, C, k]."""
     return patches[torch.arange(patches.shape[0], device=patches.device)[:, None, None], idx]
 
 # %% ../nbs/05_patches.ipynb #a315d2d9
@@ -177,8 +231,11 @@ def select_patch_sets(patches: torch.Tensor, # [B, N, d] patch tokens
                       mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
                       class_chunk: int | None = None, # classes per memory chunk; None: all at once
                      ) -> torch.Tensor: # [B, k, d], most relevant first
-    "One set [B, k, d] per image: its patches [B, N, d] most relevant to any description of any class [C, M, d]."
-    return gather_patches(patches, select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True)[:, :1])[:, 0]
+    """One set [B, k, d] per image: its patches [B, N, d] most relevant to any description of any class
+    [C, M, d]."""
+    return gather_patches(
+        patches, select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True)[:, :1]
+    )[:, 0]
 
 # %% ../nbs/05_patches.ipynb #2e85f0f5
 def select_patches_for_labels(patches: torch.Tensor, # [B, N, d] patch tokens
@@ -189,24 +246,35 @@ def select_patches_for_labels(patches: torch.Tensor, # [B, N, d] patch tokens
                              ) -> torch.Tensor: # [B, k, d] selected patches
     "The top-k patches [B, k, d] of each image [B, N, d] for its own label's descriptions (of [C, M, d])."
     mask = check_patch_inputs(patches, sem, mask)
-    if labels.shape != patches.shape[:1]: raise SpaError(f"labels are {tuple(labels.shape)} but there are {patches.shape[0]} images: pass one label per image")
+    if labels.shape != patches.shape[:1]:
+        raise SpaError(
+            f"labels are {tuple(labels.shape)} but there are {patches.shape[0]} images: pass one label per "
+            "image"
+        )
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < sem.shape[0]:
-        raise SpaError(f"labels range over [{int(labels.min())}, {int(labels.max())}] but there are {sem.shape[0]} classes: map labels to rows of `sem`")
+        raise SpaError(
+            f"labels range over [{int(labels.min())}, {int(labels.max())}] but there are {sem.shape[0]} "
+            "classes: map labels to rows of `sem`"
+        )
     rel = relevance(torch.einsum("bnd,bmd->bnm", patches, sem[labels]), mask[labels])
     idx = topk_patches(rel, k_patches)
     return patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1]))
 
 # %% ../nbs/05_patches.ipynb #9f23cb22
-def toy_world(n_classes: int = 3, # C
-              n_desc: int = 4, # M
-              n_object: int = 6, # object patches per image (near its class's descriptions)
-              n_background: int = 30, # background patches per image
-              d: int = 64, # embedding dim
-              noise: float = 0.5, # norm of the noise added to object patches (before normalising)
-              generator: torch.Generator | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]: # patches [C, N, d] (image c shows class c, object first), sem [C, M, d]
-    "Toy patches [C, N, d] (image c shows class c in its first `n_object`) and descriptions [C, M, d]: a stand-in for CLIP."
+def toy_world(
+    n_classes: int = 3, # C
+    n_desc: int = 4, # M
+    n_object: int = 6, # object patches per image (near its class's descriptions)
+    n_background: int = 30, # background patches per image
+    d: int = 64, # embedding dim
+    noise: float = 0.5, # norm of the noise added to object patches (before normalising)
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]: # patches [C, N, d] (image c shows class c), sem [C, M, d]
+    """Toy patches [C, N, d] (image c shows class c in its first `n_object`) and descriptions [C, M, d]: a
+    stand-in for CLIP."""
     sem = l2norm(torch.randn(n_classes, n_desc, d, generator=generator))
-    obj = sem[:, torch.arange(n_object) % n_desc] + noise * l2norm(torch.randn(n_classes, n_object, d, generator=generator))
+    obj = sem[:, torch.arange(n_object) % n_desc] + noise * l2norm(
+        torch.randn(n_classes, n_object, d, generator=generator)
+    )
     bg = torch.randn(n_classes, n_background, d, generator=generator)
     return l2norm(torch.cat([obj, bg], 1)), sem

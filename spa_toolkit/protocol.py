@@ -26,20 +26,31 @@ __all__ = ['split_features', 'view_features', 'Prepared', 'prepare', 'views_need
            'run_method', 'run_methods', 'run_protocol']
 
 # %% ../nbs/10_protocol.ipynb #f5e0a438
-def split_features(clip: ClipBundle, # the frozen model
-                   benchmark: Benchmark, # the benchmark
-                   split: str, # "train" or "test"
-                   cache_dir: str | Path, # feature cache folder
-                   *,
-                   patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
-                   batch_size: int = 64, # images per forward pass
-                   num_workers: int | None = None, # image-decoding processes (None: CPU count on CUDA, else 0)
-                   progress: bool = True, # a progress bar while extracting
-                  ) -> FeatureSet:
-    "Cached features of one split, named by the benchmark's content key (extracted on first use, sharded under torchrun)."
-    return extract_sharded(clip, getattr(benchmark, split), cache_dir, f"{benchmark.name}-{benchmark.key}-{split}",
-                           patches=patches, batch_size=batch_size, num_workers=num_workers, progress=progress)
+def split_features(
+    clip: ClipBundle, # the frozen model
+    benchmark: Benchmark, # the benchmark
+    split: str, # "train" or "test"
+    cache_dir: str | Path, # feature cache folder
+    *,
+    patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
+    batch_size: int = 64, # images per forward pass
+    num_workers: int | None = None, # image-decoding processes (None: CPU count on CUDA, else 0)
+    progress: bool = True, # a progress bar while extracting
+) -> FeatureSet:
+    """Cached features of one split, named by the benchmark's content key (extracted on first use, sharded
+    under torchrun)."""
+    return extract_sharded(
+        clip,
+        getattr(benchmark, split),
+        cache_dir,
+        f"{benchmark.name}-{benchmark.key}-{split}",
+        patches=patches,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )
 
+# %% ../nbs/10_protocol.ipynb #686042de
 def view_features(clip: ClipBundle, # the frozen model
                   benchmark: Benchmark, # the benchmark
                   cache_dir: str | Path, # feature cache folder
@@ -50,7 +61,8 @@ def view_features(clip: ClipBundle, # the frozen model
                   progress: bool = True, # a progress bar while extracting
                  ) -> FeatureSet:
     "Cached global features [n * n_views, d] of noisy views of the training images, row i * n_views + v."
-    views = NoisyViews(benchmark.train, clip.preprocess, n_views, VIEW_NOISE, VIEW_SEED)  # constants: not in the run key
+    # constants: not in the run key
+    views = NoisyViews(benchmark.train, clip.preprocess, n_views, VIEW_NOISE, VIEW_SEED)
     name = f"{benchmark.name}-{benchmark.key}-train-views{n_views}-noise{VIEW_NOISE}-seed{VIEW_SEED}"
     return extract_sharded(clip, views, cache_dir, name, patches="none", batch_size=batch_size,
                            num_workers=num_workers, progress=progress)
@@ -66,44 +78,57 @@ class Prepared:
     logit_scale: float
     splits: list[list[int]]
     setting: str
-    text_key: str # content key of the text side: model, class names, templates, descriptions, their phrasing and cap
+    text_key: str # content key of the text side: model, names, templates, descriptions, phrasing, cap
     text_knobs: dict # the text knobs it was encoded with: sem_template, n_desc
-    train_views: FeatureSet | None = None # noisy views of the training images, row i * n_views + v (None: none)
+    train_views: FeatureSet | None = None # noisy views of the training images, row i * n_views + v
     n_views: int = 0 # views per training image in `train_views`
 
-def prepare(benchmark: Benchmark, # the benchmark
-            clip: ClipBundle, # the frozen model (already on its device)
-            setting: str | None = None, # e.g. "B0Inc10" (default: the benchmark's B0 setting)
-            descriptions: dict[str, list[str]] | None = None, # class name -> phrases (default: the benchmark's own)
-            cache_dir: str | Path = ".cache/features", # feature cache folder
-            sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
-            patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
-            n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
-            batch_size: int = 64, # images per forward pass when extracting
-            num_workers: int | None = None, # image-decoding processes when extracting (None: CPU count on CUDA, else 0)
-            progress: bool = True, # progress bars
-            views: int = 0, # noisy views per training image to cache as well (see `views_needed`)
-           ) -> Prepared:
+# %% ../nbs/10_protocol.ipynb #25a58463
+def prepare(
+    benchmark: Benchmark, # the benchmark
+    clip: ClipBundle, # the frozen model (already on its device)
+    setting: str | None = None, # e.g. "B0Inc10" (default: the benchmark's B0 setting)
+    descriptions: dict[str, list[str]] | None = None, # class name -> phrases (default: the benchmark's own)
+    cache_dir: str | Path = ".cache/features", # feature cache folder
+    sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
+    patches: str | int = "all", # patch tokens to cache: "all", "none" or k (compact)
+    n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
+    batch_size: int = 64, # images per forward pass when extracting
+    num_workers: int | None = None, # image-decoding processes (None: CPU count on CUDA, else 0)
+    progress: bool = True, # progress bars
+    views: int = 0, # noisy views per training image to cache as well (see `views_needed`)
+) -> Prepared:
     "Extract (or reuse) the features and encode the text side, once for all methods."
     descriptions = descriptions or benchmark.descriptions
     if descriptions is None:
-        raise SpaError(f"{benchmark.name} has no built-in descriptions: pass descriptions= (a file via "
-                       "descriptions.load_descriptions, an LLM via describe_classes, or template_descriptions)")
+        raise SpaError(
+            f"{benchmark.name} has no built-in descriptions: pass descriptions= (a file via "
+            "descriptions.load_descriptions, an LLM via describe_classes, or template_descriptions)"
+        )
     setting = setting or benchmark.setting_b0
     splits = benchmark.splits(setting)  # a bad setting fails before any extraction
-    if views < 0: raise SpaError(f"views={views}: pass 0 (none) or the noisy views per training image to cache")
+    if views < 0:
+        raise SpaError(f"views={views}: pass 0 (none) or the noisy views per training image to cache")
     extract = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
-    train, test = (split_features(clip, benchmark, s, cache_dir, patches=patches, **extract) for s in ("train", "test"))
+    train, test = (
+        split_features(clip, benchmark, s, cache_dir, patches=patches, **extract) for s in ("train", "test")
+    )
     view_set = view_features(clip, benchmark, cache_dir, views, **extract) if views else None
-    text = encode_text_side(clip, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc)
-    text_key = content_key(clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc)
+    text = encode_text_side(
+        clip, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc
+    )
+    text_key = content_key(
+        clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc
+    )
     return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key,
                     dict(sem_template=sem_template, n_desc=n_desc), view_set, views)
 
+# %% ../nbs/10_protocol.ipynb #2cca5e47
 def views_needed(methods: list[str], # names in `base.list_methods()`
                  knobs: Knobs | dict | None = None, # the run's knobs, or {method: its knobs}
                 ) -> int:
-    "Noisy views per training image that `prepare` must cache for these methods: the most any of them reads (0: none)."
+    """Noisy views per training image that `prepare` must cache for these methods: the most any of them reads
+    (0: none)."""
     return max((method_knobs(m, knobs).cached_views for m in methods), default=0)
 
 # %% ../nbs/10_protocol.ipynb #2665db54
@@ -111,25 +136,37 @@ def run_key(prep: Prepared, # the prepared benchmark
             knobs: Knobs, # a method's resolved knobs
             seed: int, # run seed
            ) -> str:
-    "Content key of what determines a method's numbers: images, class order, setting, model, descriptions, seed, knobs."
-    return content_key(prep.benchmark.key, prep.benchmark.order, prep.setting, prep.train.folder.name, prep.text_key,
-                       seed, knobs.to_dict())
+    """Content key of what determines a method's numbers: images, class order, setting, model, descriptions,
+    seed, knobs."""
+    return content_key(
+        prep.benchmark.key,
+        prep.benchmark.order,
+        prep.setting,
+        prep.train.folder.name,
+        prep.text_key,
+        seed,
+        knobs.to_dict(),
+    )
 
 def task_of(prep: Prepared, # the prepared benchmark
             classes: list[int], # the task's new classes
             device: torch.device, # where the method's state lives
            ) -> Task:
-    "The `Task` a method trains on: its classes, the sorted cache rows of their images, and readers of the cache."
-    def read_views(idx, v): return rows(prep.train_views, np.asarray(idx) * prep.n_views + v, device, patches=False).g
+    """The `Task` a method trains on: its classes, the sorted cache rows of their images, and readers of the
+    cache."""
+
+    def read_views(idx, v):
+        return rows(prep.train_views, np.asarray(idx) * prep.n_views + v, device, patches=False).g
     return Task(classes, task_rows(prep.train, min(classes), max(classes) + 1), prep.train,
                 lambda idx: rows(prep.train, idx, device, patches=False)[0::2],
                 read_views if prep.train_views is not None else None)
 
-def evaluate(method: Method, # the method the state belongs to
-             state, # its trained state
-             test: FeatureSet, # cached features of the test split
-             batch_size: int = 256, # test images per chunk
-            ) -> tuple[np.ndarray, np.ndarray]: # predictions [n] and labels [n] of the seen classes' test images
+def evaluate(
+    method: Method, # the method the state belongs to
+    state, # its trained state
+    test: FeatureSet, # cached features of the test split
+    batch_size: int = 256, # test images per chunk
+) -> tuple[np.ndarray, np.ndarray]: # predictions [n] and labels [n] of the seen classes' test images
     "Top-1 predictions [n] and labels [n] on the test images of all seen classes."
     idx = task_rows(test, 0, state.n_seen)
     preds, labels = [], []
@@ -147,15 +184,31 @@ def _result(name: str, prep: Prepared, knobs: Knobs, records: list[dict], key: s
     curve = accuracy_curve([accuracy(p, y) for p, y in zip(preds, labels)])
     on = [list(old_new_harmonic(p, y, r["n_old"])) for p, y, r in zip(preds, labels, records)]
     timings = dict(train_s=sum(r["train_s"] for r in records), eval_s=sum(r["eval_s"] for r in records))
-    return RunResult(name, prep.benchmark.name, prep.setting, curve, accuracy_matrix(preds, labels, prep.splits).tolist(),
-                     [max(s) + 1 for s in prep.splits], prep.benchmark.order, knobs.to_dict(), on, timings, run_key=key)
+    return RunResult(
+        name,
+        prep.benchmark.name,
+        prep.setting,
+        curve,
+        accuracy_matrix(preds, labels, prep.splits).tolist(),
+        [max(s) + 1 for s in prep.splits],
+        prep.benchmark.order,
+        knobs.to_dict(),
+        on,
+        timings,
+        run_key=key,
+    )
 
+# %% ../nbs/10_protocol.ipynb #50998ec1
 def _refuse_other_run(path: Path, saved_key: str | None, key: str):
     if saved_key != key:
-        raise SpaError(f"{path} belongs to another run (other data, setting, model, descriptions, seed or knobs): "
-                       "rerun without --resume, or pass another --out")
+        raise SpaError(
+            f"{path} belongs to another run (other data, setting, model, descriptions, seed or knobs): "
+            "rerun without --resume, or pass another --out"
+        )
 
-def _start(method: Method, prep: Prepared, knobs: Knobs, seed: int, ckpt: Path | None, resume: bool, key: str):
+def _start(
+    method: Method, prep: Prepared, knobs: Knobs, seed: int, ckpt: Path | None, resume: bool, key: str
+):
     "The state, per-task records and generator to continue from (fresh when there is nothing to resume)."
     gen = make_generator(seed, prep.text.names.device)
     if resume and ckpt is not None and ckpt.exists():
@@ -172,18 +225,22 @@ def _check(name: str, method: Method, prep: Prepared, knobs: Knobs):
         raise SpaError(f"{name}'s text knobs {clash} (asked, prepared) differ from the prepared text side: "
                        "prepare() with them")
     if knobs.cached_views > prep.n_views:
-        raise SpaError(f"{name} reads {knobs.cached_views} noisy views per training image, the prepared benchmark "
-                       f"caches {prep.n_views}: prepare(..., views={knobs.cached_views})")
+        raise SpaError(
+            f"{name} reads {knobs.cached_views} noisy views per training image, the prepared benchmark "
+            f"caches {prep.n_views}: prepare(..., views={knobs.cached_views})"
+        )
     if method.check is not None: method.check(prep, knobs)
 
-def run_method(prep: Prepared, # shared features and text side
-               method: str = "spa", # a name in `base.list_methods()`
-               seed: int = 0, # run seed: initialisation, shuffling, pseudo-features
-               out_dir: str | Path | None = None, # save the state after every task, and the result, here
-               resume: bool = False, # return a finished result from `out_dir`, or continue its saved state
-               progress: bool = True, # a progress bar over tasks
-               knobs: Knobs | None = None, # the run's `SpaKnobs` or the method's own knobs (see `method_knobs`)
-              ) -> RunResult:
+# %% ../nbs/10_protocol.ipynb #df269fc4
+def run_method(
+    prep: Prepared, # shared features and text side
+    method: str = "spa", # a name in `base.list_methods()`
+    seed: int = 0, # run seed: initialisation, shuffling, pseudo-features
+    out_dir: str | Path | None = None, # save the state after every task, and the result, here
+    resume: bool = False, # return a finished result from `out_dir`, or continue its saved state
+    progress: bool = True, # a progress bar over tasks
+    knobs: Knobs | None = None, # the run's `SpaKnobs` or the method's own knobs (see `method_knobs`)
+) -> RunResult:
     "Train and evaluate one method over all tasks of the prepared benchmark."
     m, knobs = get_method(method), method_knobs(method, knobs)
     _check(method, m, prep, knobs)
@@ -202,39 +259,49 @@ def run_method(prep: Prepared, # shared features and text side
         m.train(state, task_of(prep, classes, state.device), gen)
         t1 = time.perf_counter()
         p, y = evaluate(m, state, prep.test)
-        records.append(dict(train_s=t1 - t0, preds=torch.from_numpy(p), labels=torch.from_numpy(y), n_old=n_old,
-                            eval_s=time.perf_counter() - t1))
+        records.append(
+            dict(
+                train_s=t1 - t0,
+                preds=torch.from_numpy(p),
+                labels=torch.from_numpy(y),
+                n_old=n_old,
+                eval_s=time.perf_counter() - t1,
+            )
+        )
         if ckpt is not None: save_state(state, ckpt, records=records, generator=gen.get_state(), run_key=key)
     result = _result(method, prep, knobs, records, key)
     if done is not None: result.save(done)
     return result
 
 # %% ../nbs/10_protocol.ipynb #fe7065d0
-def run_methods(prep: Prepared, # shared features and text side
-                methods: list[str], # names in `base.list_methods()`
-                seed: int = 0, # run seed
-                out_dir: str | Path | None = None, # results and checkpoints go here
-                resume: bool = False, # reuse finished results, continue interrupted methods
-                knobs: Knobs | dict | None = None, # the run's knobs, or {method: its knobs} (default: each method's own)
-                progress: bool = True, # a progress bar over each method's tasks
-               ) -> dict[str, RunResult]:
+def run_methods(
+    prep: Prepared, # shared features and text side
+    methods: list[str], # names in `base.list_methods()`
+    seed: int = 0, # run seed
+    out_dir: str | Path | None = None, # results and checkpoints go here
+    resume: bool = False, # reuse finished results, continue interrupted methods
+    knobs: Knobs | dict | None = None, # the run's knobs, or {method: its knobs} (default: each method's own)
+    progress: bool = True, # a progress bar over each method's tasks
+) -> dict[str, RunResult]:
     "Each method's result on the prepared benchmark, by name."
     check_methods(list(methods))  # a bad name fails before any work
     for m in methods: _check(m, get_method(m), prep, method_knobs(m, knobs))
     return {m: run_method(prep, m, seed, out_dir, resume, progress, knobs) for m in methods}
 
-def run_protocol(benchmark: Benchmark, # the benchmark
-                 clip: ClipBundle, # the frozen model, on the device to run on
-                 methods: list[str] = DEFAULT_METHODS, # names in `base.list_methods()`
-                 setting: str | None = None, # e.g. "B0Inc10" (default: the benchmark's B0 setting)
-                 descriptions: dict[str, list[str]] | None = None, # class name -> phrases (default: the benchmark's)
-                 seed: int = 0, # run seed
-                 cache_dir: str | Path = ".cache/features", # feature cache folder
-                 out_dir: str | Path | None = None, # per-task checkpoints and results (enables resume)
-                 resume: bool = False, # continue interrupted methods from `out_dir`
-                 progress: bool = True, # progress bars
-                 knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`)
-                ) -> dict[str, RunResult]:
+# %% ../nbs/10_protocol.ipynb #1eee62fa
+def run_protocol(
+    benchmark: Benchmark, # the benchmark
+    clip: ClipBundle, # the frozen model, on the device to run on
+    methods: list[str] = DEFAULT_METHODS, # names in `base.list_methods()`
+    setting: str | None = None, # e.g. "B0Inc10" (default: the benchmark's B0 setting)
+    descriptions: dict[str, list[str]] | None = None, # class name -> phrases (default: the benchmark's)
+    seed: int = 0, # run seed
+    cache_dir: str | Path = ".cache/features", # feature cache folder
+    out_dir: str | Path | None = None, # per-task checkpoints and results (enables resume)
+    resume: bool = False, # continue interrupted methods from `out_dir`
+    progress: bool = True, # progress bars
+    knobs: SpaKnobs | None = None, # the run's knobs (default: `SpaKnobs()`)
+) -> dict[str, RunResult]:
     "Run every method over every task of `benchmark`: features once, text once, one `RunResult` per method."
     knobs = knobs or SpaKnobs()
     check_methods(list(methods))  # a bad name fails before any work

@@ -25,6 +25,7 @@ __all__ = ['TEXT_KNOBS', 'run_seed', 'run_grid', 'ci95', 'summary', 'markdown']
 # %% ../nbs/10b_study.ipynb #06bdd88b
 TEXT_KNOBS = ("sem_template", "n_desc")  # knobs that change the prepared text side
 
+# %% ../nbs/10b_study.ipynb #f502e034
 def run_seed(variant: str, # world variant
              seed: int, # world and run seed
              configs: dict, # row name -> (method, knob overrides)
@@ -32,15 +33,20 @@ def run_seed(variant: str, # world variant
              **world, # other `synthetic_world` arguments
             ) -> list[dict]: # one record per configuration
     "Every configuration on one seed of one world: average and last accuracy, forgetting."
-    clip, bench, preps, rows = load_embedded_clip(variant=variant), synthetic_world(variant=variant, seed=seed, **world), {}, []
+    clip = load_embedded_clip(variant=variant)
+    bench, preps, rows = synthetic_world(variant=variant, seed=seed, **world), {}, []
     for name, (method, knobs) in configs.items():
         resolved = method_knobs(method, SpaKnobs(**knobs))
         tk = tuple(getattr(resolved, t) for t in TEXT_KNOBS)
-        if tk not in preps: preps[tk] = prepare(bench, clip, cache_dir=cache_dir, progress=False, **dict(zip(TEXT_KNOBS, tk)))
+        if tk not in preps:
+            preps[tk] = prepare(bench, clip, cache_dir=cache_dir, progress=False, **dict(zip(TEXT_KNOBS, tk)))
         r = run_method(preps[tk], method, seed=seed, progress=False, knobs=SpaKnobs(**knobs))
-        rows.append(dict(world=variant, config=name, seed=seed, avg=r.average, last=r.last, forgetting=r.forgetting))
+        rows.append(
+            dict(world=variant, config=name, seed=seed, avg=r.average, last=r.last, forgetting=r.forgetting)
+        )
     return rows
 
+# %% ../nbs/10b_study.ipynb #25723ece
 def run_grid(variants: list[str], # world variants
              seeds: list[int], # world and run seeds
              configs: dict, # row name -> (method, knob overrides)
@@ -49,7 +55,8 @@ def run_grid(variants: list[str], # world variants
              **world, # other `synthetic_world` arguments
             ) -> pd.DataFrame:
     "One row per (world, configuration, seed)."
-    one, jobs = partial(run_seed, configs=configs, cache_dir=cache_dir, **world), [(v, s) for v in variants for s in seeds]
+    one = partial(run_seed, configs=configs, cache_dir=cache_dir, **world)
+    jobs = [(v, s) for v in variants for s in seeds]
     if processes <= 1: out = [one(v, s) for v, s in jobs]
     else:
         with ProcessPoolExecutor(processes) as ex: out = list(ex.map(one, *zip(*jobs)))
@@ -58,7 +65,8 @@ def run_grid(variants: list[str], # world variants
 def ci95(x) -> float:
     "Half-width of the 95% Student-t interval of the mean of `x`."
     x = np.asarray(x, dtype=float)
-    return float(sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    if len(x) < 2: return float("nan")
+    return float(sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
 
 def summary(df: pd.DataFrame, # rows of `run_grid` for one world
             reference: str = "spa", # the configuration the paired differences are taken to

@@ -5,6 +5,8 @@
 # %% ../../nbs/09_peers.ipynb #ce46f09d
 from __future__ import annotations
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,7 +17,7 @@ from ..core import check_state_version, l2norm, make_generator
 
 # %% auto #0
 __all__ = ['new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'check_seen', 'PeerState', 'pack_state',
-           'unpack_state']
+           'unpack_state', 'regrow', 'state_codec']
 
 # %% ../../nbs/09_peers.ipynb #7cb2ac1f
 def _uniform(shape: tuple, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -70,8 +72,12 @@ def check_seen(n_seen: int, # classes a state has learned
     "Raise `SpaError` when no class has been learned yet."
     if n_seen < 1: raise SpaError("no class seen yet: train a task first")
 
+@dataclass
 class PeerState:
-    "Base of a peer's state dataclass: it lives where its class-name embeddings `names` [C, d] are."
+    "Base of a peer's state dataclass: its knobs, and the class names [C, d] whose device it lives on."
+    knobs: Knobs # the peer's own knobs
+    names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
+
     @property
     def device(self) -> torch.device: return self.names.device
 
@@ -82,7 +88,9 @@ def pack_state(state, # a peer's state dataclass, with `knobs`
                **computed, # further entries (e.g. a module's `state_dict()`)
               ) -> dict:
     "A plain dict of tensors, numbers and strings: `version`, the knobs as a dict, `fields` and `computed`."
-    return dict(version=version, knobs=state.knobs.to_dict(), **{f: getattr(state, f) for f in fields}, **computed)
+    return dict(
+        version=version, knobs=state.knobs.to_dict(), **{f: getattr(state, f) for f in fields}, **computed
+    )
 
 def unpack_state(d: dict, # from `pack_state`
                  version: int, # the layout version this code reads
@@ -93,3 +101,29 @@ def unpack_state(d: dict, # from `pack_state`
     "Check a saved peer state's version and put its tensors on `device`."
     check_state_version(d, version, what)
     return knobs.from_dict(d["knobs"]), {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}
+
+def regrow(net: nn.Module, # a fresh net whose `add_task(width, generator)` adds one task's parts
+           width: int, # what `add_task` takes first
+           n_tasks: int, # tasks the saved net had
+           weights: dict, # its saved `state_dict()`
+           device: str | torch.device, # where `net` lives
+          ) -> nn.Module:
+    "`net` grown task by task to the saved shapes, then loaded with the saved weights."
+    gen = make_generator(0, device)
+    for _ in range(n_tasks): net.add_task(width, gen)
+    net.load_state_dict(weights)
+    return net
+
+def state_codec(version: int, # the layout version the peer writes and reads
+                what: str, # names the state in messages, e.g. "PROOF"
+                knobs: type, # the peer's knobs class
+                fields: tuple[str, ...], # attributes saved as they are
+                extra: Callable[[PeerState], dict], # further entries of a state (e.g. its net's weights)
+                rebuild: Callable, # (knobs, saved entries, device) -> the state
+               ) -> tuple[Callable, Callable]: # to_dict(state), from_dict(d, device="cpu")
+    "A peer's `(to_dict, from_dict)`: `pack_state` and `unpack_state` with its version, fields and rebuild."
+    def to_dict(state: PeerState) -> dict: return pack_state(state, version, fields, **extra(state))
+    def from_dict(d: dict, device: str | torch.device = "cpu") -> PeerState:
+        k, e = unpack_state(d, version, what, knobs, device)
+        return rebuild(k, e, device)
+    return to_dict, from_dict

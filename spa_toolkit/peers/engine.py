@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, ViewReader, task_span
-from .common import (PeerState, check_seen, clip_loss, new_linear, pack_state, project, sgd_cosine,
-                                      shuffled_batches, unpack_state)
+from .common import (PeerState, check_seen, clip_loss, new_linear, project, regrow, sgd_cosine,
+                                      shuffled_batches, state_codec)
 
 # %% auto #0
-__all__ = ['ENGINE_STATE_VERSION', 'ENGINE', 'EngineKnobs', 'diagonal_ce', 'engine_loss', 'sample_descriptions',
-           'noisy_prototypes', 'gda_stats', 'merge_gda', 'gda_scores', 'description_centres', 'rerank_scores',
-           'EngineNet', 'EngineState', 'new_engine_state', 'engine_cos', 'engine_logits', 'train_engine_task',
-           'engine_state_dict', 'engine_state_from_dict']
+__all__ = ['ENGINE_STATE_VERSION', 'engine_state_dict', 'engine_state_from_dict', 'ENGINE', 'EngineKnobs', 'diagonal_ce',
+           'engine_loss', 'sample_descriptions', 'noisy_prototypes', 'gda_stats', 'merge_gda', 'gda_scores',
+           'description_centres', 'rerank_scores', 'EngineNet', 'EngineState', 'new_engine_state', 'engine_cos',
+           'engine_logits', 'train_engine_task']
 
 # %% ../../nbs/09c_engine.ipynb #1b563a27
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class EngineKnobs(Knobs):
     stat: float = 0.8 # weight alpha of the discriminant score at inference
     rerank: float = 0.5 # weight rho of the re-ranked description score in the rest
     rerank_top: int = 5 # candidates re-ranked per image (`rerank_top`)
-    views: int | None = None # cached noisy views per training image (None: one per epoch, as the authors draw; 0: the clean feature)
+    views: int | None = None # cached noisy views per image (None: one per epoch, as the authors; 0: clean)
 
     def check(self):
         check_least(self, epochs=0, batch_size=1, rerank_top=1)
@@ -49,7 +49,8 @@ class EngineKnobs(Knobs):
         for name in ("weight_decay", "momentum", "text_des", "image_aug", "sample_noise"):
             if getattr(self, name) < 0: raise SpaError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("stat", "rerank"):
-            if not 0 <= getattr(self, name) <= 1: raise SpaError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+            if not 0 <= getattr(self, name) <= 1:
+                raise SpaError(f"{name}={getattr(self, name)} must lie in [0, 1]")
         if not self.lr > 0: raise SpaError(f"lr={self.lr} must be > 0")
 
     @property
@@ -57,26 +58,36 @@ class EngineKnobs(Knobs):
 
     @property
     def cached_views(self) -> int:
-        "Noisy views per training image the view loss reads: `views`, one per epoch when None, none when the loss is off."
+        """Noisy views per training image the view loss reads: `views`, one per epoch when None, none when the
+        loss is off."""
         if self.image_aug == 0: return 0
-        return self.epochs if self.views is None else min(self.views, self.epochs)  # views beyond the epochs would never be read
+        # views beyond the epochs would never be read
+        return self.epochs if self.views is None else min(self.views, self.epochs)
 
 # %% ../../nbs/09c_engine.ipynb #eadc5a36
 def diagonal_ce(sim: torch.Tensor, # [n, m] similarities, m >= n, row i's positive at column i
                ) -> torch.Tensor: # scalar
-    "Cross-entropy of each row of similarities [n, m] against its diagonal entry, no temperature (ENGINE's `contrastive_loss`)."
+    """Cross-entropy of each row of similarities [n, m] against its diagonal entry, no temperature (ENGINE's
+    `contrastive_loss`)."""
     return F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
 
-def engine_loss(z: torch.Tensor, # [B, d] adapted images, unit norm: the batch's real rows first, then noisy prototypes
-                u: torch.Tensor, # [B, d] adapted class texts of their labels, unit norm
-                desc: torch.Tensor, # [B, d] frozen embedding of one description of each row's class, unit norm
-                view: torch.Tensor, # [b, d] frozen views of the b real images, unit norm
-                scale: float, # contrastive scale s (ENGINE: ln tau)
-                text_des: float = 2.0, # weight of the description term
-                image_aug: float = 0.5, # weight of the view term
-               ) -> torch.Tensor:
-    "ENGINE's objective over images z [B, d] and texts u [B, d]: symmetric contrastive loss, plus description and view terms."
-    return clip_loss(z, u, scale) + text_des * diagonal_ce(u @ desc.T) + image_aug * diagonal_ce(z[:len(view)] @ view.T)
+# %% ../../nbs/09c_engine.ipynb #cc9fcff8
+def engine_loss(
+    z: torch.Tensor, # [B, d] adapted images, unit norm: the batch's real rows first, then noisy prototypes
+    u: torch.Tensor, # [B, d] adapted class texts of their labels, unit norm
+    desc: torch.Tensor, # [B, d] frozen embedding of one description of each row's class, unit norm
+    view: torch.Tensor, # [b, d] frozen views of the b real images, unit norm
+    scale: float, # contrastive scale s (ENGINE: ln tau)
+    text_des: float = 2.0, # weight of the description term
+    image_aug: float = 0.5, # weight of the view term
+) -> torch.Tensor:
+    """ENGINE's objective over images z [B, d] and texts u [B, d]: symmetric contrastive loss, plus
+    description and view terms."""
+    return (
+        clip_loss(z, u, scale)
+        + text_des * diagonal_ce(u @ desc.T)
+        + image_aug * diagonal_ce(z[: len(view)] @ view.T)
+    )
 
 # %% ../../nbs/09c_engine.ipynb #1c7661c8
 def sample_descriptions(sem: torch.Tensor, # [C, M, d] description embeddings (zero where padded)
@@ -84,17 +95,20 @@ def sample_descriptions(sem: torch.Tensor, # [C, M, d] description embeddings (z
                         y: torch.Tensor, # [B] long classes
                         gen: torch.Generator, # draws the choices
                        ) -> torch.Tensor: # [B, d]
-    "One description embedding [B, d] of each row's class, drawn uniformly among the class's real ones in sem [C, M, d]."
+    """One description embedding [B, d] of each row's class, drawn uniformly among the class's real ones in
+    sem [C, M, d]."""
     m = mask[y]
     pick = (torch.rand(len(y), generator=gen, device=gen.device).to(y.device) * m.sum(1)).long()
-    slot = torch.argsort((~m).int(), dim=1, stable=True).gather(1, pick[:, None])[:, 0]  # the pick-th real slot
+    # the pick-th real slot
+    slot = torch.argsort((~m).int(), dim=1, stable=True).gather(1, pick[:, None])[:, 0]
     return sem[y, slot]
 
 def noisy_prototypes(means: torch.Tensor, # [k, d] prototypes of the old classes 0..k-1
                      noise: float, # std per coordinate
                      gen: torch.Generator, # draws the noise
                     ) -> tuple[torch.Tensor, torch.Tensor]: # features [k, d], labels [k]
-    "One prototype plus Gaussian noise per old class: features [k, d] from means [k, d], and their labels [k]."
+    """One prototype plus Gaussian noise per old class: features [k, d] from means [k, d], and their labels
+    [k]."""
     eps = torch.randn(means.shape, generator=gen, device=gen.device).to(means)
     return means + noise * eps, torch.arange(len(means), device=means.device)
 
@@ -103,21 +117,32 @@ def gda_stats(g: torch.Tensor, # [n, d] frozen features of one task's images
               y: torch.Tensor, # [n] long labels
               classes: range, # the task's classes, each present in y
              ) -> tuple[torch.Tensor, torch.Tensor]: # means [k, d], P [d, d]
-    "One task's class means [k, d] and ENGINE's regularised inverse P [d, d] of their pooled within-class scatter, from g [n, d]."
+    """One task's class means [k, d] and ENGINE's regularised inverse P [d, d] of their pooled within-class
+    scatter, from g [n, d]."""
     mu = torch.stack([g[y == c].mean(0) for c in classes])
     x = torch.cat([g[y == c] - m for c, m in zip(classes, mu)])
-    if len(x) < 2: raise SpaError(f"classes {classes.start}..{classes.stop - 1} have {len(x)} training image: ENGINE's statistics need at least 2")
+    if len(x) < 2:
+        raise SpaError(
+            f"classes {classes.start}..{classes.stop - 1} have {len(x)} training image: ENGINE's statistics "
+            "need at least 2"
+        )
     s = x.T @ x
-    return mu, g.shape[1] * torch.linalg.pinv(s + s.trace() / (len(x) - 1) * torch.eye(len(s), device=s.device, dtype=s.dtype))
+    return mu, g.shape[1] * torch.linalg.pinv(
+        s + s.trace() / (len(x) - 1) * torch.eye(len(s), device=s.device, dtype=s.dtype)
+    )
 
-def merge_gda(mu_old: torch.Tensor, p_old: torch.Tensor, # [k, d] and [d, d]: the stored statistics (k = 0 before the first task)
-              mu_new: torch.Tensor, p_new: torch.Tensor, # [t - k, d] and [d, d]: the new task's
-             ) -> tuple[torch.Tensor, torch.Tensor]: # means [t, d], P [d, d]
-    "ENGINE's merge of a task's statistics (means [t - k, d], P [d, d]) into the stored ones: means [t, d], P [d, d]."
+# %% ../../nbs/09c_engine.ipynb #e305fa7f
+def merge_gda(
+    mu_old: torch.Tensor, p_old: torch.Tensor, # [k, d], [d, d]: the stored statistics (k = 0 before task 1)
+    mu_new: torch.Tensor, p_new: torch.Tensor, # [t - k, d] and [d, d]: the new task's
+) -> tuple[torch.Tensor, torch.Tensor]: # means [t, d], P [d, d]
+    """ENGINE's merge of a task's statistics (means [t - k, d], P [d, d]) into the stored ones: means [t, d],
+    P [d, d]."""
     k, t = len(mu_old), len(mu_old) + len(mu_new)
     if k == 0: return mu_new, p_new
     delta = (mu_old.mean(0) - mu_new.mean(0))[:, None]
-    return torch.cat([mu_old, mu_new]), k / t * p_old + (t - k) / t * p_new + k * (t - k) / t ** 3 * delta @ delta.T
+    merged = k / t * p_old + (t - k) / t * p_new + k * (t - k) / t ** 3 * delta @ delta.T
+    return torch.cat([mu_old, mu_new]), merged
 
 def gda_scores(g: torch.Tensor, # [B, d] frozen features
                mu: torch.Tensor, # [C, d] class means
@@ -139,13 +164,15 @@ def rerank_scores(g: torch.Tensor, # [B, d] frozen image features
                   centres: torch.Tensor, # [C, d] description centres
                   top: int = 5, # candidates per image
                  ) -> torch.Tensor: # [B, C], zero outside each image's top candidates
-    "ENGINE's re-ranking [B, C]: each image's top candidates of cos [B, C] re-scored against their description centres, the rest 0."
+    """ENGINE's re-ranking [B, C]: each image's top candidates of cos [B, C] re-scored against their
+    description centres, the rest 0."""
     idx = cos.topk(min(top, cos.shape[1]), dim=1).indices
     return torch.zeros_like(cos).scatter(1, idx, (g @ centres.T).gather(1, idx))
 
 # %% ../../nbs/09c_engine.ipynb #92392ca6
 class EngineNet(nn.Module):
-    "ENGINE's trainable parts: one linear image adapter and one linear text adapter per task, each bank summed."
+    """ENGINE's trainable parts: one linear image adapter and one linear text adapter per task, each bank
+    summed."""
     def __init__(self):
         super().__init__()
         self.img, self.txt = nn.ModuleList(), nn.ModuleList()
@@ -161,9 +188,7 @@ ENGINE_STATE_VERSION = 2 # bump when the saved state's layout or meaning changes
 
 @dataclass
 class EngineState(PeerState):
-    "What an ENGINE run carries between tasks."
-    knobs: EngineKnobs
-    names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
+    "What an ENGINE run carries between tasks (beside its `knobs` and class `names`)."
     sem: torch.Tensor # [C, M, d] frozen description embeddings, unit rows (zero where padded)
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
     net: EngineNet # the adapter banks
@@ -173,6 +198,7 @@ class EngineState(PeerState):
     n_seen: int = 0 # classes seen so far
     n_tasks: int = 0 # tasks trained so far
 
+# %% ../../nbs/09c_engine.ipynb #3c4bd3c8
 def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings (unit norm), on the run's device
                      sem: torch.Tensor, # [C, M, d] description embeddings (unit rows, zero where padded)
                      sem_mask: torch.Tensor, # [C, M] bool, True for real descriptions
@@ -182,11 +208,23 @@ def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings (unit n
                     ) -> EngineState:
     "A fresh ENGINE state before the first task, over class names [C, d] and descriptions [C, M, d]."
     if not sem_mask.any(1).all():
-        raise SpaError(f"ENGINE needs a description of every class; classes {torch.nonzero(~sem_mask.any(1))[:, 0].tolist()} have none")
-    if not logit_scale > 1: raise SpaError(f"logit_scale={logit_scale} must be > 1: ENGINE's contrastive scale is its logarithm")
+        raise SpaError(
+            "ENGINE needs a description of every class; classes "
+            f"{torch.nonzero(~sem_mask.any(1))[:, 0].tolist()} have none"
+        )
+    if not logit_scale > 1:
+        raise SpaError(f"logit_scale={logit_scale} must be > 1: ENGINE's contrastive scale is its logarithm")
     d = names.shape[1]
-    return EngineState(knobs or EngineKnobs(), names, sem, sem_mask, EngineNet(), float(logit_scale), names.new_zeros(0, d),
-                       names.new_zeros(d, d))
+    return EngineState(
+        knobs or EngineKnobs(),
+        names,
+        sem,
+        sem_mask,
+        EngineNet(),
+        float(logit_scale),
+        names.new_zeros(0, d),
+        names.new_zeros(d, d),
+    )
 
 # %% ../../nbs/09c_engine.ipynb #8c16d42c
 def engine_cos(state: EngineState, # the state
@@ -200,17 +238,22 @@ def engine_cos(state: EngineState, # the state
 def engine_logits(state: EngineState, # a trained state
                   g: torch.Tensor, # [B, d] frozen global features
                  ) -> torch.Tensor: # [B, n_seen]
-    "ENGINE's inference scores [B, n_seen] of global features [B, d]: discriminant, re-ranked descriptions and adapted cosine."
+    """ENGINE's inference scores [B, n_seen] of global features [B, d]: discriminant, re-ranked descriptions
+    and adapted cosine."""
     check_seen(state.n_seen)
     k, n = state.knobs, state.n_seen
     cos = engine_cos(state, g, n)
     rr = rerank_scores(g, cos, description_centres(state.sem[:n], state.sem_mask[:n]), k.rerank_top)
-    return k.stat * gda_scores(g, state.means, state.prec) + (1 - k.stat) * (k.rerank * rr + (1 - k.rerank) * cos)
+    return k.stat * gda_scores(g, state.means, state.prec) + (1 - k.stat) * (
+        k.rerank * rr + (1 - k.rerank) * cos
+    )
 
 # %% ../../nbs/09c_engine.ipynb #a22e1420
-def _engine_batch_loss(state: EngineState, g: torch.Tensor, y: torch.Tensor, view: torch.Tensor, lo: int, hi: int,
-                       gen: torch.Generator) -> torch.Tensor:
-    "One batch's loss: the real rows `g`, `y` with their views, plus a noisy prototype of each old class 0..lo-1."
+def _engine_batch_loss(
+    state: EngineState, g: torch.Tensor, y: torch.Tensor, view: torch.Tensor, lo: int, hi: int,
+    gen: torch.Generator) -> torch.Tensor:
+    """One batch's loss: the real rows `g`, `y` with their views, plus a noisy prototype of each old class
+    0..lo-1."""
     k, x, labels = state.knobs, g, y
     if lo:
         px, py = noisy_prototypes(state.means[:lo], k.sample_noise, gen)
@@ -219,9 +262,19 @@ def _engine_batch_loss(state: EngineState, g: torch.Tensor, y: torch.Tensor, vie
     desc = sample_descriptions(state.sem, state.sem_mask, labels, gen)
     return engine_loss(z, u, desc, view, math.log(state.logit_scale), k.text_des, k.image_aug)
 
-def _fit_engine(state: EngineState, g: torch.Tensor, y: torch.Tensor, views_of: Callable[[int], torch.Tensor], lo: int, hi: int,
-                params: list, gen: torch.Generator):
-    "SGD with a per-epoch cosine schedule to 0 over the task's images, epoch e viewing them through `views_of(e)` [n, d]."
+# %% ../../nbs/09c_engine.ipynb #beda3ab0
+def _fit_engine(
+    state: EngineState,
+    g: torch.Tensor,
+    y: torch.Tensor,
+    views_of: Callable[[int], torch.Tensor],
+    lo: int,
+    hi: int,
+    params: list,
+    gen: torch.Generator,
+):
+    """SGD with a per-epoch cosine schedule to 0 over the task's images, epoch e viewing them through
+    `views_of(e)` [n, d]."""
     k = state.knobs
     opt, sched = sgd_cosine(params, k)
     for epoch in range(k.epochs):
@@ -231,18 +284,24 @@ def _fit_engine(state: EngineState, g: torch.Tensor, y: torch.Tensor, views_of: 
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
 
-def train_engine_task(state: EngineState, # the state after the previous task (updated in place and returned)
-                      read: Reader, # reads cached training rows
-                      rows: np.ndarray, # [n] sorted cache rows of the task's images
-                      classes: list[int], # the task's new classes (contiguous, right after the seen ones)
-                      generator: torch.Generator, # initialisation, shuffling, noise and description draws
-                      read_views: ViewReader | None = None, # cached noisy views (needed when the knobs' `cached_views` > 0)
-                     ) -> EngineState:
-    "Learn one task from its cache rows [n] as ENGINE does: class statistics, a new adapter pair, noisy old prototypes, descriptions, image views."
+# %% ../../nbs/09c_engine.ipynb #7ba4f4a4
+def train_engine_task(
+    state: EngineState, # the state after the previous task (updated in place and returned)
+    read: Reader, # reads cached training rows
+    rows: np.ndarray, # [n] sorted cache rows of the task's images
+    classes: list[int], # the task's new classes (contiguous, right after the seen ones)
+    generator: torch.Generator, # initialisation, shuffling, noise and description draws
+    read_views: ViewReader | None = None, # cached noisy views (needed when the knobs' `cached_views` > 0)
+) -> EngineState:
+    """Learn one task from its cache rows [n] as ENGINE does: class statistics, a new adapter pair, noisy old
+    prototypes, descriptions, image views."""
     (lo, hi), n_views = task_span(classes, state.n_seen), state.knobs.cached_views
     if n_views and read_views is None:
-        raise SpaError(f"ENGINE's view loss reads {n_views} cached noisy views per image: pass read_views (protocol.prepare(views="
-                       f"{n_views}) caches them), or EngineKnobs(views=0) to view each image as its clean cached feature")
+        raise SpaError(
+            f"ENGINE's view loss reads {n_views} cached noisy views per image: pass read_views "
+            f"(protocol.prepare(views={n_views}) caches them), or EngineKnobs(views=0) to view each image as "
+            "its clean cached feature"
+        )
     g, y = read(rows)
     mu, p = gda_stats(g, y, range(lo, hi))
     state.means, state.prec = merge_gda(state.means, state.prec, mu, p)
@@ -255,27 +314,28 @@ def train_engine_task(state: EngineState, # the state after the previous task (u
 # %% ../../nbs/09c_engine.ipynb #10c4358b
 _SAVED = ("names", "sem", "sem_mask", "logit_scale", "means", "prec", "n_seen", "n_tasks")
 
-def engine_state_dict(state: EngineState) -> dict:
-    "A plain dict of tensors, numbers and strings holding the whole ENGINE state."
-    return pack_state(state, ENGINE_STATE_VERSION, _SAVED, net=state.net.state_dict())
-
-def engine_state_from_dict(d: dict, # from `engine_state_dict`
-                           device: str | torch.device = "cpu", # where to put it
-                          ) -> EngineState:
-    "Rebuild an `EngineState` on `device`."
-    knobs, e = unpack_state(d, ENGINE_STATE_VERSION, "ENGINE", EngineKnobs, device)
+def _rebuild_engine(knobs: EngineKnobs, e: dict, device: str | torch.device) -> EngineState:
+    "An `EngineState` on `device` from the entries `e` that `engine_state_dict` saved."
     st = new_engine_state(e["names"], e["sem"], e["sem_mask"], e["logit_scale"], knobs=knobs)
-    gen = make_generator(0, device)
-    for _ in range(e["n_tasks"]): st.net.add_task(st.names.shape[1], gen)
-    st.net.load_state_dict(d["net"])
+    regrow(st.net, st.names.shape[1], e["n_tasks"], e["net"], device)
     st.means, st.prec, st.n_seen, st.n_tasks = e["means"], e["prec"], e["n_seen"], e["n_tasks"]
     return st
+
+# a plain dict of tensors, numbers and strings holding the whole ENGINE state, and back (on a device)
+engine_state_dict, engine_state_from_dict = state_codec(
+    ENGINE_STATE_VERSION, "ENGINE", EngineKnobs, _SAVED, lambda st: dict(net=st.net.state_dict()),
+    _rebuild_engine)
 
 # %% ../../nbs/09c_engine.ipynb #d82dc4ea
 ENGINE = Method(
     knobs=EngineKnobs,
-    new=lambda text, logit_scale, seed, knobs: new_engine_state(text.names, text.sem, text.sem_mask, logit_scale,
-                                                                seed, knobs),
-    train=lambda state, task, gen: train_engine_task(state, task.read, task.rows, task.classes, gen, task.read_views),
+    new=lambda text, logit_scale, seed, knobs: new_engine_state(
+        text.names, text.sem, text.sem_mask, logit_scale, seed, knobs
+    ),
+    train=lambda state, task, gen: train_engine_task(
+        state, task.read, task.rows, task.classes, gen, task.read_views
+    ),
     logits=lambda state: lambda r: engine_logits(state, r.g),
-    to_dict=engine_state_dict, from_dict=engine_state_from_dict)
+    to_dict=engine_state_dict,
+    from_dict=engine_state_from_dict,
+)

@@ -17,13 +17,13 @@ from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..exemplars import rank_exemplars
 from ..method import Method, Reader, Task, task_span
-from .common import (PeerState, check_seen, clip_loss, new_linear, pack_state, project, sgd_cosine,
-                                      shuffled_batches, unpack_state)
+from .common import (PeerState, check_seen, clip_loss, new_linear, project, regrow, sgd_cosine,
+                                      shuffled_batches, state_codec)
 
 # %% auto #0
-__all__ = ['PROOF_STATE_VERSION', 'PROOF', 'ProofKnobs', 'dropout', 'Fusion', 'ProofNet', 'project', 'ProofState',
-           'new_proof_state', 'ProofScores', 'proof_scores', 'proof_loss', 'proof_logits', 'herding_memory',
-           'cut_memory', 'train_proof_task', 'proof_state_dict', 'proof_state_from_dict']
+__all__ = ['PROOF_STATE_VERSION', 'proof_state_dict', 'proof_state_from_dict', 'PROOF', 'ProofKnobs', 'dropout', 'Fusion',
+           'ProofNet', 'project', 'ProofState', 'new_proof_state', 'ProofScores', 'proof_scores', 'proof_loss',
+           'proof_logits', 'herding_memory', 'cut_memory', 'train_proof_task']
 
 # %% ../../nbs/09a_proof.ipynb #922ddd2f
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class ProofKnobs(Knobs):
 
     def check(self):
         check_least(self, epochs=0, batch_size=1, memory_size=0, prompt_len=1)
-        if not (self.lr > 0 and 0 <= self.dropout < 1): raise SpaError(f"lr={self.lr} must be > 0 and dropout={self.dropout} in [0, 1)")
+        if not (self.lr > 0 and 0 <= self.dropout < 1):
+            raise SpaError(f"lr={self.lr} must be > 0 and dropout={self.dropout} in [0, 1)")
 
 # %% ../../nbs/09a_proof.ipynb #19499b40
 def dropout(x: torch.Tensor, # any tensor
@@ -74,20 +75,23 @@ class Fusion(nn.Module):
 
 # %% ../../nbs/09a_proof.ipynb #5e74d888
 class ProofNet(nn.Module):
-    "PROOF's trainable parts: per-task image and text projections (summed), per-task context prompts, one fusion module."
+    """PROOF's trainable parts: per-task image and text projections (summed), per-task context prompts, one
+    fusion module."""
     def __init__(self, d: int, gen: torch.Generator, p: float = 0.1):
         super().__init__()
         self.img, self.txt, self.prompts = nn.ModuleList(), nn.ModuleList(), nn.ParameterList()
         self.fusion = Fusion(d, gen, p)
 
     def add_task(self, prompt_len: int, gen: torch.Generator) -> list[nn.Parameter]:
-        "Grow a task's projections and prompts; return what trains: the newest image projection and prompts, all text projections, fusion."
+        """Grow a task's projections and prompts; return what trains: the newest image projection and prompts,
+        all text projections, fusion."""
         d = self.fusion.norm.normalized_shape[0]
         self.img.append(new_linear(d, d, gen)); self.txt.append(new_linear(d, d, gen))
         self.prompts.append(nn.Parameter(torch.randn(prompt_len, d, generator=gen, device=gen.device)))
         for p in [*self.img[:-1].parameters(), *self.prompts[:-1]]: p.requires_grad_(False)
         return [p for p in self.parameters() if p.requires_grad]
 
+# %% ../../nbs/09a_proof.ipynb #d90b604a
 def project(bank: nn.ModuleList, # one projection per task
             x: torch.Tensor, # [..., d]
            ) -> torch.Tensor: # [..., d] unit norm
@@ -99,13 +103,11 @@ PROOF_STATE_VERSION = 2 # bump when the saved state's layout changes (2: typed k
 
 @dataclass
 class ProofState(PeerState):
-    "What a PROOF run carries between tasks."
-    knobs: ProofKnobs
-    names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
+    "What a PROOF run carries between tasks (beside its `knobs` and class `names`)."
     net: ProofNet # projections, prompts, fusion
     logit_scale: float # CLIP's temperature tau (fixed)
     protos: torch.Tensor # [n_seen, d] mean frozen feature of each seen class
-    memory: torch.Tensor # [m] long, exemplar rows of the training feature cache, class by class in herding order
+    memory: torch.Tensor # [m] long, exemplar rows of the training cache, class by class in herding order
     memory_labels: torch.Tensor # [m] long, their classes
     n_seen: int = 0 # classes seen so far
     n_tasks: int = 0 # tasks trained so far
@@ -119,7 +121,9 @@ def new_proof_state(names: torch.Tensor, # [C, d] class-name embeddings (unit no
     k, dev = knobs or ProofKnobs(), names.device
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     net = ProofNet(names.shape[1], make_generator(seed, dev), k.dropout)
-    return ProofState(k, names, net, float(logit_scale), names.new_zeros(0, names.shape[1]), empty, empty.clone())
+    return ProofState(
+        k, names, net, float(logit_scale), names.new_zeros(0, names.shape[1]), empty, empty.clone()
+    )
 
 # %% ../../nbs/09a_proof.ipynb #c79da6d9
 class ProofScores(NamedTuple):
@@ -145,24 +149,27 @@ def proof_loss(s: ProofScores, # from `proof_scores`
                y: torch.Tensor, # [B] long labels
                scale: float, # temperature tau of the contrastive term
               ) -> torch.Tensor:
-    "PROOF's objective on scores and labels [B]: fused-text, fused-prototype cross-entropies and the contrastive term, 1:1:1."
+    """PROOF's objective on scores and labels [B]: fused-text, fused-prototype cross-entropies and the
+    contrastive term, 1:1:1."""
     return F.cross_entropy(s.text, y) + F.cross_entropy(s.proto, y) + clip_loss(s.z, s.t[y], scale)
 
 @torch.no_grad()
 def proof_logits(state: ProofState, # a trained state
                  g: torch.Tensor, # [B, d] frozen global features
                 ) -> torch.Tensor: # [B, n_seen]
-    "PROOF's inference logits [B, n_seen] of global features [B, d]: projected + fused-text + fused-prototype similarities."
+    """PROOF's inference logits [B, n_seen] of global features [B, d]: projected + fused-text +
+    fused-prototype similarities."""
     check_seen(state.n_seen)
     s = proof_scores(state, g, state.n_seen)
     return s.z @ s.t.T + s.text + s.proto
 
 # %% ../../nbs/09a_proof.ipynb #302a17d8
-def herding_memory(g: torch.Tensor, # [n, d] frozen features of some cache rows
-                   y: torch.Tensor, # [n] long labels
-                   rows: torch.Tensor, # [n] long, their row indices in the cache
-                   m: int, # exemplars per class
-                  ) -> tuple[torch.Tensor, torch.Tensor]: # rows [k] and labels [k], class by class in herding order
+def herding_memory(
+    g: torch.Tensor, # [n, d] frozen features of some cache rows
+    y: torch.Tensor, # [n] long labels
+    rows: torch.Tensor, # [n] long, their row indices in the cache
+    m: int, # exemplars per class
+) -> tuple[torch.Tensor, torch.Tensor]: # rows [k] and labels [k], class by class in herding order
     "Cache rows [k] and labels [k] of the first `m` herding picks of each class, from features [n, d]."
     picks = [torch.nonzero(y == c)[:, 0] for c in torch.unique(y)]
     picks = torch.cat([i[rank_exemplars(g[i], "herding", m).to(i.device)] for i in picks]) if m > 0 else y[:0]
@@ -174,7 +181,11 @@ def cut_memory(rows: torch.Tensor, # [k] long, cache rows, class by class in her
               ) -> tuple[torch.Tensor, torch.Tensor]:
     "Each class's first `m` exemplars, from memory rows and labels [k]."
     first = {int(c): int(torch.nonzero(labels == c)[0, 0]) for c in torch.unique(labels)}
-    keep = torch.arange(len(labels), device=labels.device) - torch.tensor([first[int(c)] for c in labels], device=labels.device, dtype=torch.long) < m
+    keep = (
+        torch.arange(len(labels), device=labels.device)
+        - torch.tensor([first[int(c)] for c in labels], device=labels.device, dtype=torch.long)
+        < m
+    )
     return rows[keep], labels[keep]
 
 # %% ../../nbs/09a_proof.ipynb #3d470bee
@@ -188,13 +199,15 @@ def _fit_proof(state: ProofState, g: torch.Tensor, y: torch.Tensor, params: list
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
 
+# %% ../../nbs/09a_proof.ipynb #5beae564
 def train_proof_task(state: ProofState, # the state after the previous task (updated in place and returned)
                      read: Reader, # reads cached training rows
                      rows: np.ndarray, # [n] sorted cache rows of the task's images
                      classes: list[int], # the task's new classes (contiguous, right after the seen ones)
                      generator: torch.Generator, # initialisation, shuffling and dropout
                     ) -> ProofState:
-    "Learn one task's rows [n] as PROOF does: prototypes, new projections and prompts, training with the memory, herding."
+    """Learn one task's rows [n] as PROOF does: prototypes, new projections and prompts, training with the
+    memory, herding."""
     lo, hi = task_span(classes, state.n_seen)
     g, y = read(rows)
     means = torch.stack([g[y == c].mean(0) for c in range(lo, hi)])
@@ -203,7 +216,8 @@ def train_proof_task(state: ProofState, # the state after the previous task (upd
     mg, my = read(np.sort(state.memory.cpu().numpy())) if len(state.memory) else (g[:0], y[:0])
     _fit_proof(state, torch.cat([g, mg]), torch.cat([y, my]), params, generator)
     m = state.knobs.memory_size // hi
-    old, new = cut_memory(state.memory, state.memory_labels, m), herding_memory(g, y, torch.as_tensor(rows, device=y.device), m)
+    old = cut_memory(state.memory, state.memory_labels, m)
+    new = herding_memory(g, y, torch.as_tensor(rows, device=y.device), m)
     state.memory, state.memory_labels = torch.cat([old[0], new[0]]), torch.cat([old[1], new[1]])
     state.n_tasks += 1
     return state
@@ -211,19 +225,16 @@ def train_proof_task(state: ProofState, # the state after the previous task (upd
 # %% ../../nbs/09a_proof.ipynb #9eb12e64
 _SAVED = ("names", "logit_scale", "protos", "memory", "memory_labels", "n_seen", "n_tasks")
 
-def proof_state_dict(state: ProofState) -> dict:
-    "A plain dict of tensors, numbers and strings holding the whole PROOF state."
-    return pack_state(state, PROOF_STATE_VERSION, _SAVED, net=state.net.state_dict())
-
-def proof_state_from_dict(d: dict, # from `proof_state_dict`
-                          device: str | torch.device = "cpu", # where to put it
-                         ) -> ProofState:
-    "Rebuild a `ProofState` on `device`."
-    knobs, e = unpack_state(d, PROOF_STATE_VERSION, "PROOF", ProofKnobs, device)
-    net, gen = ProofNet(e["names"].shape[1], make_generator(0, device), knobs.dropout), make_generator(0, device)
-    for _ in range(e["n_tasks"]): net.add_task(knobs.prompt_len, gen)
-    net.load_state_dict(d["net"])
+def _rebuild_proof(knobs: ProofKnobs, e: dict, device: str | torch.device) -> ProofState:
+    "A `ProofState` on `device` from the entries `e` that `proof_state_dict` saved."
+    net = ProofNet(e["names"].shape[1], make_generator(0, device), knobs.dropout)
+    net = regrow(net, knobs.prompt_len, e["n_tasks"], e["net"], device)
     return ProofState(knobs, net=net, **{f: e[f] for f in _SAVED})
+
+# a plain dict of tensors, numbers and strings holding the whole PROOF state, and back (on a device)
+proof_state_dict, proof_state_from_dict = state_codec(
+    PROOF_STATE_VERSION, "PROOF", ProofKnobs, _SAVED, lambda st: dict(net=st.net.state_dict()),
+    _rebuild_proof)
 
 # %% ../../nbs/09a_proof.ipynb #abe967b1
 PROOF = Method(

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import PeerState, check_seen, new_linear, pack_state, shuffled_batches, unpack_state
+from .common import PeerState, check_seen, new_linear, shuffled_batches, state_codec
 
 # %% auto #0
-__all__ = ['RAPF_STATE_VERSION', 'RAPF', 'RapfKnobs', 'separation_loss', 'fuse_adapters', 'RapfState', 'new_rapf_state',
-           'gaussian_stats', 'sample_classes', 'rapf_scores', 'rapf_logits', 'hard_pairs', 'train_rapf_task',
-           'rapf_state_dict', 'rapf_state_from_dict']
+__all__ = ['RAPF_STATE_VERSION', 'rapf_state_dict', 'rapf_state_from_dict', 'RAPF', 'RapfKnobs', 'separation_loss',
+           'fuse_adapters', 'RapfState', 'new_rapf_state', 'gaussian_stats', 'sample_classes', 'rapf_scores',
+           'rapf_logits', 'hard_pairs', 'train_rapf_task']
 
 # %% ../../nbs/09b_rapf.ipynb #0df305c6
 @dataclass(frozen=True)
@@ -40,7 +40,9 @@ class RapfKnobs(Knobs):
     def check(self):
         check_least(self, epochs=0, batch_size=1, classes_per_batch=1)
         if not (self.lr > 0 and self.beta > 0 and 0 <= self.mix_bias <= 1):
-            raise SpaError(f"lr={self.lr} and beta={self.beta} must be > 0, mix_bias={self.mix_bias} in [0, 1]")
+            raise SpaError(
+                f"lr={self.lr} and beta={self.beta} must be > 0, mix_bias={self.mix_bias} in [0, 1]"
+            )
 
 # %% ../../nbs/09b_rapf.ipynb #ecbe99bf
 def separation_loss(f: torch.Tensor, # [n, d] adapted features of old-class samples, unit norm
@@ -48,7 +50,8 @@ def separation_loss(f: torch.Tensor, # [n, d] adapted features of old-class samp
                     neg: torch.Tensor, # [n, d] the nearby new class's texts
                     margin: float = 0.1, # hinge margin
                    ) -> torch.Tensor:
-    "RAPF's hinge on features [n, d]: each nearer its own class text [n, d] than the new class's [n, d], by `margin`."
+    """RAPF's hinge on features [n, d]: each nearer its own class text [n, d] than the new class's [n, d], by
+    `margin`."""
     return F.relu((f * neg).sum(-1) - (f * pos).sum(-1) + margin).mean()
 
 def fuse_adapters(w_old: torch.Tensor, # [d, d] adapter before the task
@@ -67,9 +70,7 @@ RAPF_STATE_VERSION = 2 # bump when the saved state's layout changes (2: typed kn
 
 @dataclass
 class RapfState(PeerState):
-    "What a RAPF run carries between tasks."
-    knobs: RapfKnobs
-    names: torch.Tensor # [C, d] frozen class-name embeddings of all classes, unit norm
+    "What a RAPF run carries between tasks (beside its `knobs` and class `names`)."
     adapter: nn.Linear # A: d -> d, no bias
     logit_scale: float # CLIP's temperature tau
     means: torch.Tensor # [n_seen, d] class means of the frozen features
@@ -84,14 +85,21 @@ def new_rapf_state(names: torch.Tensor, # [C, d] class-name embeddings (unit nor
                   ) -> RapfState:
     "A fresh RAPF state over class-name embeddings [C, d]: a randomly initialised adapter, no statistics."
     d = names.shape[1]
-    return RapfState(knobs or RapfKnobs(), names, new_linear(d, d, make_generator(seed, names.device), bias=False),
-                     float(logit_scale), names.new_zeros(0, d), names.new_zeros(0, d, d))
+    return RapfState(
+        knobs or RapfKnobs(),
+        names,
+        new_linear(d, d, make_generator(seed, names.device), bias=False),
+        float(logit_scale),
+        names.new_zeros(0, d),
+        names.new_zeros(0, d, d),
+    )
 
 def gaussian_stats(g: torch.Tensor, # [n, d] frozen features
                    y: torch.Tensor, # [n] labels
                    classes: range, # classes to describe, each with at least 2 samples
                   ) -> tuple[torch.Tensor, torch.Tensor]: # means [C, d], Cholesky factors [C, d, d]
-    "RAPF's class Gaussians from features [n, d]: means [C, d], Cholesky factors [C, d, d] of covariance + 1e-4 I."
+    """RAPF's class Gaussians from features [n, d]: means [C, d], Cholesky factors [C, d, d] of covariance +
+    1e-4 I."""
     eye = 1e-4 * torch.eye(g.shape[1], device=g.device, dtype=g.dtype)
     covs = [torch.cov(g[y == c].T) + eye for c in classes]
     return torch.stack([g[y == c].mean(0) for c in classes]), torch.linalg.cholesky(torch.stack(covs))
@@ -122,10 +130,15 @@ def hard_pairs(names: torch.Tensor, # [C, d] class-name embeddings
     return torch.stack([i, j + lo], 1)
 
 # %% ../../nbs/09b_rapf.ipynb #92680d68
-def _replay(state: RapfState, order: torch.Tensor, b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    "Batch `b`'s pseudo-features: `classes_per_batch` old classes, taken in turn from the epoch's shuffled `order`."
+def _replay(
+    state: RapfState, order: torch.Tensor, b: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `b`'s pseudo-features: `classes_per_batch` old classes, taken in turn from the epoch's shuffled
+    `order`."""
     k = state.knobs
-    cls = order[(b * k.classes_per_batch + torch.arange(k.classes_per_batch, device=order.device)) % len(order)]
+    cls = order[
+        (b * k.classes_per_batch + torch.arange(k.classes_per_batch, device=order.device)) % len(order)
+    ]
     n = int(10 * k.beta)
     return sample_classes(state, cls, n, gen), cls.repeat_interleave(n)
 
@@ -154,41 +167,46 @@ def _fit_rapf(state: RapfState, g, y, n: int, pairs, gen: torch.Generator):
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
 
+# %% ../../nbs/09b_rapf.ipynb #37af5744
 def train_rapf_task(state: RapfState, # the state after the previous task (updated in place and returned)
                     read: Reader, # reads cached training rows
                     rows: np.ndarray, # [n] sorted cache rows of the task's images
                     classes: list[int], # the task's new classes (contiguous, right after the seen ones)
                     generator: torch.Generator, # shuffling and sampling
                    ) -> RapfState:
-    "Learn one task's rows [n] as RAPF does: train the adapter with replay and separation, store the new Gaussians, fuse."
+    """Learn one task's rows [n] as RAPF does: train the adapter with replay and separation, store the new
+    Gaussians, fuse."""
     lo, hi = task_span(classes, state.n_seen)
     g, y = read(rows)
     w_old = state.adapter.weight.detach().clone()
-    pairs = hard_pairs(state.names, lo, hi, state.knobs.threshold) if lo else torch.zeros(0, 2, dtype=torch.long, device=g.device)
+    pairs = (
+        hard_pairs(state.names, lo, hi, state.knobs.threshold)
+        if lo
+        else torch.zeros(0, 2, dtype=torch.long, device=g.device)
+    )
     _fit_rapf(state, g, y, hi, pairs, generator)
     mu, L = gaussian_stats(g, y, range(lo, hi))
     state.means, state.chols = torch.cat([state.means, mu]), torch.cat([state.chols, L])
     if lo:
-        with torch.no_grad(): state.adapter.weight.copy_(fuse_adapters(w_old, state.adapter.weight, state.knobs.mix_bias))
+        with torch.no_grad():
+            state.adapter.weight.copy_(fuse_adapters(w_old, state.adapter.weight, state.knobs.mix_bias))
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
 
 # %% ../../nbs/09b_rapf.ipynb #6905f7e2
 _SAVED = ("names", "logit_scale", "means", "chols", "n_seen", "n_tasks")
 
-def rapf_state_dict(state: RapfState) -> dict:
-    "A plain dict of tensors, numbers and strings holding the whole RAPF state."
-    return pack_state(state, RAPF_STATE_VERSION, _SAVED, adapter=state.adapter.weight.detach())
-
-def rapf_state_from_dict(d: dict, # from `rapf_state_dict`
-                         device: str | torch.device = "cpu", # where to put it
-                        ) -> RapfState:
-    "Rebuild a `RapfState` on `device`."
-    knobs, e = unpack_state(d, RAPF_STATE_VERSION, "RAPF", RapfKnobs, device)
+def _rebuild_rapf(knobs: RapfKnobs, e: dict, device: str | torch.device) -> RapfState:
+    "A `RapfState` on `device` from the entries `e` that `rapf_state_dict` saved."
     st = new_rapf_state(e["names"], e["logit_scale"], knobs=knobs)
     with torch.no_grad(): st.adapter.weight.copy_(e["adapter"])
     st.means, st.chols, st.n_seen, st.n_tasks = e["means"], e["chols"], e["n_seen"], e["n_tasks"]
     return st
+
+# a plain dict of tensors, numbers and strings holding the whole RAPF state, and back (on a device)
+rapf_state_dict, rapf_state_from_dict = state_codec(
+    RAPF_STATE_VERSION, "RAPF", RapfKnobs, _SAVED, lambda st: dict(adapter=st.adapter.weight.detach()),
+    _rebuild_rapf)
 
 # %% ../../nbs/09b_rapf.ipynb #ec413c17
 RAPF = Method(
