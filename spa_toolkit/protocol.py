@@ -250,7 +250,8 @@ def run_method(
     if resume and done is not None and done.exists():
         r = RunResult.load(done)
         _refuse_other_run(done, r.run_key, key)
-        if len(r.curve) == len(prep.splits): return r  # finished; a shorter one continues from its saved state
+        # a result of every task is finished; a shorter one continues from its saved state
+        if len(r.curve) == len(prep.splits): return r
     ckpt = None if out is None else out / f"{method}.state.pt"
     state, records, gen = _start(m, prep, knobs, seed, ckpt, resume, key)
     for classes in tqdm(prep.splits[len(records):], desc=method, disable=not progress, initial=len(records),
