@@ -44,7 +44,6 @@ KEYS = { # method -> {authors' key: our knob (None: folded into another key's kn
                  shrinkage="shrinkage"),
 }
 IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
-    "proof": dict(optimizer="sgd", memory_per_class=None), # SGD; memory_size // seen classes
     "rapf": dict(shrinkage=False), # the covariance + 1e-4 I, no shrinkage
 }
 PREFERRED = {"rapf": ("c3box", "authors")} # a method's sources, first preferred (default: its authors' alone)

@@ -36,11 +36,16 @@ class ProofKnobs(Knobs):
     weight_decay: float = 0.05 # SGD weight decay
     momentum: float = 0.9 # SGD momentum
     memory_size: int = 2000 # exemplars kept in all (`memory_size // n_seen` per class)
+    memory_per_class: int | None = None # a fixed number kept of every class (`fixed_memory`); None: the split
+    optimizer: str = "sgd" # "sgd" (momentum), or "adam": AdamW, as the authors' `optimizer: adam` runs
     prompt_len: int = 3 # context prompts added per task
     dropout: float = 0.1 # attention and output dropout of the fusion module
 
     def check(self):
         check_least(self, epochs=0, batch_size=1, memory_size=0, prompt_len=1)
+        if self.memory_per_class is not None: check_least(self, memory_per_class=0)
+        if self.optimizer not in ("sgd", "adam"):
+            raise SpaError(f"optimizer={self.optimizer!r}: choose 'sgd' or 'adam'")
         if not (self.lr > 0 and 0 <= self.dropout < 1):
             raise SpaError(f"lr={self.lr} must be > 0 and dropout={self.dropout} in [0, 1)")
 
@@ -99,7 +104,7 @@ def project(bank: nn.ModuleList, # one projection per task
     return l2norm(sum(f(x) for f in bank))
 
 # %% ../../nbs/09a_proof.ipynb #20fc6460
-PROOF_STATE_VERSION = 2 # bump when the saved state's layout changes (2: typed knobs)
+PROOF_STATE_VERSION = 3 # bump when the saved state's layout changes (3: fixed memory, optimizer; 2: typed knobs)
 
 @dataclass
 class ProofState(PeerState):
@@ -190,9 +195,12 @@ def cut_memory(rows: torch.Tensor, # [k] long, cache rows, class by class in her
 
 # %% ../../nbs/09a_proof.ipynb #3d470bee
 def _fit_proof(state: ProofState, g: torch.Tensor, y: torch.Tensor, params: list, gen: torch.Generator):
-    "SGD with a per-epoch cosine schedule over `g`, `y`, scoring all seen classes."
+    "SGD (or AdamW) with a per-epoch cosine schedule over `g`, `y`, scoring all seen classes."
     k = state.knobs
-    opt, sched = sgd_cosine(params, k)
+    if k.optimizer == "sgd": opt, sched = sgd_cosine(params, k)
+    else:  # the authors' models/proof.py: AdamW with the same lr, weight decay and schedule
+        opt = torch.optim.AdamW(params, lr=k.lr, weight_decay=k.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(k.epochs, 1))
     for _ in range(k.epochs):
         for b in shuffled_batches(len(y), k.batch_size, gen):
             loss = proof_loss(proof_scores(state, g[b], state.n_seen, gen), y[b], state.logit_scale)
@@ -215,7 +223,8 @@ def train_proof_task(state: ProofState, # the state after the previous task (upd
     params = state.net.add_task(state.knobs.prompt_len, generator)
     mg, my = read(np.sort(state.memory.cpu().numpy())) if len(state.memory) else (g[:0], y[:0])
     _fit_proof(state, torch.cat([g, mg]), torch.cat([y, my]), params, generator)
-    m = state.knobs.memory_size // hi
+    per_class = state.knobs.memory_per_class  # fixed, or the budget split over the seen classes
+    m = state.knobs.memory_size // hi if per_class is None else per_class
     old = cut_memory(state.memory, state.memory_labels, m)
     new = herding_memory(g, y, torch.as_tensor(rows, device=y.device), m)
     state.memory, state.memory_labels = torch.cat([old[0], new[0]]), torch.cat([old[1], new[1]])
