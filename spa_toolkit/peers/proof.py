@@ -36,7 +36,7 @@ class ProofKnobs(Knobs):
     weight_decay: float = 0.05 # SGD weight decay
     momentum: float = 0.9 # SGD momentum
     memory_size: int = 2000 # exemplars kept in all (`memory_size // n_seen` per class)
-    memory_per_class: int | None = None # a fixed number kept of every class (`fixed_memory`); None: the split
+    memory_per_class: int | None = None # kept of every class (`fixed_memory`); None: split the budget
     optimizer: str = "sgd" # "sgd" (momentum), or "adam": AdamW, as the authors' `optimizer: adam` runs
     prompt_len: int = 3 # context prompts added per task
     dropout: float = 0.1 # attention and output dropout of the fusion module
