@@ -104,7 +104,7 @@ def project(bank: nn.ModuleList, # one projection per task
     return l2norm(sum(f(x) for f in bank))
 
 # %% ../../nbs/09a_proof.ipynb #20fc6460
-PROOF_STATE_VERSION = 3 # bump when the saved state's layout changes (3: fixed memory, optimizer; 2: typed knobs)
+PROOF_STATE_VERSION = 3 # bump when the saved layout changes (3: fixed memory, optimizer; 2: typed knobs)
 
 @dataclass
 class ProofState(PeerState):
