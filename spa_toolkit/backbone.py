@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_backbone.ipynb #2c2120bd
 from __future__ import annotations
-import contextlib, difflib, json, os, re, shutil
+import contextlib, difflib, json, os, pickle, re, shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -18,7 +18,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from .base import LIBRARY_DEVICE, PRECISION, SpaError
+from .base import LIBRARY_DEVICE, PRECISION, PRECISIONS, SpaError, check_choice
 from .core import atomic_write_json, content_key, l2norm, library_versions, pick_device
 
 # %% auto #0
@@ -83,8 +83,9 @@ def _resolve_source(arch: str, pretrained: str | Path | None, allow_random: bool
 def _offline_hint(src: _Source, err: Exception) -> SpaError:
     "The error for weights open_clip could not fetch or load."
     if not src.is_tag:
-        return SpaError(f"could not load weights {src.pretrained or src.model_name} ({err}): "
-                        "check that they were trained with this architecture (pass that arch)")
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line (torch's unpickling errors run to ten)
+        return SpaError(f"could not load weights {src.pretrained or src.model_name} ({first}): check that it is a weights file "
+                        "(.pt, .bin, .safetensors) trained with this architecture (pass that arch)")
     hub = open_clip.get_pretrained_cfg(src.model_name, src.pretrained).get("hf_hub", "").rstrip("/")
     return SpaError(f"could not get weights {src.model_name}/{src.pretrained} ({err}). They are downloaded once into the "
                     f"Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): run this once with network access "
@@ -103,7 +104,7 @@ def _create(src: _Source, device: torch.device, precision: str, resize_mode: str
             return open_clip.create_model_and_transforms(
                 src.model_name, pretrained=src.pretrained, device=device, precision=precision,
                 force_quick_gelu=_quick_gelu(src), image_resize_mode=resize_mode, cache_dir=cache_dir)
-    except (RuntimeError, OSError, ValueError) as e: raise _offline_hint(src, e) from e
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e: raise _offline_hint(src, e) from e
 
 # %% ../nbs/02_backbone.ipynb #8552dd3f
 @dataclass
@@ -143,6 +144,7 @@ def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<f
               seed: int = 0, # seeds random weights (only with allow_random)
              ) -> ClipBundle:
     "Load a frozen open_clip model from a hub tag, a local weights file or a model folder."
+    check_choice("precision", precision, PRECISIONS)  # before any weights are read
     src = _resolve_source(arch, pretrained, allow_random, seed)
     key = content_key(src.ident, precision, _quick_gelu(src), resize_mode)
     model, _, preprocess = _create(src, pick_device(device), precision, resize_mode, cache_dir, seed)

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch.nn.utils.rnn import pad_sequence
@@ -99,10 +100,15 @@ def _rows_of(classes: torch.Tensor, wanted: torch.Tensor, what: str, check: bool
 
 def _group(feats, labels, classes):
     "Check inputs; return sorted classes [C], each sample's row [n], counts [C]."
+    check_float_tensor(feats, "features for class statistics")
+    if not isinstance(labels, torch.Tensor) or labels.is_meta:
+        raise SpaError(f"labels must be a torch tensor with values, got {type(labels).__name__}: pass torch.as_tensor(labels)")
     if feats.ndim != 2 or labels.shape != feats.shape[:1] or labels.is_floating_point():
         raise SpaError(f"class statistics need features [n,d] and integer labels [n], got {tuple(feats.shape)} and "
                        f"{tuple(labels.shape)} {labels.dtype}: flatten the features and pass one label per row")
-    check_finite(check_float_tensor(feats, "features for class statistics"), "features for class statistics")
+    check_finite(feats, "features for class statistics")
+    if len(labels) == 0: raise SpaError("class statistics got no sample (n = 0): pass at least one feature row per class")
+    if int(labels.min()) < 0: raise SpaError(f"labels hold negative class ids (least {int(labels.min())}): class ids are >= 0")
     labels = labels.to(feats.device)
     cls = torch.unique(labels if classes is None else classes.to(feats.device))
     idx = _rows_of(cls, labels, "labels")
@@ -151,6 +157,7 @@ def class_stats(feats: torch.Tensor, # [n,d] frozen features
                ) -> ClassStats:
     "Per-class means [C, d] and shrunk covariance factors of features `feats` [n, d] with labels [n]."
     check_stats_knobs(cov, shrink)
+    feats, labels = (torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in (feats, labels))  # numpy accepted
     cls, idx, counts = _group(feats, labels, classes)
     if (counts == 0).any(): raise SpaError(f"classes {cls[counts == 0].tolist()[:10]} have no sample: drop them from classes=")
     if cov in ("full", "diag"): _need_two(counts, cls, cov)

@@ -4,11 +4,12 @@
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 from __future__ import annotations
-import errno, hashlib, json, os, tempfile
+import errno, functools, hashlib, json, os, tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,8 +17,8 @@ from .base import DEVICE, SpaError
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'check_float_tensor',
-           'check_generator', 'check_unit', 'atomic_path', 'atomic_write_text', 'atomic_write_json', 'content_key',
-           'library_versions', 'check_state_version']
+           'as_float_tensors', 'check_generator', 'check_unit', 'atomic_path', 'atomic_write_text', 'atomic_write_json',
+           'content_key', 'library_versions', 'check_state_version']
 
 # %% ../nbs/00_core.ipynb #c1a5dc27
 def _has_mps() -> bool: return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
@@ -67,7 +68,15 @@ def check_float_tensor(x, # what the caller passed
     "Return `x`, or raise `SpaError` unless it is a floating-point torch tensor."
     if not isinstance(x, torch.Tensor): raise SpaError(f"{what} must be a torch tensor, got {type(x).__name__}: pass torch.as_tensor(x).float()")
     if not x.is_floating_point(): raise SpaError(f"{what} must be floating point, got {x.dtype}: pass x.float()")
+    if x.is_meta: raise SpaError(f"{what} is a meta tensor (shapes, no values): pass a tensor with values, e.g. on cpu")
     return x
+
+def as_float_tensors(*named: tuple, # (x, what) pairs: a torch tensor or numpy array, and what it is for the message
+                    ) -> list[torch.Tensor]: # the tensors in one floating dtype: the widest given (float16 + float32: float32)
+    "Numpy arrays as tensors, every one checked by `check_float_tensor`, cast to their common floating dtype."
+    xs = [check_float_tensor(torch.from_numpy(x) if isinstance(x, np.ndarray) else x, what) for x, what in named]
+    dt = functools.reduce(torch.promote_types, [x.dtype for x in xs])
+    return [x.to(dt) for x in xs]
 
 def check_generator(g, # what the caller passed as a generator
                    ) -> torch.Generator:
