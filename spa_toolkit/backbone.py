@@ -22,13 +22,15 @@ from .base import LIBRARY_DEVICE, PRECISION, PRECISIONS, SpaError, check_choice
 from .core import atomic_write_json, content_key, l2norm, library_versions, pick_device
 
 # %% auto #0
-__all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle', 'load_clip', 'ImageFeatures',
-           'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap',
-           'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'default_workers', 'CachePlan',
-           'plan_cache', 'start_cache', 'finish_cache', 'fill_rows', 'extract_features', 'NoisyViews']
+__all__ = ['LOCAL_DIR', 'RANDOM_WEIGHTS', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle',
+           'load_clip', 'ImageFeatures', 'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens',
+           'encode_text_tokens', 'patch_heatmap', 'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet',
+           'open_features', 'default_workers', 'CachePlan', 'plan_cache', 'start_cache', 'finish_cache', 'fill_rows',
+           'extract_features', 'NoisyViews']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
+RANDOM_WEIGHTS = "random"  # pretrained= / --pretrained value for random weights of the architecture (a dress rehearsal of its shapes)
 
 class _Source(NamedTuple):
     model_name: str  # what open_clip's `create_model` is given
@@ -74,7 +76,7 @@ def _resolve_source(arch: str, pretrained: str | Path | None, allow_random: bool
         if allow_random: return _Source(arch, None, [arch, "random", seed], False)
         raise SpaError(f"no weights given for {arch} (pretrained={pretrained!r}): pass a tag "
                        f"{open_clip.list_pretrained_tags_by_model(arch)}, a weights file or folder; "
-                       "or allow_random=True if random weights are really wanted")
+                       f"or --pretrained {RANDOM_WEIGHTS} (pretrained={RANDOM_WEIGHTS!r} in Python) if random weights are really wanted")
     if Path(pretrained).is_file(): return _Source(arch, str(Path(pretrained).resolve()), _file_ident(Path(pretrained)), False)
     if open_clip.is_pretrained_cfg(arch, str(pretrained)): return _Source(arch, str(pretrained), [arch, str(pretrained)], True)
     raise _bad_pretrained(arch, str(pretrained))
@@ -135,7 +137,7 @@ def _bundle(model, preprocess, src: _Source, key: str, precision: str) -> ClipBu
                       image_size=int(np.atleast_1d(v.image_size)[0]), logit_scale=float(model.logit_scale.exp()), precision=precision)
 
 def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<folder>"
-              pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, model folder, or None (random)
+              pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, model folder, or "random" (seeded)
               device: str | torch.device = LIBRARY_DEVICE, # where the model lives ("auto", "cpu", "cuda", ...)
               precision: str = PRECISION, # open_clip precision: "fp32" (the protocol's), "amp_bf16" / "amp" (autocast), "bf16", "fp16", ...
               allow_random: bool = False, # permit random weights when `pretrained` is None / ""
@@ -145,6 +147,7 @@ def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<f
              ) -> ClipBundle:
     "Load a frozen open_clip model from a hub tag, a local weights file or a model folder."
     check_choice("precision", precision, PRECISIONS)  # before any weights are read
+    if str(pretrained) == RANDOM_WEIGHTS: pretrained, allow_random = None, True
     src = _resolve_source(arch, pretrained, allow_random, seed)
     key = content_key(src.ident, precision, _quick_gelu(src), resize_mode)
     model, _, preprocess = _create(src, pick_device(device), precision, resize_mode, cache_dir, seed)
@@ -311,7 +314,7 @@ def cache_folder(cache_dir: str | Path, ident: dict) -> Path:
 
 # %% ../nbs/02_backbone.ipynb #a3c2b377
 def _stale(folder: Path, why: str) -> SpaError:
-    return SpaError(f"feature cache {folder} {why}: delete that folder or pass refresh=True to re-extract")
+    return SpaError(f"feature cache {folder} {why}: delete that folder and rerun to re-extract (refresh=True in Python)")
 
 def _read_meta(folder: Path) -> dict | None:
     "The folder's meta.json, or None when there is none."

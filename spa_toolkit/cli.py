@@ -140,7 +140,8 @@ DATA_OPTIONS = [
 MODEL_OPTIONS = [
     ("--arch", dict(help=f"open_clip architecture, or local-dir:<model folder> (default: {PROTOCOL_MODEL[0]} with --pretrained "
                          f"{PROTOCOL_MODEL[1]} for a registered benchmark, the embedded model otherwise)")),
-    ("--pretrained", dict(help="open_clip pretrained tag (e.g. laion400m_e32), weights file or model folder")),
+    ("--pretrained", dict(help="open_clip pretrained tag (e.g. laion400m_e32), weights file or model folder; 'random': random "
+                              "weights of --arch (seeded; a dress rehearsal of the real shapes, offline)")),
     ("--device", dict(default=RUN_DEFAULTS.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")),
     ("--precision", dict(default=RUN_DEFAULTS.precision, help="open_clip precision of the model and its feature extraction: fp32 (the protocol's), "
                                              "amp_bf16 / amp (bf16 / fp16 autocast), bf16, fp16 (default: %(default)s)")),

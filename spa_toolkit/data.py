@@ -196,8 +196,9 @@ def match_classes(found: list[str], # class folder (or label) names at the sourc
 # %% ../nbs/01_data.ipynb #522b1ce2
 def _hub_hint(info: DatasetInfo) -> str:
     return (f"could not load {info.hub_id} from the HF hub (offline and not cached?): download it once with network access "
-            f"(python -c \"import datasets; datasets.load_dataset('{info.hub_id}')\"), or pass data_root= pointing at a folder "
-            f"holding {info.name}/ with train/<class>/*.png and test/<class>/*.png, or a copy written by `datasets` (save_to_disk, parquet)")
+            f"(python -c \"import datasets; datasets.load_dataset('{info.hub_id}')\"), or pass --data-root (data_root= in Python) "
+            f"pointing at a folder holding {info.name}/ with train/<class>/*.png and test/<class>/*.png, or a copy written by `datasets` "
+            "(save_to_disk, parquet); offline, set HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 to fail at once instead of after the hub's retries")
 
 def _rename(dd, info: DatasetInfo) -> tuple[datasets.Dataset, datasets.Dataset]:
     "The train and test splits of `dd` with the source's (image, label) columns renamed to image / label."
@@ -279,7 +280,7 @@ def _load_registered(info: DatasetInfo, data_root, cache_dir) -> tuple:
     "(train, test, key, folders) of a registered benchmark: a local `datasets` copy, an ImageFolder tree, or the hub."
     root = _data_root(data_root, info)
     if info.hub_id and not (root and root.is_dir()): return (*load_hub(info, cache_dir), None)
-    if root is None: raise SpaError(f"{info.name} needs data_root= (or env SPA_DATA_ROOT): a folder holding {info.name}/{{train,test}}/<class>/*.jpg; {info.source}")
+    if root is None: raise SpaError(f"{info.name} needs --data-root DIR (data_root= in Python, or env SPA_DATA_ROOT): a folder holding {info.name}/{{train,test}}/<class>/*.jpg; {info.source}")
     if root.is_dir() and (dd := saved_copy(root, cache_dir)) is not None: return copy_splits(dd, info, str(root))
     return _load_tree(root, info)
 
