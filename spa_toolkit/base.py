@@ -164,7 +164,7 @@ class SpaKnobs(Knobs):
 METHODS = { # method -> its own settings on top of the given knobs
     "spa": {}, "spa_nocal": dict(calibration=False),
     "spa_global": dict(lam=0.0), "spa_global_nocal": dict(lam=0.0, calibration=False),
-    "zeroshot": dict(scorer="zeroshot", epochs=0), "descriptions": dict(scorer="descriptions", epochs=0),
+    "zeroshot": dict(scorer="zeroshot", epochs=0, cov="none"), "descriptions": dict(scorer="descriptions", epochs=0, cov="none"),
     "ncm": dict(scorer="ncm", epochs=0, cov="none"),
 }
 ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it

@@ -16,7 +16,7 @@ from torchvision import transforms
 from .base import SpaError
 from .catalog import (BENCHMARKS, CLASS_ORDER_SEED, DatasetInfo, benchmark_info, class_order, default_settings,
                                  list_benchmarks, make_splits, parse_setting, registry_class_names, registry_templates)
-from .core import CLIP_MEAN, CLIP_STD, content_key
+from .core import CLIP_MEAN, CLIP_STD, content_key, loose_name
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'to_rgb', 'clip_transform', 'Benchmark', 'relabel', 'assemble', 'split_files', 'check_imagefolder',
@@ -161,8 +161,8 @@ def load_imagefolder(root: Path, # folder with train/<class>/* and test/<class>/
 _PREFIX = re.compile(r"^\d+[._\s-]+(?=\D)") # a class-number prefix: "001.Black_footed_Albatross", not "707-320"
 
 def _loose(name: str) -> str:
-    "`name` as names are compared: case-folded, every run of other characters than letters and digits one space."
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", name.casefold()).split())
+    "`name` as names are compared: `core.loose_name`."
+    return loose_name(name)
 
 def _numbered(found: list[str], n: int) -> dict[str, int] | None:
     "Class ids of folders named 0..n-1 or 1..n; None unless every name is such a number."

@@ -114,8 +114,10 @@ def offline_descriptions(spec: str | None, # the --descriptions value
 # %% ../nbs/10c_runs.ipynb #70f39a33
 def descriptions_spec(spec: str | None, # the --descriptions value
                       bench: Benchmark, # the loaded benchmark
+                      needed: bool = True, # whether a method of the run scores with descriptions
                      ) -> str | None: # the --descriptions value to use
-    "`spec`, or 'templates' (saying so) for a folder benchmark given none."
+    "`spec`, or 'templates' (saying so) for a folder benchmark given none; 'templates' silently when no method reads them."
+    if spec is None and bench.descriptions is None and not needed: return TEMPLATES
     if spec is not None or bench.descriptions is not None or bench.name in list_benchmarks(): return spec
     note(f"{bench.name} has no descriptions: its prompt templates stand in (--descriptions templates), so SPA's patch alignment "
          "has nothing class-specific to align; pass --descriptions llm:MODEL or FILE.json for real ones")
@@ -287,7 +289,7 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     for m in methods: method_knobs(m, knobs)
     if (opts.descriptions or "").startswith(LLM_PREFIX): check_llm_access(opts.descriptions[len(LLM_PREFIX):], opts.api_base)
     bench = open_benchmark(dataset, opts)
-    spec = descriptions_spec(opts.descriptions, bench)
+    spec = descriptions_spec(opts.descriptions, bench, any(method_knobs(m, knobs).uses_descriptions for m in methods))
     setting, offline = resolve_setting(bench, setting), offline_descriptions(spec, bench)
     clip = open_model(dataset, opts)
     check_k_patches(knobs.k_patches, clip)
