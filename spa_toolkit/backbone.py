@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_backbone.ipynb #2c2120bd
 from __future__ import annotations
-import contextlib, difflib, json, os, pickle, re, shutil
+import contextlib, difflib, json, os, re, shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -106,7 +106,9 @@ def _create(src: _Source, device: torch.device, precision: str, resize_mode: str
             return open_clip.create_model_and_transforms(
                 src.model_name, pretrained=src.pretrained, device=device, precision=precision,
                 force_quick_gelu=_quick_gelu(src), image_resize_mode=resize_mode, cache_dir=cache_dir)
-    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e: raise _offline_hint(src, e) from e
+    except Exception as e:  # a file that is not weights fails in any way the unpickler likes (IndexError, UnpicklingError, ...)
+        if src.is_tag and not isinstance(e, (RuntimeError, OSError, ValueError)): raise
+        raise _offline_hint(src, e) from e
 
 # %% ../nbs/02_backbone.ipynb #8552dd3f
 @dataclass
