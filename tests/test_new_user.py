@@ -34,6 +34,16 @@ def test_unknown_precision_is_refused_before_any_work(bad, capsys, tmp_path):
     with pytest.raises(SpaError, match="precision"): load_clip("ViT-B-16", "no-such-file.pt", precision=bad)
 
 
+def test_command_line_choices_are_checked_before_torch_is_imported(tmp_path):
+    code = ("import sys; from spa_toolkit import cli; rc = cli.main(sys.argv[1:]); print(rc, 'torch' in sys.modules)")
+    for args in (["run", "--precision", "banana"], ["describe", "--llm", "m", "--api-base", "localhost:1"],
+                 ["run", "--out", "/proc/x"] if Path("/proc").is_dir() else ["run", "--precision", "fp8"]):
+        p = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env=os.environ | OFFLINE)
+        assert p.stdout.split() == ["2", "False"], (args, p.stdout, p.stderr[-500:])
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: "), (args, p.stderr)
+
+
 # 2. SPA's own scoring is a function, named in the README and the recipes; float16 patches are accepted
 
 def test_spa_patch_scores_is_the_learners_frozen_score_and_takes_float16():
@@ -131,7 +141,9 @@ def test_rerunning_the_first_command_reports_the_same_run(tmp_path):
 def test_ctrl_c_is_one_line_saying_what_is_kept(monkeypatch, capsys):
     def interrupted(a): raise KeyboardInterrupt
     monkeypatch.setattr(cli, "cmd_run", interrupted)
-    assert cli.main(["run", "--methods", "ncm"]) == 130
+    try: rc = cli.main(["run", "--methods", "ncm"])
+    except KeyboardInterrupt: pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert rc == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted:") and err.count("\n") == 1 and "kept" in err and "Traceback" not in err
 
