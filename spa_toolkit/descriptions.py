@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_descriptions.ipynb #9352064e
 from __future__ import annotations
-import base64, hashlib, io, json, logging, os, re, time, warnings
+import base64, hashlib, io, json, logging, os, re, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,7 +170,8 @@ class LLMSettings:
 
 # %% ../nbs/04_descriptions.ipynb #276c3864
 def _complete(messages: list[dict], s: LLMSettings):
-    "One litellm.completion call, litellm's own retries off."
+    "One litellm.completion call, litellm's own retries off; a local server that refuses the connection fails at once."
+    if s.api_base and "mock_response" not in s.extra: check_api_base(s.api_base)  # not retried: a refused connection stays refused
     kw = dict(model=s.model, messages=messages, timeout=s.timeout, num_retries=0, max_retries=0, drop_params=True)
     if s.api_base: kw["api_base"] = s.api_base
     if s.api_key: kw["api_key"] = s.api_key
@@ -368,14 +369,14 @@ def describe_run(class_names: list[str], # classes to describe
     names = _check_names(class_names)
     imgs = _images_by_class(names, exemplar_images, text_only)
     model, api_key = check_model(model), resolve_api_key(model, api_base, api_key)
-    if api_base: check_api_base(api_base)  # a refused connection now, not after every class's retries
     s = LLMSettings(model=model, n_descriptions=n_descriptions, api_base=api_base, api_key=api_key, max_retries=max_retries,
                     backoff=backoff, timeout=timeout, max_side=max_side, json_mode=json_mode, extra=completion_kwargs,
                     context_classes=tuple(context_classes) if context_classes else None)
     done, errors = _run_pool(imgs, s, cache_dir, concurrency, progress)
     if errors: raise _failed(errors, len(done), cache_dir)
     res = DescribeResult({c: done[c][0] for c in names}, {c: done[c][1] for c in names}, [c for c in names if done[c][2]])
-    for w in description_warnings(res.descriptions, n_descriptions): warnings.warn(w, stacklevel=2)
+    if len(res.cached) < len(names):  # the model was asked this time: say what its replies lack (once, not on each cached rerun)
+        for w in description_warnings(res.descriptions, n_descriptions): log.warning("%s", w)
     log.info("descriptions: %s", res.summary())
     return res
 
