@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from einops import rearrange
 from torch.nn.utils.rnn import pad_sequence
@@ -157,7 +156,6 @@ def class_stats(feats: torch.Tensor, # [n,d] frozen features
                ) -> ClassStats:
     "Per-class means [C, d] and shrunk covariance factors of features `feats` [n, d] with labels [n]."
     check_stats_knobs(cov, shrink)
-    feats, labels = (torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in (feats, labels))  # numpy accepted
     cls, idx, counts = _group(feats, labels, classes)
     if (counts == 0).any(): raise SpaError(f"classes {cls[counts == 0].tolist()[:10]} have no sample: drop them from classes=")
     if cov in ("full", "diag"): _need_two(counts, cls, cov)

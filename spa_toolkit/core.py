@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,10 +75,10 @@ def loose_name(name: str, # a class name, or a folder's or a file's spelling of 
     "`name` as class names are compared: case-folded, every run of other characters than letters and digits one space."
     return " ".join(re.sub(r"[^0-9a-z]+", " ", str(name).casefold()).split())
 
-def as_float_tensors(*named: tuple, # (x, what) pairs: a torch tensor or numpy array, and what it is for the message
+def as_float_tensors(*named: tuple, # (x, what) pairs: a tensor, and what it is for the message
                     ) -> list[torch.Tensor]: # the tensors in one floating dtype: the widest given (float16 + float32: float32)
-    "Numpy arrays as tensors, every one checked by `check_float_tensor`, cast to their common floating dtype."
-    xs = [check_float_tensor(torch.from_numpy(x) if isinstance(x, np.ndarray) else x, what) for x, what in named]
+    "The tensors, each checked by `check_float_tensor`, cast to their common floating dtype."
+    xs = [check_float_tensor(x, what) for x, what in named]
     dt = functools.reduce(torch.promote_types, [x.dtype for x in xs])
     return [x.to(dt) for x in xs]
 
