@@ -18,17 +18,19 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from .base import LIBRARY_DEVICE, PRECISION, SpaError
+from .base import LIBRARY_DEVICE, PRECISION, PRECISIONS, SpaError, check_choice
 from .core import atomic_write_json, content_key, l2norm, library_versions, pick_device
 
 # %% auto #0
-__all__ = ['LOCAL_DIR', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle', 'load_clip', 'ImageFeatures',
-           'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap',
-           'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'default_workers', 'CachePlan',
-           'plan_cache', 'start_cache', 'finish_cache', 'fill_rows', 'extract_features', 'NoisyViews']
+__all__ = ['LOCAL_DIR', 'RANDOM_WEIGHTS', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle',
+           'load_clip', 'ImageFeatures', 'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens',
+           'encode_text_tokens', 'patch_heatmap', 'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet',
+           'open_features', 'default_workers', 'CachePlan', 'plan_cache', 'start_cache', 'finish_cache', 'fill_rows',
+           'extract_features', 'NoisyViews']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
+RANDOM_WEIGHTS = "random"  # pretrained= / --pretrained value for random weights of the architecture (a dress rehearsal of its shapes)
 
 class _Source(NamedTuple):
     model_name: str  # what open_clip's `create_model` is given
@@ -74,7 +76,7 @@ def _resolve_source(arch: str, pretrained: str | Path | None, allow_random: bool
         if allow_random: return _Source(arch, None, [arch, "random", seed], False)
         raise SpaError(f"no weights given for {arch} (pretrained={pretrained!r}): pass a tag "
                        f"{open_clip.list_pretrained_tags_by_model(arch)}, a weights file or folder; "
-                       "or allow_random=True if random weights are really wanted")
+                       f"or --pretrained {RANDOM_WEIGHTS} (pretrained={RANDOM_WEIGHTS!r} in Python) if random weights are really wanted")
     if Path(pretrained).is_file(): return _Source(arch, str(Path(pretrained).resolve()), _file_ident(Path(pretrained)), False)
     if open_clip.is_pretrained_cfg(arch, str(pretrained)): return _Source(arch, str(pretrained), [arch, str(pretrained)], True)
     raise _bad_pretrained(arch, str(pretrained))
@@ -83,8 +85,9 @@ def _resolve_source(arch: str, pretrained: str | Path | None, allow_random: bool
 def _offline_hint(src: _Source, err: Exception) -> SpaError:
     "The error for weights open_clip could not fetch or load."
     if not src.is_tag:
-        return SpaError(f"could not load weights {src.pretrained or src.model_name} ({err}): "
-                        "check that they were trained with this architecture (pass that arch)")
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line (torch's unpickling errors run to ten)
+        return SpaError(f"could not load weights {src.pretrained or src.model_name} ({first}): check that it is a weights file "
+                        "(.pt, .bin, .safetensors) trained with this architecture (pass that arch)")
     hub = open_clip.get_pretrained_cfg(src.model_name, src.pretrained).get("hf_hub", "").rstrip("/")
     return SpaError(f"could not get weights {src.model_name}/{src.pretrained} ({err}). They are downloaded once into the "
                     f"Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): run this once with network access "
@@ -103,7 +106,9 @@ def _create(src: _Source, device: torch.device, precision: str, resize_mode: str
             return open_clip.create_model_and_transforms(
                 src.model_name, pretrained=src.pretrained, device=device, precision=precision,
                 force_quick_gelu=_quick_gelu(src), image_resize_mode=resize_mode, cache_dir=cache_dir)
-    except (RuntimeError, OSError, ValueError) as e: raise _offline_hint(src, e) from e
+    except Exception as e:  # a file that is not weights fails in any way the unpickler likes (IndexError, UnpicklingError, ...)
+        if src.is_tag and not isinstance(e, (RuntimeError, OSError, ValueError)): raise
+        raise _offline_hint(src, e) from e
 
 # %% ../nbs/02_backbone.ipynb #8552dd3f
 @dataclass
@@ -134,7 +139,7 @@ def _bundle(model, preprocess, src: _Source, key: str, precision: str) -> ClipBu
                       image_size=int(np.atleast_1d(v.image_size)[0]), logit_scale=float(model.logit_scale.exp()), precision=precision)
 
 def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<folder>"
-              pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, model folder, or None (random)
+              pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, model folder, or "random" (seeded)
               device: str | torch.device = LIBRARY_DEVICE, # where the model lives ("auto", "cpu", "cuda", ...)
               precision: str = PRECISION, # open_clip precision: "fp32" (the protocol's), "amp_bf16" / "amp" (autocast), "bf16", "fp16", ...
               allow_random: bool = False, # permit random weights when `pretrained` is None / ""
@@ -143,6 +148,8 @@ def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<f
               seed: int = 0, # seeds random weights (only with allow_random)
              ) -> ClipBundle:
     "Load a frozen open_clip model from a hub tag, a local weights file or a model folder."
+    check_choice("precision", precision, PRECISIONS)  # before any weights are read
+    if str(pretrained) == RANDOM_WEIGHTS: pretrained, allow_random = None, True
     src = _resolve_source(arch, pretrained, allow_random, seed)
     key = content_key(src.ident, precision, _quick_gelu(src), resize_mode)
     model, _, preprocess = _create(src, pick_device(device), precision, resize_mode, cache_dir, seed)
@@ -309,7 +316,7 @@ def cache_folder(cache_dir: str | Path, ident: dict) -> Path:
 
 # %% ../nbs/02_backbone.ipynb #a3c2b377
 def _stale(folder: Path, why: str) -> SpaError:
-    return SpaError(f"feature cache {folder} {why}: delete that folder or pass refresh=True to re-extract")
+    return SpaError(f"feature cache {folder} {why}: delete that folder and rerun to re-extract (refresh=True in Python)")
 
 def _read_meta(folder: Path) -> dict | None:
     "The folder's meta.json, or None when there is none."

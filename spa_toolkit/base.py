@@ -10,9 +10,9 @@ from typing import ClassVar
 
 # %% auto #0
 __all__ = ['K_PATCHES', 'EPS', 'EPS_RELATIVE', 'OT_ITERS', 'POOLS', 'POOL', 'SELECTIONS', 'SCORERS', 'OPTIMIZERS', 'COV_KINDS',
-           'SHRINK', 'SEM_TEMPLATE', 'N_DESC', 'DEVICE', 'LIBRARY_DEVICE', 'PRECISION', 'CLASS_CHUNK', 'REGISTRY',
-           'ALIASES', 'DEFAULT_METHODS', 'SpaError', 'annotation_kinds', 'Knobs', 'check_least', 'check_choice',
-           'check_stats_knobs', 'SpaKnobs', 'list_methods', 'check_methods']
+           'SHRINK', 'SEM_TEMPLATE', 'N_DESC', 'DEVICE', 'LIBRARY_DEVICE', 'PRECISION', 'PRECISIONS', 'CLASS_CHUNK',
+           'REGISTRY', 'ALIASES', 'DEFAULT_METHODS', 'SpaError', 'annotation_kinds', 'Knobs', 'check_least',
+           'check_choice', 'check_stats_knobs', 'SpaKnobs', 'list_methods', 'check_methods']
 
 # %% ../nbs/00_base.ipynb #0cf4dd94
 class SpaError(ValueError):
@@ -97,6 +97,7 @@ N_DESC = 8 # descriptions kept per class (ENGINE's files hold ~500: memory and t
 DEVICE = "auto" # what the command line asks for: CUDA if there is a GPU, else MPS, else the CPU
 LIBRARY_DEVICE = "cpu" # where a library call puts a model unless told: predictable and offline (tensors then follow their inputs)
 PRECISION = "fp32" # open_clip precision of the model and its feature extraction (the protocol's)
+PRECISIONS = ("fp32", "amp_bf16", "amp", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16") # what open_clip accepts
 CLASS_CHUNK = 32 # classes scored at once on patches when no gradient is needed (bounds evaluation memory)
 
 def check_choice(name: str, value, choices: tuple):
@@ -164,8 +165,8 @@ _SPA = "spa_toolkit.learner:SPA" # SPA's ablations and frozen baselines are SPA 
 REGISTRY = { # method name -> (module:attribute of its `method.Method`, its own settings on top of that method's knobs)
     "spa": (_SPA, {}), "spa_nocal": (_SPA, dict(calibration=False)),
     "spa_global": (_SPA, dict(lam=0.0)), "spa_global_nocal": (_SPA, dict(lam=0.0, calibration=False)),
-    "zeroshot": (_SPA, dict(scorer="zeroshot", epochs=0)),
-    "descriptions": (_SPA, dict(scorer="descriptions", epochs=0)),
+    "zeroshot": (_SPA, dict(scorer="zeroshot", epochs=0, cov="none")),
+    "descriptions": (_SPA, dict(scorer="descriptions", epochs=0, cov="none")),
     "ncm": (_SPA, dict(scorer="ncm", epochs=0, cov="none")),
     "proof": ("spa_toolkit.peers.proof:PROOF", {}),
     "rapf": ("spa_toolkit.peers.rapf:RAPF", {}),

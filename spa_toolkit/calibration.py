@@ -99,10 +99,15 @@ def _rows_of(classes: torch.Tensor, wanted: torch.Tensor, what: str, check: bool
 
 def _group(feats, labels, classes):
     "Check inputs; return sorted classes [C], each sample's row [n], counts [C]."
+    check_float_tensor(feats, "features for class statistics")
+    if not isinstance(labels, torch.Tensor) or labels.is_meta:
+        raise SpaError(f"labels must be a torch tensor with values, got {type(labels).__name__}: pass torch.as_tensor(labels)")
     if feats.ndim != 2 or labels.shape != feats.shape[:1] or labels.is_floating_point():
         raise SpaError(f"class statistics need features [n,d] and integer labels [n], got {tuple(feats.shape)} and "
                        f"{tuple(labels.shape)} {labels.dtype}: flatten the features and pass one label per row")
-    check_finite(check_float_tensor(feats, "features for class statistics"), "features for class statistics")
+    check_finite(feats, "features for class statistics")
+    if len(labels) == 0: raise SpaError("class statistics got no sample (n = 0): pass at least one feature row per class")
+    if int(labels.min()) < 0: raise SpaError(f"labels hold negative class ids (least {int(labels.min())}): class ids are >= 0")
     labels = labels.to(feats.device)
     cls = torch.unique(labels if classes is None else classes.to(feats.device))
     idx = _rows_of(cls, labels, "labels")

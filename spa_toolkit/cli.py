@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_cli.ipynb #9ea6ff2c
 from __future__ import annotations
-import argparse, dataclasses, json, sys
+import argparse, dataclasses, json, os, sys
 from pathlib import Path
 
 from fastcore.docments import docments
@@ -13,7 +13,7 @@ from fastcore.imports import in_ipython
 from . import __version__
 from .base import DEFAULT_METHODS, SpaError, SpaKnobs, annotation_kinds, check_methods, list_methods
 from .catalog import BENCHMARKS, WORLD_VARIANTS, list_benchmarks
-from .options import PROTOCOL_MODEL, RunOptions, check_fresh, check_writable
+from .options import LLM_KEY_ENV, PROTOCOL_MODEL, RunOptions, check_api_base, check_fresh, check_writable
 
 # %% auto #0
 __all__ = ['KNOB_SKIP', 'RUN_DEFAULTS', 'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'SETTINGS_OPTIONS', 'RUN_OPTIONS',
@@ -105,7 +105,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         from spa_toolkit.protocol import views_needed
         extract_and_report(a, views_needed(list(run_options(a).methods), knobs_from(a)))
     if r.rank > 0: return 0
-    rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=run_options(a), **settings_of(a))
+    opts = run_options(a)  # the default folder is named by everything that sets the numbers: what it holds is this run's own
+    rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=opts if a.out else opts.replace(resume=True),
+                             **settings_of(a))
     print(rep.text()); print(f"results written to {rep.out}")
     return 0
 
@@ -156,7 +158,8 @@ DATA_OPTIONS = [
 MODEL_OPTIONS = [
     ("--arch", dict(help=f"open_clip architecture, or local-dir:<model folder> (default: {PROTOCOL_MODEL[0]} with --pretrained "
                          f"{PROTOCOL_MODEL[1]} for a registered benchmark, the embedded model otherwise)")),
-    ("--pretrained", dict(help="open_clip pretrained tag (e.g. laion400m_e32), weights file or model folder")),
+    ("--pretrained", dict(help="open_clip pretrained tag (e.g. laion400m_e32), weights file or model folder; 'random': random "
+                              "weights of --arch (seeded; a dress rehearsal of the real shapes, offline)")),
     ("--device", dict(default=RUN_DEFAULTS.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")),
     ("--precision", dict(default=RUN_DEFAULTS.precision, help="open_clip precision of the model and its feature extraction: fp32 (the protocol's), "
                                              "amp_bf16 / amp (bf16 / fp16 autocast), bf16, fp16 (default: %(default)s)")),
@@ -167,6 +170,8 @@ MODEL_OPTIONS = [
 ]
 LLM_OPTIONS = [
     ("--api-base", dict(help="base URL of an OpenAI-compatible server (vLLM, Ollama, LM Studio) for the LLM")),
+    ("--api-key", dict(help=f"the LLM's API key (default: env {LLM_KEY_ENV}, else the provider's own, e.g. OPENAI_API_KEY; "
+                            "a local --api-base server needs none); never written to disk")),
     ("--k-exemplars", dict(type=int, default=RUN_DEFAULTS.k_exemplars, help="exemplar images shown to the LLM per class, 0 for text only (default: %(default)s)")),
     ("--n-descriptions", dict(type=int, default=RUN_DEFAULTS.n_descriptions, help="descriptions asked per class (default: %(default)s)")),
 ]
@@ -243,10 +248,17 @@ def main(argv: list[str] | None = None, # the arguments (default: sys.argv[1:])
         ) -> int: # exit status: 0 done, 2 a user-fixable error (or bad options)
     "The `spa_toolkit` command: a user-fixable error becomes one `error:` line and status 2."
     a = build_parser().parse_args(argv)
-    try: check_options(a); return a.func(a)
+    try:
+        check_options(a)
+        if getattr(a, "api_key", None): os.environ[LLM_KEY_ENV] = a.api_key  # read by `descriptions`; never recorded
+        return a.func(a)
     except SpaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished methods, cached features and descriptions are kept; rerun the same command "
+              "(with --resume when you passed --out) to continue", file=sys.stderr)
+        return 130
 
 # %% ../nbs/11_cli.ipynb #2ef78db7
 def check_options(a: argparse.Namespace, # parsed options of any subcommand
@@ -258,6 +270,10 @@ def check_options(a: argparse.Namespace, # parsed options of any subcommand
     for name in ("out", "cache_dir"):
         if getattr(a, name, None) is not None: check_writable(Path(getattr(a, name)), option_name(name))
     check_fresh(getattr(a, "out", None), getattr(a, "resume", True))
+    if getattr(a, "llm", "x") is not None and not str(getattr(a, "llm", "x")).strip():
+        raise SpaError("--llm names no model: pass a litellm model string, e.g. gpt-5 or openai/<name> with --api-base")
+    llm = getattr(a, "llm", None) or ((getattr(a, "descriptions", None) or "").startswith("llm:") or None)
+    if llm and getattr(a, "api_base", None): check_api_base(a.api_base)  # something listens there, before any work
 
 # %% ../nbs/11_cli.ipynb #f3f50d5d
 if __name__ == "__main__" and not in_ipython(): sys.exit(main())

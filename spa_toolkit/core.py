@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 from __future__ import annotations
-import errno, hashlib, json, os, tempfile
+import errno, functools, hashlib, json, os, re, tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from .base import DEVICE, SpaError
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'check_float_tensor',
-           'check_generator', 'check_unit', 'atomic_path', 'atomic_write_text', 'atomic_write_json', 'content_key',
-           'library_versions', 'check_state_version']
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'pick_device', 'make_generator', 'l2norm', 'check_finite', 'check_float_tensor', 'loose_name',
+           'as_float_tensors', 'check_generator', 'check_unit', 'atomic_path', 'atomic_write_text', 'atomic_write_json',
+           'content_key', 'library_versions', 'check_state_version']
 
 # %% ../nbs/00_core.ipynb #c1a5dc27
 def _has_mps() -> bool:
@@ -79,7 +79,21 @@ def check_float_tensor(x, # what the caller passed
         )
     if not x.is_floating_point():
         raise SpaError(f"{what} must be floating point, got {x.dtype}: pass x.float()")
+    if x.is_meta:
+        raise SpaError(f"{what} is a meta tensor (shapes, no values): pass a tensor with values, e.g. on cpu")
     return x
+
+def loose_name(name: str, # a class name, or a folder's or a file's spelling of it
+              ) -> str: # e.g. "Aquarium_Fish" -> "aquarium fish"
+    "`name` as class names are compared: case-folded, every run of other characters than letters and digits one space."
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", str(name).casefold()).split())
+
+def as_float_tensors(*named: tuple, # (x, what) pairs: a tensor, and what it is for the message
+                    ) -> list[torch.Tensor]: # the tensors in one floating dtype: the widest given (float16 + float32: float32)
+    "The tensors, each checked by `check_float_tensor`, cast to their common floating dtype."
+    xs = [check_float_tensor(x, what) for x, what in named]
+    dt = functools.reduce(torch.promote_types, [x.dtype for x in xs])
+    return [x.to(dt) for x in xs]
 
 def check_generator(g, # what the caller passed as a generator
                    ) -> torch.Generator:

@@ -17,7 +17,7 @@ from .base import SpaError
 from .catalog import (BENCHMARKS, CLASS_ORDER_SEED, DatasetInfo, benchmark_info, class_order,
                                  default_settings, list_benchmarks, make_splits, parse_setting,
                                  registry_class_names, registry_templates)
-from .core import CLIP_MEAN, CLIP_STD, content_key
+from .core import CLIP_MEAN, CLIP_STD, content_key, loose_name
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'to_rgb', 'clip_transform', 'Benchmark', 'relabel', 'assemble', 'split_files', 'check_imagefolder',
@@ -202,9 +202,8 @@ def load_imagefolder(
 _PREFIX = re.compile(r"^\d+[._\s-]+(?=\D)")
 
 def _loose(name: str) -> str:
-    """`name` as names are compared: case-folded, every run of other characters than letters and digits one
-    space."""
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", name.casefold()).split())
+    "`name` as names are compared: `core.loose_name`."
+    return loose_name(name)
 
 def _numbered(found: list[str], n: int) -> dict[str, int] | None:
     "Class ids of folders named 0..n-1 or 1..n; None unless every name is such a number."
@@ -247,8 +246,10 @@ def _hub_hint(info: DatasetInfo) -> str:
     return (
         f"could not load {info.hub_id} from the HF hub (offline and not cached?): download it once with "
         f"network access (python -c \"import datasets; datasets.load_dataset('{info.hub_id}')\"), or pass "
-        f"data_root= pointing at a folder holding {info.name}/ with train/<class>/*.png and "
-        "test/<class>/*.png, or a copy written by `datasets` (save_to_disk, parquet)"
+        f"--data-root (data_root= in Python) pointing at a folder holding {info.name}/ with "
+        "train/<class>/*.png and test/<class>/*.png, or a copy written by `datasets` (save_to_disk, "
+        "parquet); offline, set HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 to fail at once instead of after "
+        "the hub's retries"
     )
 
 def _rename(dd, info: DatasetInfo) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -348,8 +349,8 @@ def _load_registered(info: DatasetInfo, data_root, cache_dir) -> tuple:
     if info.hub_id and not (root and root.is_dir()): return (*load_hub(info, cache_dir), None)
     if root is None:
         raise SpaError(
-            f"{info.name} needs data_root= (or env SPA_DATA_ROOT): a folder holding "
-            f"{info.name}/{{train,test}}/<class>/*.jpg; {info.source}"
+            f"{info.name} needs --data-root DIR (data_root= in Python, or env SPA_DATA_ROOT): a folder "
+            f"holding {info.name}/{{train,test}}/<class>/*.jpg; {info.source}"
         )
     if root.is_dir() and (dd := saved_copy(root, cache_dir)) is not None:
         return copy_splits(dd, info, str(root))

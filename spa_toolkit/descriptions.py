@@ -14,16 +14,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .core import SpaError, atomic_write_json, content_key
+from .options import LLM_KEY_ENV, check_api_base
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROMPT_VERSION', 'SYSTEM_PROMPT', 'USER_PROMPT', 'CACHE_FORMAT', 'CACHE_VERSION', 'FILE_FORMAT',
+__all__ = ['log', 'PROMPT_VERSION', 'SYSTEM_PROMPT', 'USER_PROMPT', 'CACHE_FORMAT', 'CACHE_VERSION', 'LOCAL_KEY', 'FILE_FORMAT',
            'FILE_VERSION', 'prompt_text', 'image_data_url', 'build_messages', 'DescriptionParseError', 'dedupe',
            'parse_descriptions', 'import_litellm', 'Usage', 'LLMSettings', 'ask_descriptions', 'image_sha256',
-           'description_key', 'cache_file', 'DescribeResult', 'describe_one', 'describe_run', 'describe_classes',
-           'save_descriptions', 'load_descriptions', 'template_descriptions', 'world_descriptions',
-           'describe_benchmark']
+           'description_key', 'cache_file', 'DescribeResult', 'describe_one', 'check_model', 'resolve_api_key',
+           'description_warnings', 'describe_run', 'describe_classes', 'save_descriptions', 'load_descriptions',
+           'template_descriptions', 'world_descriptions', 'describe_benchmark']
 
 # %% ../nbs/04_descriptions.ipynb #d494637f
 PROMPT_VERSION = 2 # 2: attributes of the object itself, not its surroundings
@@ -169,7 +170,8 @@ class LLMSettings:
 
 # %% ../nbs/04_descriptions.ipynb #276c3864
 def _complete(messages: list[dict], s: LLMSettings):
-    "One litellm.completion call, litellm's own retries off."
+    "One litellm.completion call, litellm's own retries off; a local server that refuses the connection fails at once."
+    if s.api_base and "mock_response" not in s.extra: check_api_base(s.api_base)  # not retried: a refused connection stays refused
     kw = dict(model=s.model, messages=messages, timeout=s.timeout, num_retries=0, max_retries=0, drop_params=True)
     if s.api_base: kw["api_base"] = s.api_base
     if s.api_key: kw["api_key"] = s.api_key
@@ -311,6 +313,39 @@ def _failed(errors: dict, n_done: int, cache_dir) -> SpaError:
     return SpaError(f"{len(errors)} class(es) failed: {names[:10]}{' ...' if len(names) > 10 else ''} ({kept}). "
                     f"First failure: {errors[names[0]]}")
 
+# %% ../nbs/04_descriptions.ipynb #03f0642f
+LOCAL_KEY = "none" # the key sent to a local server (api_base) when no key is set: such servers do not check it
+
+def check_model(model: str, # a litellm model string
+               ) -> str:
+    "Return `model`, or raise `SpaError` when it is empty."
+    if not isinstance(model, str) or not model.strip():
+        raise SpaError(f"LLM model {model!r} is empty: pass a litellm model string, e.g. gpt-5 or openai/<name> with --api-base")
+    return model.strip()
+
+def resolve_api_key(model: str, # a litellm model string
+                    api_base: str | None, # a local OpenAI-compatible server, or None
+                    api_key: str | None = None, # given explicitly
+                   ) -> str | None: # None: litellm reads the provider's variable
+    "The key to send: `api_key`, else $SPA_LLM_API_KEY, else (a local server, no provider key set) `LOCAL_KEY`."
+    if api_key or os.environ.get(LLM_KEY_ENV): return api_key or os.environ[LLM_KEY_ENV]
+    if api_base and not import_litellm().validate_environment(model=model).get("keys_in_environment", False): return LOCAL_KEY
+    return None
+
+def description_warnings(descriptions: dict[str, list[str]], # class -> phrases
+                         n: int, # phrases asked per class
+                        ) -> list[str]: # one line per problem
+    "Warnings for classes given fewer than `n` phrases, and for classes given the same phrases as another class."
+    short = [c for c, d in descriptions.items() if len(d) < n]
+    out = [f"{len(short)} class(es) got fewer than the {n} descriptions asked, e.g. {short[0]!r} "
+           f"({len(descriptions[short[0]])}): the model may be too small for the prompt"] if short else []
+    by_set: dict[tuple, list[str]] = {}
+    for c, d in descriptions.items(): by_set.setdefault(tuple(sorted(p.lower() for p in d)), []).append(c)
+    same = [cs for cs in by_set.values() if len(cs) > 1]
+    if same: out.append(f"{sum(map(len, same))} classes share their descriptions with another class, e.g. {same[0][:3]}: "
+                        "the phrases tell those classes nothing apart; check the model's replies")
+    return out
+
 # %% ../nbs/04_descriptions.ipynb #dfeb3507
 def describe_run(class_names: list[str], # classes to describe
                  exemplar_images: dict[str, list[Image.Image]] | None = None, # class -> exemplar images; None: text only
@@ -333,12 +368,15 @@ def describe_run(class_names: list[str], # classes to describe
     "Describe every class (cache first, then the model), concurrently; usage per class."
     names = _check_names(class_names)
     imgs = _images_by_class(names, exemplar_images, text_only)
+    model, api_key = check_model(model), resolve_api_key(model, api_base, api_key)
     s = LLMSettings(model=model, n_descriptions=n_descriptions, api_base=api_base, api_key=api_key, max_retries=max_retries,
                     backoff=backoff, timeout=timeout, max_side=max_side, json_mode=json_mode, extra=completion_kwargs,
                     context_classes=tuple(context_classes) if context_classes else None)
     done, errors = _run_pool(imgs, s, cache_dir, concurrency, progress)
     if errors: raise _failed(errors, len(done), cache_dir)
     res = DescribeResult({c: done[c][0] for c in names}, {c: done[c][1] for c in names}, [c for c in names if done[c][2]])
+    if len(res.cached) < len(names):  # the model was asked this time: say what its replies lack (once, not on each cached rerun)
+        for w in description_warnings(res.descriptions, n_descriptions): log.warning("%s", w)
     log.info("descriptions: %s", res.summary())
     return res
 

@@ -9,14 +9,14 @@ from itertools import repeat
 
 import torch
 
-from .base import EPS, EPS_RELATIVE, K_PATCHES, OT_ITERS, POOL, POOLS, SpaError
-from .core import check_finite, check_unit
+from .base import CLASS_CHUNK, EPS, EPS_RELATIVE, K_PATCHES, OT_ITERS, POOL, POOLS, SpaError
+from .core import as_float_tensors, check_finite, check_unit
 from .patches import (check_patch_inputs, class_chunks, patch_similarity, relevance, select_patches,
-                                 select_patches_for_labels, topk_patches)
+                                 select_patch_sets, select_patches_for_labels, topk_patches)
 
 # %% auto #0
 __all__ = ['sinkhorn', 'relative_cost', 'sim_ot_plan', 'sim_ot_score', 'ot_score', 'plan_entropy', 'semi_relaxed_plan',
-           'pooled_score', 'patch_ot_scores', 'label_ot_scores']
+           'pooled_score', 'patch_ot_scores', 'label_ot_scores', 'spa_patch_scores']
 
 # %% ../nbs/06_ot.ipynb #aa4b8482
 def _log_marginal(w: torch.Tensor | None, n: int, dtype, device, what: str, check: bool = True) -> torch.Tensor:
@@ -129,8 +129,10 @@ def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
              eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
             ) -> torch.Tensor: # [...] OT scores
     "Patch-level scores [...] $\\langle \\Pi^*, Z T^\\top \\rangle$ of entropic OT between patches Z [..., k, d] and tokens T [..., M, d]."
+    Z, T = as_float_tensors((Z, "the selected patches Z"), (T, "the semantic tokens T"))  # float16 with float32: float32
     if Z.ndim < 2 or T.ndim < 2 or Z.shape[-1] != T.shape[-1]:
         raise SpaError(f"Z {tuple(Z.shape)} and T {tuple(T.shape)} must be [..., k, d] and [..., M, d] with the same d")
+    if 0 in (Z.shape[-2], T.shape[-2]): raise SpaError(f"Z {tuple(Z.shape)} and T {tuple(T.shape)}: pass at least one patch and one token")
     check_unit(check_finite(Z, "the selected patches Z"), "the selected patches Z"); check_unit(check_finite(T, "the semantic tokens T"), "the semantic tokens T")
     try: S = Z @ T.transpose(-1, -2)
     except RuntimeError as e: raise SpaError(f"leading dims of Z {tuple(Z.shape)} and T {tuple(T.shape)} do not broadcast") from e
@@ -181,6 +183,12 @@ def pooled_score(S: torch.Tensor, # [..., k, M] similarities of selected patches
     raise SpaError(f"pool={pool!r}: choose one of {POOLS}")
 
 # %% ../nbs/06_ot.ipynb #073c0024
+def _patch_inputs(patches, sem, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Patches [B, N, d] and tokens [C, M, d] in one float dtype (numpy converted), checked; with the mask [C, M]."
+    patches, sem = as_float_tensors((patches, "patch tokens"), (sem, "semantic tokens"))
+    if sem.ndim == 3 and sem.shape[0] == 0: raise SpaError("semantic tokens [C, M, d] hold no class (C = 0): pass at least one class")
+    return patches, sem, check_patch_inputs(patches, sem, mask)
+
 def _chunk_scores(patches, sem, mask, idx, k_patches, eps, ot_iters, detach_plan, eps_relative) -> torch.Tensor:
     "OT scores [B, c] of all images against one chunk of classes (selection from the similarity tensor)."
     sim = patch_similarity(patches, sem)
@@ -199,8 +207,8 @@ def patch_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                     agnostic: bool = False, # one patch selection per image for all classes
                    ) -> torch.Tensor: # [B, C] OT scores
-    "OT scores [B, C] of patches [B, N, d] against semantic tokens [C, M, d]: semantic-guided selection then batched Sinkhorn."
-    mask = check_patch_inputs(patches, sem, mask)
+    "Balanced-OT scores [B, C] of patches [B, N, d] against tokens [C, M, d], per-class selection: SPA's ablation; SPA's is `spa_patch_scores`."
+    patches, sem, mask = _patch_inputs(patches, sem, mask)
     idx = select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True) if agnostic else None
     idxs = idx.split(class_chunk or sem.shape[0], 1) if agnostic else repeat(None)
     return torch.cat([_chunk_scores(patches, s, m, i, k_patches, eps, ot_iters, detach_plan, eps_relative)
@@ -219,3 +227,21 @@ def label_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
     "Training path: OT scores [B] of patches [B, N, d] against their labels' semantic tokens only (of [C, M, d])."
     Z = select_patches_for_labels(patches, sem, labels, k_patches, mask)
     return ot_score(Z, sem[labels], eps, None if mask is None else mask[labels], ot_iters, detach_plan, eps_relative)
+
+# %% ../nbs/06_ot.ipynb #985c3888
+def spa_patch_scores(patches: torch.Tensor, # [B, N, d] patch tokens (float16 from the cache is promoted)
+                     sem: torch.Tensor, # [C, M, d] semantic tokens
+                     k_patches: int = K_PATCHES, # patches in each image's one set
+                     mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
+                     pool: str = POOL, # "semi_ot" (SPA's), "ot", "mean" or "max" (see `pooled_score`)
+                     eps: float = EPS, # entropic regularisation
+                     class_chunk: int | None = CLASS_CHUNK, # classes per memory chunk; None: all at once
+                     ot_iters: int = OT_ITERS, # Sinkhorn sweeps (pool="ot" only)
+                     eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
+                     detach_plan: bool = True, # hold the plan constant for the gradient
+                    ) -> torch.Tensor: # [B, C] scores
+    "SPA's patch scores [B, C] of patches [B, N, d] against tokens [C, M, d]: one agnostic set per image, semi-relaxed OT."
+    patches, sem, mask = _patch_inputs(patches, sem, mask)
+    Z = select_patch_sets(patches, sem, k_patches, mask, class_chunk)  # [B, k, d]
+    return torch.cat([pooled_score(torch.einsum("bkd,cmd->bckm", Z, t), pool, m, eps, ot_iters, eps_relative, detach_plan)
+                      for t, m in class_chunks(sem, mask, class_chunk)], 1)

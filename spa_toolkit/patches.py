@@ -12,7 +12,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .base import K_PATCHES, SEM_TEMPLATE, SpaError
-from .core import check_finite, content_key, l2norm
+from .core import check_finite, content_key, l2norm, loose_name
 
 # %% auto #0
 __all__ = ['SemanticTokens', 'capped', 'as_clause', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs', 'patch_similarity',
@@ -54,7 +54,9 @@ def sem_prompts(
     "The text prompts of one class: `template` filled with the class name and each of its descriptions."
     if "{s}" not in template:
         raise SpaError(f"template {template!r} has no '{{s}}' slot for the description: add one")
-    descs = capped(list(descriptions.get(name) or []), n_desc, name)
+    descs = descriptions.get(name) or next(
+        (v for k, v in descriptions.items() if loose_name(k) == loose_name(name)), None)
+    descs = capped(list(descs or []), n_desc, name)  # by the class name, or its folder's (`aquarium_fish`)
     if not descs:
         raise SpaError(
             f"class {name!r} has no descriptions: generate them (spa_toolkit.descriptions) or give it "

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10c_runs.ipynb #e0f15685
 from __future__ import annotations
-import dataclasses, re, sys
+import dataclasses, os, re, sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -14,7 +14,7 @@ import torch
 
 from .base import DEFAULT_METHODS, SpaError, SpaKnobs
 from .catalog import BENCHMARKS, COUNTERPARTS, WORLD_VARIANTS, DEFAULT_WORLD, list_benchmarks, published
-from .options import PROTOCOL_MODEL, RunOptions, check_fresh
+from .options import LLM_KEY_ENV, PROTOCOL_MODEL, RunOptions, check_fresh
 from .core import atomic_path, atomic_write_json, atomic_write_text, content_key, library_versions
 from .data import Benchmark, load_benchmark
 from .world import synthetic_world
@@ -86,11 +86,11 @@ def check_llm_access(model: str, # a litellm model string
                      api_base: str | None = None, # a local OpenAI-compatible server (its key is not checked)
                     ):
     "Raise `SpaError` when `model`'s provider needs an API key that the environment lacks."
-    if api_base: return
+    if api_base or os.environ.get(LLM_KEY_ENV): return  # a local server checks no key; --api-key / $SPA_LLM_API_KEY is one
     env = import_litellm().validate_environment(model=model)
     keys = [k for k in env.get("missing_keys", []) if k.endswith("_API_KEY")]
     if not env.get("keys_in_environment", True) and keys:
-        raise SpaError(f"no API key for LLM {model!r}: export {' or '.join(keys)} (or pass --api-base for a local server); "
+        raise SpaError(f"no API key for LLM {model!r}: export {' or '.join(keys)}, or pass --api-key KEY (or --api-base for a local server); "
                        "offline, use --descriptions templates or --descriptions FILE.json")
 
 # %% ../nbs/10c_runs.ipynb #ded80e04
@@ -116,8 +116,10 @@ def offline_descriptions(spec: str | None, # the --descriptions value
 # %% ../nbs/10c_runs.ipynb #70f39a33
 def descriptions_spec(spec: str | None, # the --descriptions value
                       bench: Benchmark, # the loaded benchmark
+                      needed: bool = True, # whether a method of the run scores with descriptions
                      ) -> str | None: # the --descriptions value to use
-    "`spec`, or 'templates' (saying so) for a folder benchmark given none."
+    "`spec`, or 'templates' (saying so) for a folder benchmark given none; 'templates' silently when no method reads them."
+    if spec is None and bench.descriptions is None and not needed: return TEMPLATES
     if spec is not None or bench.descriptions is not None or bench.name in list_benchmarks(): return spec
     note(f"{bench.name} has no descriptions: its prompt templates stand in (--descriptions templates), so SPA's patch alignment "
          "has nothing class-specific to align; pass --descriptions llm:MODEL or FILE.json for real ones")
@@ -270,7 +272,7 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     for m in methods: method_knobs(m, knobs)
     if (opts.descriptions or "").startswith(LLM_PREFIX): check_llm_access(opts.descriptions[len(LLM_PREFIX):], opts.api_base)
     bench = open_benchmark(dataset, opts)
-    spec = descriptions_spec(opts.descriptions, bench)
+    spec = descriptions_spec(opts.descriptions, bench, any(method_knobs(m, knobs).uses_descriptions for m in methods))
     setting, offline = resolve_setting(bench, setting), offline_descriptions(spec, bench)
     clip = open_model(dataset, opts)
     check_k_patches(knobs.k_patches, clip)

@@ -46,7 +46,7 @@ def test_file_and_folder_load_the_same_weights(tiny_clip, tiny_clip_dir):
 
 def test_random_weights_need_opt_in():
     for empty in (None, ""):
-        with pytest.raises(SpaError, match="allow_random=True"): load_clip(TINY_ARCH, empty)
+        with pytest.raises(SpaError, match="--pretrained random"): load_clip(TINY_ARCH, empty)
     a, b = (load_clip(TINY_ARCH, None, allow_random=True, seed=s) for s in (0, 0))
     assert a.key == b.key and torch.equal(a.model.visual.proj, b.model.visual.proj)
     assert load_clip(TINY_ARCH, None, allow_random=True, seed=1).key != a.key
