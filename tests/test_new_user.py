@@ -8,7 +8,7 @@ import torch
 
 from openai_stub import StubOpenAI
 from spa_toolkit import cli
-from spa_toolkit.base import METHODS, SpaError
+from spa_toolkit.base import REGISTRY, SpaError
 from spa_toolkit.options import LLM_KEY_ENV, RunOptions, check_api_base
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,13 +183,13 @@ def test_random_weights_by_name_and_flags_in_errors(tmp_path):
 # 8. no refusal where nothing is missing
 
 def test_zero_shot_needs_no_statistics_and_folder_keyed_descriptions_match(tmp_path):
-    from spa_toolkit.learner import run_protocol
+    from spa_toolkit.protocol import run_protocol
     from spa_toolkit.microclip import load_embedded_clip
     from spa_toolkit.patches import sem_prompts
     from spa_toolkit.world import synthetic_world
     world = synthetic_world(n_classes=8, n_train=1, n_test=2)  # one training image per class: no covariance
     res = run_protocol(world, load_embedded_clip(), methods=["zs_clip"], cache_dir=tmp_path / "f", progress=False)
-    assert set(res) == {"zs_clip"} and METHODS["zs_clip"]["cov"] == "none"
+    assert set(res) == {"zs_clip"} and REGISTRY["zs_clip"][1]["cov"] == "none"
     assert sem_prompts("aquarium fish", {"aquarium_fish": ["a silver body"]}) == ["a silver body"]
 
 
