@@ -135,7 +135,8 @@ def registry_templates(info: DatasetInfo) -> list[str]:
 
 # %% ../nbs/00_catalog.ipynb #3960c295
 WORLD_VARIANTS = {"premise": dict(image_size=64), # the default: a [CLS]-pooled model whose global view loses the mark
-                  "control": dict(image_size=48)} # the first world: an average-pooled model whose global view knows it
+                  "control": dict(image_size=48), # the first world: an average-pooled model whose global view knows it
+                  "cifar_like": dict(image_size=64)} # CIFAR-100 B0Inc10's shape: 100 three-part classes, 100 images each
 DEFAULT_WORLD = "premise"
 
 # %% ../nbs/00_catalog.ipynb #135af295
