@@ -85,10 +85,11 @@ def local_meaning(clip, variant, n_per_class):
     return dict(mark_rank=rk.mean().item(), n_patches=n)
 
 
-def protocol(clip, variant, seeds, methods, knobs):
+def protocol(clip, variant, seeds, methods, knobs, cache_root=None):
     res = {m: [] for m in methods}
     for s in seeds:
-        with tempfile.TemporaryDirectory() as cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = cache_root or tmp  # a kept cache lets a later run of other methods reuse the features
             out = run_protocol(synthetic_world(variant=variant, seed=s), clip, methods, seed=s, cache_dir=cache, progress=False, knobs=SpaKnobs(**knobs))
         for m in methods: res[m].append((out[m].average, out[m].last, out[m].forgetting))
         print(f"seed {s}: " + "  ".join(f"{m} {out[m].average:.2f}/{out[m].last:.2f}/{out[m].forgetting:.2f}" for m in methods)
@@ -123,6 +124,7 @@ def main():
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--knob", type=knob, action="append", default=[], help="a SpaKnobs override, e.g. --knob epochs=10")
     ap.add_argument("--model", help="an open_clip model folder (default: the variant's embedded micro-CLIP)")
+    ap.add_argument("--cache", help="keep the feature cache here (default: a temporary folder per seed)")
     ap.add_argument("--measure-only", action="store_true", help="the model's measurements (1-3) only, no continual-learning run")
     ap.add_argument("--json", type=Path, help="also write the numbers here as JSON")
     a = ap.parse_args()
@@ -134,7 +136,7 @@ def main():
     if a.measure_only:
         if a.json: a.json.write_text(json.dumps(numbers, indent=1) + "\n")
         return
-    res = protocol(clip, a.variant, a.seeds, a.methods, dict(a.knob))
+    res = protocol(clip, a.variant, a.seeds, a.methods, dict(a.knob), a.cache)
     summary(res)
     numbers |= ordering(res)
     numbers["methods"] = {m: v[:, 0].tolist() for m, v in res.items()}

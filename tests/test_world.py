@@ -63,3 +63,11 @@ def test_cifar_like_is_a_world_option():
     assert "cifar_like" in WORLD_VARIANTS
     assert RunOptions(world="cifar_like").world == "cifar_like"
     with pytest.raises(SpaError, match="choose one of"): RunOptions(world="cifar")
+
+
+def test_synthetic_world_hands_cifar_like_its_own_size(monkeypatch):
+    import spa_toolkit.world as w
+    seen = {}
+    monkeypatch.setattr(w, "cifar_like_world", lambda **kw: seen.update(kw) or "the cifar_like world")
+    assert w.synthetic_world(variant="cifar_like", seed=3, class_order_seed=7) == "the cifar_like world"
+    assert seen == dict(seed=3, class_order_seed=7, shuffle=True)
