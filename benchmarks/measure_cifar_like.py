@@ -1,7 +1,7 @@
 """Measure candidate micro-CLIPs for the cifar_like world before any continual-learning run, and write the candidates file.
 
 For each model folder: zero-shot top-1 on the world's 100 unseen classes, the premise on siblings (`parts_premise_views`),
-and the similarity statistics (`clip_stats`), on `cifar_like_world(n_train=20, n_test=10, seed=0)` (a smaller draw than the
+and the similarity statistics (`clip_stats`), on `cifar_like_world(n_train=10, n_test=5, seed=0)` (a smaller draw than the
 benchmark's 100/10 per class, for the 2-core machine). The choice rule is in `nbs/05a_microclip.ipynb`.
 
 Usage: python benchmarks/measure_cifar_like.py --candidate NAME=POOL:RATE:FOLDER ... --json PATH
@@ -23,7 +23,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    world, out = cifar_like_world(n_train=20, n_test=10, seed=0), {}
+    world, out = cifar_like_world(n_train=10, n_test=5, seed=0), {}
     for c in a.candidate:
         name, _, rest = c.partition("="); pool, rate, folder = rest.split(":", 2)
         clip = load_clip(f"{LOCAL_DIR}{Path(folder).resolve()}", None)
@@ -32,7 +32,7 @@ def main():
         out[name] = dict(pool_type=pool, mark_caption_rate=float(rate), zero_shot=zs, chance=1 / world.n_classes,
                          premise_global=pv.global_view, premise_patch=pv.patch_view, premise_views=pv._asdict(), **st._asdict())
         print(name, json.dumps(out[name]), flush=True)
-    a.json.write_text(json.dumps(dict(world="cifar_like_world(n_train=20, n_test=10, seed=0)", candidates=out), indent=1) + "\n")
+    a.json.write_text(json.dumps(dict(world="cifar_like_world(n_train=10, n_test=5, seed=0)", candidates=out), indent=1) + "\n")
 
 
 if __name__ == "__main__":

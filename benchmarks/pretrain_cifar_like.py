@@ -22,7 +22,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    mc.MICROCLIPS["cifar_like"] = mc.MicroSpec(a.pool, a.rate, mc.MICROCLIPS["cifar_like"].folder)  # the candidate
+    mc.MICROCLIPS["cifar_like"] = mc.MicroSpec(a.pool, a.rate, "microclip_cifar_like")  # the candidate
     knobs = dict(steps=a.steps, seed=0, batch_size=128, lr=2e-3, warmup=a.warmup, weight_decay=0.1, patch_weight=1.0)
     run = mc.pretrain(**knobs, variant="cifar_like", progress=False)
     mc.save_microclip(run, a.out, knobs | dict(variant="cifar_like"))  # pool and rate: in the config and recipe data
