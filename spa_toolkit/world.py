@@ -179,7 +179,7 @@ def synthetic_world(n_classes: int = 24, # number of demo classes
     return assemble("synthetic", names, [WORLD_TEMPLATE], train, test, settings, key,
                     class_order_seed, shuffle, {class_name(a): describe(a) for a in classes})
 
-# %% ../nbs/01a_world.ipynb #bce7f9c6
+# %% ../nbs/01a_world.ipynb #9bd4a62b
 GENERIC_PHRASES = ("an object on a plain background", "a flat shape", "a simple drawing") # non-discriminative phrases
 CIFAR_LIKE = dict(n_looks=25, pairs_per_look=4, n_train=100, n_test=10, inc=10) # the cifar_like world's size
 
@@ -219,7 +219,7 @@ def parts_pretrain_classes() -> list[PartsClass]:
     world = set(parts_classes())
     return [a for a in all_parts_combinations() if a not in world]
 
-# %% ../nbs/01a_world.ipynb #d3171428
+# %% ../nbs/01a_world.ipynb #189f6a39
 def _draw_parts_object(draw, rng, a: PartsClass, n: int, similarity: float, noise: float):
     "Draw the main object with its two marks at random places, size and turn on an n×n canvas."
     r = n * rng.uniform(0.26, 0.34); cx, cy = rng.uniform(r, n - r, 2)
@@ -252,7 +252,7 @@ def render_any(a: Attributes | PartsClass, rng: np.random.Generator, image_size:
     "`render_sample` or `render_parts_sample`, by the class's kind."
     return (render_parts_sample if isinstance(a, PartsClass) else render_sample)(a, rng, image_size, **knobs)
 
-# %% ../nbs/01a_world.ipynb #7f552c34
+# %% ../nbs/01a_world.ipynb #09ef0ebd
 def cifar_like_world(n_train: int = CIFAR_LIKE["n_train"], # train images per class
                      n_test: int = CIFAR_LIKE["n_test"], # test images per class
                      seed: int = 0, # world seed (which images are drawn)
