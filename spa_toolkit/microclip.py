@@ -46,6 +46,7 @@ class MicroSpec(NamedTuple):
 
 MICROCLIPS = {"premise": MicroSpec("tok", 0.2, "microclip_premise"), "control": MicroSpec("avg", 1.0, "microclip"),
               "cifar_like": MicroSpec("tok", 0.2, "microclip_premise")} # cifar_like: the premise model stands in (see below)
+SHAPE_WORLDS = ("premise", "control") # the worlds of one-mark classes (`world.Attributes`)
 
 def micro_spec(variant: str = DEFAULT_WORLD) -> MicroSpec:
     "The micro-CLIP of a world variant."
@@ -365,9 +366,7 @@ def premise_views(clip: ClipBundle, # the model
     scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, sim.amax(-1), on_set)
     return PremiseViews(*(sibling_top1(s, y, sibling_mask(names)) for s in scores))
 
-# %% ../nbs/05a_microclip.ipynb #149288aa
-SHAPE_WORLDS = ("premise", "control") # the worlds of one-mark classes (`world.Attributes`)
-
+# %% ../nbs/05a_microclip.ipynb #3ad8437a
 def parts_caption(a: PartsClass, # the drawn class
                   name_marks: bool = True, # name both marks (else the look only)
                  ) -> str:
@@ -397,7 +396,7 @@ def parts_pretrain_batch(classes: list[PartsClass], # combinations to draw from 
     parts = [[v["colour"].index(a.colour), v["shape"].index(a.shape), MARKS.index(a.marks[w])] for (a, _), w in zip(chosen, which)]
     return Batch(images, [parts_caption(a, n) for (a, _), n in zip(chosen, named)], torch.tensor(parts), torch.tensor(marks))
 
-# %% ../nbs/05a_microclip.ipynb #b53a21c9
+# %% ../nbs/05a_microclip.ipynb #51c3c36d
 class ClipStats(NamedTuple):
     "Similarity statistics of a model's joint space on a world's test images."
     matched_text: float  # mean cosine of an image with its class prompt
@@ -416,7 +415,7 @@ def clip_stats(clip: ClipBundle, # the model
     other = y[:, None] != y[None, :]
     return ClipStats((g * t[y]).sum(1).mean().item(), (g @ g.T)[other].mean().item(), raw.norm(dim=1).mean().item())
 
-# %% ../nbs/05a_microclip.ipynb #d0403e1b
+# %% ../nbs/05a_microclip.ipynb #c43142ea
 def parts_premise_views(clip: ClipBundle, # the model
                         world: Benchmark, # `world.cifar_like_world`
                         k_patches: int = K_PATCHES, # patches SPA selects per image
