@@ -366,7 +366,7 @@ def premise_views(clip: ClipBundle, # the model
     scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, sim.amax(-1), on_set)
     return PremiseViews(*(sibling_top1(s, y, sibling_mask(names)) for s in scores))
 
-# %% ../nbs/05a_microclip.ipynb #3ad8437a
+# %% ../nbs/05a_microclip.ipynb #fc8b9ef7
 def parts_caption(a: PartsClass, # the drawn class
                   name_marks: bool = True, # name both marks (else the look only)
                  ) -> str:
@@ -396,7 +396,7 @@ def parts_pretrain_batch(classes: list[PartsClass], # combinations to draw from 
     parts = [[v["colour"].index(a.colour), v["shape"].index(a.shape), MARKS.index(a.marks[w])] for (a, _), w in zip(chosen, which)]
     return Batch(images, [parts_caption(a, n) for (a, _), n in zip(chosen, named)], torch.tensor(parts), torch.tensor(marks))
 
-# %% ../nbs/05a_microclip.ipynb #51c3c36d
+# %% ../nbs/05a_microclip.ipynb #f6090af4
 class ClipStats(NamedTuple):
     "Similarity statistics of a model's joint space on a world's test images."
     matched_text: float  # mean cosine of an image with its class prompt
@@ -415,7 +415,7 @@ def clip_stats(clip: ClipBundle, # the model
     other = y[:, None] != y[None, :]
     return ClipStats((g * t[y]).sum(1).mean().item(), (g @ g.T)[other].mean().item(), raw.norm(dim=1).mean().item())
 
-# %% ../nbs/05a_microclip.ipynb #c43142ea
+# %% ../nbs/05a_microclip.ipynb #3fc088b1
 def parts_premise_views(clip: ClipBundle, # the model
                         world: Benchmark, # `world.cifar_like_world`
                         k_patches: int = K_PATCHES, # patches SPA selects per image
