@@ -90,7 +90,7 @@ def loose_name(name: str, # a class name, or a folder's or a file's spelling of 
     return " ".join(re.sub(r"[^0-9a-z]+", " ", str(name).casefold()).split())
 
 def as_float_tensors(*named: tuple, # (x, what) pairs: a tensor, and what it is for the message
-                    ) -> list[torch.Tensor]: # in one floating dtype, the widest given (float16 + float32: float32)
+                    ) -> list[torch.Tensor]: # in the widest dtype given (float16 + float32: float32)
     "The tensors, each checked by `check_float_tensor`, cast to their common floating dtype."
     xs = [check_float_tensor(x, what) for x, what in named]
     dt = functools.reduce(torch.promote_types, [x.dtype for x in xs])
