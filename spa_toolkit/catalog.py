@@ -152,7 +152,9 @@ def registry_templates(info: DatasetInfo) -> list[str]:
 # the default: a [CLS]-pooled model whose global view loses the mark
 WORLD_VARIANTS = {"premise": dict(image_size=64),
                   # the first world: an average-pooled model whose global view knows it
-                  "control": dict(image_size=48)}
+                  "control": dict(image_size=48),
+                  # CIFAR-100 B0Inc10's shape: 100 three-part classes, 100 images each
+                  "cifar_like": dict(image_size=64)}
 DEFAULT_WORLD = "premise"
 
 # %% ../nbs/00_catalog.ipynb #135af295

@@ -20,16 +20,19 @@ from .core import atomic_write_json, l2norm, library_versions
 from .catalog import DEFAULT_WORLD
 from .data import Benchmark, clip_transform
 from .world import DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, all_combinations, class_name, demo_classes, describe, pretrain_classes, render_sample, world_attributes, world_image_size
+from .world import PartsClass, parts_classes, parts_name, parts_pretrain_classes, render_parts_sample
 from .backbone import LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts, load_clip
 from .patches import select_patch_sets, semantic_tokens
 from .fixtures import WEIGHTS_FILE, write_clip_folder
 
 # %% auto #0
-__all__ = ['RECIPE_FILE', 'PATCH_PX', 'MICROCLIPS', 'MicroSpec', 'micro_spec', 'microclip_config', 'caption', 'part_phrases',
-           'part_targets', 'mark_centre', 'patch_index', 'Batch', 'pretrain_batch', 'new_model', 'image_tokens',
-           'ground_loss', 'caption_loss', 'step_loss', 'Pretrained', 'pretrain', 'sha256_file', 'save_microclip',
-           'load_recipe', 'embedded_clip_path', 'load_embedded_clip', 'zero_shot_top1', 'DemoImages', 'demo_images',
-           'mark_ranks', 'world_attributes_of', 'sibling_mask', 'sibling_top1', 'PremiseViews', 'premise_views']
+__all__ = ['RECIPE_FILE', 'PATCH_PX', 'MICROCLIPS', 'SHAPE_WORLDS', 'MicroSpec', 'micro_spec', 'microclip_config', 'caption',
+           'part_phrases', 'part_targets', 'mark_centre', 'patch_index', 'Batch', 'pretrain_batch', 'new_model',
+           'image_tokens', 'ground_loss', 'caption_loss', 'step_loss', 'Pretrained', 'pretrain', 'sha256_file',
+           'save_microclip', 'load_recipe', 'embedded_clip_path', 'load_embedded_clip', 'zero_shot_top1', 'DemoImages',
+           'demo_images', 'mark_ranks', 'world_attributes_of', 'sibling_mask', 'sibling_top1', 'PremiseViews',
+           'premise_views', 'parts_caption', 'parts_mark_centre', 'parts_pretrain_batch', 'ClipStats', 'clip_stats',
+           'parts_premise_views']
 
 # %% ../nbs/05a_microclip.ipynb #994833a2
 RECIPE_FILE = "recipe.json"  # how the shipped weights were made, beside them
@@ -41,7 +44,9 @@ class MicroSpec(NamedTuple):
     mark_caption_rate: float  # fraction of pretraining captions that name the mark
     folder: str  # its model folder under the package's assets/
 
-MICROCLIPS = {"premise": MicroSpec("tok", 0.2, "microclip_premise"), "control": MicroSpec("avg", 1.0, "microclip")}
+MICROCLIPS = {"premise": MicroSpec("tok", 0.2, "microclip_premise"), "control": MicroSpec("avg", 1.0, "microclip"),
+              "cifar_like": MicroSpec("tok", 0.2, "microclip_premise")} # cifar_like: the premise model stands in (see below)
+SHAPE_WORLDS = ("premise", "control") # the worlds of one-mark classes (`world.Attributes`)
 
 def micro_spec(variant: str = DEFAULT_WORLD) -> MicroSpec:
     "The micro-CLIP of a world variant."
@@ -201,12 +206,13 @@ def pretrain(steps: int = 300, # optimisation steps (the shipped weights: 300)
              variant: str = DEFAULT_WORLD, # world variant: model config, image size, captions
             ) -> Pretrained:
     "Pretrain a variant's micro-CLIP contrastively on captions of the combinations that are not demo classes."
-    model, classes = new_model(seed, variant).train(), pretrain_classes()
+    model, classes = new_model(seed, variant).train(), parts_pretrain_classes() if variant == "cifar_like" else pretrain_classes()
+    batch = parts_pretrain_batch if variant == "cifar_like" else pretrain_batch
     tok = open_clip.SimpleTokenizer(context_length=microclip_config(variant)["text_cfg"]["context_length"])
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched, losses, t0 = _schedule(opt, warmup, steps), [], time.perf_counter()
     for s in (bar := tqdm(range(steps), disable=not progress, desc="pretrain")):
-        loss = step_loss(model, tok, pretrain_batch(classes, s, seed, batch_size, variant), patch_weight)
+        loss = step_loss(model, tok, batch(classes, s, seed, batch_size, variant), patch_weight)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
         with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item()); bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -226,7 +232,9 @@ def save_microclip(run: Pretrained, # from `pretrain`
     variant = knobs.get("variant", DEFAULT_WORLD)
     folder = write_clip_folder(folder, microclip_config(variant), {k: v.detach().half().contiguous() for k, v in run.model.state_dict().items()})
     curve = {i: run.losses[i] for i in range(len(run.losses)) if i < log_every or i % log_every == 0 or i == len(run.losses) - 1}
-    data = dict(classes=[caption(a) for a in pretrain_classes()], demo_classes=[caption(a) for a in demo_classes()],
+    parts = variant == "cifar_like"
+    data = dict(classes=[parts_caption(a) for a in parts_pretrain_classes()] if parts else [caption(a) for a in pretrain_classes()],
+                demo_classes=[parts_caption(a) for a in parts_classes()] if parts else [caption(a) for a in demo_classes()],
                 world=f"render_sample defaults (image_size {world_image_size(variant)}, noise, distractors, similarity)",
                 batches="pretrain_batch(seed, step, variant)", mark_caption_rate=micro_spec(variant).mark_caption_rate)
     recipe = dict(knobs=knobs, threads=torch.get_num_threads(), data=data, loss_curve=curve, wall_s=run.wall_s,
@@ -357,3 +365,75 @@ def premise_views(clip: ClipBundle, # the model
     on_set = torch.einsum("bkd,cd->bck", chosen, marks).amax(-1)  # [n, C]
     scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, sim.amax(-1), on_set)
     return PremiseViews(*(sibling_top1(s, y, sibling_mask(names)) for s in scores))
+
+# %% ../nbs/05a_microclip.ipynb #fc8b9ef7
+def parts_caption(a: PartsClass, # the drawn class
+                  name_marks: bool = True, # name both marks (else the look only)
+                 ) -> str:
+    "A cifar_like pretraining caption; with the marks it is the world's prompt for the class."
+    return WORLD_TEMPLATE.format(parts_name(a) if name_marks else f"{a.colour} {a.shape}")
+
+def parts_mark_centre(a: PartsClass, seed, which: int, image_size: int = 64, **knobs) -> tuple[float, float]:
+    "Centre (x, y) of mark `which` (0 or 1) in `render_parts_sample(a, default_rng(seed))`."
+    draw = lambda marks: np.asarray(render_parts_sample(a._replace(marks=marks), np.random.default_rng(seed), image_size, **knobs).image, dtype=int)
+    other = next(m for m in MARKS if m not in a.marks)
+    swapped = tuple(other if i == which else m for i, m in enumerate(a.marks))
+    ys, xs = np.nonzero(np.abs(draw(a.marks) - draw(swapped)).sum(-1))
+    return (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+
+def parts_pretrain_batch(classes: list[PartsClass], # combinations to draw from (disjoint from the world's classes)
+                         step: int, seed: int = 0, batch_size: int = 128, # as `pretrain_batch`
+                         variant: str = "cifar_like", # the world variant (image size, caption rate)
+                        ) -> Batch:
+    "`pretrain_batch` for three-part classes: `parts[:, 2]` and `mark_patch` are one of each image's marks."
+    rng, size, rate = np.random.default_rng([seed, step]), world_image_size(variant), micro_spec(variant).mark_caption_rate
+    chosen, tf = [(classes[c], [seed, step, i]) for i, c in enumerate(rng.choice(len(classes), batch_size, replace=False))], clip_transform(size)
+    images = torch.stack([tf(render_parts_sample(a, np.random.default_rng(s), size).image) for a, s in chosen])
+    which = [int(np.random.default_rng(s + [2]).integers(2)) for _, s in chosen]
+    marks = [patch_index(parts_mark_centre(a, s, w, size), size, (size // PATCH_PX,) * 2) for (a, s), w in zip(chosen, which)]
+    named = [np.random.default_rng(s + [1]).uniform() < rate for _, s in chosen]
+    v = world_attributes()
+    parts = [[v["colour"].index(a.colour), v["shape"].index(a.shape), MARKS.index(a.marks[w])] for (a, _), w in zip(chosen, which)]
+    return Batch(images, [parts_caption(a, n) for (a, _), n in zip(chosen, named)], torch.tensor(parts), torch.tensor(marks))
+
+# %% ../nbs/05a_microclip.ipynb #f6090af4
+class ClipStats(NamedTuple):
+    "Similarity statistics of a model's joint space on a world's test images."
+    matched_text: float  # mean cosine of an image with its class prompt
+    image_image: float  # mean cosine between images of different classes
+    raw_norm: float  # mean norm of the unnormalised image embedding
+
+def clip_stats(clip: ClipBundle, # the model
+               world: Benchmark, # a synthetic world
+              ) -> ClipStats:
+    "Matched image-text vs image-image cosines and the raw image-embedding norm on `world`'s test images."
+    x = torch.stack([clip.preprocess(im) for im in world.test["image"]])
+    p = next(clip.model.parameters())
+    with torch.no_grad(): raw = torch.cat([clip.model.encode_image(x[i:i + 256].to(p.device, p.dtype)).float() for i in range(0, len(x), 256)])
+    g, y = l2norm(raw), torch.as_tensor(world.test["label"], device=raw.device)
+    t = class_embeddings(clip, world.class_names, world.templates)
+    other = y[:, None] != y[None, :]
+    return ClipStats((g * t[y]).sum(1).mean().item(), (g @ g.T)[other].mean().item(), raw.norm(dim=1).mean().item())
+
+# %% ../nbs/05a_microclip.ipynb #3fc088b1
+def parts_premise_views(clip: ClipBundle, # the model
+                        world: Benchmark, # `world.cifar_like_world`
+                        k_patches: int = K_PATCHES, # patches SPA selects per image
+                       ) -> PremiseViews:
+    "`premise_views` for the cifar_like world: siblings share the look, the patch view reads both marks."
+    by_name = {parts_name(a): a for a in parts_classes()}
+    names = world.class_names
+    if unknown := [n for n in names if n not in by_name]: raise SpaError(f"{unknown[:3]} are not cifar_like class names: pass a `cifar_like_world()`")
+    attrs = [by_name[n] for n in names]
+    g_train, _ = _encode(clip, world.train["image"], patches=False)
+    g, p = _encode(clip, world.test["image"], patches=True)
+    y_train, y = (torch.as_tensor(s["label"], device=g.device) for s in (world.train, world.test))
+    means = l2norm(torch.zeros(len(names), g.shape[1], device=g.device).index_add_(0, y_train, g_train))
+    marks = torch.stack([encode_texts(clip, [f"a small {a.marks[j]} mark" for a in attrs]) for j in range(2)])  # [2, C, d]
+    sem = semantic_tokens(names, world.descriptions, clip)
+    chosen = select_patch_sets(p, sem.tokens, min(k_patches, p.shape[1]), sem.mask)  # [n, k, d]
+    best = lambda tokens: torch.einsum("bnd,jcd->bjcn", tokens, marks).amax(-1).mean(1)  # [n, C]
+    looks = [(a.shape, a.colour) for a in attrs]
+    siblings = torch.tensor([[a == b for b in looks] for a in looks])
+    scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, best(p), best(chosen))
+    return PremiseViews(*(sibling_top1(s, y, siblings) for s in scores))

@@ -18,9 +18,11 @@ from .catalog import default_settings
 from .data import Benchmark, assemble
 
 # %% auto #0
-__all__ = ['WORLD_VERSION', 'WORLD_TEMPLATE', 'BASE_RENDER', 'DEMO_RENDER', 'SHAPES', 'COLOURS', 'MARKS', 'ShapeSpec',
-           'Attributes', 'world_attributes', 'class_name', 'describe', 'world_image_size', 'all_combinations',
-           'demo_classes', 'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world']
+__all__ = ['WORLD_VERSION', 'WORLD_TEMPLATE', 'BASE_RENDER', 'DEMO_RENDER', 'SHAPES', 'COLOURS', 'MARKS', 'GENERIC_PHRASES',
+           'CIFAR_LIKE', 'ShapeSpec', 'Attributes', 'world_attributes', 'class_name', 'describe', 'world_image_size',
+           'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world',
+           'PartsClass', 'parts_name', 'parts_describe', 'all_parts_combinations', 'parts_classes',
+           'parts_pretrain_classes', 'render_parts_sample', 'render_any', 'cifar_like_world']
 
 # %% ../nbs/01a_world.ipynb #aefce7b9
 WORLD_VERSION = 1 # bump when rendering changes: it is part of the benchmark key
@@ -156,7 +158,7 @@ def _render_split(classes: list[Attributes], n: int, seed: int, split: int, **kn
 def synthetic_world(n_classes: int = 24, # number of demo classes
                     n_train: int = 40, # train images per class
                     n_test: int = 20, # test images per class
-                    variant: str = DEFAULT_WORLD, # "premise" or "control" (see `WORLD_VARIANTS`)
+                    variant: str = DEFAULT_WORLD, # "premise", "control" or "cifar_like" (its own size: `cifar_like_world`)
                     image_size: int | None = None, # image side in pixels (None: the variant's)
                     seed: int = 0, # world seed (which images are drawn)
                     noise: float = DEMO_RENDER["noise"], # pixel noise std (fraction of 255) and colour jitter
@@ -167,6 +169,7 @@ def synthetic_world(n_classes: int = 24, # number of demo classes
                     class_order_seed: int = CLASS_ORDER_SEED, shuffle: bool = True, # class order (see `class_order`)
                    ) -> Benchmark:
     "The embedded demo benchmark: rendered deterministically from `seed`, no files, no network."
+    if variant == "cifar_like": return cifar_like_world(seed=seed, class_order_seed=class_order_seed, shuffle=shuffle)
     classes, settings = demo_classes(n_classes, marks_per_look), default_settings(n_classes, inc)
     image_size = image_size or world_image_size(variant)
     knobs = dict(image_size=image_size, noise=noise, distractors=distractors, similarity=similarity)
@@ -175,3 +178,99 @@ def synthetic_world(n_classes: int = 24, # number of demo classes
     names = [class_name(a) for a in classes]
     return assemble("synthetic", names, [WORLD_TEMPLATE], train, test, settings, key,
                     class_order_seed, shuffle, {class_name(a): describe(a) for a in classes})
+
+# %% ../nbs/01a_world.ipynb #9bd4a62b
+GENERIC_PHRASES = ("an object on a plain background", "a flat shape", "a simple drawing") # non-discriminative phrases
+CIFAR_LIKE = dict(n_looks=25, pairs_per_look=4, n_train=100, n_test=10, inc=10) # the cifar_like world's size
+
+class PartsClass(NamedTuple):
+    "A cifar_like class: a look (shape, colour) and two marks."
+    shape: str # a key of SHAPES
+    colour: str # a key of COLOURS
+    marks: tuple[str, str] # two of MARKS, in MARKS order
+
+def parts_name(a: PartsClass) -> str: return f"{a.colour} {a.shape} with a {a.marks[0]} and a {a.marks[1]}"
+
+def parts_describe(a: PartsClass) -> list[str]:
+    "Phrases of a cifar_like class: colour, outline, each mark, then the generic phrases."
+    return [f"a {a.colour} body", SHAPES[a.shape].phrase, *(f"a small {m} mark" for m in a.marks), *GENERIC_PHRASES]
+
+def _pair(i: int, j: int) -> tuple[str, str]:
+    "Marks i and j (mod 5) in MARKS order."
+    return tuple(sorted((MARKS[i % len(MARKS)], MARKS[j % len(MARKS)]), key=MARKS.index))
+
+def all_parts_combinations() -> list[PartsClass]:
+    "Every look × mark pair: 36 × 10."
+    return [PartsClass(s, c, _pair(i, j)) for s in SHAPES for c in COLOURS
+            for i in range(len(MARKS)) for j in range(i + 1, len(MARKS))]
+
+def parts_classes(n_looks: int = CIFAR_LIKE["n_looks"], # looks (the first of `demo_classes`' Latin square)
+                  pairs_per_look: int = CIFAR_LIKE["pairs_per_look"], # siblings per look, 1..5
+                 ) -> list[PartsClass]: # [n_looks * pairs_per_look] in original class-id order
+    "The cifar_like world's classes [n_looks * pairs_per_look]: look k takes mark pairs (k+j, k+j+1), j < pairs_per_look."
+    if not 1 <= pairs_per_look <= len(MARKS) or not 1 <= n_looks <= len(SHAPES) * len(COLOURS):
+        raise SpaError(f"a cifar_like world of {n_looks} looks x {pairs_per_look} pairs does not exist: "
+                       f"use 1 <= pairs_per_look <= {len(MARKS)} and n_looks <= {len(SHAPES) * len(COLOURS)}")
+    looks = [(a.shape, a.colour) for a in demo_classes(n_looks, 1)]
+    return [PartsClass(s, c, _pair(k + j, k + j + 1)) for k, (s, c) in enumerate(looks) for j in range(pairs_per_look)]
+
+def parts_pretrain_classes() -> list[PartsClass]:
+    "Every look × mark pair that is not a cifar_like class."
+    world = set(parts_classes())
+    return [a for a in all_parts_combinations() if a not in world]
+
+# %% ../nbs/01a_world.ipynb #189f6a39
+def _draw_parts_object(draw, rng, a: PartsClass, n: int, similarity: float, noise: float):
+    "Draw the main object with its two marks at random places, size and turn on an n×n canvas."
+    r = n * rng.uniform(0.26, 0.34); cx, cy = rng.uniform(r, n - r, 2)
+    body = _colour(a.colour, similarity, 40 * noise, rng)
+    _draw_shape(draw, a.shape, cx, cy, r, rng.uniform(-0.2, 0.2), body)
+    m = 0.06 * n
+    ink = (25, 25, 25) if _palette(a.colour, similarity) @ np.array([0.299, 0.587, 0.114]) > 150 else (245, 245, 245)
+    theta = rng.uniform(0, 2 * math.pi)
+    for mark, t in zip(a.marks, (theta, theta + math.pi + rng.uniform(-0.6, 0.6))):
+        reach = max(0.0, SHAPES[a.shape].inradius * r - 1.3 * m) * rng.uniform(0.45, 1.0)
+        _MARK_DRAW[mark](draw, cx + reach * math.cos(t), cy + reach * math.sin(t), m, ink, max(1, round(m / 2.5)))
+
+def render_parts_sample(a: PartsClass, # the class to draw
+                        rng: np.random.Generator, # source of every random choice
+                        image_size: int = 64, # output side in pixels
+                        noise: float = BASE_RENDER["noise"], # pixel noise std (fraction of 255) and colour jitter
+                        distractors: int = BASE_RENDER["distractors"], # at most this many distractor objects
+                        similarity: float = BASE_RENDER["similarity"], # how alike the colours are, in [0, 1)
+                       ) -> Rendered:
+    "One image of cifar_like class `a` with its caption."
+    n = image_size * 4
+    img = Image.new("RGB", (n, n), tuple(int(v) for v in rng.integers(70, 190) + rng.integers(-15, 16, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(0, distractors + 1)): _draw_distractor(draw, rng, n, similarity, noise)
+    _draw_parts_object(draw, rng, a, n, similarity, noise)
+    pix = np.asarray(img.resize((image_size, image_size), Image.BOX), dtype=np.float32) + rng.normal(0, 255 * noise, (image_size, image_size, 3))
+    return Rendered(Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)), WORLD_TEMPLATE.format(parts_name(a)))
+
+def render_any(a: Attributes | PartsClass, rng: np.random.Generator, image_size: int = 48, **knobs) -> Rendered:
+    "`render_sample` or `render_parts_sample`, by the class's kind."
+    return (render_parts_sample if isinstance(a, PartsClass) else render_sample)(a, rng, image_size, **knobs)
+
+# %% ../nbs/01a_world.ipynb #09ef0ebd
+def cifar_like_world(n_train: int = CIFAR_LIKE["n_train"], # train images per class
+                     n_test: int = CIFAR_LIKE["n_test"], # test images per class
+                     seed: int = 0, # world seed (which images are drawn)
+                     image_size: int | None = None, # image side (None: the variant's)
+                     noise: float = DEMO_RENDER["noise"], distractors: int = DEMO_RENDER["distractors"],
+                     similarity: float = DEMO_RENDER["similarity"], # the demo benchmark's rendering
+                     inc: int = CIFAR_LIKE["inc"], # classes per task
+                     class_order_seed: int = CLASS_ORDER_SEED, shuffle: bool = True, # class order (see `class_order`)
+                    ) -> Benchmark:
+    "The cifar_like benchmark: 100 three-part classes in tasks of 10, rendered deterministically from `seed`."
+    classes = parts_classes()
+    knobs = dict(image_size=image_size or world_image_size("cifar_like"), noise=noise, distractors=distractors, similarity=similarity)
+    def split(n, s):
+        images = [render_parts_sample(a, np.random.default_rng([seed, s, c, i]), **knobs).image for c, a in enumerate(classes) for i in range(n)]
+        feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+        return datasets.Dataset.from_dict({"image": images, "label": [c for c in range(len(classes)) for _ in range(n)]}, features=feats)
+    train, test = split(n_train, 0), split(n_test, 1)
+    key = content_key("synthetic", "cifar_like", WORLD_VERSION, classes, n_train, n_test, seed, knobs)
+    return assemble("synthetic", [parts_name(a) for a in classes], [WORLD_TEMPLATE], train, test,
+                    default_settings(len(classes), inc), key, class_order_seed, shuffle,
+                    {parts_name(a): parts_describe(a) for a in classes})
