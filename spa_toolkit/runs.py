@@ -388,7 +388,7 @@ def describe(dataset: str, # a benchmark name or folder
 
 def extract(dataset: str, # a benchmark name or folder
             opts: RunOptions | None = None, # data, model and extraction settings
-            views: int = 0, # noisy views per training image to cache as well (`learner.views_needed`)
+            views: int = 0, # noisy views per training image to cache as well (`protocol.views_needed`)
            ) -> dict[str, FeatureSet]: # "train" / "test" (/ "train views") -> its cache
     "Extract and cache a benchmark's train and test features, and noisy training views if asked (under torchrun every rank extracts its share)."
     opts = opts or RunOptions()
