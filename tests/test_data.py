@@ -58,7 +58,7 @@ def test_data_root_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SPA_DATA_ROOT", str(tmp_path))
     with pytest.raises(SpaError, match=f"{tmp_path}/ucf101 not found"): load_benchmark("ucf101")
     monkeypatch.delenv("SPA_DATA_ROOT")
-    with pytest.raises(SpaError, match="needs data_root"): load_benchmark("ucf101")
+    with pytest.raises(SpaError, match="needs --data-root"): load_benchmark("ucf101")
 
 
 def test_missing_folder_error_names_folder_layout_and_source(tmp_path):
