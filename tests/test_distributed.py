@@ -98,11 +98,11 @@ def test_two_gloo_ranks_write_the_one_process_noisy_views(tmp_path):
     assert g.shape[0] == 36 and not np.array_equal(g[0], g[1])  # two views of image 0 differ
 
 def test_a_torchrun_run_extracts_engines_views_on_both_ranks(tmp_path):
-    cli = ["-m", "spa_toolkit.cli", "run", "--device", "cpu", "--methods", "engine", "--epochs", "2", "--extract-batch-size", "50"]
+    cli = ["-m", "spa_toolkit.cli", "run", "--device", "cpu", "--methods", "engine", "--extract-batch-size", "50"]
     p = launch([*TORCHRUN, *cli, "--cache-dir", "cache", "--out", "out"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"^\| engine \| synthetic \| B0Inc4 \|", p.stdout, re.M), p.stdout
     metas = {m.parent.name: json.loads(m.read_text()) for m in (tmp_path / "cache").rglob("meta.json")}
-    (views,) = [m for name, m in metas.items() if "-train-views2-" in name]  # ENGINE at 2 epochs reads 2 views per image
+    (views,) = [m for name, m in metas.items() if "-train-views10-" in name]  # ENGINE: one view an epoch, 10 epochs
     (train,) = [m for name, m in metas.items() if "-train-" in name and "-views" not in name]
-    assert views["complete"] and views["world_size"] == 2 and views["n"] == 2 * train["n"]
+    assert views["complete"] and views["world_size"] == 2 and views["n"] == 10 * train["n"]
