@@ -32,7 +32,7 @@ __all__ = ['RECIPE_FILE', 'PATCH_PX', 'MICROCLIPS', 'SHAPE_WORLDS', 'MicroSpec',
            'save_microclip', 'load_recipe', 'embedded_clip_path', 'load_embedded_clip', 'zero_shot_top1', 'DemoImages',
            'demo_images', 'mark_ranks', 'world_attributes_of', 'sibling_mask', 'sibling_top1', 'PremiseViews',
            'premise_views', 'parts_caption', 'parts_mark_centre', 'parts_pretrain_batch', 'ClipStats', 'clip_stats',
-           'parts_premise_views']
+           'parts_premise_views', 'quiet_directions', 'offset_modalities', 'shift_microclip']
 
 # %% ../nbs/05a_microclip.ipynb #994833a2
 RECIPE_FILE = "recipe.json"  # how the shipped weights were made, beside them
@@ -45,7 +45,7 @@ class MicroSpec(NamedTuple):
     folder: str  # its model folder under the package's assets/
 
 MICROCLIPS = {"premise": MicroSpec("tok", 0.2, "microclip_premise"), "control": MicroSpec("avg", 1.0, "microclip"),
-              "cifar_like": MicroSpec("tok", 0.2, "microclip_premise")} # cifar_like: the premise model stands in (see below)
+              "cifar_like": MicroSpec("tok", 0.2, "microclip_cifar_like")} # cifar_like: the premise model, towers shifted
 SHAPE_WORLDS = ("premise", "control") # the worlds of one-mark classes (`world.Attributes`)
 
 def micro_spec(variant: str = DEFAULT_WORLD) -> MicroSpec:
@@ -437,3 +437,50 @@ def parts_premise_views(clip: ClipBundle, # the model
     siblings = torch.tensor([[a == b for b in looks] for a in looks])
     scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, best(p), best(chosen))
     return PremiseViews(*(sibling_top1(s, y, siblings) for s in scores))
+
+# %% ../nbs/05a_microclip.ipynb #0f9e1ced
+def quiet_directions(model: open_clip.CLIP, # float32, eval mode
+                     images: torch.Tensor, # [B, 3, H, W] transformed images
+                     texts: torch.Tensor, # [T, L] token ids
+                     k: int = 2, # directions wanted
+                    ) -> torch.Tensor: # [k, d] orthonormal rows
+    "The `k` directions along which the unit image [B] and text [T] embeddings, pooled, vary least."
+    with torch.no_grad():
+        e = torch.cat([l2norm(model.encode_image(images)), l2norm(model.encode_text(texts))]).double()
+    return torch.linalg.eigh(torch.cov(e.T)).eigenvectors[:, :k].T.float()  # eigh: ascending eigenvalues
+
+def offset_modalities(state: dict, # an open_clip CLIP's state dict (float tensors)
+                      image_shift: float, # alpha_I: length of the shift added to every raw image embedding
+                      text_shift: float, # alpha_T: length of the shift added to every raw text embedding
+                      directions: torch.Tensor, # [2, d] orthonormal u_I, u_T (`quiet_directions`)
+                     ) -> dict: # a new state dict (float32), `state` untouched
+    "`state` with its image and text embeddings shifted apart: `ln_post` / `ln_final` biases absorb the shifts."
+    P_img, P_txt = state["visual.proj"].float(), state["text_projection"].float()  # [w_v, d], [w_t, d]
+    out = {k: v.float().clone() for k, v in state.items()}
+    out["visual.ln_post.bias"] += image_shift * directions[0] @ torch.linalg.pinv(P_img)
+    out["ln_final.bias"] += text_shift * directions[1] @ torch.linalg.pinv(P_txt)
+    return out
+
+# %% ../nbs/05a_microclip.ipynb #6d00671a
+def shift_microclip(folder: str | Path, # the model folder to (over)write
+                    a: float, # each shift's length in units of its tower's mean raw norm on the pretraining data
+                    source: str = "premise", # the world variant whose shipped micro-CLIP is shifted
+                    n_images: int = 128, # pretraining images (one `parts_pretrain_batch`) for norms and directions
+                   ) -> Path:
+    """Write `source`'s micro-CLIP with its towers shifted apart by `a` mean raw norms along `quiet_directions`,
+    measured on cifar_like pretraining data only; the recipe beside it says how."""
+    src = embedded_clip_path(source)
+    clip, classes = load_clip(f"{LOCAL_DIR}{src}", None), parts_pretrain_classes()
+    x, tok = parts_pretrain_batch(classes, 0, 0, n_images).images, clip.tokenizer([parts_caption(c) for c in classes])
+    with torch.no_grad():
+        s_img, s_txt = (f(v).float().norm(dim=1).mean().item() for f, v in
+                        ((clip.model.encode_image, x), (clip.model.encode_text, tok)))
+    u = quiet_directions(clip.model, x, tok)
+    state = offset_modalities(clip.model.state_dict(), a * s_img, a * s_txt, u)
+    folder = write_clip_folder(folder, microclip_config(source), {k: v.half().contiguous() for k, v in state.items()})
+    recipe = dict(shift=dict(source=source, source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
+                             text_norm=s_txt, directions="quiet_directions(parts_pretrain_batch(classes, 0, 0, "
+                             f"{n_images}).images, every parts_caption)"),
+                  sha256=sha256_file(folder / WEIGHTS_FILE), versions=library_versions())
+    atomic_write_json(folder / RECIPE_FILE, recipe)
+    return folder

@@ -19,10 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = list(mc.SHAPE_WORLDS)  # the worlds with a model of their own
 
 
-def test_cifar_like_runs_on_the_premise_model_as_a_stand_in():
-    "No candidate met the recipe rule (05a_microclip): until one does, cifar_like names the premise world's model."
-    assert mc.embedded_clip_path("cifar_like") == mc.embedded_clip_path("premise")
-    assert mc.MICROCLIPS["cifar_like"][:2] == mc.MICROCLIPS["premise"][:2]
+def test_the_cifar_like_model_is_the_premise_model_shifted_as_its_recipe_says(tmp_path):
+    "cifar_like ships the premise model with its towers shifted apart (05a_microclip): the recipe rebuilds it bit for bit."
+    rec = mc.load_recipe(variant="cifar_like")
+    assert rec["shift"]["source"] == "premise" and rec["shift"]["a"] > 0
+    assert rec["shift"]["source_sha256"] == mc.sha256_file(mc.embedded_clip_path("premise") / WEIGHTS_FILE)
+    again = mc.shift_microclip(tmp_path / "again", rec["shift"]["a"])
+    assert mc.sha256_file(again / WEIGHTS_FILE) == rec["sha256"] == mc.sha256_file(mc.embedded_clip_path("cifar_like") / WEIGHTS_FILE)
+    shipped, premise = (load_file(mc.embedded_clip_path(v) / WEIGHTS_FILE) for v in ("cifar_like", "premise"))
+    assert {k for k in premise if not torch.equal(premise[k], shipped[k])} == {"visual.ln_post.bias", "ln_final.bias"}
 
 
 def world_captions(variant):
