@@ -454,7 +454,7 @@ def offset_modalities(state: dict, # an open_clip CLIP's state dict (float tenso
                       text_shift: float, # alpha_T: length of the shift added to every raw text embedding
                       directions: torch.Tensor, # [2, d] orthonormal u_I, u_T (`quiet_directions`)
                      ) -> dict: # a new state dict (float32), `state` untouched
-    "`state` with its image and text embeddings shifted apart: `ln_post` / `ln_final` biases absorb the shifts."
+    "`state` with its embeddings shifted apart along directions [2, d]: `ln_post` / `ln_final` biases absorb it."
     P_img, P_txt = state["visual.proj"].float(), state["text_projection"].float()  # [w_v, d], [w_t, d]
     out = {k: v.float().clone() for k, v in state.items()}
     out["visual.ln_post.bias"] += image_shift * directions[0] @ torch.linalg.pinv(P_img)
