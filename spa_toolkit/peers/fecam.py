@@ -25,7 +25,8 @@ class FecamKnobs(Knobs):
     alpha: float = 100.0 # shrinkage: Sigma + alpha I before normalisation (`self.alpha`)
 
     def check(self):
-        if not self.alpha >= 0: raise SpaError(f"alpha={self.alpha} must be >= 0 (the shrinkage Sigma + alpha I)")
+        if not self.alpha >= 0:
+            raise SpaError(f"alpha={self.alpha} must be >= 0 (the shrinkage Sigma + alpha I)")
 
 # %% ../../nbs/09e_fecam.ipynb #8be8d643
 def row_correlation(a: torch.Tensor, # [..., d, d] matrices
@@ -45,8 +46,9 @@ def fecam_stats(g: torch.Tensor, # [n, d] frozen features
     normalised, shrunk covariances."""
     counts = torch.bincount(y, minlength=classes.stop)[classes.start:classes.stop]
     if (counts < 2).any():
-        raise SpaError(f"classes {[c for c, k in zip(classes, counts.tolist()) if k < 2]} have fewer than 2 training "
-                       "images: FeCAM needs 2 per class for a covariance")
+        few = [c for c, k in zip(classes, counts.tolist()) if k < 2]
+        raise SpaError(f"classes {few} have fewer than 2 training images: FeCAM needs 2 per class for a "
+                       "covariance")
     covs = torch.stack([torch.cov(g[y == c].T) for c in classes])
     covs.diagonal(dim1=-2, dim2=-1).add_(alpha)
     means = torch.stack([g[y == c].mean(0) for c in classes])

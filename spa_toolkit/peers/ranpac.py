@@ -29,7 +29,8 @@ class RanpacKnobs(Knobs):
 
     def check(self):
         check_least(self, rp_dim=1)
-        if not self.ridge_exps: raise SpaError("ridge_exps=() is empty: give at least one exponent e (penalty 10**e)")
+        if not self.ridge_exps:
+            raise SpaError("ridge_exps=() is empty: give at least one exponent e (penalty 10**e)")
         if not 0 < self.fit_fraction < 1:
             raise SpaError(f"fit_fraction={self.fit_fraction} must lie strictly between 0 and 1, e.g. 0.8")
 
@@ -45,8 +46,8 @@ def holdout_errors(h: torch.Tensor, # [n, M] projected features of one task, in 
                    n_fit: int, # the first n_fit rows fit, the rest score
                    ridges: torch.Tensor, # [L] candidate penalties
                   ) -> torch.Tensor: # [L]
-    """Mean squared error [L] on the held-out rows of the ridge fit of the first `n_fit` rows [n_fit, M], for each
-    penalty [L]."""
+    """Mean squared error [L] on the held-out rows of the ridge fit of the first `n_fit` rows [n_fit, M],
+    for each penalty [L]."""
     U, s, Vh = torch.linalg.svd(h[:n_fit], full_matrices=False)
     gain = s / (s**2 + ridges[:, None]) # [L, r]: (F^T F + lambda I)^-1 F^T = V diag(s / (s^2 + lambda)) U^T
     pred = torch.einsum("vr,lr,rc->lvc", h[n_fit:] @ Vh.T, gain, U.T @ y[:n_fit])
@@ -82,10 +83,11 @@ def new_ranpac_state(names: torch.Tensor, # [C, d] class-name embeddings (unit n
                      seed: int = 0, # draws the random projection
                      knobs: RanpacKnobs | None = None, # default: the authors' settings
                     ) -> RanpacState:
-    "A fresh RanPAC state for features of width d (that of the names [C, d]): a drawn projection, empty statistics."
+    "A fresh RanPAC state for features of width d (the names' [C, d]): a drawn projection, empty statistics."
     k = knobs or RanpacKnobs()
     d, M = names.shape[1], k.rp_dim
-    proj = torch.randn(d, M, generator=make_generator(seed, names.device), device=names.device, dtype=names.dtype)
+    gen = make_generator(seed, names.device)
+    proj = torch.randn(d, M, generator=gen, device=names.device, dtype=names.dtype)
     return RanpacState(k, names, proj, names.new_zeros(M, M), names.new_zeros(M, 0), names.new_zeros(0, M))
 
 @torch.no_grad()
@@ -104,8 +106,8 @@ def train_ranpac_task(state: RanpacState, # the state after the previous task (u
                       classes: list[int], # the task's new classes (contiguous, right after the seen ones)
                       generator: torch.Generator, # the hold-out split
                      ) -> RanpacState:
-    """Learn one task's rows [n] as RanPAC does: add their statistics, pick the penalty on them, solve the head
-    again."""
+    """Learn one task's rows [n] as RanPAC does: add their statistics, pick the penalty on them, solve the
+    head again."""
     lo, hi = task_span(classes, state.n_seen)
     g, y = read(rows)
     h = random_features(g, state.proj)
