@@ -171,6 +171,8 @@ REGISTRY = { # method name -> (module:attribute of its `method.Method`, its own 
     "proof": ("spa_toolkit.peers.proof:PROOF", {}),
     "rapf": ("spa_toolkit.peers.rapf:RAPF", {}),
     "engine": ("spa_toolkit.peers.engine:ENGINE", {}),
+    "ranpac": ("spa_toolkit.peers.ranpac:RANPAC", {}),
+    "fecam": ("spa_toolkit.peers.fecam:FECAM", {}),
 }
 ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
 REGISTRY |= {alias: REGISTRY[ours] for alias, ours in ALIASES.items()}

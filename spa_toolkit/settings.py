@@ -33,6 +33,11 @@ def settings_records() -> tuple[SettingsRecord, ...]:
     return tuple(SettingsRecord(**r) for r in json.loads(text))
 
 # %% ../nbs/08c_settings.ipynb #4686f922
+# LAMDA-PILOT's first-session adaptation of the backbone (RanPAC, FeCAM): no knob, so always reported as unexpressed
+_FIRST_SESSION = dict(backbone_type="backbone", ffn_num="adapter_width", tuned_epoch="first_session_epochs",
+                      init_lr="first_session_lr", batch_size="first_session_batch_size",
+                      weight_decay="first_session_weight_decay", min_lr="first_session_min_lr",
+                      optimizer="first_session_optimizer")
 KEYS = { # method -> {authors' key: our knob (None: folded into another key's knob)}
     "proof": dict(tuned_epoch="epochs", batch_size="batch_size", init_lr="lr", memory_size="memory_size",
                   optimizer="optimizer", fixed_memory=None, memory_per_class="memory_per_class"),
@@ -42,9 +47,12 @@ KEYS = { # method -> {authors' key: our knob (None: folded into another key's kn
     "rapf": dict(epochs="epochs", tuned_epoch="epochs", train_batch_size="batch_size", batch_size="batch_size",
                  lr="lr", init_lr="lr", beta="beta", mix_bias="mix_bias", threshold="threshold", margin="margin",
                  shrinkage="shrinkage"),
+    "ranpac": dict(M="rp_dim", use_RP="use_rp") | _FIRST_SESSION,
+    "fecam": _FIRST_SESSION,
 }
 IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
     "rapf": dict(shrinkage=False), # the covariance + 1e-4 I, no shrinkage
+    "ranpac": dict(use_rp=True), # the random projection is always on (the authors' code needs it)
 }
 PREFERRED = {"rapf": ("c3box", "authors")} # a method's sources, first preferred (default: its authors' alone)
 

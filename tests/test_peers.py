@@ -1,5 +1,5 @@
-"""PROOF and RAPF against hand-computed examples (their losses, memory, fusion, pairs, statistics), and both in the
-protocol: deterministic given the seed, and a run resumed mid-way equals the uninterrupted one."""
+"""PROOF and RAPF against hand-computed examples (their losses, memory, fusion, pairs, statistics), and they, RanPAC and
+FeCAM in the protocol: deterministic given the seed, and a run resumed mid-way equals the uninterrupted one."""
 import math
 
 import numpy as np
@@ -12,6 +12,8 @@ from spa_toolkit.microclip import load_embedded_clip
 from spa_toolkit.peers.common import clip_loss
 from spa_toolkit.peers.proof import ProofKnobs, ProofScores, cut_memory, herding_memory, proof_loss
 from spa_toolkit.peers.rapf import RapfKnobs, fuse_adapters, gaussian_stats, hard_pairs, separation_loss
+from spa_toolkit.peers.ranpac import RanpacKnobs
+from spa_toolkit.peers.fecam import FecamKnobs
 from spa_toolkit.protocol import Prepared, prepare, run_method
 from spa_toolkit.world import synthetic_world
 
@@ -92,11 +94,12 @@ def test_gaussian_stats_factor_the_jittered_covariance():
 
 # --- both in the protocol ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, knobs", [("proof", ProofKnobs(epochs=2)), ("rapf", RapfKnobs(epochs=2))])
+@pytest.mark.parametrize("name, knobs", [("proof", ProofKnobs(epochs=2)), ("rapf", RapfKnobs(epochs=2)),
+                                         ("ranpac", RanpacKnobs(rp_dim=300)), ("fecam", FecamKnobs(alpha=1.0))])
 def test_deterministic_and_resumed_mid_run(prep, tmp_path, name, knobs):
     a = run_method(prep, name, seed=3, progress=False, knobs=knobs)
     assert a.curve == run_method(prep, name, seed=3, progress=False, knobs=knobs).curve
-    assert a.knobs["peer"] == name and a.knobs["epochs"] == 2
+    assert a.knobs == knobs.to_dict() and a.knobs["peer"] == name
     full = run_method(prep, name, seed=1, out_dir=tmp_path / "full", progress=False, knobs=knobs)
     half = Prepared(**(vars(prep) | dict(splits=prep.splits[:1])))
     run_method(half, name, seed=1, out_dir=tmp_path / "resumed", progress=False, knobs=knobs)

@@ -60,6 +60,18 @@ def test_rapf_records_equal_the_reference(by_file):
             assert a.get("margin", 0.1) == float(re.search(r"[\d.]+", margin or "0.1")[0]), f  # "(default 0.1)", or blank
 
 
+def test_pilot_records_cite_the_authors_files(by_file):
+    "RanPAC and FeCAM have no table in the reference, which names their code: LAMDA-PILOT's exps files, one per benchmark."
+    assert "LAMDA-CL/LAMDA-PILOT `models/ranpac.py`, `models/fecam.py`" in REF.read_text()
+    for m in ("ranpac", "fecam"):
+        files = {r.benchmark: r.file for r in settings_records() if r.method == m}
+        assert files == {"cifar100": f"LAMDA-CL/LAMDA-PILOT exps/{m}.json",
+                         "imagenetr": f"LAMDA-CL/LAMDA-PILOT exps/{m}_inr.json"}
+    for f in ("exps/ranpac.json", "exps/ranpac_inr.json"):
+        assert (by_file[f].authors["M"], by_file[f].authors["use_RP"]) == (10000, True)
+    assert (by_file["exps/fecam_inr.json"].authors["batch_size"], by_file["exps/fecam.json"].authors["tuned_epoch"]) == (16, 20)
+
+
 def test_every_record_resolves_into_its_knobs_or_reports_what_it_cannot():
     "Each authors' value either reaches the knob KEYS names, or is listed as unexpressed (nothing dropped silently)."
     for r in settings_records():
