@@ -243,7 +243,7 @@ def _bench_parser(sub) -> None:
     add_knob_options(p).set_defaults(func=cmd_bench, resume=True)
 
 def _study_parser(sub) -> None:
-    p = sub.add_parser("study", help="SPA's ablation grid over seeds, paired 95% intervals (resumable)",
+    p = sub.add_parser("study", help="SPA's ablation grid over seeds, paired 95%% intervals (resumable)",
                        description=cmd_study.__doc__)
     _add(p, [DATASET_OPTION, ("--setting", dict(help=SETTING_HELP)),
              ("--seeds", dict(default="0,1,2", help="comma-separated run seeds; on the synthetic world "
