@@ -33,8 +33,8 @@ from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_tabl
 __all__ = ['LLM_PREFIX', 'TEMPLATES', 'resolve_setting', 'default_model', 'model_for', 'note', 'backbone_label', 'model_note',
            'check_llm_access', 'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'Described',
            'descriptions_file', 'llm_descriptions', 'curve_table', 'Report', 'write_png', 'write_report', 'run_meta',
-           'check_k_patches', 'open_benchmark', 'open_model', 'run_benchmark', 'BenchRow', 'bench_rows', 'bench_table',
-           'plot_suite', 'run_suite', 'write_suite', 'describe', 'extract']
+           'check_k_patches', 'open_benchmark', 'open_model', 'run_descriptions', 'run_benchmark', 'BenchRow',
+           'bench_rows', 'bench_table', 'plot_suite', 'run_suite', 'write_suite', 'describe', 'extract']
 
 # %% ../nbs/10c_runs.ipynb #b590617f
 def resolve_setting(bench: Benchmark, # the loaded benchmark
@@ -243,7 +243,7 @@ def open_model(dataset: str, # the benchmark the model is for
     if text := model_note(str(dataset), arch, pretrained): note(text)
     return load_clip(arch, pretrained, device=opts.device, precision=opts.precision)
 
-def _descriptions(opts: RunOptions, bench: Benchmark, clip: ClipBundle, offline: dict | None) -> dict[str, list[str]]:
+def run_descriptions(opts: RunOptions, bench: Benchmark, clip: ClipBundle, offline: dict | None) -> dict[str, list[str]]:
     "`offline`, or the descriptions of the options' LLM."
     if offline is not None: return offline
     return _described(opts, bench, clip, opts.descriptions[len(LLM_PREFIX):]).result.descriptions
@@ -276,7 +276,7 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     setting, offline = resolve_setting(bench, setting), offline_descriptions(spec, bench)
     clip = open_model(dataset, opts)
     check_k_patches(knobs.k_patches, clip)
-    descs = _descriptions(opts, bench, clip, offline)
+    descs = run_descriptions(opts, bench, clip, offline)
     resolved = run_knobs(methods, bench.name, setting, knobs, source, overrides)
     per = {m: r.knobs for m, r in resolved.items()}  # each method's knobs: its authors' record, else the run's
     prep = prepare(bench, clip, setting, descs, Path(opts.cache_dir) / "features", knobs.sem_template, n_desc=knobs.n_desc,

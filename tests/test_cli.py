@@ -52,12 +52,13 @@ def draw_folder(root: Path, classes=("red", "green", "blue"), n_train=6, n_test=
     return root
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["bench"], ["describe"], ["features"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["bench"], ["study"], ["describe"], ["features"]],
+                         ids=lambda c: " ".join(c) or "spa_toolkit")
 def test_help_of_each_subcommand(tmp_path, command):
     p = cli(*command, "--help", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("usage: spa_toolkit")
-    if command in (["run"], ["bench"]):
+    if command in (["run"], ["bench"], ["study"]):
         assert "--k-patches K_PATCHES" in p.stdout and "patches kept per image" in p.stdout and "(default: 16)" in p.stdout
         assert "--calibration, --no-calibration" in p.stdout and "--scorer" not in p.stdout
 

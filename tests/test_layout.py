@@ -18,7 +18,8 @@ LAYERS = [ # each layer may import the layers above it, never its own or a later
     ["peers.common"], # what the peers share
     ["learner", "peers.proof", "peers.rapf", "peers.engine", "peers.ranpac", "peers.fecam"], # the methods: each imports the interface, none another
     ["protocol"], # prepares once and runs any registered method
-    ["study", "runs"],
+    ["runs"], # what each command does, as one call
+    ["study"], # the ablation grid on any benchmark: runs loads it
     ["cli"],
 ]
 METHODS = {"learner", "peers.proof", "peers.rapf", "peers.engine", "peers.ranpac", "peers.fecam"}
