@@ -139,7 +139,7 @@ def _patch_scores(
         S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check
     )
     if projected and (k.selection != "agnostic" or p.shape[1] > kk):
-        raise SpaError(f"projected patches must be agnostic sets of {kk} tokens: pass {p.shape[1]} unprojected")
+        raise SpaError(f"projected patches must be agnostic sets of {kk}: pass {p.shape[1]} unprojected")
     if k.selection == "agnostic":
         # training and replay pass the frozen sets themselves
         sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)
@@ -281,7 +281,7 @@ def _step_rows(state: CILState, g, p, y, frozen_sum) -> StepRows:
     return StepRows(g, p, y, frozen_sum(g), None if p is None else frozen_sum(p))
 
 def _rows_op(f, *rows: StepRows) -> StepRows:
-    "`f` applied to each field of `rows` alike, None staying None: take a batch, or join real and pseudo rows."
+    "`f` on each field of `rows` alike, None staying None: take a batch, or join real and pseudo rows."
     return StepRows(*(None if xs[0] is None else f(*xs) for xs in zip(*rows)))
 
 def _plain_step(k: SpaKnobs) -> bool:
