@@ -54,7 +54,9 @@ def ops_per_step(state, train, classes: list[int], knobs: SpaKnobs, per_task: in
     return (sum(counts[1].values()) - sum(counts[0].values())) / steps, counts[1] - counts[0]
 
 
-def main(tasks: int, per_class: int, n_patches: int, d: int = 512, inc: int = 10, n_desc: int = 8):
+def main(tasks: int, per_class: int, n_patches: int, d: int = 512, inc: int = 10, n_desc: int = 8,
+         quiet: bool = False) -> dict[int, float]:
+    "Operations per step at task 2 and at the last task ({task: ops}); printed as a table unless `quiet`."
     torch.set_num_threads(1)
     train, text = world(tasks * inc, per_class, n_patches, d, n_desc)
     knobs = SpaKnobs()
@@ -66,6 +68,7 @@ def main(tasks: int, per_class: int, n_patches: int, d: int = 512, inc: int = 10
             per, by = ops_per_step(state, train, classes, knobs, inc * per_class)
             rows.append((t + 1, per, by))
         train_task(state, train, classes, make_generator(t))  # advance: one epoch is enough to grow the bank
+    if quiet: return {t: per for t, per, _ in rows}
     print(f"SPA, default knobs, {tasks * inc} classes in tasks of {inc}, {per_class} images a class, d = {d}, "
           f"{n_patches} patch tokens, batch {knobs.batch_size}\n| task | adapters | ops per step |\n|---|---|---|")
     for t, per, _ in rows: print(f"| {t} | {t} | {per:.0f} |")
@@ -73,6 +76,7 @@ def main(tasks: int, per_class: int, n_patches: int, d: int = 512, inc: int = 10
     print(f"\ntask {tT} / task {t2}: {pT / p2:.2f}x (target <= 1.2x); task {tT}: {pT:.0f} ops per step (target <= 300)")
     print("most frequent at task", tT, ":", ", ".join(f"{k} {v / math.ceil(inc * per_class / knobs.batch_size):.0f}"
                                                     for k, v in byT.most_common(8)))
+    return {t: per for t, per, _ in rows}
 
 
 if __name__ == "__main__":

@@ -21,15 +21,15 @@ from .backbone import FeatureSet
 from .patches import (class_chunks, gather_patches, select_patch_sets, select_patches,
                                  select_patches_for_labels)
 from .ot import pooled_score
-from .projectors import SpaProjectors
+from .projectors import SpaProjectors, stacked_sum
 from .calibration import (ClassStats, PatchStats, check_stats_memory, class_stats, merge_stats,
                                      patch_stats, sample_pseudo, sample_pseudo_patches, stats_budget)
 from .method import Method, Rows, TextSide, rows, save_state, task_rows, task_span
 
 # %% auto #0
 __all__ = ['STATE_VERSION', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen_class_side', 'class_side', 'predict',
-           'pseudo_per_batch', 'replay_schedule', 'train_task', 'spa_logits', 'score_margins', 'replay_margins',
-           'state_dict', 'state_from_dict', 'check_stats_fit']
+           'pseudo_per_batch', 'replay_schedule', 'StepRows', 'train_task', 'spa_logits', 'score_margins',
+           'replay_margins', 'state_dict', 'state_from_dict', 'check_stats_fit']
 
 # %% ../nbs/10_learner.ipynb #582bf14b
 # bump when the saved state's layout changes (3: typed knobs; 2: frozen-space patch sets, study knobs)
@@ -95,22 +95,42 @@ def frozen_class_side(state: CILState, # a state whose newest adapters are train
         )
     )
 
+def _through(bank, pairs: list) -> list:
+    """`bank(x, f)` of each pair (x [..., d], f: its frozen part, or None) in one call over all their rows;
+    each output keeps its input's shape."""
+    xs, fs = zip(*pairs)
+    d = xs[0].shape[-1]
+    flat = lambda ts: torch.cat([t.reshape(-1, d) for t in ts])
+    out = bank(flat(xs), None if fs[0] is None else flat(fs)).split([x.numel() // d for x in xs])
+    return [o.view(x.shape) for o, x in zip(out, xs)]
+
+def _projected(
+    state: CILState, n: int, frozen: ClassSide | None = None, rows: list = ()
+) -> tuple[ClassSide, list]:
+    """The projected class side over classes 0..n-1 and the visual projections of `rows` ((x, frozen part)
+    pairs), each bank called once: the text bank on names and descriptions, the visual one on rows, means."""
+    ins, fr = _class_inputs(state, n), frozen or ClassSide(None, None, None)
+    names, *sem = _through(state.proj.text, [(x, f) for x, f in zip(ins[:2], fr[:2]) if x is not None])
+    vis = [*rows, *([] if ins.means is None else [(ins.means, fr.means)])]
+    out = _through(state.proj.visual, vis) if vis else []
+    sem = sem[0] * state.text.sem_mask[:n, :, None] if sem else None  # zero where padded
+    return ClassSide(names, sem, None if ins.means is None else out[-1]), out[: len(rows)]
+
 def class_side(state: CILState, # a trained (or training) state
                n: int, # classes 0..n-1
                frozen: ClassSide | None = None, # from `frozen_class_side`: then only the newest adapters run
               ) -> ClassSide:
     """The projected class side: names [n, d], descriptions [n, M, d] (zero where padded) and means [n, d], as
     the enabled terms need."""
-    side = ClassSide(*(None if x is None else bank(x, None if frozen is None else f)
-                       for x, bank, f in zip(_class_inputs(state, n), _banks(state), frozen or (None,) * 3)))
-    return side if side.sem is None else side._replace(sem=side.sem * state.text.sem_mask[:n, :, None])
+    return _projected(state, n, frozen)[0]
 
 # %% ../nbs/10_learner.ipynb #6019335a
 def _patch_scores(
-    state: CILState, patches: torch.Tensor, n: int, check: bool = True, side: ClassSide | None = None
+    state: CILState, patches: torch.Tensor, n: int, check: bool = True, side: ClassSide | None = None,
+    projected: bool = False,
 ) -> torch.Tensor:
     """Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected
-    descriptions."""
+    descriptions (`projected`: `patches` are sets already through the visual bank)."""
     k, vis = state.knobs, state.proj.visual
     p, sem, mask = patches.to(state.text.sem.dtype), state.text.sem[:n], state.text.sem_mask[:n]
     proj_sem = (side or class_side(state, n)).sem
@@ -118,10 +138,12 @@ def _patch_scores(
     pool = lambda S, m: pooled_score(
         S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check
     )
+    if projected and (k.selection != "agnostic" or p.shape[1] > kk):
+        raise SpaError(f"projected patches must be agnostic sets of {kk}: pass {p.shape[1]} unprojected")
     if k.selection == "agnostic":
         # training and replay pass the frozen sets themselves
         sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)
-        Z = vis(sets)  # [B, k, d]: one set per image, for every class
+        Z = sets if projected else vis(sets)  # [B, k, d]: one set per image, for every class
         return torch.cat(
             [pool(torch.einsum("bkd,cmd->bckm", Z, t), m) for t, m in class_chunks(proj_sem, mask, chunk)], 1
         )
@@ -140,11 +162,11 @@ def _patch_scores(
 
 # %% ../nbs/10_learner.ipynb #520b6cef
 def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, n: int, check: bool = True,
-                side: ClassSide | None = None) -> torch.Tensor:
+                side: ClassSide | None = None, projected: bool = False) -> torch.Tensor:
     """Un-scaled SPA scores [B, n]: projected global similarity, plus the prototype and patch-level terms when
     switched on."""
     k, side = state.knobs, side or class_side(state, n)
-    vg = state.proj.visual(g)
+    vg = g if projected else state.proj.visual(g)
     s = vg @ side.names.T
     if k.proto > 0:
         if side.means is None:
@@ -153,7 +175,7 @@ def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, 
     if k.lam > 0:
         if patches is None:
             raise SpaError("the patch branch needs patch tokens: extract features with patches, or use lam=0")
-        s = s + k.lam * _patch_scores(state, patches, n, check, side)
+        s = s + k.lam * _patch_scores(state, patches, n, check, side, projected)
     return s
 
 # %% ../nbs/10_learner.ipynb #3d062807
@@ -176,13 +198,14 @@ def predict(
     n_classes: int | None = None, # score classes 0..n_classes-1 (default: all seen)
     check: bool = True, # validate the patch branch's values (host syncs on a GPU); False in training steps
     side: ClassSide | None = None, # these n classes' projected class side, if computed (`class_side`)
+    projected: bool = False, # g and patches (agnostic sets) are already through the visual bank (training)
 ) -> torch.Tensor: # [B, n_classes] logits
     """Logits [B, n_classes] of SPA (or of the state's baseline scorer) from global features [B, d] and
     patches [B, N, d]."""
     n = n_classes or state.n_seen
     if n < 1: raise SpaError("no class seen yet: train a task first, or pass n_classes")
     s = (
-        _spa_scores(state, g, patches, n, check, side)
+        _spa_scores(state, g, patches, n, check, side, projected)
         if state.knobs.scorer == "spa"
         else _baseline_scores(state, g, n)
     )
@@ -190,10 +213,10 @@ def predict(
 
 # %% ../nbs/10_learner.ipynb #61716c5b
 def _optimizer(params: list, k: SpaKnobs, steps: int):
-    "The optimiser and its per-step cosine schedule."
+    "The optimiser (all parameters in one `foreach` update, as on CUDA) and its per-step cosine schedule."
     if k.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
-    else: opt = torch.optim.AdamW(params, lr=k.lr, weight_decay=k.weight_decay)
+        opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay, foreach=True)
+    else: opt = torch.optim.AdamW(params, lr=k.lr, weight_decay=k.weight_decay, foreach=True)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
 
 def pseudo_per_batch(n_old: int, # old classes
@@ -244,10 +267,49 @@ def _pseudo_batch(
     )
     return g.feats, p, g.labels
 
-def _loss(state: CILState, g, p, y, n: int, frozen: ClassSide) -> torch.Tensor:
-    """Cross-entropy over all `n` seen classes; inputs validated once for the task (nothing read back), old
-    adapters' class side precomputed."""
-    return F.cross_entropy(predict(state, g, p, n, check=False, side=class_side(state, n, frozen)), y)
+class StepRows(NamedTuple):
+    "Rows a training step scores, their labels and the frozen visual adapters' part of them."
+    g: torch.Tensor # [B, d] global features
+    p: torch.Tensor | None # [B, k, d] patch sets ([B, N, d] tokens with selection="class") or None
+    y: torch.Tensor # [B] labels
+    fg: torch.Tensor | None # [B, d] `frozen_sum(g)`; None with selection="class"
+    fp: torch.Tensor | None # [B, k, d] `frozen_sum(p)`; None without patches or with selection="class"
+
+def _step_rows(state: CILState, g, p, y, frozen_sum) -> StepRows:
+    "Rows g [B, d], p [B, k, d], y [B] and their frozen part (`frozen_sum`: a bank's, or a stack's)."
+    if _plain_step(state.knobs): return StepRows(g, p, y, None, None)
+    return StepRows(g, p, y, frozen_sum(g), None if p is None else frozen_sum(p))
+
+def _rows_op(f, *rows: StepRows) -> StepRows:
+    "`f` on each field of `rows` alike, None staying None: take a batch, or join real and pseudo rows."
+    return StepRows(*(None if xs[0] is None else f(*xs) for xs in zip(*rows)))
+
+def _plain_step(k: SpaKnobs) -> bool:
+    "Whether a step scores rows as evaluation does: class selection re-selects from all N tokens per class."
+    return k.lam > 0 and k.selection == "class"
+
+def _step_logits(state: CILState, r: StepRows, n: int, frozen: ClassSide) -> torch.Tensor:
+    """Logits [B, n] of a step's rows: each bank's newest adapter runs once, on the class side and the rows
+    together (frozen parts known), then the rows are scored as they are at evaluation."""
+    rows = [(r.g, r.fg)] + ([] if r.p is None else [(r.p, r.fp)])
+    side, (vg, *Z) = _projected(state, n, frozen, rows)
+    return predict(state, vg, Z[0] if Z else None, n, check=False, side=side, projected=True)
+
+def _step_loss(
+    state: CILState, real: StepRows, pseudo: StepRows | None, n: int, frozen: ClassSide
+) -> torch.Tensor:
+    """Cross-entropy over all `n` seen classes of the real rows (+ `pseudo_ratio` x that of the pseudo rows),
+    one scoring pass over both; inputs validated once for the task (nothing read back)."""
+    k = state.knobs
+    parts = [r for r in (real, pseudo) if r is not None]
+    if _plain_step(k):  # real rows carry N tokens, pseudo sets k: two passes against one class side
+        side = class_side(state, n, frozen)
+        logits = [predict(state, r.g, r.p, n, check=False, side=side) for r in parts]
+    else:
+        joined = real if pseudo is None else _rows_op(lambda a, b: torch.cat([a, b]), real, pseudo)
+        logits = _step_logits(state, joined, n, frozen).split([len(r.y) for r in parts])
+    loss = F.cross_entropy(logits[0], real.y)
+    return loss if pseudo is None else loss + k.pseudo_ratio * F.cross_entropy(logits[1], pseudo.y)
 
 # %% ../nbs/10_learner.ipynb #274410b3
 def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch.Generator, progress: bool):
@@ -255,8 +317,9 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     host read an epoch, none a step."""
     k = state.knobs
     params = state.proj.add_task(gen).freeze_old()
-    # the frozen adapters' part of every class input: one pass per task, not per step
-    frozen = frozen_class_side(state, n_seen)
+    # the frozen adapters' part of every class input and of the task's rows: one pass per task, not per step
+    frozen, vis = frozen_class_side(state, n_seen), state.proj.visual
+    task, stack = _step_rows(state, *data, vis.frozen_sum), vis.frozen_stack()
     n, bs = len(data.y), k.batch_size
     n_batches = math.ceil(n / bs)
     opt, sched = _optimizer(params, k, k.epochs * n_batches)
@@ -269,11 +332,11 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
             else [None] * n_batches
         )
         for b, replayed in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
-            loss = _loss(state, data.g[b], None if data.p is None else data.p[b], data.y[b], n_seen, frozen)
-            if replayed is not None:
-                loss = loss + k.pseudo_ratio * _loss(
-                    state, *_pseudo_batch(state, *replayed, gen), n_seen, frozen
-                )
+            # pseudo rows are new each step: their frozen part is two batched matmuls (stacked adapters)
+            extra = None if replayed is None else _step_rows(
+                state, *_pseudo_batch(state, *replayed, gen), lambda x: stacked_sum(x, stack)
+            )
+            loss = _step_loss(state, _rows_op(lambda x: x[b], task), extra, n_seen, frozen)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
 # %% ../nbs/10_learner.ipynb #cc102a87

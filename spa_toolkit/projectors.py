@@ -5,8 +5,10 @@
 # %% ../nbs/07_projectors.ipynb #f5249d7d
 from __future__ import annotations
 import math, re
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.layers import Mlp
 from fastcore.basics import patch
@@ -14,7 +16,7 @@ from fastcore.basics import patch
 from .core import SpaError, check_float_tensor, check_generator, make_generator, l2norm, content_key
 
 # %% auto #0
-__all__ = ['new_adapter', 'ProjectorBank', 'SpaProjectors']
+__all__ = ['new_adapter', 'FrozenStack', 'stack_adapters', 'stacked_sum', 'ProjectorBank', 'SpaProjectors']
 
 # %% ../nbs/07_projectors.ipynb #20ac75a4
 def _init_adapter(a: Mlp, generator: torch.Generator) -> Mlp:
@@ -36,6 +38,36 @@ def new_adapter(dim: int, # feature width d
     "A residual adapter `d -> h -> d` that outputs zero until trained."
     a = Mlp(dim, hidden, drop=dropout, device="meta").to_empty(device=check_generator(generator).device)
     return _init_adapter(a, generator).to(device=device or generator.device, dtype=dtype)
+
+# %% ../nbs/07_projectors.ipynb #9d3e61a2
+class FrozenStack(NamedTuple):
+    "Adapters stacked along a leading axis S: one batched pass over all of them (`stacked_sum`)."
+    w1: torch.Tensor # [S, h, d] first layers' weights
+    b1: torch.Tensor # [S, h] their biases
+    w2: torch.Tensor # [S, d, h] second layers' weights
+    b2: torch.Tensor # [S, d] their biases
+
+def stack_adapters(adapters: list[Mlp]) -> FrozenStack:
+    "The weights of `adapters` (at least one) stacked [S, ...], without gradient: for `stacked_sum`."
+    with torch.no_grad():
+        return FrozenStack(*(torch.stack([a.get_parameter(n) for a in adapters])
+                             for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")))
+
+def _stacked_rows(x: torch.Tensor, st: FrozenStack) -> torch.Tensor:
+    "`x + sum_s A_s(x)` for rows x [n, d]: [n, d], the sum over s in the loop's order (x first)."
+    h = F.gelu(torch.baddbmm(st.b1[:, None], x.expand(len(st.w1), -1, -1), st.w1.mT))  # [S, n, h]
+    return torch.cat([x[None], torch.baddbmm(st.b2[:, None], h, st.w2.mT)]).sum(0)
+
+def stacked_sum(x: torch.Tensor, # [..., d] features or tokens
+                st: FrozenStack, # the adapters to add (from `stack_adapters`)
+                budget: int = 2**24, # floats the [S, rows, d + h] temporaries may take (longer: in pieces)
+               ) -> torch.Tensor: # [..., d], not normalised
+    "`x + sum_s A_s(x)` [..., d] over the stacked adapters in two batched matmuls, whatever their number S."
+    S, h, d = st.w1.shape
+    if S == 0: return x
+    flat = x.reshape(-1, d)
+    pieces = max(1, -(-len(flat) // max(1, budget // (S * (d + h)))))  # equal pieces: no short last one
+    return torch.cat([_stacked_rows(c, st) for c in flat.tensor_split(pieces)]).reshape(x.shape)
 
 # %% ../nbs/07_projectors.ipynb #f6cb64de
 class ProjectorBank(nn.Module):
@@ -81,6 +113,12 @@ class ProjectorBank(nn.Module):
         if x.shape[-1] != self.dim: raise SpaError(f"ProjectorBank(dim={self.dim}) got features of width {x.shape[-1]}: project with a bank of that width")
         if frozen is None: return l2norm(sum((a(x) for a in self.adapters), x))
         return l2norm(frozen + self.adapters[-1](x))  # the same additions in the same order as above: the same bits
+
+    def frozen_stack(self) -> FrozenStack: # for `stacked_sum`
+        "Every adapter but the newest, stacked [S = n_tasks - 1, ...]: built once while they are frozen."
+        if not self.adapters:
+            raise SpaError("frozen_stack on a ProjectorBank with no task: call add_task() first")
+        return FrozenStack(*(w[:-1] for w in stack_adapters(self.adapters)))  # the newest dropped: S may be 0
 
     def frozen_sum(self, x: torch.Tensor, # [..., d] features or tokens
                   ) -> torch.Tensor: # [..., d], not normalised, without gradient
