@@ -17,7 +17,7 @@ from ..core import check_state_version, l2norm, make_generator
 
 # %% auto #0
 __all__ = ['new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'check_seen', 'PeerState', 'pack_state',
-           'unpack_state', 'regrow', 'state_codec']
+           'unpack_state', 'regrow', 'state_codec', 'fields_codec']
 
 # %% ../../nbs/09_peers.ipynb #7cb2ac1f
 def _uniform(shape: tuple, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -127,3 +127,15 @@ def state_codec(version: int, # the layout version the peer writes and reads
         k, e = unpack_state(d, version, what, knobs, device)
         return rebuild(k, e, device)
     return to_dict, from_dict
+
+# %% ../../nbs/09_peers.ipynb #a1f0c0df
+def fields_codec(version: int, # the layout version the peer writes and reads
+                 what: str, # names the state in messages, e.g. "FeCAM"
+                 knobs: type, # the peer's knobs class
+                 state: type, # the peer's state dataclass: `knobs`, then `fields`
+                 fields: tuple[str, ...], # every other field, each saved as it is
+                ) -> tuple[Callable, Callable]: # to_dict(state), from_dict(d, device="cpu")
+    "`state_codec` for a state saved field by field: it is rebuilt from the saved entries by name."
+    return state_codec(version, what, knobs, fields, lambda st: {},
+                       lambda k, e, device: state(knobs=k, **{f: e[f] for f in fields}))
+

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import PeerState, check_seen, state_codec
+from .common import PeerState, check_seen, fields_codec
 
 # %% auto #0
 __all__ = ['RANPAC_STATE_VERSION', 'ranpac_state_dict', 'ranpac_state_from_dict', 'RANPAC', 'RanpacKnobs', 'random_features',
@@ -128,13 +128,9 @@ def train_ranpac_task(state: RanpacState, # the state after the previous task (u
 # %% ../../nbs/09d_ranpac.ipynb #96ef86ce
 _SAVED = ("names", "proj", "gram", "targets", "head", "ridges", "n_seen", "n_tasks")
 
-def _rebuild_ranpac(knobs: RanpacKnobs, e: dict, device: str | torch.device) -> RanpacState:
-    "A `RanpacState` on `device` from the entries `e` that `ranpac_state_dict` saved."
-    return RanpacState(knobs, *(e[f] for f in _SAVED))
-
 # a plain dict of tensors, numbers and strings holding the whole RanPAC state, and back (on a device)
-ranpac_state_dict, ranpac_state_from_dict = state_codec(
-    RANPAC_STATE_VERSION, "RanPAC", RanpacKnobs, _SAVED, lambda st: {}, _rebuild_ranpac)
+ranpac_state_dict, ranpac_state_from_dict = fields_codec(
+    RANPAC_STATE_VERSION, "RanPAC", RanpacKnobs, RanpacState, _SAVED)
 
 # %% ../../nbs/09d_ranpac.ipynb #a168affc
 RANPAC = Method(
