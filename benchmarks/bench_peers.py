@@ -10,6 +10,8 @@ patch tokens per image, ViT-B/16's grid);
 once). RAPF's and ENGINE's pseudo-features are a fixed number per batch, so they grow with the batches as the images do; their
 per-task statistics (RAPF's Gaussians, ENGINE's discriminant) do not, which makes the extrapolation a slight upper bound. PROOF's
 memory (at most 2000 images) is already all of a small class's images, so its extrapolation after task 1 is a large upper bound.
+RanPAC's and FeCAM's cost is statistics, not epochs: RanPAC solves one M x M system per task (M = 10000) whatever the images,
+so measure them at CIFAR's own 500 per class (`--per-class 500 --cifar-methods ranpac,fecam`), where nothing is extrapolated.
 Usage: python benchmarks/bench_peers.py [--seeds 0 1 2] [--per-class 50] [--tasks 10] [--threads 1] [--cifar-methods proof,rapf,engine,spa]
        [--skip-synthetic]
 """
@@ -27,7 +29,7 @@ from spa_toolkit.method import Task, TextSide, get_method, method_knobs
 from spa_toolkit.protocol import run_protocol
 from spa_toolkit.microclip import load_embedded_clip
 
-METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine"]
+METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam"]
 
 def synthetic(seeds: list[int]):
     "Avg / Last over seeds and train time relative to SPA's, on the default synthetic world."
@@ -66,7 +68,7 @@ def cifar_shaped(per_class: int, tasks: int, methods: list[str], d: int = 512, n
             views = l2norm(torch.randn(len(labels), k.cached_views, d, generator=g))
             read_views = lambda r, v: views[torch.as_tensor(r), v]
         rows_of = lambda cls: np.flatnonzero((labels >= cls[0]).numpy() & (labels <= cls[-1]).numpy())
-        timed(name, k.epochs, lambda cls: peer.train(state, Task(cls, rows_of(cls), None, read, read_views), gen))
+        timed(name, getattr(k, "epochs", 0), lambda cls: peer.train(state, Task(cls, rows_of(cls), None, read, read_views), gen))
     if "spa" not in methods: return summary(totals, tasks)
     patches = l2norm(torch.randn(len(labels), n_patches, d, generator=g)).half().numpy()
     train = FeatureSet(feats.half().numpy(), patches, None, labels.numpy(), None, {})

@@ -11,7 +11,7 @@ import torch
 from ..base import Knobs, SpaError
 from ..core import l2norm
 from ..method import Method, Reader, task_span
-from .common import PeerState, check_seen, state_codec
+from .common import PeerState, check_seen, fields_codec
 
 # %% auto #0
 __all__ = ['FECAM_STATE_VERSION', 'fecam_state_dict', 'fecam_state_from_dict', 'FECAM', 'FecamKnobs', 'row_correlation',
@@ -105,13 +105,9 @@ def fecam_logits(state: FecamState, # a trained state
 # %% ../../nbs/09e_fecam.ipynb #0b450145
 _SAVED = ("names", "means", "precisions", "n_seen", "n_tasks")
 
-def _rebuild_fecam(knobs: FecamKnobs, e: dict, device: str | torch.device) -> FecamState:
-    "A `FecamState` on `device` from the entries `e` that `fecam_state_dict` saved."
-    return FecamState(knobs, *(e[f] for f in _SAVED))
-
 # a plain dict of tensors, numbers and strings holding the whole FeCAM state, and back (on a device)
-fecam_state_dict, fecam_state_from_dict = state_codec(
-    FECAM_STATE_VERSION, "FeCAM", FecamKnobs, _SAVED, lambda st: {}, _rebuild_fecam)
+fecam_state_dict, fecam_state_from_dict = fields_codec(
+    FECAM_STATE_VERSION, "FeCAM", FecamKnobs, FecamState, _SAVED)
 
 # %% ../../nbs/09e_fecam.ipynb #f9cc02c5
 FECAM = Method(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import PeerState, check_seen, state_codec
+from .common import PeerState, check_seen, fields_codec
 
 # %% auto #0
 __all__ = ['RANPAC_STATE_VERSION', 'ranpac_state_dict', 'ranpac_state_from_dict', 'RANPAC', 'RanpacKnobs', 'random_features',
@@ -26,6 +26,7 @@ class RanpacKnobs(Knobs):
     rp_dim: int = 10000 # M: width of the random projection (`M`)
     ridge_exps: tuple[int, ...] = tuple(range(-8, 9)) # candidate penalties 10**e (`optimise_ridge_parameter`)
     fit_fraction: float = 0.8 # share of a task's rows that fit each candidate; the rest score it
+    float64_stats: bool = True # G, Q, the hold-out and the solve in float64 (False: float32, the authors')
 
     def check(self):
         check_least(self, rp_dim=1)
@@ -72,8 +73,8 @@ RANPAC_STATE_VERSION = 1 # bump when the saved state's layout changes
 class RanpacState(PeerState):
     "What a RanPAC run carries between tasks (beside its `knobs` and class `names`)."
     proj: torch.Tensor # [d, M] the fixed random projection W
-    gram: torch.Tensor # [M, M] G, summed over every task's projected features
-    targets: torch.Tensor # [M, n_seen] Q, projected features summed per class
+    gram: torch.Tensor # [M, M] G, summed over every task's projected features (float64 by default)
+    targets: torch.Tensor # [M, n_seen] Q, projected features summed per class (as G)
     head: torch.Tensor # [n_seen, M] rows of W_o, unit norm
     ridges: list[float] = field(default_factory=list) # the penalty chosen at each task
     n_seen: int = 0
@@ -88,7 +89,9 @@ def new_ranpac_state(names: torch.Tensor, # [C, d] class-name embeddings (unit n
     d, M = names.shape[1], k.rp_dim
     gen = make_generator(seed, names.device)
     proj = torch.randn(d, M, generator=gen, device=names.device, dtype=names.dtype)
-    return RanpacState(k, names, proj, names.new_zeros(M, M), names.new_zeros(M, 0), names.new_zeros(0, M))
+    stats = dict(dtype=torch.float64 if k.float64_stats else names.dtype, device=names.device)
+    gram, targets = torch.zeros(M, M, **stats), torch.zeros(M, 0, **stats)
+    return RanpacState(k, names, proj, gram, targets, names.new_zeros(0, M))
 
 @torch.no_grad()
 def ranpac_logits(state: RanpacState, # a trained state
@@ -110,7 +113,7 @@ def train_ranpac_task(state: RanpacState, # the state after the previous task (u
     head again."""
     lo, hi = task_span(classes, state.n_seen)
     g, y = read(rows)
-    h = random_features(g, state.proj)
+    h = random_features(g, state.proj).to(state.gram.dtype)
     onehot = F.one_hot(y - lo, hi - lo).to(h.dtype)
     state.gram += h.T @ h
     state.targets = torch.cat([state.targets, h.T @ onehot], 1)
@@ -118,20 +121,16 @@ def train_ranpac_task(state: RanpacState, # the state after the previous task (u
     ridge = select_ridge(h[order], onehot[order], state.knobs)
     system = state.gram.clone()
     system.diagonal().add_(ridge)
-    state.head = l2norm(torch.linalg.solve(system, state.targets).T)
+    state.head = l2norm(torch.linalg.solve(system, state.targets).T).to(g.dtype)
     state.ridges, state.n_seen, state.n_tasks = state.ridges + [ridge], hi, state.n_tasks + 1
     return state
 
 # %% ../../nbs/09d_ranpac.ipynb #96ef86ce
 _SAVED = ("names", "proj", "gram", "targets", "head", "ridges", "n_seen", "n_tasks")
 
-def _rebuild_ranpac(knobs: RanpacKnobs, e: dict, device: str | torch.device) -> RanpacState:
-    "A `RanpacState` on `device` from the entries `e` that `ranpac_state_dict` saved."
-    return RanpacState(knobs, *(e[f] for f in _SAVED))
-
 # a plain dict of tensors, numbers and strings holding the whole RanPAC state, and back (on a device)
-ranpac_state_dict, ranpac_state_from_dict = state_codec(
-    RANPAC_STATE_VERSION, "RanPAC", RanpacKnobs, _SAVED, lambda st: {}, _rebuild_ranpac)
+ranpac_state_dict, ranpac_state_from_dict = fields_codec(
+    RANPAC_STATE_VERSION, "RanPAC", RanpacKnobs, RanpacState, _SAVED)
 
 # %% ../../nbs/09d_ranpac.ipynb #a168affc
 RANPAC = Method(
