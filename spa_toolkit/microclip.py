@@ -45,7 +45,7 @@ class MicroSpec(NamedTuple):
     folder: str  # its model folder under the package's assets/
 
 MICROCLIPS = {"premise": MicroSpec("tok", 0.2, "microclip_premise"), "control": MicroSpec("avg", 1.0, "microclip"),
-              "cifar_like": MicroSpec("tok", 0.2, "microclip_cifar_like")} # cifar_like: the premise model, towers shifted
+              "cifar_like": MicroSpec("tok", 0.2, "microclip_cifar_like")} # the premise model, towers shifted
 SHAPE_WORLDS = ("premise", "control") # the worlds of one-mark classes (`world.Attributes`)
 
 def micro_spec(variant: str = DEFAULT_WORLD) -> MicroSpec:
@@ -454,7 +454,7 @@ def offset_modalities(state: dict, # an open_clip CLIP's state dict (float tenso
                       text_shift: float, # alpha_T: length of the shift added to every raw text embedding
                       directions: torch.Tensor, # [2, d] orthonormal u_I, u_T (`quiet_directions`)
                      ) -> dict: # a new state dict (float32), `state` untouched
-    "`state` with its embeddings shifted apart along directions [2, d]: `ln_post` / `ln_final` biases absorb it."
+    "`state`, embeddings shifted apart along directions [2, d]: `ln_post` / `ln_final` biases absorb it."
     P_img, P_txt = state["visual.proj"].float(), state["text_projection"].float()  # [w_v, d], [w_t, d]
     out = {k: v.float().clone() for k, v in state.items()}
     out["visual.ln_post.bias"] += image_shift * directions[0] @ torch.linalg.pinv(P_img)
@@ -463,24 +463,27 @@ def offset_modalities(state: dict, # an open_clip CLIP's state dict (float tenso
 
 # %% ../nbs/05a_microclip.ipynb #6d00671a
 def shift_microclip(folder: str | Path, # the model folder to (over)write
-                    a: float, # each shift's length in units of its tower's mean raw norm on the pretraining data
+                    a: float, # each shift's length, in its tower's mean raw norms on pretraining data
                     source: str = "premise", # the world variant whose shipped micro-CLIP is shifted
-                    n_images: int = 128, # pretraining images (one `parts_pretrain_batch`) for norms and directions
+                    n_images: int = 128, # pretraining images (a `parts_pretrain_batch`): norms, directions
                    ) -> Path:
-    """Write `source`'s micro-CLIP with its towers shifted apart by `a` mean raw norms along `quiet_directions`,
-    measured on cifar_like pretraining data only; the recipe beside it says how."""
+    """Write `source`'s micro-CLIP with its towers shifted apart by `a` mean raw norms along
+    `quiet_directions`, measured on cifar_like pretraining data only; the recipe beside it says how."""
     src = embedded_clip_path(source)
     clip, classes = load_clip(f"{LOCAL_DIR}{src}", None), parts_pretrain_classes()
-    x, tok = parts_pretrain_batch(classes, 0, 0, n_images).images, clip.tokenizer([parts_caption(c) for c in classes])
+    x = parts_pretrain_batch(classes, 0, 0, n_images).images
+    tok = clip.tokenizer([parts_caption(c) for c in classes])
     with torch.no_grad():
         s_img, s_txt = (f(v).float().norm(dim=1).mean().item() for f, v in
                         ((clip.model.encode_image, x), (clip.model.encode_text, tok)))
     u = quiet_directions(clip.model, x, tok)
     state = offset_modalities(clip.model.state_dict(), a * s_img, a * s_txt, u)
-    folder = write_clip_folder(folder, microclip_config(source), {k: v.half().contiguous() for k, v in state.items()})
-    recipe = dict(shift=dict(source=source, source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
-                             text_norm=s_txt, directions="quiet_directions(parts_pretrain_batch(classes, 0, 0, "
-                             f"{n_images}).images, every parts_caption)"),
+    half = {k: v.half().contiguous() for k, v in state.items()}
+    folder = write_clip_folder(folder, microclip_config(source), half)
+    how = f"quiet_directions(parts_pretrain_batch(classes, 0, 0, {n_images}).images, every parts_caption)"
+    shift = dict(source=source, source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
+                 text_norm=s_txt, directions=how)
+    recipe = dict(shift=shift,
                   sha256=sha256_file(folder / WEIGHTS_FILE), versions=library_versions())
     atomic_write_json(folder / RECIPE_FILE, recipe)
     return folder
