@@ -49,7 +49,7 @@ def stand_ins(tmp_path_factory) -> Path:
 
 def test_readme_commands_are_the_ones_exercised():
     cmds = readme_commands()
-    assert set(cmds) == {"features", "run", "bench"}
+    assert set(cmds) == {"features", "run", "bench", "study"}
     assert "--descriptions" in cmds["bench"] and "{key}" in " ".join(cmds["bench"])
 
 
@@ -77,6 +77,17 @@ def test_readme_bench_with_engine_files(stand_ins):
     cub_run = next((stand_ins / "suite").glob("cub-B0Inc20-*"))
     folders = json.loads((cub_run / "run.json").read_text())["class_folders"]
     assert folders["001.Black_footed_Albatross"] == "Black footed Albatross"
+
+
+def test_readme_study_on_a_saved_cifar_copy(stand_ins):
+    "The README's `study` as written, on two rows of the grid and one epoch: three seeds, paired against SPA."
+    args, env = as_written(readme_commands()["study"], stand_ins / "data"), dict(SPA_DATA_ROOT=str(stand_ins / "data"))
+    engine_file(stand_ins / "descriptions.json", registry_class_names(benchmark_info("cifar100")))
+    p = cli(*args, *MODEL, "--configs", "spa,ncm", "--epochs", "1", "--out", stand_ins / "study", cwd=stand_ins, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    body = json.loads((stand_ins / "study" / "study.json").read_text())
+    assert "ncm" in p.stdout and (stand_ins / "study" / "study.md").exists()
+    assert {(r["config"], r["seed"]) for r in body["rows"]} == {(c, s) for c in ("spa", "ncm") for s in (0, 1, 2)}
 
 
 def test_a_tree_naming_other_classes_is_refused_in_one_line(tmp_path):
