@@ -360,6 +360,10 @@ def run_suite(datasets: list[str], # registered benchmark names
     opts = dataclasses.replace(opts or RunOptions(), resume=True)
     results, failed = {}, []
     for d in datasets:
+        try: open_benchmark(d, opts)  # once per benchmark: its data missing fails every setting without a retry
+        except SpaError as e:
+            failed += [f"{d} {s}" for s in settings]; print(f"error: {d} {' '.join(settings)}: {e}", file=sys.stderr)
+            continue
         for s in settings:
             try: rep = run_benchmark(d, s, knobs=knobs, opts=opts, root=out, source=source,
                                        overrides=overrides); results[(rep.meta["benchmark"], rep.meta["setting"])] = rep.results

@@ -130,6 +130,14 @@ def test_custom_imagefolder_end_to_end(tmp_path):
     assert descs == {c: [f"a photo of a {c}."] for c in ("red", "green", "blue")}
 
 
+def test_bench_tries_a_missing_benchmark_once_for_all_its_settings(tmp_path):
+    "One attempt and one error line per benchmark whose data is missing (an offline hub retries for ~30 s a try)."
+    p = cli("bench", "--datasets", "cub", "--settings", "b0,bx", "--methods", "ncm", "--descriptions", "templates",
+            "--data-root", tmp_path / "data", "--out", tmp_path / "suite", cwd=tmp_path)
+    check_user_error(p, "2 benchmark setting(s) did not run: cub b0, cub bx")
+    assert len(re.findall(r"^error: cub b0 bx: benchmark folder \S+ not found", p.stderr, re.M)) == 1, p.stderr
+
+
 def test_bench_runs_what_it_can_and_names_what_it_cannot(tmp_path):
     args = ("bench", "--datasets", "synthetic,cub", "--settings", "b0", "--methods", "zeroshot,ncm",
             "--descriptions", "templates", "--data-root", tmp_path / "data", "--out", tmp_path / "suite")
