@@ -23,10 +23,10 @@ from .core import atomic_write_json, content_key, l2norm, library_versions, pick
 
 # %% auto #0
 __all__ = ['LOCAL_DIR', 'RANDOM_WEIGHTS', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle',
-           'load_clip', 'ImageFeatures', 'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens',
-           'encode_text_tokens', 'patch_heatmap', 'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet',
-           'open_features', 'default_workers', 'CachePlan', 'plan_cache', 'start_cache', 'finish_cache', 'fill_rows',
-           'extract_features', 'NoisyViews']
+           'load_clip', 'ImageFeatures', 'encode_images', 'encode_texts', 'ClassNames', 'class_name_embeddings',
+           'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap', 'cache_bytes', 'top_patches',
+           'cache_folder', 'FeatureSet', 'open_features', 'default_workers', 'CachePlan', 'plan_cache', 'start_cache',
+           'finish_cache', 'fill_rows', 'extract_features', 'NoisyViews']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
@@ -219,23 +219,39 @@ def _token_batches(clip: ClipBundle, texts: list[str], batch_size: int):
     if isinstance(texts, str): raise SpaError(f"texts must be a list of strings, got the string {texts[:40]!r}: wrap it in a list")
     for i in range(0, len(texts), batch_size): yield clip.tokenizer(list(texts[i:i + batch_size])).to(clip.device)
 
+def _raw_texts(clip: ClipBundle, texts: list[str], batch_size: int) -> torch.Tensor:
+    "CLIP's raw (unnormalised) text embeddings [n, d] of the n `texts`, float32."
+    with torch.no_grad():
+        out = [clip.model.encode_text(t).float() for t in _token_batches(clip, texts, batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, clip.embed_dim, device=clip.device)
+
 def encode_texts(clip: ClipBundle, # the frozen model
                  texts: list[str], # n texts
                  batch_size: int = 256, # texts per forward pass
                 ) -> torch.Tensor: # [n, d] unit norm, float32
     "CLIP text embeddings [n, d] of the n `texts`, L2-normalised."
-    with torch.no_grad():
-        out = [clip.model.encode_text(t).float() for t in _token_batches(clip, texts, batch_size)]
-    return l2norm(torch.cat(out)) if out else torch.zeros(0, clip.embed_dim, device=clip.device)
+    return l2norm(_raw_texts(clip, texts, batch_size))
 
 # %% ../nbs/02_backbone.ipynb #aec86013
+class ClassNames(NamedTuple):
+    "Template-averaged class-name embeddings and the mean raw norm of each class's template embeddings."
+    emb: torch.Tensor  # [C, d] unit norm, float32: CLIP's zero-shot classifier
+    norms: torch.Tensor  # [C] float32: mean over the templates of the unnormalised embeddings' norms
+
+def class_name_embeddings(clip: ClipBundle, # the frozen model
+                          names: list[str], # [C] class names
+                          templates: list[str], # prompt templates, each with one "{}"
+                         ) -> ClassNames:
+    "Unit template-averaged embeddings [C, d] of the C `names` and their templates' mean raw norms [C], one encoding."
+    raw = _raw_texts(clip, [t.format(n) for n in names for t in templates], 256).view(len(names), len(templates), -1)
+    return ClassNames(l2norm(l2norm(raw).mean(1)), raw.norm(dim=-1).mean(1))
+
 def class_embeddings(clip: ClipBundle, # the frozen model
                      names: list[str], # [C] class names
                      templates: list[str], # prompt templates, each with one "{}"
                     ) -> torch.Tensor: # [C, d] unit norm, float32
     "Template-averaged class-name embeddings [C, d] of the C `names`: CLIP's zero-shot classifier."
-    emb = encode_texts(clip, [t.format(n) for n in names for t in templates])
-    return l2norm(emb.view(len(names), len(templates), -1).mean(1))
+    return class_name_embeddings(clip, names, templates).emb
 
 # %% ../nbs/02_backbone.ipynb #b18b5443
 class TextTokens(NamedTuple):
