@@ -51,7 +51,6 @@ KEYS = { # method -> {authors' key: our knob (None: folded into another key's kn
     "fecam": _FIRST_SESSION,
 }
 IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
-    "rapf": dict(shrinkage=False), # the covariance + 1e-4 I, no shrinkage
     "ranpac": dict(use_rp=True), # the random projection is always on (the authors' code needs it)
 }
 PREFERRED = {"rapf": ("c3box", "authors")} # a method's sources, first preferred (default: its authors' alone)

@@ -103,6 +103,6 @@ def test_knobs_command_prints_the_resolved_knobs(capsys):
     assert main(["knobs", "--method", "rapf", "--dataset", "cub", "--settings-source", "authors",
                  "--set", "rapf.epochs=3"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert (out["knobs"]["epochs"], out["knobs"]["beta"], out["unexpressed"]) == (3, 1, {"shrinkage": True})
+    assert (out["knobs"]["epochs"], out["knobs"]["beta"], out["knobs"]["shrinkage"], out["unexpressed"]) == (3, 1, True, {})
     assert main(["knobs", "--method", "proof", "--dataset", "cub", "--set", "proof.epoch=2"]) == 2
     assert "proof has no knob 'epoch'" in capsys.readouterr().err

@@ -16,8 +16,9 @@ from ..base import Knobs, SpaError
 from ..core import check_state_version, l2norm, make_generator
 
 # %% auto #0
-__all__ = ['new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'check_seen', 'PeerState', 'pack_state',
-           'unpack_state', 'regrow', 'state_codec', 'fields_codec']
+__all__ = ['EMBEDDINGS', 'new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'check_seen', 'PeerState',
+           'pack_state', 'unpack_state', 'regrow', 'state_codec', 'fields_codec', 'check_embeddings', 'read_as',
+           'rows_as']
 
 # %% ../../nbs/09_peers.ipynb #7cb2ac1f
 def _uniform(shape: tuple, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -139,3 +140,24 @@ def fields_codec(version: int, # the layout version the peer writes and reads
     return state_codec(version, what, knobs, fields, lambda st: {},
                        lambda k, e, device: state(knobs=k, **{f: e[f] for f in fields}))
 
+
+# %% ../../nbs/09_peers.ipynb #306829f3
+EMBEDDINGS = ("raw", "unit") # a peer's `embeddings` knob: CLIP's raw embeddings (its authors'), or unit vectors
+
+def check_embeddings(knobs: Knobs): # with an `embeddings` field
+    "Raise `SpaError` unless `knobs.embeddings` is one of `EMBEDDINGS`."
+    if knobs.embeddings not in EMBEDDINGS:
+        raise SpaError(f"embeddings={knobs.embeddings!r}: choose 'raw' (the authors' raw CLIP embeddings) or 'unit'")
+
+def read_as(read: Callable, # a task's reader: (rows, kind="unit") -> (features, labels)
+            idx, # sorted cache rows [n]
+            kind: str, # "unit", "raw" or "pre"
+           ) -> tuple[torch.Tensor, torch.Tensor]: # features [n, d] (or [n, w]), labels [n]
+    "Features [n, d] of one kind and labels [n] of cache rows [n] (a unit-only reader serves `kind='unit'`)."
+    return read(idx) if kind == "unit" else read(idx, kind)
+
+def rows_as(r, # `method.Rows` (anything with `g` serves `kind='unit'`)
+            kind: str, # "unit", "raw" or "pre"
+           ) -> torch.Tensor: # [n, d] or [n, w]
+    "The features of one kind [n, d] of some test rows."
+    return r.g if kind == "unit" else r.kind(kind)

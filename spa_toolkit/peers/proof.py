@@ -17,8 +17,8 @@ from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..exemplars import rank_exemplars
 from ..method import Method, Reader, Task, task_span
-from .common import (PeerState, check_seen, clip_loss, new_linear, project, regrow, sgd_cosine,
-                                      shuffled_batches, state_codec)
+from .common import (PeerState, check_embeddings, check_seen, clip_loss, new_linear, project, read_as,
+                                      regrow, rows_as, sgd_cosine, shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['PROOF_STATE_VERSION', 'proof_state_dict', 'proof_state_from_dict', 'PROOF', 'ProofKnobs', 'dropout', 'Fusion',
@@ -40,8 +40,10 @@ class ProofKnobs(Knobs):
     optimizer: str = "sgd" # "sgd" (momentum), or "adam": AdamW, as the authors' `optimizer: adam` runs
     prompt_len: int = 3 # context prompts added per task
     dropout: float = 0.1 # attention and output dropout of the fusion module
+    embeddings: str = "raw" # what the projections take: "raw" CLIP embeddings (the authors'), or "unit" vectors
 
     def check(self):
+        check_embeddings(self)
         check_least(self, epochs=0, batch_size=1, memory_size=0, prompt_len=1)
         if self.memory_per_class is not None: check_least(self, memory_per_class=0)
         if self.optimizer not in ("sgd", "adam"):
@@ -117,12 +119,12 @@ class ProofState(PeerState):
     n_seen: int = 0 # classes seen so far
     n_tasks: int = 0 # tasks trained so far
 
-def new_proof_state(names: torch.Tensor, # [C, d] class-name embeddings (unit norm), on the run's device
+def new_proof_state(names: torch.Tensor, # [C, d] class-name embeddings the text projections take (raw or unit), on the run's device
                     logit_scale: float, # CLIP's temperature
                     seed: int = 0, # seeds the fusion module's initialisation
                     knobs: ProofKnobs | None = None, # default: PROOF's published ones
                    ) -> ProofState:
-    "A fresh PROOF state before the first task, over class-name embeddings [C, d]."
+    "A fresh PROOF state before the first task, over class-name embeddings [C, d] (raw ones for `embeddings='raw'`)."
     k, dev = knobs or ProofKnobs(), names.device
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     net = ProofNet(names.shape[1], make_generator(seed, dev), k.dropout)
@@ -139,7 +141,7 @@ class ProofScores(NamedTuple):
     proto: torch.Tensor # [B, n] fused image . fused prototype
 
 def proof_scores(state: ProofState, # the state
-                 g: torch.Tensor, # [B, d] frozen global features
+                 g: torch.Tensor, # [B, d] frozen global features (raw or unit, as the knobs' `embeddings`)
                  n: int, # score classes 0..n-1
                  gen: torch.Generator | None = None, # dropout masks (None: evaluation)
                 ) -> ProofScores:
@@ -160,7 +162,7 @@ def proof_loss(s: ProofScores, # from `proof_scores`
 
 @torch.no_grad()
 def proof_logits(state: ProofState, # a trained state
-                 g: torch.Tensor, # [B, d] frozen global features
+                 g: torch.Tensor, # [B, d] frozen global features (raw or unit, as the knobs' `embeddings`)
                 ) -> torch.Tensor: # [B, n_seen]
     """PROOF's inference logits [B, n_seen] of global features [B, d]: projected + fused-text +
     fused-prototype similarities."""
@@ -216,13 +218,14 @@ def train_proof_task(state: ProofState, # the state after the previous task (upd
                     ) -> ProofState:
     """Learn one task's rows [n] as PROOF does: prototypes, new projections and prompts, training with the
     memory, herding."""
-    lo, hi = task_span(classes, state.n_seen)
-    g, y = read(rows)
+    lo, hi, kind = *task_span(classes, state.n_seen), state.knobs.embeddings
+    x, y = read_as(read, rows, kind)  # what the projections take
+    g = l2norm(x) if kind == "raw" else x  # prototypes and herding read normalised features, as the authors'
     means = torch.stack([g[y == c].mean(0) for c in range(lo, hi)])
     state.protos, state.n_seen = torch.cat([state.protos, means]), hi
     params = state.net.add_task(state.knobs.prompt_len, generator)
-    mg, my = read(np.sort(state.memory.cpu().numpy())) if len(state.memory) else (g[:0], y[:0])
-    _fit_proof(state, torch.cat([g, mg]), torch.cat([y, my]), params, generator)
+    mx, my = read_as(read, np.sort(state.memory.cpu().numpy()), kind) if len(state.memory) else (x[:0], y[:0])
+    _fit_proof(state, torch.cat([x, mx]), torch.cat([y, my]), params, generator)
     per_class = state.knobs.memory_per_class  # fixed, or the budget split over the seen classes
     m = state.knobs.memory_size // hi if per_class is None else per_class
     old = cut_memory(state.memory, state.memory_labels, m)
@@ -248,7 +251,8 @@ proof_state_dict, proof_state_from_dict = state_codec(
 # %% ../../nbs/09a_proof.ipynb #abe967b1
 PROOF = Method(
     knobs=ProofKnobs,
-    new=lambda text, logit_scale, seed, knobs: new_proof_state(text.names, logit_scale, seed, knobs),
+    new=lambda text, logit_scale, seed, knobs: new_proof_state(
+        text.raw_names if knobs.embeddings == "raw" else text.names, logit_scale, seed, knobs),
     train=lambda state, task, gen: train_proof_task(state, task.read, task.rows, task.classes, gen),
-    logits=lambda state: lambda r: proof_logits(state, r.g),
+    logits=lambda state: lambda r: proof_logits(state, rows_as(r, state.knobs.embeddings)),
     to_dict=proof_state_dict, from_dict=proof_state_from_dict)

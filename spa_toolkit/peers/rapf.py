@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import PeerState, check_seen, new_linear, shuffled_batches, state_codec
+from .common import (PeerState, check_embeddings, check_seen, new_linear, read_as, rows_as,
+                                      shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['RAPF_STATE_VERSION', 'rapf_state_dict', 'rapf_state_from_dict', 'RAPF', 'RapfKnobs', 'separation_loss',
-           'fuse_adapters', 'RapfState', 'new_rapf_state', 'gaussian_stats', 'sample_classes', 'rapf_scores',
-           'rapf_logits', 'hard_pairs', 'train_rapf_task']
+           'fuse_adapters', 'RapfState', 'new_rapf_state', 'shrink_cov', 'gaussian_stats', 'sample_classes',
+           'rapf_scores', 'rapf_logits', 'hard_pairs', 'train_rapf_task']
 
 # %% ../../nbs/09b_rapf.ipynb #0df305c6
 @dataclass(frozen=True)
@@ -36,8 +37,11 @@ class RapfKnobs(Knobs):
     threshold: float = 0.55 # class-name embedding distance below which (old, new) is a hard pair
     margin: float = 0.1 # separation hinge margin
     mix_bias: float = 0.6 # parameter fusion's mask offset b
+    shrinkage: bool = False # sample from `shrink_cov` of each class's covariance (the authors' `shrinkage`)
+    embeddings: str = "raw" # what the adapter and the statistics read: "raw" CLIP features (the authors'), or "unit"
 
     def check(self):
+        check_embeddings(self)
         check_least(self, epochs=0, batch_size=1, classes_per_batch=1)
         if not (self.lr > 0 and self.beta > 0 and 0 <= self.mix_bias <= 1):
             raise SpaError(
@@ -74,7 +78,7 @@ class RapfState(PeerState):
     adapter: nn.Linear # A: d -> d, no bias
     logit_scale: float # CLIP's temperature tau
     means: torch.Tensor # [n_seen, d] class means of the frozen features
-    chols: torch.Tensor # [n_seen, d, d] Cholesky factors of cov + 1e-4 I
+    chols: torch.Tensor # [n_seen, d, d] Cholesky factors of cov + 1e-4 I (shrunk by `shrink_cov` with `shrinkage`)
     n_seen: int = 0
     n_tasks: int = 0
 
@@ -94,14 +98,24 @@ def new_rapf_state(names: torch.Tensor, # [C, d] class-name embeddings (unit nor
         names.new_zeros(0, d, d),
     )
 
+def shrink_cov(cov: torch.Tensor, # [d, d] a covariance
+              ) -> torch.Tensor: # [d, d]
+    """RAPF's shrinkage of a covariance [d, d]: plus its mean diagonal entry on the diagonal and its mean non-zero
+    off-diagonal entry off it."""
+    eye = torch.eye(len(cov), device=cov.device, dtype=cov.dtype)
+    off = cov * (1 - eye)
+    return cov + cov.diagonal().mean() * eye + off.sum() / (off != 0).sum().clamp_min(1) * (1 - eye)
+
 def gaussian_stats(g: torch.Tensor, # [n, d] frozen features
                    y: torch.Tensor, # [n] labels
                    classes: range, # classes to describe, each with at least 2 samples
+                   shrink: bool = False, # factor `shrink_cov` of each covariance (the authors' `shrinkage`)
                   ) -> tuple[torch.Tensor, torch.Tensor]: # means [C, d], Cholesky factors [C, d, d]
     """RAPF's class Gaussians from features [n, d]: means [C, d], Cholesky factors [C, d, d] of covariance +
     1e-4 I."""
     eye = 1e-4 * torch.eye(g.shape[1], device=g.device, dtype=g.dtype)
     covs = [torch.cov(g[y == c].T) + eye for c in classes]
+    if shrink: covs = [shrink_cov(c) for c in covs]
     return torch.stack([g[y == c].mean(0) for c in classes]), torch.linalg.cholesky(torch.stack(covs))
 
 def sample_classes(state: RapfState, classes: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -115,7 +129,7 @@ def rapf_scores(state: RapfState, g: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def rapf_logits(state: RapfState, # a trained state
-                g: torch.Tensor, # [B, d] frozen global features
+                g: torch.Tensor, # [B, d] frozen global features (raw or unit, as the knobs' `embeddings`)
                ) -> torch.Tensor: # [B, n_seen]
     "RAPF's inference logits [B, n_seen] of global features [B, d] over the seen classes."
     check_seen(state.n_seen)
@@ -177,7 +191,7 @@ def train_rapf_task(state: RapfState, # the state after the previous task (updat
     """Learn one task's rows [n] as RAPF does: train the adapter with replay and separation, store the new
     Gaussians, fuse."""
     lo, hi = task_span(classes, state.n_seen)
-    g, y = read(rows)
+    g, y = read_as(read, rows, state.knobs.embeddings)
     w_old = state.adapter.weight.detach().clone()
     pairs = (
         hard_pairs(state.names, lo, hi, state.knobs.threshold)
@@ -185,7 +199,7 @@ def train_rapf_task(state: RapfState, # the state after the previous task (updat
         else torch.zeros(0, 2, dtype=torch.long, device=g.device)
     )
     _fit_rapf(state, g, y, hi, pairs, generator)
-    mu, L = gaussian_stats(g, y, range(lo, hi))
+    mu, L = gaussian_stats(g, y, range(lo, hi), state.knobs.shrinkage)
     state.means, state.chols = torch.cat([state.means, mu]), torch.cat([state.chols, L])
     if lo:
         with torch.no_grad():
@@ -213,5 +227,5 @@ RAPF = Method(
     knobs=RapfKnobs,
     new=lambda text, logit_scale, seed, knobs: new_rapf_state(text.names, logit_scale, seed, knobs),
     train=lambda state, task, gen: train_rapf_task(state, task.read, task.rows, task.classes, gen),
-    logits=lambda state: lambda r: rapf_logits(state, r.g),
+    logits=lambda state: lambda r: rapf_logits(state, rows_as(r, state.knobs.embeddings)),
     to_dict=rapf_state_dict, from_dict=rapf_state_from_dict)
