@@ -107,12 +107,15 @@ def small_world(seed=0, d=6, n_classes=4, per_class=12):
     return g, y, names, sem, torch.ones(n_classes, 3, dtype=torch.bool)
 
 
+UNIT = dict(embeddings="unit", discriminant="global")  # the hand-built tests: unit global features alone (the old reading)
+
+
 def run_two_tasks(seed=0, read_views=None, **knobs):
     "Two tasks of two classes; the views default to two fixed noisy copies of each feature."
     g, y, names, sem, mask = small_world()
     views = l2norm(g[:, None] + 0.5 * torch.randn(len(g), 2, g.shape[1], generator=make_generator(9)))
     read_views = read_views or (lambda r, v: views[torch.as_tensor(r), v])
-    st, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(**(dict(epochs=3, batch_size=8, views=2) | knobs))), make_generator(seed)
+    st, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(**(dict(epochs=3, batch_size=8, views=2) | UNIT | knobs))), make_generator(seed)
     read = lambda r: (g[torch.as_tensor(r)], y[torch.as_tensor(r)])
     for cls in ([0, 1], [2, 3]): train_engine_task(st, read, np.flatnonzero((y >= cls[0]) & (y <= cls[-1])), cls, gen, read_views)
     return st, g, y
@@ -141,9 +144,9 @@ def test_training_lowers_the_loss_and_freezes_old_adapters():
     def loss(s):  # the first task's objective, each row with its class's first description, viewed as its clean feature (views=0)
         z, u = project(s.net.img, g[first]), project(s.net.txt, names)[y[first]]
         return engine_loss(z, u, sem[y[first], 0], g[first], math.log(100.0)).item()
-    drawn = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=0))
+    drawn = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=0, **UNIT))
     train_engine_task(drawn, read, first, [0, 1], make_generator(0))  # the adapters as initialised
-    trained, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=5, batch_size=8, views=0)), make_generator(0)
+    trained, gen = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(epochs=5, batch_size=8, views=0, **UNIT)), make_generator(0)
     train_engine_task(trained, read, first, [0, 1], gen)  # the same initial adapters (the generator's first draws)
     assert loss(trained) < loss(drawn) - 0.1
     old = [p.detach().clone() for p in trained.net.parameters()]
@@ -175,7 +178,7 @@ def test_the_views_are_the_view_terms_targets():
 
 def test_missing_views_are_refused_before_any_work():
     g, y, names, sem, mask = small_world()
-    st = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(views=2))
+    st = new_engine_state(names, sem, mask, 100.0, knobs=EngineKnobs(views=2, **UNIT))
     read = lambda r: 1 / 0  # never reached
     with pytest.raises(SpaError, match=r"reads 2 cached noisy views per image: pass read_views"):
         train_engine_task(st, read, np.arange(10), [0, 1], make_generator(0))
@@ -186,7 +189,7 @@ def test_inference_mixes_the_three_scores():
     st, g, _ = run_two_tasks()
     cos = engine_cos(st, g, 4)
     rr = rerank_scores(g, cos, l2norm(st.sem.sum(1)), 5)
-    gda = gda_scores(g, st.means, st.prec)
+    gda = gda_scores(g, st.gda_means, st.prec)
     torch.testing.assert_close(engine_logits(st, g), 0.8 * gda + 0.2 * (0.5 * rr + 0.5 * cos))
 
 
@@ -240,8 +243,8 @@ def test_resume_mid_run_gives_the_uninterrupted_result(prep, tmp_path):
     resumed = run_method(prep, "engine", seed=1, out_dir=tmp_path / "resumed", resume=True, progress=False, knobs=EngineKnobs(epochs=2))
     assert resumed.curve == full.curve and resumed.run_key == full.run_key
     a, b = (load_state(tmp_path / f / "engine.state.pt")[0] for f in ("full", "resumed"))
-    r = rows(prep.test, task_rows(prep.test, 0, a.n_seen), "cpu", patches=False)
-    assert torch.equal(engine_logits(a, r.g), engine_logits(b, r.g))
+    r = rows(prep.test, task_rows(prep.test, 0, a.n_seen), "cpu", patches=False, pre=True)
+    assert torch.equal(get_method("engine").logits(a)(r), get_method("engine").logits(b)(r))
     assert torch.equal(a.prec, b.prec) and torch.equal(a.means, b.means)
 
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, ViewReader, task_span
-from .common import (PeerState, check_seen, clip_loss, new_linear, project, regrow, sgd_cosine,
-                                      shuffled_batches, state_codec)
+from .common import (PeerState, check_embeddings, check_seen, clip_loss, new_linear, project, read_as,
+                                      regrow, rows_as, sgd_cosine, shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['ENGINE_STATE_VERSION', 'engine_state_dict', 'engine_state_from_dict', 'ENGINE', 'EngineKnobs', 'diagonal_ce',
@@ -42,9 +42,14 @@ class EngineKnobs(Knobs):
     rerank: float = 0.5 # weight rho of the re-ranked description score in the rest
     rerank_top: int = 5 # candidates re-ranked per image (`rerank_top`)
     views: int | None = None # cached noisy views per image (None: one per epoch, as the authors; 0: clean)
+    embeddings: str = "raw" # what the adapters and prototypes take: "raw" CLIP embeddings (the authors'), or "unit"
+    discriminant: str = "pre" # the GDA's features: "pre" (unit pre-projection [CLS], the authors'), or "global"
 
     def check(self):
         check_least(self, epochs=0, batch_size=1, rerank_top=1)
+        check_embeddings(self)
+        if self.discriminant not in ("pre", "global"):
+            raise SpaError(f"discriminant={self.discriminant!r}: choose 'pre' (before visual.proj, the authors') or 'global'")
         if self.views is not None: check_least(self, views=0)
         for name in ("weight_decay", "momentum", "text_des", "image_aug", "sample_noise"):
             if getattr(self, name) < 0: raise SpaError(f"{name}={getattr(self, name)} must be >= 0")
@@ -55,6 +60,9 @@ class EngineKnobs(Knobs):
 
     @property
     def uses_descriptions(self) -> bool: return True # its description loss and re-ranking
+
+    @property
+    def uses_pre(self) -> bool: return self.discriminant == "pre" # its discriminant reads the pre-projection features
 
     @property
     def cached_views(self) -> int:
@@ -184,7 +192,7 @@ class EngineNet(nn.Module):
         return [*self.img[-1].parameters(), *self.txt[-1].parameters()]
 
 # %% ../../nbs/09c_engine.ipynb #b6d4e7ee
-ENGINE_STATE_VERSION = 2 # bump when the saved state's layout or meaning changes (2: knobs gained `views`)
+ENGINE_STATE_VERSION = 3 # bump when the saved state's layout or meaning changes (3: GDA means apart; 2: `views`)
 
 @dataclass
 class EngineState(PeerState):
@@ -193,13 +201,14 @@ class EngineState(PeerState):
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
     net: EngineNet # the adapter banks
     logit_scale: float # CLIP's temperature tau (the contrastive term uses ln tau)
-    means: torch.Tensor # [n_seen, d] mean frozen feature of each seen class
-    prec: torch.Tensor # [d, d] the merged P of the discriminant
+    means: torch.Tensor # [n_seen, d] prototypes: mean frozen feature of each seen class (raw or unit, per `embeddings`)
+    gda_means: torch.Tensor # [n_seen, w] the discriminant's class means (w: its features' width, per `discriminant`)
+    prec: torch.Tensor # [w, w] the merged P of the discriminant
     n_seen: int = 0 # classes seen so far
     n_tasks: int = 0 # tasks trained so far
 
 # %% ../../nbs/09c_engine.ipynb #3c4bd3c8
-def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings (unit norm), on the run's device
+def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings the text adapters take (raw or unit), on the device
                      sem: torch.Tensor, # [C, M, d] description embeddings (unit rows, zero where padded)
                      sem_mask: torch.Tensor, # [C, M] bool, True for real descriptions
                      logit_scale: float, # CLIP's temperature tau (> 1)
@@ -223,28 +232,36 @@ def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings (unit n
         EngineNet(),
         float(logit_scale),
         names.new_zeros(0, d),
-        names.new_zeros(d, d),
+        names.new_zeros(0, 0),  # the discriminant's width is its first task's
+        names.new_zeros(0, 0),
     )
 
 # %% ../../nbs/09c_engine.ipynb #8c16d42c
 def engine_cos(state: EngineState, # the state
-               g: torch.Tensor, # [B, d] frozen global features
+               g: torch.Tensor, # [B, d] frozen global features (raw or unit, per `embeddings`)
                n: int, # score classes 0..n-1
               ) -> torch.Tensor: # [B, n]
     "The adapted cosine <z(x), u_c> [B, n] of global features [B, d]."
     return project(state.net.img, g) @ project(state.net.txt, state.names[:n]).T
 
+def _gda_input(knobs: EngineKnobs, unit: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
+    "What the discriminant reads: the unit pre-projection features [B, w], or the unit global ones [B, d]."
+    if knobs.discriminant == "global": return unit
+    if pre is None: raise SpaError("ENGINE's discriminant reads pre-projection features: pass pre (or discriminant='global')")
+    return l2norm(pre)
+
 @torch.no_grad()
 def engine_logits(state: EngineState, # a trained state
-                  g: torch.Tensor, # [B, d] frozen global features
+                  g: torch.Tensor, # [B, d] frozen global features (raw or unit, per `embeddings`)
+                  pre: torch.Tensor | None = None, # [B, w] pre-projection features (needed for discriminant='pre')
                  ) -> torch.Tensor: # [B, n_seen]
     """ENGINE's inference scores [B, n_seen] of global features [B, d]: discriminant, re-ranked descriptions
     and adapted cosine."""
     check_seen(state.n_seen)
     k, n = state.knobs, state.n_seen
-    cos = engine_cos(state, g, n)
-    rr = rerank_scores(g, cos, description_centres(state.sem[:n], state.sem_mask[:n]), k.rerank_top)
-    return k.stat * gda_scores(g, state.means, state.prec) + (1 - k.stat) * (
+    cos, unit = engine_cos(state, g, n), (l2norm(g) if k.embeddings == "raw" else g)
+    rr = rerank_scores(unit, cos, description_centres(state.sem[:n], state.sem_mask[:n]), k.rerank_top)
+    return k.stat * gda_scores(_gda_input(k, unit, pre), state.gda_means, state.prec) + (1 - k.stat) * (
         k.rerank * rr + (1 - k.rerank) * cos
     )
 
@@ -302,9 +319,12 @@ def train_engine_task(
             f"(protocol.prepare(views={n_views}) caches them), or EngineKnobs(views=0) to view each image as "
             "its clean cached feature"
         )
-    g, y = read(rows)
-    mu, p = gda_stats(g, y, range(lo, hi))
-    state.means, state.prec = merge_gda(state.means, state.prec, mu, p)
+    k = state.knobs
+    g, y = read_as(read, rows, k.embeddings)  # what the adapters take; prototypes are its class means
+    state.means = torch.cat([state.means, torch.stack([g[y == c].mean(0) for c in range(lo, hi)])])
+    unit = l2norm(g) if k.embeddings == "raw" else g
+    mu, p = gda_stats(_gda_input(k, unit, read(rows, "pre")[0] if k.uses_pre else None), y, range(lo, hi))
+    state.gda_means, state.prec = merge_gda(state.gda_means, state.prec, mu, p)
     params = state.net.add_task(g.shape[1], generator)
     views_of = (lambda epoch: read_views(rows, epoch % n_views)) if n_views else (lambda epoch: g)
     _fit_engine(state, g, y, views_of, lo, hi, params, generator)
@@ -312,13 +332,13 @@ def train_engine_task(
     return state
 
 # %% ../../nbs/09c_engine.ipynb #10c4358b
-_SAVED = ("names", "sem", "sem_mask", "logit_scale", "means", "prec", "n_seen", "n_tasks")
+_SAVED = ("names", "sem", "sem_mask", "logit_scale", "means", "gda_means", "prec", "n_seen", "n_tasks")
 
 def _rebuild_engine(knobs: EngineKnobs, e: dict, device: str | torch.device) -> EngineState:
     "An `EngineState` on `device` from the entries `e` that `engine_state_dict` saved."
     st = new_engine_state(e["names"], e["sem"], e["sem_mask"], e["logit_scale"], knobs=knobs)
     regrow(st.net, st.names.shape[1], e["n_tasks"], e["net"], device)
-    st.means, st.prec, st.n_seen, st.n_tasks = e["means"], e["prec"], e["n_seen"], e["n_tasks"]
+    st.means, st.gda_means, st.prec, st.n_seen, st.n_tasks = (e[f] for f in ("means", "gda_means", "prec", "n_seen", "n_tasks"))
     return st
 
 # a plain dict of tensors, numbers and strings holding the whole ENGINE state, and back (on a device)
@@ -330,12 +350,12 @@ engine_state_dict, engine_state_from_dict = state_codec(
 ENGINE = Method(
     knobs=EngineKnobs,
     new=lambda text, logit_scale, seed, knobs: new_engine_state(
-        text.names, text.sem, text.sem_mask, logit_scale, seed, knobs
+        text.raw_names if knobs.embeddings == "raw" else text.names, text.sem, text.sem_mask, logit_scale, seed, knobs
     ),
     train=lambda state, task, gen: train_engine_task(
         state, task.read, task.rows, task.classes, gen, task.read_views
     ),
-    logits=lambda state: lambda r: engine_logits(state, r.g),
+    logits=lambda state: lambda r: engine_logits(state, rows_as(r, state.knobs.embeddings), r.pre),
     to_dict=engine_state_dict,
     from_dict=engine_state_from_dict,
 )
