@@ -136,7 +136,7 @@ def _patch_scores(
     proj_sem = (side or class_side(state, n)).sem
     kk, chunk = min(k.k_patches, p.shape[1]), None if torch.is_grad_enabled() else k.class_chunk
     pool = lambda S, m: pooled_score(
-        S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check
+        S, pool=k.pool, mask=m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check
     )
     if projected and (k.selection != "agnostic" or p.shape[1] > kk):
         raise SpaError(f"projected patches must be agnostic sets of {kk}: pass {p.shape[1]} unprojected")
