@@ -46,7 +46,7 @@ def col_error(plan): return float(np.abs(np.asarray(plan).sum(-2) - 1 / plan.sha
 def bench_speed(B=64, C=100, k=16, m=8, d=512, eps=0.1, ot_iters=50):
     "Print batched-vs-loop timings, ratio, plan difference and convergence."
     Cm = costs(B * C, k, m, d)
-    t_ours, plan = best_time(lambda: sinkhorn(Cm.view(B, C, k, m), eps, ot_iters=ot_iters))
+    t_ours, plan = best_time(lambda: sinkhorn(Cm.view(B, C, k, m), eps=eps, ot_iters=ot_iters))
     t_batch, pb = best_time(lambda: ot.batch.solve_batch(Cm, eps, max_iter=ot_iters, tol=0, method="log_sinkhorn").plan)
     t0 = time.perf_counter(); ref = pot_loop(Cm.numpy(), eps, ot_iters); t_loop = time.perf_counter() - t0
     plan = plan.reshape(B * C, k, m).numpy()

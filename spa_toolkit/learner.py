@@ -136,7 +136,7 @@ def _patch_scores(
     proj_sem = (side or class_side(state, n)).sem
     kk, chunk = min(k.k_patches, p.shape[1]), None if torch.is_grad_enabled() else k.class_chunk
     pool = lambda S, m: pooled_score(
-        S, k.pool, m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check
+        S, pool=k.pool, mask=m, eps=k.eps, ot_iters=k.ot_iters, eps_relative=k.eps_relative, check=check
     )
     if projected and (k.selection != "agnostic" or p.shape[1] > kk):
         raise SpaError(f"projected patches must be agnostic sets of {kk}: pass {p.shape[1]} unprojected")
@@ -319,7 +319,7 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     params = state.proj.add_task(gen).freeze_old()
     # the frozen adapters' part of every class input and of the task's rows: one pass per task, not per step
     frozen, vis = frozen_class_side(state, n_seen), state.proj.visual
-    task, stack = _step_rows(state, *data, vis.frozen_sum), vis.frozen_stack()
+    task, stack = _step_rows(state, data.g, data.p, data.y, vis.frozen_sum), vis.frozen_stack()
     n, bs = len(data.y), k.batch_size
     n_batches = math.ceil(n / bs)
     opt, sched = _optimizer(params, k, k.epochs * n_batches)

@@ -9,21 +9,28 @@ from itertools import repeat
 
 import torch
 
-from .base import CLASS_CHUNK, EPS, EPS_RELATIVE, K_PATCHES, OT_ITERS, POOL, POOLS, SpaError
+from .base import (CLASS_CHUNK, EPS, EPS_RELATIVE, K_PATCHES, OT_ITERS, POOL, POOLS, SELECTIONS,
+                              SpaError, check_choice)
 from .core import as_float_tensors, check_finite, check_unit
-from .patches import (check_patch_inputs, class_chunks, patch_similarity, relevance, select_patches,
-                                 select_patch_sets, select_patches_for_labels, topk_patches)
+from .patches import (check_patch_inputs, class_chunks, patch_similarity, relevance,
+                                 select_patches, select_patch_sets, select_patches_for_labels, topk_patches)
+
 
 # %% auto #0
 __all__ = ['sinkhorn', 'relative_cost', 'sim_ot_plan', 'sim_ot_score', 'ot_score', 'plan_entropy', 'semi_relaxed_plan',
            'pooled_score', 'patch_ot_scores', 'label_ot_scores', 'spa_patch_scores']
 
 # %% ../nbs/06_ot.ipynb #aa4b8482
-def _log_marginal(w: torch.Tensor | None, n: int, dtype, device, what: str, check: bool = True) -> torch.Tensor:
-    "Log-weights [..., n] of a marginal: uniform for None; zero weights become exactly -inf; values checked when `check`."
+def _log_marginal(w: torch.Tensor | None, n: int, dtype, device, what: str,
+                  check: bool = True) -> torch.Tensor:
+    """Log-weights [..., n] of a marginal: uniform for None; zero weights become exactly -inf; values checked
+    when `check`."""
     if w is None: return torch.full((n,), -math.log(n), dtype=dtype, device=device)
-    if w.shape[-1] != n: raise SpaError(f"{what} has {w.shape[-1]} weights but the cost matrix has {n} along that side: pass [..., {n}]")
-    if check and (check_finite(w, what) < 0).any(): raise SpaError(f"{what} has negative weights: marginals must be non-negative")
+    if w.shape[-1] != n:
+        raise SpaError(f"{what} has {w.shape[-1]} weights but the cost matrix has {n} along that side: "
+                       f"pass [..., {n}]")
+    if check and (check_finite(w, what) < 0).any():
+        raise SpaError(f"{what} has negative weights: marginals must be non-negative")
     w = w.to(dtype)
     return torch.where(w > 0, w.clamp_min(torch.finfo(dtype).tiny).log(), float("-inf"))
 
@@ -33,18 +40,22 @@ def _check_mass(loga: torch.Tensor, logb: torch.Tensor):
     if not (torch.isfinite(ma).all() and torch.isfinite(mb).all()):
         raise SpaError("a marginal has zero total mass: every problem needs a positive weight on each side")
     if (ma - mb).abs().max() > 1e-4:
-        raise SpaError(f"the marginals carry different total mass (up to {float((ma - mb).abs().max()):.3g} in log): normalise a and b to sum to 1")
+        raise SpaError(f"the marginals carry different total mass (up to {float((ma - mb).abs().max()):.3g} "
+                       "in log): normalise a and b to sum to 1")
 
 def _prepare(C, eps, a, b, check: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Validate a Sinkhorn problem (its values too when `check`); return K = -C/eps and the log-marginals in the working dtype."
+    """Validate a Sinkhorn problem (its values too when `check`); return K = -C/eps and the log-marginals in
+    the working dtype."""
     if C.ndim < 2: raise SpaError(f"the cost must be [..., n, m], got shape {tuple(C.shape)}")
-    if not eps > 0: raise SpaError(f"eps={eps}: the entropic regularisation must be positive (the default is {EPS})")
+    if not eps > 0:
+        raise SpaError(f"eps={eps}: the entropic regularisation must be positive (the default is {EPS})")
     if check: check_finite(C, "the OT cost matrix")
     dt = torch.promote_types(C.dtype, torch.float32)
     loga = _log_marginal(a, C.shape[-2], dt, C.device, "the source marginal a", check)
     logb = _log_marginal(b, C.shape[-1], dt, C.device, "the target marginal b", check)
     if check: _check_mass(loga, logb)
     return -C.to(dt) / eps, loga, logb
+
 
 # %% ../nbs/06_ot.ipynb #a8e0286d
 def _col_error(K, u, v, logb) -> float:
@@ -60,7 +71,8 @@ def _potentials(K, loga, logb, ot_iters: int, tol: float | None) -> tuple[torch.
         u = loga - torch.logsumexp(K + v[..., None, :], dim=-1)
         if tol is not None and it % 10 == 9 and _col_error(K, u, v, logb) < tol: return u, v
     if tol is not None and (err := _col_error(K, u, v, logb)) >= tol:
-        warnings.warn(f"Sinkhorn stopped at ot_iters={ot_iters} with marginal error {err:.2e} > tol={tol}: raise ot_iters or eps")
+        warnings.warn(f"Sinkhorn stopped at ot_iters={ot_iters} with marginal error {err:.2e} > tol={tol}: "
+                      "raise ot_iters or eps")
     return u, v
 
 def _plan(C, eps, a=None, b=None, ot_iters=OT_ITERS, tol=None, check=True) -> torch.Tensor:
@@ -71,78 +83,102 @@ def _plan(C, eps, a=None, b=None, ot_iters=OT_ITERS, tol=None, check=True) -> to
 
 # %% ../nbs/06_ot.ipynb #61a7b92d
 def sinkhorn(C: torch.Tensor, # [..., n, m] cost matrices, any leading (batch) dims
+             *,
              eps: float = EPS, # entropic regularisation epsilon
              a: torch.Tensor | None = None, # [..., n] source marginal (broadcast); None: uniform 1/n
-             b: torch.Tensor | None = None, # [..., m] target marginal (broadcast); None: uniform 1/m; zeros allowed
+             b: torch.Tensor | None = None, # [..., m] target marginal, zeros allowed (broadcast); None: 1/m
              ot_iters: int = OT_ITERS, # Sinkhorn sweeps (the maximum when `tol` is set)
-             tol: float | None = None, # stop when the marginal error drops below this (checked every 10 sweeps; syncs a GPU); None: fixed ot_iters
+             tol: float | None = None, # stop below this marginal error (checked every 10 sweeps; syncs a GPU)
             ) -> torch.Tensor: # [..., n, m] transport plans, dtype of `C`
     "Entropic OT plans [..., n, m] for a batch of cost matrices [..., n, m] by log-domain Sinkhorn."
     return _plan(C, eps, a, b, ot_iters, tol).to(C.dtype)
 
+
 # %% ../nbs/06_ot.ipynb #61967825
 def _mask_weights(mask: torch.Tensor, m: int, check: bool = True) -> torch.Tensor:
     "Uniform weights [..., m] over the True entries of `mask` (checked for an empty row when `check`)."
-    if mask.shape[-1] != m: raise SpaError(f"the description mask has {mask.shape[-1]} entries but there are {m} semantic tokens")
+    if mask.shape[-1] != m:
+        raise SpaError(f"the description mask has {mask.shape[-1]} entries but there are {m} semantic tokens")
     mask = mask.bool()
-    if check and not mask.any(-1).all(): raise SpaError("a description mask is all False: every class needs at least one real description")
+    if check and not mask.any(-1).all():
+        raise SpaError("a description mask is all False: every class needs at least one real description")
     return mask / mask.sum(-1, keepdim=True)
 
 def relative_cost(S: torch.Tensor, # [..., k, M] similarities
                   mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
-                 ) -> torch.Tensor: # [..., k, M] cost, spread 1 over the real entries of each problem
-    "The cost $1 - S$ [..., k, M] divided by its spread (max − min over real entries, held constant), so ε is relative to it."
+                 ) -> torch.Tensor: # [..., k, M] cost, spread 1 over each problem's real entries
+    """The cost $1 - S$ [..., k, M] divided by its spread (max − min over real entries, held constant), so
+    ε is relative to it."""
     real = torch.ones_like(S, dtype=torch.bool) if mask is None else mask.bool()[..., None, :].expand_as(S)
     spread = S.masked_fill(~real, -torch.inf).amax((-2, -1)) - S.masked_fill(~real, torch.inf).amin((-2, -1))
     return (1 - S) / spread.detach().clamp_min(1e-6)[..., None, None]
 
 def sim_ot_plan(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
-                eps: float = EPS, # entropic regularisation (a fraction of the cost spread when `eps_relative`)
+                *,
+                eps: float = EPS, # entropic regularisation (a fraction of the spread when `eps_relative`)
                 mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
                 ot_iters: int = OT_ITERS, # Sinkhorn sweeps
-                eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread (`relative_cost`)
-                check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
+                eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
+                check: bool = True, # validate the values (host syncs on a GPU); False: the caller did, once
                ) -> torch.Tensor: # [..., k, M] plans, at least float32
-    "Entropic OT plans [..., k, M] between patches and real descriptions (uniform) for the cost $1 - S$, S [..., k, M]."
+    """Entropic OT plans [..., k, M] between patches and real descriptions (uniform) for the cost $1 - S$,
+    S [..., k, M]."""
     b = None if mask is None else _mask_weights(mask, S.shape[-1], check)
-    return _plan(relative_cost(S, mask) if eps_relative else 1 - S, eps, b=b, ot_iters=ot_iters, check=check)
+    C = relative_cost(S, mask) if eps_relative else 1 - S
+    return _plan(C, eps, b=b, ot_iters=ot_iters, check=check)
 
 def sim_ot_score(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
-                 eps: float = EPS, # entropic regularisation (a fraction of the cost spread when `eps_relative`)
+                 *,
+                 eps: float = EPS, # entropic regularisation (a fraction of the spread when `eps_relative`)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
                  ot_iters: int = OT_ITERS, # Sinkhorn sweeps
                  detach_plan: bool = True, # hold the plan constant for the gradient
                  eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
-                 check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
+                 check: bool = True, # validate the values (host syncs on a GPU); False: the caller did, once
                 ) -> torch.Tensor: # [...] OT scores, at least float32
-    "OT scores [...] $\\langle \\Pi^*, S \\rangle$ of similarities S [..., k, M], with cost $1 - S$ and uniform marginals."
+    """OT scores [...] $\\langle \\Pi^*, S \\rangle$ of similarities S [..., k, M], with cost $1 - S$ and
+    uniform marginals."""
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan):
-        plan = sim_ot_plan(S, eps, mask, ot_iters, eps_relative, check)
+        plan = sim_ot_plan(S, eps=eps, mask=mask, ot_iters=ot_iters, eps_relative=eps_relative, check=check)
     return (plan * S.to(plan.dtype)).sum((-2, -1))
+
+def _check_ot_inputs(Z: torch.Tensor, T: torch.Tensor):
+    "Fail unless Z [..., k, d] and T [..., M, d] are finite unit rows of one d, at least one of each."
+    if Z.ndim < 2 or T.ndim < 2 or Z.shape[-1] != T.shape[-1]:
+        raise SpaError(f"Z {tuple(Z.shape)} and T {tuple(T.shape)} must be [..., k, d] and [..., M, d] "
+                       "with the same d")
+    if 0 in (Z.shape[-2], T.shape[-2]):
+        raise SpaError(f"Z {tuple(Z.shape)} and T {tuple(T.shape)}: pass at least one patch and one token")
+    check_unit(check_finite(Z, "the selected patches Z"), "the selected patches Z")
+    check_unit(check_finite(T, "the semantic tokens T"), "the semantic tokens T")
 
 def ot_score(Z: torch.Tensor, # [..., k, d] selected patches (unit rows)
              T: torch.Tensor, # [..., M, d] semantic tokens (unit rows); leading dims broadcast with Z's
+             *,
              eps: float = EPS, # entropic regularisation
              mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
              ot_iters: int = OT_ITERS, # Sinkhorn sweeps
              detach_plan: bool = True, # hold the plan constant for the gradient
              eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
             ) -> torch.Tensor: # [...] OT scores
-    "Patch-level scores [...] $\\langle \\Pi^*, Z T^\\top \\rangle$ of entropic OT between patches Z [..., k, d] and tokens T [..., M, d]."
-    Z, T = as_float_tensors((Z, "the selected patches Z"), (T, "the semantic tokens T"))  # float16 with float32: float32
-    if Z.ndim < 2 or T.ndim < 2 or Z.shape[-1] != T.shape[-1]:
-        raise SpaError(f"Z {tuple(Z.shape)} and T {tuple(T.shape)} must be [..., k, d] and [..., M, d] with the same d")
-    if 0 in (Z.shape[-2], T.shape[-2]): raise SpaError(f"Z {tuple(Z.shape)} and T {tuple(T.shape)}: pass at least one patch and one token")
-    check_unit(check_finite(Z, "the selected patches Z"), "the selected patches Z"); check_unit(check_finite(T, "the semantic tokens T"), "the semantic tokens T")
+    """Patch-level scores [...] $\\langle \\Pi^*, Z T^\\top \\rangle$ of entropic OT between patches
+    Z [..., k, d] and tokens T [..., M, d]."""
+    # float16 with float32: float32
+    Z, T = as_float_tensors((Z, "the selected patches Z"), (T, "the semantic tokens T"))
+    _check_ot_inputs(Z, T)
     try: S = Z @ T.transpose(-1, -2)
-    except RuntimeError as e: raise SpaError(f"leading dims of Z {tuple(Z.shape)} and T {tuple(T.shape)} do not broadcast") from e
-    return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative)
+    except RuntimeError as e:
+        raise SpaError(f"leading dims of Z {tuple(Z.shape)} and T {tuple(T.shape)} do not broadcast") from e
+    return sim_ot_score(S, eps=eps, mask=mask, ot_iters=ot_iters, detach_plan=detach_plan,
+                        eps_relative=eps_relative)
+
 
 # %% ../nbs/06_ot.ipynb #feac3f9e
 def plan_entropy(plan: torch.Tensor, # [..., k, M] transport plans (total mass 1)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
                 ) -> torch.Tensor: # [...] in [0, 1]; 1: the independent (uniform) coupling
-    "Entropy [...] of each plan [..., k, M] relative to that of the independent coupling of its uniform marginals."
+    """Entropy [...] of each plan [..., k, M] relative to that of the independent coupling of its uniform
+    marginals."""
     h = -(plan * plan.clamp_min(1e-30).log()).sum((-2, -1))
     m = plan.new_tensor(plan.shape[-1]) if mask is None else mask.sum(-1).to(plan.dtype)
     return h / (math.log(plan.shape[-2]) + m.log()).clamp_min(1e-12)
@@ -153,51 +189,60 @@ def _description_weights(S: torch.Tensor, mask: torch.Tensor | None, check: bool
     return _mask_weights(mask, S.shape[-1], check).to(S.dtype)
 
 def semi_relaxed_plan(S: torch.Tensor, # [..., k, M] similarities
-                      eps: float = EPS, # entropic regularisation (a fraction of each problem's cost spread when `eps_relative`)
+                      *,
+                      eps: float = EPS, # entropic regularisation (a fraction of the spread if `eps_relative`)
                       mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions
                       eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
-                      check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
-                     ) -> torch.Tensor: # [..., k, M] plans: columns sum to the description weights, rows are free
-    "Entropic OT plans [..., k, M] that keep the descriptions' marginal and free the patches': a softmax of patches per description."
+                      check: bool = True, # validate the values (syncs a GPU); False: the caller did, once
+                     ) -> torch.Tensor: # [..., k, M] plans: columns sum to the descriptions' weights
+    """Entropic OT plans [..., k, M] that keep the descriptions' marginal and free the patches': a softmax of
+    patches per description."""
     b = _description_weights(S, mask, check)
     C = relative_cost(S, mask) if eps_relative else 1 - S
     return torch.softmax(-C / eps, dim=-2) * b[..., None, :]
 
 def pooled_score(S: torch.Tensor, # [..., k, M] similarities of selected patches to semantic tokens
+                 *,
                  pool: str = POOL, # "ot", "semi_ot", "mean" or "max" (see `base.POOLS`)
                  mask: torch.Tensor | None = None, # [..., M] bool, True for real descriptions (broadcast)
                  eps: float = EPS, # OT: entropic regularisation
                  ot_iters: int = OT_ITERS, # OT: Sinkhorn sweeps
                  eps_relative: bool = EPS_RELATIVE, # OT: eps relative to each problem's cost spread
                  detach_plan: bool = True, # OT: hold the plan constant for the gradient
-                 check: bool = True, # validate the values (host syncs on a GPU); False: the caller validated them once
+                 check: bool = True, # validate the values (host syncs on a GPU); False: the caller did, once
                 ) -> torch.Tensor: # [...] scores
     "Scores [...] of similarities [..., k, M]: balanced or semi-relaxed OT, mean pooling, or mean of maxima."
-    if pool == "ot": return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative, check)
+    opts = dict(eps=eps, mask=mask, eps_relative=eps_relative, check=check)
+    if pool == "ot": return sim_ot_score(S, ot_iters=ot_iters, detach_plan=detach_plan, **opts)
     if pool == "semi_ot":
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan): plan = semi_relaxed_plan(S, eps, mask, eps_relative, check)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_plan):
+            plan = semi_relaxed_plan(S, **opts)
         return (plan * S).sum((-2, -1))
     b = _description_weights(S, mask, check)
     if pool == "mean": return (S.mean(-2) * b).sum(-1)
     if pool == "max": return (S.amax(-2) * b).sum(-1)
     raise SpaError(f"pool={pool!r}: choose one of {POOLS}")
 
+
 # %% ../nbs/06_ot.ipynb #073c0024
 def _patch_inputs(patches, sem, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Patches [B, N, d] and tokens [C, M, d] in one float dtype (numpy converted), checked; with the mask [C, M]."
+    """Patches [B, N, d] and tokens [C, M, d] in one float dtype (numpy converted), checked; with the mask
+    [C, M]."""
     patches, sem = as_float_tensors((patches, "patch tokens"), (sem, "semantic tokens"))
-    if sem.ndim == 3 and sem.shape[0] == 0: raise SpaError("semantic tokens [C, M, d] hold no class (C = 0): pass at least one class")
+    if sem.ndim == 3 and sem.shape[0] == 0:
+        raise SpaError("semantic tokens [C, M, d] hold no class (C = 0): pass at least one class")
     return patches, sem, check_patch_inputs(patches, sem, mask)
 
-def _chunk_scores(patches, sem, mask, idx, k_patches, eps, ot_iters, detach_plan, eps_relative) -> torch.Tensor:
+def _chunk_scores(patches, sem, mask, idx, k_patches, opts: dict) -> torch.Tensor:
     "OT scores [B, c] of all images against one chunk of classes (selection from the similarity tensor)."
     sim = patch_similarity(patches, sem)
     idx = topk_patches(relevance(sim, mask), k_patches) if idx is None else idx
     S = sim.gather(2, idx[..., None].expand(-1, -1, -1, sim.shape[-1]))
-    return sim_ot_score(S, eps, mask, ot_iters, detach_plan, eps_relative)
+    return sim_ot_score(S, mask=mask, **opts)
 
 def patch_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     sem: torch.Tensor, # [C, M, d] semantic tokens
+                    *,
                     k_patches: int = K_PATCHES, # patches selected per (image, class)
                     eps: float = EPS, # entropic regularisation
                     mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
@@ -205,18 +250,24 @@ def patch_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     ot_iters: int = OT_ITERS, # Sinkhorn sweeps
                     detach_plan: bool = True, # hold the plan constant for the gradient
                     eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
-                    agnostic: bool = False, # one patch selection per image for all classes
+                    selection: str = "class", # "class": a set per (image, class); "agnostic": one per image
                    ) -> torch.Tensor: # [B, C] OT scores
-    "Balanced-OT scores [B, C] of patches [B, N, d] against tokens [C, M, d], per-class selection: SPA's ablation; SPA's is `spa_patch_scores`."
+    """Balanced-OT scores [B, C] of patches [B, N, d] against tokens [C, M, d], per-class selection: SPA's
+    ablation; SPA's is `spa_patch_scores`."""
+    check_choice("selection", selection, SELECTIONS)
     patches, sem, mask = _patch_inputs(patches, sem, mask)
-    idx = select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True) if agnostic else None
-    idxs = idx.split(class_chunk or sem.shape[0], 1) if agnostic else repeat(None)
-    return torch.cat([_chunk_scores(patches, s, m, i, k_patches, eps, ot_iters, detach_plan, eps_relative)
+    opts = dict(eps=eps, ot_iters=ot_iters, detach_plan=detach_plan, eps_relative=eps_relative)
+    if selection == "agnostic":
+        idx = select_patches(patches, sem, k_patches, mask, class_chunk=class_chunk, agnostic=True)
+        idxs = idx.split(class_chunk or sem.shape[0], 1)
+    else: idxs = repeat(None)
+    return torch.cat([_chunk_scores(patches, s, m, i, k_patches, opts)
                       for (s, m), i in zip(class_chunks(sem, mask, class_chunk), idxs)], 1)
 
 def label_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     sem: torch.Tensor, # [C, M, d] semantic tokens
                     labels: torch.Tensor, # [B] long, each image's class (row of `sem`)
+                    *,
                     k_patches: int = K_PATCHES, # patches selected per image
                     eps: float = EPS, # entropic regularisation
                     mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
@@ -224,13 +275,17 @@ def label_ot_scores(patches: torch.Tensor, # [B, N, d] patch tokens
                     detach_plan: bool = True, # hold the plan constant for the gradient
                     eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                    ) -> torch.Tensor: # [B] OT score of each image with its own class
-    "Training path: OT scores [B] of patches [B, N, d] against their labels' semantic tokens only (of [C, M, d])."
+    """Training path: OT scores [B] of patches [B, N, d] against their labels' semantic tokens only (of
+    [C, M, d])."""
     Z = select_patches_for_labels(patches, sem, labels, k_patches, mask)
-    return ot_score(Z, sem[labels], eps, None if mask is None else mask[labels], ot_iters, detach_plan, eps_relative)
+    return ot_score(Z, sem[labels], eps=eps, mask=None if mask is None else mask[labels], ot_iters=ot_iters,
+                    detach_plan=detach_plan, eps_relative=eps_relative)
+
 
 # %% ../nbs/06_ot.ipynb #985c3888
 def spa_patch_scores(patches: torch.Tensor, # [B, N, d] patch tokens (float16 from the cache is promoted)
                      sem: torch.Tensor, # [C, M, d] semantic tokens
+                     *,
                      k_patches: int = K_PATCHES, # patches in each image's one set
                      mask: torch.Tensor | None = None, # [C, M] bool, True for real descriptions
                      pool: str = POOL, # "semi_ot" (SPA's), "ot", "mean" or "max" (see `pooled_score`)
@@ -240,8 +295,11 @@ def spa_patch_scores(patches: torch.Tensor, # [B, N, d] patch tokens (float16 fr
                      eps_relative: bool = EPS_RELATIVE, # eps relative to each problem's cost spread
                      detach_plan: bool = True, # hold the plan constant for the gradient
                     ) -> torch.Tensor: # [B, C] scores
-    "SPA's patch scores [B, C] of patches [B, N, d] against tokens [C, M, d]: one agnostic set per image, semi-relaxed OT."
+    """SPA's patch scores [B, C] of patches [B, N, d] against tokens [C, M, d]: one agnostic set per image,
+    semi-relaxed OT."""
     patches, sem, mask = _patch_inputs(patches, sem, mask)
     Z = select_patch_sets(patches, sem, k_patches, mask, class_chunk)  # [B, k, d]
-    return torch.cat([pooled_score(torch.einsum("bkd,cmd->bckm", Z, t), pool, m, eps, ot_iters, eps_relative, detach_plan)
+    opts = dict(pool=pool, eps=eps, ot_iters=ot_iters, eps_relative=eps_relative, detach_plan=detach_plan)
+    return torch.cat([pooled_score(torch.einsum("bkd,cmd->bckm", Z, t), mask=m, **opts)
                       for t, m in class_chunks(sem, mask, class_chunk)], 1)
+

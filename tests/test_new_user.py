@@ -51,10 +51,10 @@ def test_spa_patch_scores_is_the_learners_frozen_score_and_takes_float16():
     from spa_toolkit.patches import select_patch_sets, toy_world
     P, S = toy_world(n_classes=5, generator=torch.Generator().manual_seed(0))
     Z = select_patch_sets(P, S, 8)
-    want = pooled_score(torch.einsum("bkd,cmd->bckm", Z, S), "semi_ot")
-    torch.testing.assert_close(spa_patch_scores(P, S, 8, class_chunk=2), want)
-    torch.testing.assert_close(spa_patch_scores(P.half(), S, 8), spa_patch_scores(P.half().float(), S, 8), rtol=0, atol=0)
-    torch.testing.assert_close(patch_ot_scores(P.half(), S, 8), patch_ot_scores(P.half().float(), S, 8), rtol=0, atol=0)
+    want = pooled_score(torch.einsum("bkd,cmd->bckm", Z, S), pool="semi_ot")
+    torch.testing.assert_close(spa_patch_scores(P, S, k_patches=8, class_chunk=2), want)
+    torch.testing.assert_close(spa_patch_scores(P.half(), S, k_patches=8), spa_patch_scores(P.half().float(), S, k_patches=8), rtol=0, atol=0)
+    torch.testing.assert_close(patch_ot_scores(P.half(), S, k_patches=8), patch_ot_scores(P.half().float(), S, k_patches=8), rtol=0, atol=0)
     assert "`spa_patch_scores`" in README and "ablation" in README
     assert "spa_patch_scores(" in (ROOT / "nbs" / "10a_recipes.ipynb").read_text()
 
@@ -218,9 +218,9 @@ def test_library_inputs_checked_or_converted():
     with pytest.raises(SpaError, match="must be a torch tensor"): ot_score(Z.numpy(), S.numpy())
     for bad, match in ((Z.int(), "floating point"), (Z.to("meta"), "meta tensor"), (Z[:, :0], "at least one patch")):
         with pytest.raises(SpaError, match=match): ot_score(bad, S if bad.device.type != "meta" else S.to("meta"))
-    with pytest.raises(SpaError, match="must be a torch tensor"): patch_ot_scores(P.numpy(), S, 4)
+    with pytest.raises(SpaError, match="must be a torch tensor"): patch_ot_scores(P.numpy(), S, k_patches=4)
     for bad, sem, match in ((P.int(), S, "floating point"), (P.to("meta"), S.to("meta"), "meta tensor"), (P, S[:0], "no class")):
-        with pytest.raises(SpaError, match=match): patch_ot_scores(bad, sem, 4)
+        with pytest.raises(SpaError, match=match): patch_ot_scores(bad, sem, k_patches=4)
 
 
 # 10. docs that drifted

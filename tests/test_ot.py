@@ -25,7 +25,7 @@ def pot_plan(a, b, C, eps, ot_iters=5000):
 def test_plans_match_pot_loop(eps):
     Z, T = unit(6, 16, 32, seed=1), unit(6, 8, 32, seed=2)
     C = 1 - Z @ T.transpose(-1, -2)
-    plan = sinkhorn(C, eps, ot_iters=5000, tol=1e-13)
+    plan = sinkhorn(C, eps=eps, ot_iters=5000, tol=1e-13)
     ref = np.stack([pot_plan(np.full(16, 1 / 16), np.full(8, 1 / 8), c.numpy(), eps) for c in C])
     assert np.abs(plan.numpy() - ref).max() < 1e-6
 
@@ -35,7 +35,7 @@ def test_plans_match_pot_with_weights_and_leading_dims():
     a = torch.rand(2, 1, 10, dtype=torch.float64, generator=gen(4)) + 0.1
     b = torch.rand(3, 6, dtype=torch.float64, generator=gen(5)) + 0.1
     a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
-    plan = sinkhorn(C, 0.2, a=a, b=b, ot_iters=5000, tol=1e-13)
+    plan = sinkhorn(C, eps=0.2, a=a, b=b, ot_iters=5000, tol=1e-13)
     for i in range(2):
         for j in range(3):
             ref = pot_plan(a[i, 0].numpy(), b[j].numpy(), C[i, j].numpy(), 0.2)
@@ -45,7 +45,7 @@ def test_plans_match_pot_with_weights_and_leading_dims():
 def test_plans_match_pot_batch_solver():
     C = 1 - unit(32, 16, 16, seed=6) @ unit(32, 8, 16, seed=7).transpose(-1, -2)
     ref = ot.batch.solve_batch(C, 0.1, max_iter=5000, tol=1e-13, method="log_sinkhorn").plan
-    assert (sinkhorn(C, 0.1, ot_iters=5000, tol=1e-13) - ref).abs().max() < 1e-6
+    assert (sinkhorn(C, eps=0.1, ot_iters=5000, tol=1e-13) - ref).abs().max() < 1e-6
 
 
 def test_scores_match_pot_loop():
@@ -68,11 +68,11 @@ def test_score_approaches_exact_ot_as_eps_shrinks():
 
 def test_marginals_uniform_and_masked():
     C = 1 - unit(4, 16, 32, seed=12) @ unit(4, 8, 32, seed=13).transpose(-1, -2)
-    plan = sinkhorn(C, 0.1, ot_iters=500, tol=1e-12)
+    plan = sinkhorn(C, eps=0.1, ot_iters=500, tol=1e-12)
     assert torch.allclose(plan.sum(-1), torch.full((4, 16), 1 / 16, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(plan.sum(-2), torch.full((4, 8), 1 / 8, dtype=torch.float64), atol=1e-10)
     mask = torch.tensor([True] * 5 + [False] * 3)
-    pm = sinkhorn(C, 0.1, b=mask / mask.sum(), ot_iters=500)
+    pm = sinkhorn(C, eps=0.1, b=mask / mask.sum(), ot_iters=500)
     assert pm[..., 5:].abs().max() == 0
     assert torch.allclose(pm.sum(-2)[..., :5], torch.full((4, 5), 0.2, dtype=torch.float64), atol=1e-10)
 
@@ -83,11 +83,11 @@ def test_tol_stops_early_and_warns_when_short(monkeypatch):
     monkeypatch.setattr(ot_module, "_col_error", lambda *a, f=ot_module._col_error: checks.append(1) or f(*a))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        early = sinkhorn(C, 0.1, ot_iters=5000, tol=1e-10)
+        early = sinkhorn(C, eps=0.1, ot_iters=5000, tol=1e-10)
     assert 0 < len(checks) < 5000 // 10  # checked every 10 sweeps, and stopped well before the last one
-    assert torch.allclose(early, sinkhorn(C, 0.1, ot_iters=5000), atol=1e-9)
+    assert torch.allclose(early, sinkhorn(C, eps=0.1, ot_iters=5000), atol=1e-9)
     with pytest.warns(UserWarning, match="raise ot_iters or eps"):
-        sinkhorn(C, 0.01, ot_iters=3, tol=1e-12)
+        sinkhorn(C, eps=0.01, ot_iters=3, tol=1e-12)
 
 
 def test_gradcheck_full_autograd():
@@ -102,10 +102,10 @@ def test_detached_gradient_is_the_envelope_gradient():
     eps = 0.2
     def reg_value(z, t):
         C = 1 - z @ t.T
-        P = sinkhorn(C, eps, ot_iters=3000, tol=1e-14)
+        P = sinkhorn(C, eps=eps, ot_iters=3000, tol=1e-14)
         return 1 - ((P * C).sum() + eps * (P * (P.log() - 1)).sum())
     Z, T = unit(4, 5, seed=18), unit(3, 5, seed=19)
-    gz, gt = torch.autograd.grad(ot_score(Z.requires_grad_(), T.requires_grad_(), eps, eps_relative=False, ot_iters=3000), (Z, T))
+    gz, gt = torch.autograd.grad(ot_score(Z.requires_grad_(), T.requires_grad_(), eps=eps, eps_relative=False, ot_iters=3000), (Z, T))
     for x, g in ((Z, gz), (T, gt)):
         for idx in np.ndindex(*x.shape):
             h = torch.zeros_like(x); h[idx] = 1e-6
@@ -131,7 +131,7 @@ def test_nan_free_small_eps_float32(detach):
     gz, gt = torch.autograd.grad(s.sum(), (Z, T))
     assert torch.isfinite(s).all() and torch.isfinite(gz).all() and torch.isfinite(gt).all()
     extreme = torch.cat([torch.zeros(8, 16, 8), 2 * torch.ones(8, 16, 8)])  # cosine costs at both ends of [0, 2]
-    assert torch.isfinite(sinkhorn(extreme, 0.01, ot_iters=200)).all()
+    assert torch.isfinite(sinkhorn(extreme, eps=0.01, ot_iters=200)).all()
 
 
 def test_half_precision_is_upcast():
@@ -139,7 +139,7 @@ def test_half_precision_is_upcast():
     ref = ot_score(Z, T, ot_iters=100)
     sb = ot_score(Z.bfloat16(), T.bfloat16(), ot_iters=100)
     assert sb.dtype == torch.float32 and (sb - ref).abs().max() < 2e-2
-    plan = sinkhorn(1 - Z.half() @ T.half().transpose(-1, -2), 0.01, ot_iters=100)
+    plan = sinkhorn(1 - Z.half() @ T.half().transpose(-1, -2), eps=0.01, ot_iters=100)
     assert plan.dtype == torch.float16 and torch.isfinite(plan).all()
 
 
@@ -172,8 +172,8 @@ def test_patch_ot_scores_chunked_equals_unchunked_and_loop():
     loop = torch.stack([torch.stack([ot_score(P[b, (P[b] @ T[c][mask[c]].T).amax(1).topk(8).indices], T[c][mask[c]])
                                      for c in range(9)]) for b in range(6)])
     assert torch.allclose(full, loop, atol=1e-5)
-    agn = patch_ot_scores(P, T, k_patches=8, mask=mask, agnostic=True)
-    assert torch.allclose(patch_ot_scores(P, T, k_patches=8, mask=mask, agnostic=True, class_chunk=2), agn, atol=1e-6)
+    agn = patch_ot_scores(P, T, k_patches=8, mask=mask, selection="agnostic")
+    assert torch.allclose(patch_ot_scores(P, T, k_patches=8, mask=mask, selection="agnostic", class_chunk=2), agn, atol=1e-6)
     assert torch.allclose(agn, ot_score(gather_patches(P, select_patches(P, T, 8, mask, agnostic=True)), T, mask=mask), atol=1e-5)
 
 
