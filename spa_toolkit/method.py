@@ -72,7 +72,7 @@ class TextSide:
     names: torch.Tensor # [C, d] template-averaged class-name embeddings, unit norm
     sem: torch.Tensor # [C, M, d] semantic tokens, unit rows (zero where padded)
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
-    name_norms: torch.Tensor | None = None # [C] mean raw norm of each class's template embeddings (None: ones)
+    name_norms: torch.Tensor | None = None # [C] mean raw norm of each class's template embeddings (None: 1)
 
     def __post_init__(self):
         "Check the masks once, here: training steps then pool with them unchecked, reading nothing back."
@@ -96,14 +96,15 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
                      n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
                     ) -> TextSide:
-    """Class-name embeddings [C, d] (with raw norms [C]) and semantic tokens [C, M, d] (with mask [C, M]) of every
-    class, encoded once."""
+    """Class-name embeddings [C, d] (with raw norms [C]) and semantic tokens [C, M, d] (with mask [C, M])
+    of every class, encoded once."""
     sem = semantic_tokens(class_names, descriptions, clip, template=sem_template, n_desc=n_desc)
     cn = class_name_embeddings(clip, class_names, templates)
     return TextSide(cn.emb, sem.tokens.float(), sem.mask, cn.norms)
 
 # %% ../nbs/08b_method.ipynb #bf7dd9f1
-FEATURE_KINDS = ("unit", "raw", "pre") # which global feature a reader gives: unit norm, CLIP's raw one, before `proj`
+# which global feature a reader gives: unit norm, CLIP's raw one, or the one before `visual.proj`
+FEATURE_KINDS = ("unit", "raw", "pre")
 
 class Rows(NamedTuple):
     "Some cached rows as tensors."
@@ -123,7 +124,8 @@ class Rows(NamedTuple):
     def kind(self, kind: str) -> torch.Tensor:
         "The global feature of one of `FEATURE_KINDS`: unit [n, d], raw [n, d] or pre-projection [n, w]."
         if kind == "pre":
-            if self.pre is None: raise SpaError("pre-projection features were not read: read the rows with pre=True")
+            if self.pre is None:
+                raise SpaError("pre-projection features were not read: read the rows with pre=True")
             return self.pre
         if kind not in FEATURE_KINDS: raise SpaError(f"feature kind {kind!r}: choose one of {FEATURE_KINDS}")
         return self.raw if kind == "raw" else self.g
@@ -150,8 +152,10 @@ def rows(feats: FeatureSet, # cached features of one split
     p = _tensor(feats.patches[idx], device, f"cached patch tokens in {where}") \
         if patches and feats.patches is not None else None
     g = _tensor(feats.global_[idx], device, f"cached features in {where}", np.float32)
-    norm = None if feats.global_norm is None else _tensor(feats.global_norm[idx], device, f"cached norms in {where}")
-    f = _tensor(feats.pre[idx], device, f"cached pre-projection features in {where}", np.float32) if pre else None
+    norm = (None if feats.global_norm is None
+            else _tensor(feats.global_norm[idx], device, f"cached norms in {where}"))
+    f = None if not pre else _tensor(feats.pre[idx], device, f"cached pre-projection features in {where}",
+                                     np.float32)
     return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device), norm, f)
 
 # %% ../nbs/08b_method.ipynb #37238685
@@ -176,7 +180,7 @@ class Task(NamedTuple):
     classes: list[int] # the task's new classes, contiguous, right after the seen ones
     rows: np.ndarray # [n] sorted rows of the task's training images in `feats`
     feats: FeatureSet # the training split's feature cache
-    read: Reader # (rows, kind="unit") -> (global features [n, d] of that kind, labels [n]) on the run's device
+    read: Reader # (rows, kind="unit") -> (global features [n, d] of that kind, labels [n]), on the device
     read_views: ViewReader | None = None # cached noisy views (None: none prepared)
 
 def task_reader(feats: FeatureSet, # the training split's feature cache

@@ -203,7 +203,11 @@ def test_a_class_without_descriptions_is_refused():
 
 def test_the_peer_reads_the_text_side(prep):
     st = get_method("engine").new(prep.text, prep.logit_scale, 0, EngineKnobs())
-    assert st.sem is prep.text.sem and st.sem_mask is prep.text.sem_mask and st.names is prep.text.names
+    assert st.sem is prep.text.sem and st.sem_mask is prep.text.sem_mask
+    torch.testing.assert_close(st.names, prep.text.raw_names, rtol=0, atol=0)  # the authors': raw name embeddings
+    assert not torch.allclose(st.names.norm(dim=1), torch.ones(len(st.names)))
+    unit = get_method("engine").new(prep.text, prep.logit_scale, 0, EngineKnobs(embeddings="unit"))
+    assert unit.names is prep.text.names
 
 
 def test_the_loop_refuses_engine_without_its_views(prep):

@@ -142,12 +142,12 @@ def fields_codec(version: int, # the layout version the peer writes and reads
 
 
 # %% ../../nbs/09_peers.ipynb #306829f3
-EMBEDDINGS = ("raw", "unit") # a peer's `embeddings` knob: CLIP's raw embeddings (its authors'), or unit vectors
+EMBEDDINGS = ("raw", "unit") # a peer's `embeddings` knob: CLIP's raw embeddings (the authors'), or unit ones
 
 def check_embeddings(knobs: Knobs): # with an `embeddings` field
     "Raise `SpaError` unless `knobs.embeddings` is one of `EMBEDDINGS`."
     if knobs.embeddings not in EMBEDDINGS:
-        raise SpaError(f"embeddings={knobs.embeddings!r}: choose 'raw' (the authors' raw CLIP embeddings) or 'unit'")
+        raise SpaError(f"embeddings={knobs.embeddings!r}: choose 'raw' (the authors' embeddings) or 'unit'")
 
 def read_as(read: Callable, # a task's reader: (rows, kind="unit") -> (features, labels)
             idx, # sorted cache rows [n]

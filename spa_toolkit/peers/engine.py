@@ -42,14 +42,15 @@ class EngineKnobs(Knobs):
     rerank: float = 0.5 # weight rho of the re-ranked description score in the rest
     rerank_top: int = 5 # candidates re-ranked per image (`rerank_top`)
     views: int | None = None # cached noisy views per image (None: one per epoch, as the authors; 0: clean)
-    embeddings: str = "raw" # what the adapters and prototypes take: "raw" CLIP embeddings (the authors'), or "unit"
-    discriminant: str = "pre" # the GDA's features: "pre" (unit pre-projection [CLS], the authors'), or "global"
+    embeddings: str = "raw" # what adapters and prototypes take: "raw" embeddings (the authors') or "unit"
+    discriminant: str = "pre" # the GDA reads: "pre" (unit pre-projection [CLS]: the authors') or "global"
 
     def check(self):
         check_least(self, epochs=0, batch_size=1, rerank_top=1)
         check_embeddings(self)
         if self.discriminant not in ("pre", "global"):
-            raise SpaError(f"discriminant={self.discriminant!r}: choose 'pre' (before visual.proj, the authors') or 'global'")
+            raise SpaError(
+                f"discriminant={self.discriminant!r}: choose 'pre' (the authors') or 'global'")
         if self.views is not None: check_least(self, views=0)
         for name in ("weight_decay", "momentum", "text_des", "image_aug", "sample_noise"):
             if getattr(self, name) < 0: raise SpaError(f"{name}={getattr(self, name)} must be >= 0")
@@ -62,7 +63,7 @@ class EngineKnobs(Knobs):
     def uses_descriptions(self) -> bool: return True # its description loss and re-ranking
 
     @property
-    def uses_pre(self) -> bool: return self.discriminant == "pre" # its discriminant reads the pre-projection features
+    def uses_pre(self) -> bool: return self.discriminant == "pre" # the discriminant reads pre-projection ones
 
     @property
     def cached_views(self) -> int:
@@ -192,7 +193,7 @@ class EngineNet(nn.Module):
         return [*self.img[-1].parameters(), *self.txt[-1].parameters()]
 
 # %% ../../nbs/09c_engine.ipynb #b6d4e7ee
-ENGINE_STATE_VERSION = 3 # bump when the saved state's layout or meaning changes (3: GDA means apart; 2: `views`)
+ENGINE_STATE_VERSION = 3 # bump when the saved state's layout or meaning changes (3: GDA means; 2: `views`)
 
 @dataclass
 class EngineState(PeerState):
@@ -201,14 +202,14 @@ class EngineState(PeerState):
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
     net: EngineNet # the adapter banks
     logit_scale: float # CLIP's temperature tau (the contrastive term uses ln tau)
-    means: torch.Tensor # [n_seen, d] prototypes: mean frozen feature of each seen class (raw or unit, per `embeddings`)
-    gda_means: torch.Tensor # [n_seen, w] the discriminant's class means (w: its features' width, per `discriminant`)
+    means: torch.Tensor # [n_seen, d] prototypes: each seen class's mean frozen feature (raw or unit)
+    gda_means: torch.Tensor # [n_seen, w] the discriminant's class means (w: its features' width)
     prec: torch.Tensor # [w, w] the merged P of the discriminant
     n_seen: int = 0 # classes seen so far
     n_tasks: int = 0 # tasks trained so far
 
 # %% ../../nbs/09c_engine.ipynb #3c4bd3c8
-def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings the text adapters take (raw or unit), on the device
+def new_engine_state(names: torch.Tensor, # [C, d] class-name embeddings the text adapters take (raw or unit)
                      sem: torch.Tensor, # [C, M, d] description embeddings (unit rows, zero where padded)
                      sem_mask: torch.Tensor, # [C, M] bool, True for real descriptions
                      logit_scale: float, # CLIP's temperature tau (> 1)
@@ -247,13 +248,14 @@ def engine_cos(state: EngineState, # the state
 def _gda_input(knobs: EngineKnobs, unit: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
     "What the discriminant reads: the unit pre-projection features [B, w], or the unit global ones [B, d]."
     if knobs.discriminant == "global": return unit
-    if pre is None: raise SpaError("ENGINE's discriminant reads pre-projection features: pass pre (or discriminant='global')")
+    if pre is None:
+        raise SpaError("the discriminant reads pre-projection features: pass pre, or discriminant='global'")
     return l2norm(pre)
 
 @torch.no_grad()
 def engine_logits(state: EngineState, # a trained state
                   g: torch.Tensor, # [B, d] frozen global features (raw or unit, per `embeddings`)
-                  pre: torch.Tensor | None = None, # [B, w] pre-projection features (needed for discriminant='pre')
+                  pre: torch.Tensor | None = None, # [B, w] pre-projection features (for discriminant='pre')
                  ) -> torch.Tensor: # [B, n_seen]
     """ENGINE's inference scores [B, n_seen] of global features [B, d]: discriminant, re-ranked descriptions
     and adapted cosine."""
@@ -338,7 +340,8 @@ def _rebuild_engine(knobs: EngineKnobs, e: dict, device: str | torch.device) -> 
     "An `EngineState` on `device` from the entries `e` that `engine_state_dict` saved."
     st = new_engine_state(e["names"], e["sem"], e["sem_mask"], e["logit_scale"], knobs=knobs)
     regrow(st.net, st.names.shape[1], e["n_tasks"], e["net"], device)
-    st.means, st.gda_means, st.prec, st.n_seen, st.n_tasks = (e[f] for f in ("means", "gda_means", "prec", "n_seen", "n_tasks"))
+    st.means, st.gda_means, st.prec = e["means"], e["gda_means"], e["prec"]
+    st.n_seen, st.n_tasks = e["n_seen"], e["n_tasks"]
     return st
 
 # a plain dict of tensors, numbers and strings holding the whole ENGINE state, and back (on a device)
@@ -350,7 +353,8 @@ engine_state_dict, engine_state_from_dict = state_codec(
 ENGINE = Method(
     knobs=EngineKnobs,
     new=lambda text, logit_scale, seed, knobs: new_engine_state(
-        text.raw_names if knobs.embeddings == "raw" else text.names, text.sem, text.sem_mask, logit_scale, seed, knobs
+        text.raw_names if knobs.embeddings == "raw" else text.names, text.sem, text.sem_mask, logit_scale,
+        seed, knobs
     ),
     train=lambda state, task, gen: train_engine_task(
         state, task.read, task.rows, task.classes, gen, task.read_views

@@ -40,7 +40,7 @@ class ProofKnobs(Knobs):
     optimizer: str = "sgd" # "sgd" (momentum), or "adam": AdamW, as the authors' `optimizer: adam` runs
     prompt_len: int = 3 # context prompts added per task
     dropout: float = 0.1 # attention and output dropout of the fusion module
-    embeddings: str = "raw" # what the projections take: "raw" CLIP embeddings (the authors'), or "unit" vectors
+    embeddings: str = "raw" # what the projections take: "raw" CLIP embeddings (the authors'), or "unit" ones
 
     def check(self):
         check_embeddings(self)
@@ -119,12 +119,12 @@ class ProofState(PeerState):
     n_seen: int = 0 # classes seen so far
     n_tasks: int = 0 # tasks trained so far
 
-def new_proof_state(names: torch.Tensor, # [C, d] class-name embeddings the text projections take (raw or unit), on the run's device
+def new_proof_state(names: torch.Tensor, # [C, d] class-name embeddings the projections take (raw or unit)
                     logit_scale: float, # CLIP's temperature
                     seed: int = 0, # seeds the fusion module's initialisation
                     knobs: ProofKnobs | None = None, # default: PROOF's published ones
                    ) -> ProofState:
-    "A fresh PROOF state before the first task, over class-name embeddings [C, d] (raw ones for `embeddings='raw'`)."
+    "A fresh PROOF state before the first task, over class-name embeddings [C, d] (raw or unit)."
     k, dev = knobs or ProofKnobs(), names.device
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     net = ProofNet(names.shape[1], make_generator(seed, dev), k.dropout)

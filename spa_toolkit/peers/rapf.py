@@ -38,7 +38,7 @@ class RapfKnobs(Knobs):
     margin: float = 0.1 # separation hinge margin
     mix_bias: float = 0.6 # parameter fusion's mask offset b
     shrinkage: bool = False # sample from `shrink_cov` of each class's covariance (the authors' `shrinkage`)
-    embeddings: str = "raw" # what the adapter and the statistics read: "raw" CLIP features (the authors'), or "unit"
+    embeddings: str = "raw" # what adapter and statistics read: "raw" CLIP features (the authors') or "unit"
 
     def check(self):
         check_embeddings(self)
@@ -78,7 +78,7 @@ class RapfState(PeerState):
     adapter: nn.Linear # A: d -> d, no bias
     logit_scale: float # CLIP's temperature tau
     means: torch.Tensor # [n_seen, d] class means of the frozen features
-    chols: torch.Tensor # [n_seen, d, d] Cholesky factors of cov + 1e-4 I (shrunk by `shrink_cov` with `shrinkage`)
+    chols: torch.Tensor # [n_seen, d, d] Cholesky factors of cov + 1e-4 I (its `shrink_cov` with `shrinkage`)
     n_seen: int = 0
     n_tasks: int = 0
 
@@ -100,8 +100,8 @@ def new_rapf_state(names: torch.Tensor, # [C, d] class-name embeddings (unit nor
 
 def shrink_cov(cov: torch.Tensor, # [d, d] a covariance
               ) -> torch.Tensor: # [d, d]
-    """RAPF's shrinkage of a covariance [d, d]: plus its mean diagonal entry on the diagonal and its mean non-zero
-    off-diagonal entry off it."""
+    """RAPF's shrinkage of a covariance [d, d]: plus its mean diagonal entry on the diagonal and its mean
+    non-zero off-diagonal entry off it."""
     eye = torch.eye(len(cov), device=cov.device, dtype=cov.dtype)
     off = cov * (1 - eye)
     return cov + cov.diagonal().mean() * eye + off.sum() / (off != 0).sum().clamp_min(1) * (1 - eye)
