@@ -65,7 +65,8 @@ def test_two_gloo_ranks_write_the_one_process_cache_byte_for_byte(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("images, cached in") == 2  # rank 0 reports, rank 1 does not
     a, b = arrays(tmp_path / "one"), arrays(tmp_path / "two")
-    assert len(a) == 6 and a.keys() == b.keys()  # global, patches, labels of train and test, in same-named folders
+    # global features, their raw norms, pre-projection features, patches, labels of train and test, in same-named folders
+    assert len(a) == 10 and a.keys() == b.keys()
     assert all(a[k] == b[k] for k in a)
     assert metas(tmp_path / "one") == metas(tmp_path / "two")
     assert {json.loads(p.read_text())["world_size"] for p in (tmp_path / "two").rglob("meta.json")} == {2}
