@@ -84,7 +84,7 @@ def test_a_killed_rank_resumes_its_shard(tmp_path):
     one = launch([sys.executable, "worker.py", "one"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = arrays(tmp_path / "one"), arrays(tmp_path / "two")
-    assert len(a) == 3 and a == b
+    assert len(a) == 5 and a == b  # global, raw norms, pre-projection, patches, labels
     labels = np.load(folder / "labels.npy")
     assert len(labels) == 12 and sorted(set(labels.tolist())) == [0, 1, 2, 3]
 
@@ -94,7 +94,7 @@ def test_two_gloo_ranks_write_the_one_process_noisy_views(tmp_path):
         p = launch([*cmd, out], tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
     a, b = arrays(tmp_path / "one"), arrays(tmp_path / "two")
-    assert len(a) == 2 and a == b  # global and labels of 12 images x 3 views
+    assert len(a) == 4 and a == b  # global, raw norms, pre-projection, labels of 12 images x 3 views
     g = np.load(next((tmp_path / "one").rglob("global.npy")))
     assert g.shape[0] == 36 and not np.array_equal(g[0], g[1])  # two views of image 0 differ
 
