@@ -23,10 +23,10 @@ from .core import atomic_write_json, content_key, l2norm, library_versions, pick
 
 # %% auto #0
 __all__ = ['LOCAL_DIR', 'RANDOM_WEIGHTS', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle',
-           'load_clip', 'ImageFeatures', 'encode_images', 'encode_texts', 'class_embeddings', 'TextTokens',
-           'encode_text_tokens', 'patch_heatmap', 'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet',
-           'open_features', 'default_workers', 'CachePlan', 'plan_cache', 'start_cache', 'finish_cache', 'fill_rows',
-           'extract_features', 'NoisyViews']
+           'load_clip', 'ImageFeatures', 'encode_images', 'encode_texts', 'ClassNames', 'class_name_embeddings',
+           'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap', 'cache_bytes', 'top_patches',
+           'cache_folder', 'FeatureSet', 'open_features', 'default_workers', 'CachePlan', 'plan_cache', 'start_cache',
+           'finish_cache', 'fill_rows', 'extract_features', 'NoisyViews']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
@@ -129,6 +129,12 @@ class ClipBundle:
     @property
     def device(self) -> torch.device: return next(self.model.parameters()).device
 
+    @property
+    def pre_dim(self) -> int:
+        "w, the width of the pooled feature before `visual.proj` (0 for non-ViT towers, which have no such feature)."
+        v = self.model.visual
+        return int(v.transformer.width) if isinstance(v, VisionTransformer) else 0
+
 # %% ../nbs/02_backbone.ipynb #8d307770
 def _bundle(model, preprocess, src: _Source, key: str, precision: str) -> ClipBundle:
     "Freeze `model` and wrap it with its tokenizer, what was loaded, and its shapes."
@@ -159,9 +165,11 @@ def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<f
 PATCH_SOURCES = ("tokens", "value")  # how patch tokens are read from the last block
 
 class ImageFeatures(NamedTuple):
-    "Global and patch embeddings of a batch of images, unit norm, float32."
+    "Global and patch embeddings of a batch of images (unit norm, float32), the global one's raw norm and pre-projection feature."
     global_: torch.Tensor  # [B, d]
     patches: torch.Tensor | None  # [B, N, d], None when not asked for
+    norm: torch.Tensor | None = None  # [B] raw norm of the global embedding: global_ * norm is what `encode_image` returns
+    pre: torch.Tensor | None = None  # [B, w] pooled [CLS] feature after ln_post, before `proj` (None: not a ViT tower)
 
 def _value_path(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     "`block` with its attention matrix replaced by the identity (MaskCLIP): [B, n, w] -> [B, n, w]."
@@ -178,28 +186,32 @@ def _check_vit(visual, patch_source: str):
     if patch_source == "value" and not isinstance(visual.transformer.resblocks[-1], ResidualAttentionBlock):
         raise SpaError("patch_source='value' needs a standard ResidualAttentionBlock as last block: use patch_source='tokens'")
 
-def _patch_tokens(visual: VisionTransformer, x: torch.Tensor, patch_source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    "Projected image embedding [B, d] and projected patch tokens [B, N, d] (not normalised)."
+def _vit_pass(visual: VisionTransformer, x: torch.Tensor, patches: bool, patch_source: str):
+    "One pass of a ViT tower: pooled feature before `proj` [B, w], and projected patch tokens [B, N, d] (None unless asked)."
+    h = visual._embeds(x)
+    if not patches: return visual._pool(visual.transformer(h))[0], None
     n = len(visual.transformer.resblocks)
-    idx = [n - 2, n - 1] if patch_source == "value" else [n - 1]
-    out = visual.forward_intermediates(x, indices=idx, output_fmt="NLC")
-    h = _value_path(visual.transformer.resblocks[-1], out["image_intermediates"][0]) if patch_source == "value" \
-        else out["image_intermediates"][-1]
-    return out["image_features"], visual.ln_post(h) @ visual.proj
+    h, inter = visual.transformer.forward_intermediates(h, indices=[n - 2, n - 1] if patch_source == "value" else [n - 1])
+    last = _value_path(visual.transformer.resblocks[-1], inter[0][:, 1:]) if patch_source == "value" else inter[-1][:, 1:]
+    return visual._pool(h)[0], visual.ln_post(last) @ visual.proj
+
+def _proj(visual, pre: torch.Tensor) -> torch.Tensor:
+    return pre if visual.proj is None else pre @ visual.proj
 
 def encode_images(clip: ClipBundle, # the frozen model
                   images: torch.Tensor, # [B, 3, H, W] transformed images
                   patches: bool = True, # also return the patch tokens
                   patch_source: str = "tokens", # "tokens" (last block output) or "value" (MaskCLIP value path)
                  ) -> ImageFeatures:
-    "Unit-norm global [B, d] and patch [B, N, d] embeddings in CLIP's joint space."
-    p = next(clip.model.parameters())
+    "Unit-norm global [B, d] and patch [B, N, d] embeddings in CLIP's joint space, the raw norms [B], pre-projection [B, w]."
+    p, visual = next(clip.model.parameters()), clip.model.visual
     x = images.to(device=p.device, dtype=p.dtype)
+    if patches: _check_vit(visual, patch_source)
     with torch.no_grad():
-        if not patches: return ImageFeatures(l2norm(clip.model.encode_image(x).float()), None)
-        _check_vit(clip.model.visual, patch_source)
-        g, tok = _patch_tokens(clip.model.visual, x, patch_source)
-    return ImageFeatures(l2norm(g.float()), l2norm(tok.float()))
+        if not isinstance(visual, VisionTransformer): pre, tok, g = None, None, clip.model.encode_image(x).float()
+        else: pre, tok = _vit_pass(visual, x, patches, patch_source); g = _proj(visual, pre).float()
+    return ImageFeatures(l2norm(g), None if tok is None else l2norm(tok.float()), g.norm(dim=-1),
+                         None if pre is None else pre.float())
 
 # %% ../nbs/02_backbone.ipynb #72572319
 def _token_batches(clip: ClipBundle, texts: list[str], batch_size: int):
@@ -207,23 +219,39 @@ def _token_batches(clip: ClipBundle, texts: list[str], batch_size: int):
     if isinstance(texts, str): raise SpaError(f"texts must be a list of strings, got the string {texts[:40]!r}: wrap it in a list")
     for i in range(0, len(texts), batch_size): yield clip.tokenizer(list(texts[i:i + batch_size])).to(clip.device)
 
+def _raw_texts(clip: ClipBundle, texts: list[str], batch_size: int) -> torch.Tensor:
+    "CLIP's raw (unnormalised) text embeddings [n, d] of the n `texts`, float32."
+    with torch.no_grad():
+        out = [clip.model.encode_text(t).float() for t in _token_batches(clip, texts, batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, clip.embed_dim, device=clip.device)
+
 def encode_texts(clip: ClipBundle, # the frozen model
                  texts: list[str], # n texts
                  batch_size: int = 256, # texts per forward pass
                 ) -> torch.Tensor: # [n, d] unit norm, float32
     "CLIP text embeddings [n, d] of the n `texts`, L2-normalised."
-    with torch.no_grad():
-        out = [clip.model.encode_text(t).float() for t in _token_batches(clip, texts, batch_size)]
-    return l2norm(torch.cat(out)) if out else torch.zeros(0, clip.embed_dim, device=clip.device)
+    return l2norm(_raw_texts(clip, texts, batch_size))
 
 # %% ../nbs/02_backbone.ipynb #aec86013
+class ClassNames(NamedTuple):
+    "Template-averaged class-name embeddings and the mean raw norm of each class's template embeddings."
+    emb: torch.Tensor  # [C, d] unit norm, float32: CLIP's zero-shot classifier
+    norms: torch.Tensor  # [C] float32: mean over the templates of the unnormalised embeddings' norms
+
+def class_name_embeddings(clip: ClipBundle, # the frozen model
+                          names: list[str], # [C] class names
+                          templates: list[str], # prompt templates, each with one "{}"
+                         ) -> ClassNames:
+    "Unit template-averaged embeddings [C, d] of the C `names` and their templates' mean raw norms [C], one encoding."
+    raw = _raw_texts(clip, [t.format(n) for n in names for t in templates], 256).view(len(names), len(templates), -1)
+    return ClassNames(l2norm(l2norm(raw).mean(1)), raw.norm(dim=-1).mean(1))
+
 def class_embeddings(clip: ClipBundle, # the frozen model
                      names: list[str], # [C] class names
                      templates: list[str], # prompt templates, each with one "{}"
                     ) -> torch.Tensor: # [C, d] unit norm, float32
     "Template-averaged class-name embeddings [C, d] of the C `names`: CLIP's zero-shot classifier."
-    emb = encode_texts(clip, [t.format(n) for n in names for t in templates])
-    return l2norm(emb.view(len(names), len(templates), -1).mean(1))
+    return class_name_embeddings(clip, names, templates).emb
 
 # %% ../nbs/02_backbone.ipynb #b18b5443
 class TextTokens(NamedTuple):
@@ -264,9 +292,10 @@ def patch_heatmap(clip: ClipBundle, # the frozen model
     return sim.reshape(clip.model.visual.grid_size).cpu()
 
 # %% ../nbs/02_backbone.ipynb #7b8699d0
-def _array_specs(n: int, d: int, n_patches: int, patches: str | int) -> dict:
-    "name -> [shape, dtype] of the cached arrays for `n` images."
-    specs = {"global": [[n, d], "float16"], "labels": [[n], "int64"]}
+def _array_specs(n: int, d: int, n_patches: int, patches: str | int, w: int = 0) -> dict:
+    "name -> [shape, dtype] of the cached arrays for `n` images (`w`: pre-projection width, 0 for none)."
+    specs = {"global": [[n, d], "float16"], "global_norm": [[n], "float32"], "labels": [[n], "int64"]}
+    if w: specs["pre"] = [[n, w], "float16"]
     if patches == "all": specs["patches"] = [[n, n_patches, d], "float16"]
     elif patches != "none": specs |= {"patches": [[n, patches, d], "float16"], "patch_idx": [[n, patches], "int16"]}
     return specs
@@ -275,9 +304,10 @@ def cache_bytes(n: int, # images
                 d: int = 512, # embedding width
                 n_patches: int = 196, # patch tokens per image
                 patches: str | int = "all", # "all", "none" or k
+                w: int = 768, # width of the pre-projection feature (0: none)
                ) -> int:
     "Bytes a feature cache of `n` images takes on disk."
-    return sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in _array_specs(n, d, n_patches, patches).values())
+    return sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in _array_specs(n, d, n_patches, patches, w).values())
 
 # %% ../nbs/02_backbone.ipynb #d806decc
 def top_patches(f: ImageFeatures, # global [B, d] and patches [B, N, d]
@@ -288,7 +318,7 @@ def top_patches(f: ImageFeatures, # global [B, d] and patches [B, N, d]
     return idx, f.patches.gather(1, idx[..., None].expand(-1, -1, f.patches.shape[-1]))
 
 # %% ../nbs/02_backbone.ipynb #2594810d
-FORMAT_VERSION = 1  # bump when the cache layout or its contents' meaning changes
+FORMAT_VERSION = 2  # bump when the cache layout or its contents' meaning changes (2: raw norms, pre-projection features)
 
 def _slug(name: str) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "features"
 
@@ -307,7 +337,7 @@ def _identity(clip: ClipBundle, name: str, n: int, patches, patch_source: str) -
     ident = dict(format_version=FORMAT_VERSION, key=key, name=name, clip_key=clip.key, arch=clip.arch,
                  pretrained=clip.pretrained, precision=clip.precision, device=device, transform=transform, patches=patches,
                  patch_source=patch_source, n=n,
-                 arrays=_array_specs(n, clip.embed_dim, clip.n_patches, patches))
+                 arrays=_array_specs(n, clip.embed_dim, clip.n_patches, patches, clip.pre_dim))
     return json.loads(json.dumps(ident, default=str))
 
 def cache_folder(cache_dir: str | Path, ident: dict) -> Path:
@@ -318,6 +348,12 @@ def cache_folder(cache_dir: str | Path, ident: dict) -> Path:
 def _stale(folder: Path, why: str) -> SpaError:
     return SpaError(f"feature cache {folder} {why}: delete that folder and rerun to re-extract (refresh=True in Python)")
 
+def _check_format(folder: Path, meta: dict):
+    "Raise when the cache was written in another layout (format 1 lacks the raw norms and pre-projection features)."
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _stale(folder, f"has format_version {meta.get('format_version')}, not {FORMAT_VERSION} (format 2 added the "
+                     "raw norms and pre-projection features)")
+
 def _read_meta(folder: Path) -> dict | None:
     "The folder's meta.json, or None when there is none."
     path = folder / "meta.json"
@@ -327,6 +363,7 @@ def _read_meta(folder: Path) -> dict | None:
 
 def _check_meta(folder: Path, meta: dict, ident: dict) -> dict:
     "Return `meta`, or raise when it was written for another identity."
+    _check_format(folder, meta)
     bad = [k for k in ident if meta.get(k) != ident[k]]
     if bad: raise _stale(folder, f"was written for other settings ({bad[0]}: {meta.get(bad[0])!r}, wanted {ident[bad[0]]!r})")
     return meta
@@ -360,6 +397,8 @@ class FeatureSet:
     labels: np.ndarray  # [n] int64
     folder: Path  # where the arrays live
     meta: dict  # the folder's meta.json
+    global_norm: np.ndarray | None = None  # [n] float32 memmap: raw norm of each global embedding (None: not cached)
+    pre: np.ndarray | None = None  # [n, w] float16 memmap: pre-projection [CLS] features (None: not cached)
 
     def __len__(self) -> int: return len(self.labels)
 
@@ -369,11 +408,12 @@ def open_features(folder: str | Path, # a cache folder written by `extract_featu
     folder = Path(folder)
     meta = _read_meta(folder)
     if meta is None: raise SpaError(f"no feature cache in {folder} (no meta.json): run extract_features first")
-    if meta.get("format_version") != FORMAT_VERSION: raise _stale(folder, f"has format {meta.get('format_version')}, not {FORMAT_VERSION}")
+    _check_format(folder, meta)
     if not meta.get("complete"): raise SpaError(f"feature cache {folder} is unfinished ({meta.get('n_done')}/{meta.get('n')} rows): "
                                                 "run extract_features again to finish it")
     a = _open_arrays(folder, meta["arrays"], "r")
-    return FeatureSet(a["global"], a.get("patches"), a.get("patch_idx"), np.array(a["labels"]), folder, meta)
+    return FeatureSet(a["global"], a.get("patches"), a.get("patch_idx"), np.array(a["labels"]), folder, meta,
+                      a["global_norm"], a.get("pre"))
 
 # %% ../nbs/02_backbone.ipynb #328a02c4
 def _bad_image(data, i: int, err: Exception) -> SpaError:
@@ -412,9 +452,10 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
     with torch.inference_mode(), _autocast(clip):
         f = encode_images(clip, x, patches=patches != "none", patch_source=patch_source)
     out = {"global": f.global_}
+    if f.pre is not None: out["pre"] = f.pre
     if patches == "all": out["patches"] = f.patches
     elif patches != "none": out["patch_idx"], out["patches"] = top_patches(f, patches)
-    return {k: _host(v) for k, v in out.items()}
+    return {k: _host(v) for k, v in out.items()} | {"global_norm": f.norm.cpu().numpy()}
 
 def _host(v: torch.Tensor) -> np.ndarray:
     "A batch's feature (float) or patch index (int) tensor as the cache stores it (float16 / int16), converted before leaving the device."

@@ -71,6 +71,11 @@ class Knobs:
         return False
 
     @property
+    def uses_pre(self) -> bool:
+        "Whether a method with these knobs reads the pre-projection [CLS] features (ENGINE's discriminant; subclasses say)."
+        return False
+
+    @property
     def cached_views(self) -> int:
         "Noisy views per training image a method with these knobs reads from the feature cache (ENGINE's view loss; 0: none)."
         return 0

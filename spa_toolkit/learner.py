@@ -319,7 +319,7 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     params = state.proj.add_task(gen).freeze_old()
     # the frozen adapters' part of every class input and of the task's rows: one pass per task, not per step
     frozen, vis = frozen_class_side(state, n_seen), state.proj.visual
-    task, stack = _step_rows(state, *data, vis.frozen_sum), vis.frozen_stack()
+    task, stack = _step_rows(state, data.g, data.p, data.y, vis.frozen_sum), vis.frozen_stack()
     n, bs = len(data.y), k.batch_size
     n_batches = math.ceil(n / bs)
     opt, sched = _optimizer(params, k, k.epochs * n_batches)

@@ -14,12 +14,13 @@ import torch
 
 from .base import N_DESC, REGISTRY, SEM_TEMPLATE, Knobs, SpaError, SpaKnobs, check_methods
 from .core import atomic_path, check_finite
-from .backbone import ClipBundle, FeatureSet, class_embeddings
+from .backbone import ClipBundle, FeatureSet, class_name_embeddings
 from .patches import semantic_tokens
 
 # %% auto #0
-__all__ = ['VIEW_NOISE', 'VIEW_SEED', 'Reader', 'ViewReader', 'Method', 'get_method', 'method_knobs', 'method_name', 'TextSide',
-           'encode_text_side', 'Rows', 'rows', 'task_rows', 'Task', 'task_span', 'save_state', 'load_state']
+__all__ = ['FEATURE_KINDS', 'VIEW_NOISE', 'VIEW_SEED', 'Reader', 'ViewReader', 'Method', 'get_method', 'method_knobs',
+           'method_name', 'TextSide', 'encode_text_side', 'Rows', 'rows', 'task_rows', 'Task', 'task_reader',
+           'task_span', 'save_state', 'load_state']
 
 # %% ../nbs/08b_method.ipynb #6264aeae
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class TextSide:
     names: torch.Tensor # [C, d] template-averaged class-name embeddings, unit norm
     sem: torch.Tensor # [C, M, d] semantic tokens, unit rows (zero where padded)
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
+    name_norms: torch.Tensor | None = None # [C] mean raw norm of each class's template embeddings (None: ones)
 
     def __post_init__(self):
         "Check the masks once, here: training steps then pool with them unchecked, reading nothing back."
@@ -80,6 +82,12 @@ class TextSide:
                 f"tokens {tuple(self.sem.shape)}, with a real description in every row: "
                 "give every class at least one description"
             )
+        if self.name_norms is None: self.name_norms = self.names.new_ones(len(self.names))
+
+    @property
+    def raw_names(self) -> torch.Tensor:
+        "[C, d] class-name embeddings at CLIP's raw scale: `names` times `name_norms`."
+        return self.names * self.name_norms[:, None]
 
 def encode_text_side(clip: ClipBundle, # the frozen model
                      class_names: list[str], # [C] in label order
@@ -88,36 +96,63 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      sem_template: str = SEM_TEMPLATE, # phrasing of a description as a semantic token
                      n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
                     ) -> TextSide:
-    """Class-name embeddings [C, d] and semantic tokens [C, M, d] (with mask [C, M]) of every class, encoded
-    once."""
+    """Class-name embeddings [C, d] (with raw norms [C]) and semantic tokens [C, M, d] (with mask [C, M]) of every
+    class, encoded once."""
     sem = semantic_tokens(class_names, descriptions, clip, template=sem_template, n_desc=n_desc)
-    return TextSide(class_embeddings(clip, class_names, templates), sem.tokens.float(), sem.mask)
+    cn = class_name_embeddings(clip, class_names, templates)
+    return TextSide(cn.emb, sem.tokens.float(), sem.mask, cn.norms)
 
 # %% ../nbs/08b_method.ipynb #bf7dd9f1
+FEATURE_KINDS = ("unit", "raw", "pre") # which global feature a reader gives: unit norm, CLIP's raw one, before `proj`
+
 class Rows(NamedTuple):
     "Some cached rows as tensors."
-    g: torch.Tensor # [n, d] float32 global features
+    g: torch.Tensor # [n, d] float32 global features, unit norm
     p: torch.Tensor | None # [n, N, d] (or [n, k, d] compact) patch tokens, float16 as cached; None: not read
     y: torch.Tensor # [n] long labels
+    norm: torch.Tensor | None = None # [n] float32 raw norms of the global features (None: the cache has none)
+    pre: torch.Tensor | None = None # [n, w] float32 pre-projection [CLS] features (None: not read)
+
+    @property
+    def raw(self) -> torch.Tensor:
+        "[n, d] CLIP's raw (unnormalised) global embeddings: `g` times `norm`."
+        if self.norm is None:
+            raise SpaError("these rows carry no raw norms (a cache of format 1?): re-extract the features")
+        return self.g * self.norm[:, None]
+
+    def kind(self, kind: str) -> torch.Tensor:
+        "The global feature of one of `FEATURE_KINDS`: unit [n, d], raw [n, d] or pre-projection [n, w]."
+        if kind == "pre":
+            if self.pre is None: raise SpaError("pre-projection features were not read: read the rows with pre=True")
+            return self.pre
+        if kind not in FEATURE_KINDS: raise SpaError(f"feature kind {kind!r}: choose one of {FEATURE_KINDS}")
+        return self.raw if kind == "raw" else self.g
 
 # %% ../nbs/08b_method.ipynb #c27e3c76
+def _tensor(a: np.ndarray, device: torch.device, what: str, dtype=None) -> torch.Tensor:
+    "Rows of a cached array as a tensor on `device`, checked finite."
+    t = torch.from_numpy(np.asarray(a, dtype=dtype)).to(device)
+    check_finite(t, what)
+    return t
+
 def rows(feats: FeatureSet, # cached features of one split
          idx: np.ndarray, # row indices
          device: torch.device, # where the tensors go
          patches: bool = True, # also read the patch tokens
+         pre: bool = False, # also read the pre-projection features
         ) -> Rows:
     """Rows `idx` of a feature cache as tensors; patch tokens stay float16 (half the memory) until a batch
     uses them."""
-    idx = np.sort(np.asarray(idx))
-    p = (
-        torch.from_numpy(np.asarray(feats.patches[idx])).to(device)
-        if patches and feats.patches is not None
-        else None
-    )
-    if p is not None: check_finite(p, f"cached patch tokens in {feats.folder}")
-    g = torch.from_numpy(np.asarray(feats.global_[idx], dtype=np.float32)).to(device)
-    check_finite(g, f"cached features in {feats.folder}")
-    return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device))
+    idx, where = np.sort(np.asarray(idx)), feats.folder
+    if pre and feats.pre is None:
+        raise SpaError(f"the feature cache {where} holds no pre-projection features (not a ViT tower): "
+                       "read the global features instead")
+    p = _tensor(feats.patches[idx], device, f"cached patch tokens in {where}") \
+        if patches and feats.patches is not None else None
+    g = _tensor(feats.global_[idx], device, f"cached features in {where}", np.float32)
+    norm = None if feats.global_norm is None else _tensor(feats.global_norm[idx], device, f"cached norms in {where}")
+    f = _tensor(feats.pre[idx], device, f"cached pre-projection features in {where}", np.float32) if pre else None
+    return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device), norm, f)
 
 # %% ../nbs/08b_method.ipynb #37238685
 def task_rows(feats: FeatureSet, # cached features of one split
@@ -131,8 +166,8 @@ def task_rows(feats: FeatureSet, # cached features of one split
 VIEW_NOISE = 0.25
 # a view's noise is drawn from (VIEW_SEED, image, view): fixed, so runs of every seed share one cache
 VIEW_SEED = 0
-# sorted cache rows -> (features [n, d], labels [n])
-Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+# (sorted cache rows [n], kind in FEATURE_KINDS = "unit") -> (features [n, d] or [n, w], labels [n])
+Reader = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # (sorted cache rows [n], view v) -> their view-v features [n, d]
 ViewReader = Callable[[np.ndarray, int], torch.Tensor]
 
@@ -141,8 +176,17 @@ class Task(NamedTuple):
     classes: list[int] # the task's new classes, contiguous, right after the seen ones
     rows: np.ndarray # [n] sorted rows of the task's training images in `feats`
     feats: FeatureSet # the training split's feature cache
-    read: Reader # rows -> (global features [n, d], labels [n]) on the run's device
+    read: Reader # (rows, kind="unit") -> (global features [n, d] of that kind, labels [n]) on the run's device
     read_views: ViewReader | None = None # cached noisy views (None: none prepared)
+
+def task_reader(feats: FeatureSet, # the training split's feature cache
+                device: torch.device, # where the tensors go
+               ) -> Reader:
+    "A `Task.read` over `feats`: (rows, kind) -> (features of that kind, labels)."
+    def read(idx: np.ndarray, kind: str = "unit") -> tuple[torch.Tensor, torch.Tensor]:
+        r = rows(feats, idx, device, patches=False, pre=kind == "pre")
+        return r.kind(kind), r.y
+    return read
 
 def task_span(classes: list[int], # a task's new classes
               n_seen: int, # classes seen before it

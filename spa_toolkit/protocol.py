@@ -18,7 +18,7 @@ from .data import Benchmark
 from .backbone import ClipBundle, FeatureSet, NoisyViews
 from .distributed import extract_sharded
 from .method import (VIEW_NOISE, VIEW_SEED, Method, Task, TextSide, encode_text_side, get_method,
-                                load_state, method_knobs, rows, save_state, task_rows)
+                                load_state, method_knobs, rows, save_state, task_reader, task_rows)
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
@@ -158,7 +158,7 @@ def task_of(prep: Prepared, # the prepared benchmark
     def read_views(idx, v):
         return rows(prep.train_views, np.asarray(idx) * prep.n_views + v, device, patches=False).g
     return Task(classes, task_rows(prep.train, min(classes), max(classes) + 1), prep.train,
-                lambda idx: rows(prep.train, idx, device, patches=False)[0::2],
+                task_reader(prep.train, device),
                 read_views if prep.train_views is not None else None)
 
 def evaluate(
@@ -173,7 +173,7 @@ def evaluate(
     with torch.no_grad():
         score = method.logits(state)
         for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / batch_size))):
-            r = rows(test, chunk, state.device, patches=state.knobs.uses_patches)
+            r = rows(test, chunk, state.device, patches=state.knobs.uses_patches, pre=state.knobs.uses_pre)
             preds.append(score(r).argmax(1).cpu()); labels.append(r.y.cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 

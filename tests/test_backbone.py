@@ -148,6 +148,39 @@ def test_stale_cache_is_rejected_then_refreshed(tiny_clip, tmp_path, field, valu
     np.testing.assert_array_equal(fresh.patches, fs.patches)
 
 
+def test_norms_and_pre_projection_round_trip(tiny_clip, tmp_path):
+    "The cache's unit rows times their norms are the model's raw embeddings; its pre-projection rows project onto them."
+    data = Rows(7)
+    fs = extract_features(tiny_clip, data, tmp_path, "toy", batch_size=3)
+    x = batch(tiny_clip, [r["image"] for r in data.rows])
+    raw, v = tiny_clip.model.encode_image(x), tiny_clip.model.visual
+    assert fs.global_norm.dtype == np.float32 and fs.global_norm.shape == (7,)
+    assert fs.pre.dtype == np.float16 and fs.pre.shape == (7, v.transformer.width)
+    np.testing.assert_allclose(fs.global_norm, raw.norm(dim=-1).numpy(), rtol=1e-6)  # float32, exact
+    np.testing.assert_allclose(fs.global_.astype(np.float32) * fs.global_norm[:, None], raw.numpy(),
+                               rtol=0, atol=2e-3 * float(raw.norm(dim=-1).max()))  # float16 unit rows
+    pre = torch.from_numpy(fs.pre.astype(np.float32))
+    torch.testing.assert_close(pre @ v.proj, raw, atol=3e-3 * float(raw.abs().max()), rtol=0)
+    # and what is not the raw embedding fails: the unit rows alone are off by the norm
+    assert not np.allclose(fs.global_.astype(np.float32), raw.numpy(), atol=1e-2)
+
+
+def test_old_format_cache_is_refused_in_one_line(tiny_clip, tmp_path):
+    "A format-1 cache (no norms, no pre-projection features) is refused before any work, saying how to re-extract."
+    data = Rows(4)
+    fs = extract_features(tiny_clip, data, tmp_path, "toy", batch_size=4)
+    meta = json.loads((fs.folder / "meta.json").read_text())
+    arrays = {k: v for k, v in meta["arrays"].items() if k not in ("global_norm", "pre")}
+    (fs.folder / "meta.json").write_text(json.dumps(meta | dict(format_version=1, arrays=arrays)))
+    for k in ("global_norm", "pre"): (fs.folder / f"{k}.npy").unlink()
+    for call in (lambda: open_features(fs.folder), lambda: extract_features(tiny_clip, data, tmp_path, "toy")):
+        with pytest.raises(SpaError) as e: call()
+        assert "\n" not in str(e.value) and "format_version 1, not 2" in str(e.value)
+        assert "delete that folder and rerun to re-extract (refresh=True in Python)" in str(e.value)
+    assert data.reads == 4  # refused before reading a row
+    assert extract_features(tiny_clip, data, tmp_path, "toy", refresh=True).pre is not None
+
+
 def test_truncated_array_is_rejected(tiny_clip, tmp_path):
     fs = extract_features(tiny_clip, Rows(5), tmp_path, "toy", batch_size=4)
     path = fs.folder / "patches.npy"
