@@ -31,9 +31,11 @@ def lw_intensity(m4: torch.Tensor, # [...] sum over samples of ||r||^4 (diagonal
     mu = trace / p
     delta = (fro2 - 2 * mu * trace + p * mu**2) / p
     beta = (m4 / n - fro2) / (p * n)
-    return torch.where(delta > 0, torch.minimum(beta, delta) / delta.clamp_min(torch.finfo(delta.dtype).tiny), 0.0)
+    tiny = torch.finfo(delta.dtype).tiny
+    return torch.where(delta > 0, torch.minimum(beta, delta) / delta.clamp_min(tiny), 0.0)
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype: return torch.float32 if x.device.type == "mps" else torch.float64
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.device.type == "mps" else torch.float64
 
 def _shrink_cov(S: torch.Tensor, m4: torch.Tensor, n: torch.Tensor, shrink: str | float) -> torch.Tensor:
     "Shrink covariances `S` [...,p,p]: Ledoit-Wolf, or `S + shrink * I`."
@@ -58,7 +60,8 @@ class ShrunkCov(NamedTuple):
 def ledoit_wolf(x: torch.Tensor, # [n,d] samples
                 assume_centered: bool = False, # True: do not subtract the mean
                ) -> ShrunkCov:
-    "Ledoit-Wolf shrunk covariance [d, d] of samples `x` [n, d] (same result as `sklearn.covariance.ledoit_wolf`)."
+    """Ledoit-Wolf shrunk covariance [d, d] of samples `x` [n, d] (same result as
+    `sklearn.covariance.ledoit_wolf`)."""
     r = x.to(_acc_dtype(x))
     if not assume_centered: r = r - r.mean(0)
     n = torch.tensor(float(len(r)), dtype=r.dtype, device=r.device)
@@ -76,7 +79,7 @@ class ClassStats:
     cov: str # one of `COV_KINDS`
     factor: torch.Tensor | None # full: Cholesky [C,d,d]; diag: std [C,d]; shared: Cholesky [d,d]; none: None
     shrink: str | float # "ledoit_wolf" or ridge gamma
-    scatter: torch.Tensor | None = None # shared only: pooled within-class scatter [d,d] (float64), for `merge_stats`
+    scatter: torch.Tensor | None = None # shared only: pooled within-class scatter [d,d] (float64), to merge
     m4: torch.Tensor | None = None # shared only: sum of ||x - mu_y||^4 [], for `merge_stats`
 
     @property
@@ -93,21 +96,26 @@ def _rows_of(classes: torch.Tensor, wanted: torch.Tensor, what: str, check: bool
     rows = torch.searchsorted(classes, wanted).clamp_max(len(classes) - 1)
     if not check: return rows
     missing = torch.unique(wanted[classes[rows] != wanted])
-    if len(missing): raise SpaError(f"{what} {missing.tolist()[:10]} not among the classes {classes.tolist()[:10]}...: "
-                                    "pass matching labels/classes, or compute statistics for them first")
+    if len(missing):
+        raise SpaError(f"{what} {missing.tolist()[:10]} not among the classes {classes.tolist()[:10]}...: "
+                       "pass matching labels/classes, or compute statistics for them first")
     return rows
 
 def _group(feats, labels, classes):
     "Check inputs; return sorted classes [C], each sample's row [n], counts [C]."
     check_float_tensor(feats, "features for class statistics")
     if not isinstance(labels, torch.Tensor) or labels.is_meta:
-        raise SpaError(f"labels must be a torch tensor with values, got {type(labels).__name__}: pass torch.as_tensor(labels)")
+        raise SpaError(f"labels must be a torch tensor with values, got {type(labels).__name__}: "
+                       "pass torch.as_tensor(labels)")
     if feats.ndim != 2 or labels.shape != feats.shape[:1] or labels.is_floating_point():
-        raise SpaError(f"class statistics need features [n,d] and integer labels [n], got {tuple(feats.shape)} and "
-                       f"{tuple(labels.shape)} {labels.dtype}: flatten the features and pass one label per row")
+        raise SpaError(f"class statistics need features [n,d] and integer labels [n], got "
+                       f"{tuple(feats.shape)} and {tuple(labels.shape)} {labels.dtype}: "
+                       "flatten the features and pass one label per row")
     check_finite(feats, "features for class statistics")
-    if len(labels) == 0: raise SpaError("class statistics got no sample (n = 0): pass at least one feature row per class")
-    if int(labels.min()) < 0: raise SpaError(f"labels hold negative class ids (least {int(labels.min())}): class ids are >= 0")
+    if len(labels) == 0:
+        raise SpaError("class statistics got no sample (n = 0): pass at least one feature row per class")
+    if int(labels.min()) < 0:
+        raise SpaError(f"labels hold negative class ids (least {int(labels.min())}): class ids are >= 0")
     labels = labels.to(feats.device)
     cls = torch.unique(labels if classes is None else classes.to(feats.device))
     idx = _rows_of(cls, labels, "labels")
@@ -116,24 +124,28 @@ def _group(feats, labels, classes):
 # %% ../nbs/08_calibration.ipynb #9d4e3a72
 def _cholesky(S: torch.Tensor, what: str) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(S)
-    if (info != 0).any(): raise SpaError(f"{what} is not positive definite: use shrink='ledoit_wolf' or a larger gamma")
+    if (info != 0).any():
+        raise SpaError(f"{what} is not positive definite: use shrink='ledoit_wolf' or a larger gamma")
     return L
 
 def _need_two(counts, cls, cov):
-    if (counts < 2).any(): raise SpaError(f"classes {cls[counts < 2].tolist()[:10]} have fewer than 2 samples, so cov={cov!r} "
-                                          "has no covariance for them: use cov='shared' or 'none', or give them more samples")
+    if (counts < 2).any():
+        raise SpaError(f"classes {cls[counts < 2].tolist()[:10]} have fewer than 2 samples, so cov={cov!r} "
+                       "has no covariance for them: use cov='shared' or 'none', or give them more samples")
 
 def _full(r, idx, counts, shrink):
     "Per-class Cholesky factors [C,d,d] of the shrunk covariances."
-    pad = pad_sequence(torch.split(r[torch.argsort(idx, stable=True)], counts.tolist()), batch_first=True)  # [C,n_max,d]
+    groups = torch.split(r[torch.argsort(idx, stable=True)], counts.tolist())
+    pad = pad_sequence(groups, batch_first=True)  # [C,n_max,d]
     n = counts.to(r.dtype)
     m4 = torch.zeros_like(n).index_add_(0, idx, r.square().sum(-1).square())
-    return _cholesky(_shrink_cov(pad.mT @ pad / n[:, None, None], m4, n, shrink), "a class covariance"), None, None
+    S = _shrink_cov(pad.mT @ pad / n[:, None, None], m4, n, shrink)
+    return _cholesky(S, "a class covariance"), None, None
 
 def _diag(r, idx, counts, shrink):
     "Per-class standard deviations [C,d] of the shrunk diagonal covariances."
     n = counts.to(r.dtype)[:, None]
-    v = torch.zeros(len(n), r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, idx, r.square()) / n
+    v = r.new_zeros(len(n), r.shape[1]).index_add_(0, idx, r.square()) / n
     m4 = torch.zeros_like(n[:, 0]).index_add_(0, idx, r.pow(4).sum(-1))
     return _shrink_var(v, m4, n[:, 0], shrink).sqrt(), None, None
 
@@ -150,58 +162,66 @@ _FACTORS = dict(full=_full, diag=_diag, shared=_shared, none=lambda *a: (None, N
 # %% ../nbs/08_calibration.ipynb #be006b66
 def class_stats(feats: torch.Tensor, # [n,d] frozen features
                 labels: torch.Tensor, # [n] integer class ids
-                classes: torch.Tensor | None = None, # [C] ids to keep statistics for (default: those in `labels`)
+                classes: torch.Tensor | None = None, # [C] ids to keep statistics for (default: `labels`')
                 cov: str = "full", # "full", "diag", "shared" or "none"
                 shrink: str | float = SHRINK, # "ledoit_wolf", or gamma >= 0 for Sigma + gamma*I
                ) -> ClassStats:
     "Per-class means [C, d] and shrunk covariance factors of features `feats` [n, d] with labels [n]."
     check_stats_knobs(cov, shrink)
     cls, idx, counts = _group(feats, labels, classes)
-    if (counts == 0).any(): raise SpaError(f"classes {cls[counts == 0].tolist()[:10]} have no sample: drop them from classes=")
+    if (counts == 0).any():
+        raise SpaError(f"classes {cls[counts == 0].tolist()[:10]} have no sample: drop them from classes=")
     if cov in ("full", "diag"): _need_two(counts, cls, cov)
     x = feats.to(_acc_dtype(feats))
-    means = torch.zeros(len(cls), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, idx, x) / counts[:, None]
+    means = x.new_zeros(len(cls), x.shape[1]).index_add_(0, idx, x) / counts[:, None]
     factor, scatter, m4 = _FACTORS[cov](x - means[idx], idx, counts, shrink)
-    return ClassStats(cls, means.to(feats.dtype), counts, cov, None if factor is None else factor.to(feats.dtype),
-                      shrink, scatter, m4)
+    factor = None if factor is None else factor.to(feats.dtype)
+    return ClassStats(cls, means.to(feats.dtype), counts, cov, factor, shrink, scatter, m4)
 
 # %% ../nbs/08_calibration.ipynb #1d56b443
 def merge_stats(a: ClassStats | PatchStats, # statistics so far
-                b: ClassStats | PatchStats, # the new task's statistics (same `cov`, `shrink`, width; new classes)
+                b: ClassStats | PatchStats, # the new task's (same `cov`, `shrink`, width; new classes)
                ) -> ClassStats | PatchStats:
     "Statistics of the classes of `a` and `b` together."
-    k = lambda s: getattr(s, "k", None)  # patches per set of `PatchStats`; None for global statistics
-    if k(a) != k(b):
-        raise SpaError(f"cannot merge statistics of {k(a) or 'no'} and {k(b) or 'no'} patches per set: "
-                       "compute every task's statistics with the same knobs")
-    if k(a) is None and (a.cov, a.shrink, a.dim) != (b.cov, b.shrink, b.dim):
-        raise SpaError(f"cannot merge statistics with (cov, shrink, dim) {(a.cov, a.shrink, a.dim)} and {(b.cov, b.shrink, b.dim)}: "
+    slots = lambda s: getattr(s, "slots", None)  # patches per set of `PatchStats`; None for global statistics
+    if slots(a) != slots(b):
+        raise SpaError(f"cannot merge statistics of {slots(a) or 'no'} and {slots(b) or 'no'} "
+                       "patches per set: compute every task's statistics with the same knobs")
+    knobs = lambda s: (s.cov, s.shrink, s.dim)
+    if slots(a) is None and knobs(a) != knobs(b):
+        raise SpaError(f"cannot merge statistics with (cov, shrink, dim) {knobs(a)} and {knobs(b)}: "
                        "compute every task's statistics with the same knobs")
     if len(both := a.classes[torch.isin(a.classes, b.classes)]):
         raise SpaError(f"classes {both.tolist()[:10]} have statistics on both sides: merge only new classes")
-    if k(a): return PatchStats(merge_stats(a.stats, b.stats), a.k)
+    if slots(a): return PatchStats(merge_stats(a.stats, b.stats), a.slots)
     order = torch.argsort(classes := torch.cat([a.classes, b.classes]))
     cat = lambda u, v: torch.cat([u, v])[order]
     if a.cov == "shared":
         scatter, m4 = a.scatter + b.scatter, a.m4 + b.m4
-        factor = _shared_factor(scatter, m4, (a.counts.sum() + b.counts.sum()).to(scatter.dtype), a.shrink).to(a.factor.dtype)
+        n = (a.counts.sum() + b.counts.sum()).to(scatter.dtype)
+        factor = _shared_factor(scatter, m4, n, a.shrink).to(a.factor.dtype)
     else: scatter, m4, factor = None, None, None if a.factor is None else cat(a.factor, b.factor)
-    return ClassStats(classes[order], cat(a.means, b.means), cat(a.counts, b.counts), a.cov, factor, a.shrink, scatter, m4)
+    return ClassStats(classes[order], cat(a.means, b.means), cat(a.counts, b.counts), a.cov, factor, a.shrink,
+                      scatter, m4)
 
 # %% ../nbs/08_calibration.ipynb #42afd4e4
 class Pseudo(NamedTuple):
     feats: torch.Tensor # [n,d] global pseudo-features, or [n,k,d] pseudo patch sets
     labels: torch.Tensor # [n] class ids
 
-def _per_class(n_per_class, n_rows: int, device, sizes: tuple[int, int] | None = None) -> tuple[torch.Tensor, int, int]:
-    "Counts [n_rows], their maximum and their sum: checked and read back, or trusted with the caller's `sizes` (maximum, sum)."
+def _per_class(n_per_class, n_rows: int, device,
+               sizes: tuple[int, int] | None = None) -> tuple[torch.Tensor, int, int]:
+    """Counts [n_rows], their maximum and their sum: checked and read back, or trusted with the caller's
+    `sizes` (maximum, sum)."""
     counts = torch.as_tensor(n_per_class, device=device)
     if sizes is not None: return counts.expand(n_rows), *sizes
     if counts.is_floating_point() and (counts != counts.round()).any():
-        raise SpaError(f"n_per_class must be whole numbers, got {n_per_class}: pass int counts (e.g. round them)")
+        raise SpaError(f"n_per_class must be whole numbers, got {n_per_class}: "
+                       "pass int counts (e.g. round them)")
     counts = counts.long()
     if counts.ndim > 1 or counts.numel() not in (1, n_rows) or (counts < 0).any():
-        raise SpaError(f"n_per_class must be an int >= 0 or one count per class ({n_rows}), got {n_per_class}")
+        raise SpaError(f"n_per_class must be an int >= 0 or one count per class ({n_rows}), "
+                       f"got {n_per_class}")
     counts = counts.expand(n_rows)
     return counts, int(counts.max()) if n_rows else 0, int(counts.sum())
 
@@ -209,15 +229,18 @@ def _draw(stats: ClassStats, rows: torch.Tensor, m: int, generator: torch.Genera
     "`m` samples of each class row: [R, m, d]."
     mu = stats.means[rows][:, None]
     if check_generator(generator).device.type != mu.device.type:
-        raise SpaError(f"generator on {generator.device} but statistics on {mu.device}: make_generator(seed, device={str(mu.device)!r})")
+        raise SpaError(f"generator on {generator.device} but statistics on {mu.device}: "
+                       f"make_generator(seed, device={str(mu.device)!r})")
     eps = torch.randn(len(rows), m, stats.dim, generator=generator, device=mu.device, dtype=mu.dtype)
     if stats.cov == "full": return mu + eps @ stats.factor[rows].mT
     if stats.cov == "diag": return mu + eps * stats.factor[rows][:, None]
     if stats.cov == "shared": return mu + eps @ stats.factor.T
     return mu.expand(-1, m, -1).clone()
 
-def _unpad(z: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, normalize: bool, total: int) -> Pseudo:
-    "Drop the padding of `z` [R, m, ...] beyond each row's count, `total` entries kept (known, so no host read sizes the result)."
+def _unpad(z: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, normalize: bool,
+           total: int) -> Pseudo:
+    """Drop the padding of `z` [R, m, ...] beyond each row's count, `total` entries kept (known, so no host
+    read sizes the result)."""
     keep = (torch.arange(z.shape[1], device=z.device) < counts[:, None]).flatten()
     idx = keep.nonzero_static(size=total)[:, 0]
     feats = z.flatten(0, 1)[idx]
@@ -225,11 +248,11 @@ def _unpad(z: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, normaliz
 
 # %% ../nbs/08_calibration.ipynb #8a79b142
 def sample_pseudo(stats: ClassStats, # from `class_stats` / `merge_stats`
-                  n_per_class: int | torch.Tensor, # samples per class: one int, or [C'] counts (e.g. `stats.counts`)
+                  n_per_class: int | torch.Tensor, # samples per class: an int, or [C'] counts
                   generator: torch.Generator, # on the statistics' device
                   classes: torch.Tensor | None = None, # [C'] class ids to sample (default: all in `stats`)
                   normalize: bool = False, # L2-normalise the samples
-                  sizes: tuple[int, int] | None = None, # (max, sum) of the counts when the caller knows them: inputs trusted, nothing read back to the host
+                  sizes: tuple[int, int] | None = None, # (max, sum) of the counts if known: no host read
                  ) -> Pseudo: # feats [n,d], labels [n], grouped by class in the order of `classes`
     "Pseudo-features [n, d] and their labels [n], drawn from the stored class Gaussians."
     cls = stats.classes if classes is None else classes.to(stats.classes.device)
@@ -241,30 +264,34 @@ def sample_pseudo(stats: ClassStats, # from `class_stats` / `merge_stats`
 @dataclass
 class PatchStats:
     "Per-class, per-slot Gaussian statistics of selected patch tokens."
-    stats: ClassStats # over keys `class * k + slot`
-    k: int # patches per set
+    stats: ClassStats # over keys `class * slots + slot`
+    slots: int # patches per set
 
     @property
-    def classes(self) -> torch.Tensor: return self.stats.classes[:: self.k] // self.k # [C] class ids
+    def classes(self) -> torch.Tensor: return self.stats.classes[:: self.slots] // self.slots # [C] class ids
 
-    def to(self, device: str | torch.device) -> PatchStats: return PatchStats(self.stats.to(device), self.k)
+    def to(self, device: str | torch.device) -> PatchStats:
+        return PatchStats(self.stats.to(device), self.slots)
 
-def _slot_keys(labels: torch.Tensor, k: int) -> torch.Tensor: # [n*k], label-major
-    return (labels[:, None] * k + torch.arange(k, device=labels.device)).reshape(-1)
+def _slot_keys(labels: torch.Tensor, slots: int) -> torch.Tensor: # [n*slots], label-major
+    return (labels[:, None] * slots + torch.arange(slots, device=labels.device)).reshape(-1)
 
 def patch_stats(patches: torch.Tensor, # [n,k,d] selected patch tokens, sorted by relevance to the label class
                 labels: torch.Tensor, # [n] integer class ids
-                classes: torch.Tensor | None = None, # [C] ids to keep statistics for (default: those in `labels`)
+                classes: torch.Tensor | None = None, # [C] ids to keep statistics for (default: `labels`')
                 cov: str = "diag", # "diag", "shared", "none" or "full" (per slot)
                 shrink: str | float = SHRINK, # "ledoit_wolf", or gamma >= 0
                ) -> PatchStats:
     "Per-class, per-slot statistics of selected patch sets [n, k, d] with labels [n]."
     if patches.ndim != 3 or labels.shape != patches.shape[:1]:
-        raise SpaError(f"patch statistics need patch sets [n,k,d] and labels [n], got {tuple(patches.shape)} and {tuple(labels.shape)}")
-    n, k, d = patches.shape
+        raise SpaError(f"patch statistics need patch sets [n,k,d] and labels [n], got {tuple(patches.shape)} "
+                       f"and {tuple(labels.shape)}")
+    n, slots, d = patches.shape
     if classes is not None: _rows_of(torch.unique(classes := classes.to(labels.device)), labels, "labels")
-    keys = None if classes is None else _slot_keys(classes, k)
-    return PatchStats(class_stats(patches.reshape(n * k, d), _slot_keys(labels, k), keys, cov, shrink), k)
+    keys = None if classes is None else _slot_keys(classes, slots)
+    flat = class_stats(patches.reshape(n * slots, d), _slot_keys(labels, slots), keys, cov, shrink)
+    return PatchStats(flat, slots)
+
 
 # %% ../nbs/08_calibration.ipynb #7ca2b73f
 def sample_pseudo_patches(stats: PatchStats, # from `patch_stats` / `merge_stats`
@@ -272,29 +299,30 @@ def sample_pseudo_patches(stats: PatchStats, # from `patch_stats` / `merge_stats
                           generator: torch.Generator, # on the statistics' device
                           classes: torch.Tensor | None = None, # [C'] class ids (default: all)
                           normalize: bool = False, # L2-normalise each token
-                          sizes: tuple[int, int] | None = None, # (max, sum) of the counts when the caller knows them: inputs trusted, nothing read back to the host
+                          sizes: tuple[int, int] | None = None, # (max, sum) of counts if known: no host read
                          ) -> Pseudo: # feats [n,k,d], labels [n]
     "Pseudo patch sets [n, k, d] and their labels [n], drawn slot by slot from the stored Gaussians."
     cls = stats.classes if classes is None else classes.to(stats.classes.device)
-    rows = _rows_of(stats.stats.classes, _slot_keys(cls, stats.k), "classes", check=sizes is None)
+    rows = _rows_of(stats.stats.classes, _slot_keys(cls, stats.slots), "classes", check=sizes is None)
     counts, m, total = _per_class(n_per_class, len(cls), rows.device, sizes)
     z = _draw(stats.stats, rows, m, generator)
-    return _unpad(rearrange(z, "(c k) m d -> c m k d", k=stats.k), counts, cls, normalize, total)
+    return _unpad(rearrange(z, "(c s) m d -> c m s d", s=stats.slots), counts, cls, normalize, total)
 
 # %% ../nbs/08_calibration.ipynb #25a4fc9c
 def stats_bytes(stats: ClassStats | PatchStats) -> int:
     "Bytes held by the tensors of `stats`."
     s = stats.stats if isinstance(stats, PatchStats) else stats
-    return sum(v.numel() * v.element_size() for f in fields(s) if isinstance(v := getattr(s, f.name), torch.Tensor))
+    tensors = [v for f in fields(s) if isinstance(v := getattr(s, f.name), torch.Tensor)]
+    return sum(v.numel() * v.element_size() for v in tensors)
 
 def stats_bytes_for(n_classes: int, # C
                     dim: int, # d
                     cov: str, # one of `COV_KINDS`
-                    k: int = 1, # patches per set (1: global features)
+                    slots: int = 1, # patches per set (1: global features)
                     itemsize: int = 4, # bytes per stored float (4: float32)
                    ) -> int:
     "Bytes `stats_bytes` will report for statistics of this size."
-    rows = n_classes * k
+    rows = n_classes * slots
     factor = dict(full=rows * dim * dim, diag=rows * dim, shared=dim * dim, none=0)[cov]
     merge = dim * dim * 8 + 8 if cov == "shared" else 0      # float64 pooled scatter and m4
     return (rows * dim + factor) * itemsize + rows * 2 * 8 + merge  # means, factor, int64 classes and counts
@@ -303,9 +331,11 @@ def stats_bytes_for(n_classes: int, # C
 def stats_budget(device: str | torch.device, # where the statistics live
                  share: float = 0.5, # of the free memory
                 ) -> int:
-    "Bytes the statistics may take: `share` of the memory free on `device` (GPU memory on CUDA, physical memory otherwise)."
+    """Bytes the statistics may take: `share` of the memory free on `device` (GPU memory on CUDA, physical
+    memory otherwise)."""
     dev = torch.device(device)
-    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if dev.type == "cuda": free = torch.cuda.mem_get_info(dev)[0]
+    else: free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(share * free)
 
 def run_stats_bytes(n_classes: int, # C: every class of the run
@@ -313,16 +343,20 @@ def run_stats_bytes(n_classes: int, # C: every class of the run
                     cov: str, # one of `COV_KINDS`
                     slots: int = 0, # patch slots per class with statistics (0: global statistics only)
                    ) -> int:
-    "Bytes of a run's statistics at its last task: the global ones, and the per-slot patch ones when `slots` > 0."
-    return stats_bytes_for(n_classes, dim, cov) + (stats_bytes_for(n_classes, dim, cov, slots) if slots else 0)
+    """Bytes of a run's statistics at its last task: the global ones, and the per-slot patch ones when
+    `slots` > 0."""
+    patch = stats_bytes_for(n_classes, dim, cov, slots=slots) if slots else 0
+    return stats_bytes_for(n_classes, dim, cov) + patch
 
 def check_stats_memory(n_classes: int, dim: int, cov: str, slots: int, # as in `run_stats_bytes`
                        budget: int, # bytes at hand (`stats_budget`)
                       ) -> int: # the bytes needed
-    "Raise `SpaError` when a run's statistics would not fit in `budget` bytes, naming the covariance models that would."
+    """Raise `SpaError` when a run's statistics would not fit in `budget` bytes, naming the covariance models
+    that would."""
     need = run_stats_bytes(n_classes, dim, cov, slots)
     if need <= budget: return need
     fits = [c for c in ("diag", "shared", "none") if run_stats_bytes(n_classes, dim, c, slots) <= budget]
-    fix = (f"pass cov={fits[0]!r}" + (f" (or {', '.join(map(repr, fits[1:]))})" if fits[1:] else "")) if fits else "use fewer classes or a device with more memory"
-    raise SpaError(f"cov={cov!r} statistics of {n_classes} classes ({1 + slots} Gaussians each, d={dim}) need {need / 2**30:.1f} GiB, "
-                   f"more than the {budget / 2**30:.1f} GiB at hand: {fix}")
+    others = f" (or {', '.join(map(repr, fits[1:]))})" if fits[1:] else ""
+    fix = f"pass cov={fits[0]!r}{others}" if fits else "use fewer classes or a device with more memory"
+    raise SpaError(f"cov={cov!r} statistics of {n_classes} classes ({1 + slots} Gaussians each, d={dim}) "
+                   f"need {need / 2**30:.1f} GiB, more than the {budget / 2**30:.1f} GiB at hand: {fix}")

@@ -440,12 +440,13 @@ def replay_margins(
 # %% ../nbs/10_learner.ipynb #8652f32e
 def _stats_dict(st) -> dict | None:
     if st is None: return None
-    return dict(vars(st.stats), k=st.k) if isinstance(st, PatchStats) else dict(vars(st))
+    # a saved state keeps its layout: the key "k" holds the patch statistics' slots per set
+    return dict(vars(st.stats), k=st.slots) if isinstance(st, PatchStats) else dict(vars(st))
 
 def _stats_from(d: dict | None):
     if d is None: return None
     return (
-        PatchStats(ClassStats(**{k: v for k, v in d.items() if k != "k"}), d["k"])
+        PatchStats(ClassStats(**{key: v for key, v in d.items() if key != "k"}), d["k"])
         if "k" in d
         else ClassStats(**d)
     )

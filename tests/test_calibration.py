@@ -105,7 +105,7 @@ def test_stats_save_load_round_trip():
 def test_memory_formula_matches_real_objects(cov):
     x, y = toy(d=12)
     assert stats_bytes(class_stats(x, y, cov=cov)) == stats_bytes_for(3, 12, cov)
-    assert stats_bytes(patch_stats(x.view(-1, 2, 6), y, cov=cov)) == stats_bytes_for(3, 6, cov, k=2)
+    assert stats_bytes(patch_stats(x.view(-1, 2, 6), y, cov=cov)) == stats_bytes_for(3, 6, cov, slots=2)
 
 def test_fewer_than_two_samples():
     x, y = toy()

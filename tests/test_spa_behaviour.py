@@ -120,8 +120,8 @@ def test_replay_is_consistent_with_the_test(prep):
     assert margin_gap(state, prep) <= 0.5
     # the check sees a replay that does not match: patch statistics of the wrong classes
     st = state.pstats.stats
-    order = torch.cat([torch.arange(4, 8), torch.arange(4)]).repeat_interleave(state.pstats.k) * state.pstats.k
-    order = order + torch.arange(state.pstats.k).repeat(8)
+    order = torch.cat([torch.arange(4, 8), torch.arange(4)]).repeat_interleave(state.pstats.slots) * state.pstats.slots
+    order = order + torch.arange(state.pstats.slots).repeat(8)
     state.pstats.stats = type(st)(st.classes, st.means[order], st.counts, st.cov, st.factor[order], st.shrink)
     assert margin_gap(state, prep) > 0.5
 
