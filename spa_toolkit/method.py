@@ -73,7 +73,7 @@ class TextSide:
     sem: torch.Tensor # [C, M, d] semantic tokens, unit rows (zero where padded)
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
     name_norms: torch.Tensor | None = None # [C] mean raw norm of each class's template embeddings (None: ones)
-    visual_proj: torch.Tensor | None = None # [w, d] the image tower's `visual.proj` (None: empty [0, d], none)
+    visual_proj: torch.Tensor | None = None # [w, d] the image tower's `visual.proj` (None: [0, d], none)
 
     def __post_init__(self):
         "Check the masks once, here: training steps then pool with them unchecked, reading nothing back."

@@ -38,7 +38,7 @@ class BofaKnobs(Knobs):
     weight_decay_b: float = 0.001 # stage 2's L2 penalty of B (fixed there too)
     rank: int = 64 # r: old tasks' low-energy directions that stage 2 may move (`Kt`)
     stat: float = 0.1 # weight of the discriminant in the test scores (`stat`)
-    lam_steps: int = 21 # grid points of the prototypes' image/text weight on [0, 1] (`search_lambda_for_prompt`)
+    lam_steps: int = 21 # grid points of the prototypes' mixing weight (`search_lambda_for_prompt`)
 
     def check(self):
         check_least(self, epochs=1, stage2_epochs=1, batch_size=1, rank=1, lam_steps=2)
@@ -70,8 +70,8 @@ def task_stats(pre: torch.Tensor, # [N, w] one task's pre-projection features
     "Class means [n, w], the shrunk inverse covariance [w, w] and second moment [w, w] of features [N, w]."
     counts = torch.bincount(y - lo, minlength=hi - lo)
     if len(pre) < 2 or (counts == 0).any():
-        raise SpaError(f"BOFA needs 2 or more training images and one of every class; this task has {len(pre)} "
-                       f"with {int((counts == 0).sum())} class(es) empty: give each class an image")
+        raise SpaError(f"BOFA needs 2 or more training images and one of every class; this task has "
+                       f"{len(pre)}, {int((counts == 0).sum())} class(es) empty: give every class an image")
     x, onehot = l2norm(pre), F.one_hot(y - lo, hi - lo).to(pre.dtype)
     mu, mu_unit = (onehot.T @ pre) / counts[:, None], (onehot.T @ x) / counts[:, None]
     s, eye = torch.cov((x - mu_unit[y - lo]).T), torch.eye(pre.shape[1], dtype=pre.dtype, device=pre.device)
@@ -111,7 +111,7 @@ def search_mix(feats: torch.Tensor, # [N, d] the bridge's features of the task's
                text: torch.Tensor, # [C, d] their class-name embeddings
                steps: int = 21, # grid points on [0, 1]
               ) -> float:
-    "The grid weight of the text (first of the best) whose mix with the image means classifies `feats` [N, d] best."
+    "The grid weight of the text (the first best) whose mix with the image means classifies `feats` [N, d]."
     lams, f, img, text = torch.linspace(0, 1, steps).tolist(), l2norm(feats), l2norm(img), l2norm(text)
     acc = [((f @ ((1 - lam) * img + lam * text).T).argmax(1) == y).float().mean().item() for lam in lams]
     return lams[int(np.argmax(acc))]
@@ -153,13 +153,14 @@ def new_bofa_state(names: torch.Tensor, # [C, d] class-name embeddings (unit nor
     "A fresh BOFA state for CLIP's projection [w, d]: the bridge at CLIP's own, empty statistics."
     k = knobs or BofaKnobs()
     if proj.numel() == 0:
-        raise SpaError("BOFA trains CLIP's visual.proj, and this model has none (not a ViT tower): use a ViT CLIP")
+        raise SpaError("BOFA trains CLIP's visual.proj; this model has none (no ViT tower): use a ViT CLIP")
     (w, d), z = proj.shape, names.new_zeros
     if d != names.shape[1] or k.rank > w:
         raise SpaError(f"visual.proj {tuple(proj.shape)} must map to the text's width {names.shape[1]}, with "
                        f"rank={k.rank} <= its input width {w}: lower rank")
     proj = proj.to(names)
-    return BofaState(k, names, proj, math.log(logit_scale), proj.T.clone(), z(d, w), z(w, w), z(0, w), z(0, w), z(w, w))
+    return BofaState(k, names, proj, math.log(logit_scale), proj.T.clone(), z(d, w), z(w, w), z(0, w),
+                     z(0, w), z(w, w))
 
 @torch.no_grad()
 def bofa_logits(state: BofaState, # a trained state
@@ -172,7 +173,8 @@ def bofa_logits(state: BofaState, # a trained state
                        f"{state.proj.shape[0]}: use the cache of the model it was trained with")
     protos = class_protos(state.mu, state.proj, state.names[:state.n_seen], state.lam)
     bridge = l2norm(pre @ state.bridge.T) @ protos.T
-    return state.knobs.stat * discriminant_logits(pre, state.mu_unit, state.prec) + (1 - state.knobs.stat) * bridge
+    stat = state.knobs.stat
+    return stat * discriminant_logits(pre, state.mu_unit, state.prec) + (1 - stat) * bridge
 
 # %% ../../nbs/09f_bofa.ipynb #df43cf1b
 def train_bridge(state: BofaState, # the state (read only)
@@ -181,8 +183,8 @@ def train_bridge(state: BofaState, # the state (read only)
                  protos: torch.Tensor, # [n_seen, d] the class prototypes
                  basis: torch.Tensor | None, # [w, r] the old tasks' low-energy basis A (None: the first task)
                  generator: torch.Generator, # batch order
-                ) -> tuple[torch.Tensor, torch.Tensor]: # stage 1's W [d, w], and the task's final weight [d, w]
-    "Stage 1 on W, then (given a basis [w, r]) stage 2 on B through W0 + B A^T, over one task's features [N, w]."
+                ) -> tuple[torch.Tensor, torch.Tensor]: # stage 1's W [d, w], the task's final weight [d, w]
+    "Stage 1 on W, then (given a basis [w, r]) stage 2 on B through W0 + B A^T, over task features [N, w]."
     k, w0 = state.knobs, state.proj.T
     w = state.w_task.clone().requires_grad_(True)
     b = w0.new_zeros(w0.shape[0], k.rank if basis is None else basis.shape[1], requires_grad=True)
@@ -208,13 +210,13 @@ def train_bofa_task(state: BofaState, # the state after the previous task (updat
                     classes: list[int], # the task's new classes (contiguous, right after the seen ones)
                     generator: torch.Generator, # batch order
                    ) -> BofaState:
-    """Learn one task's rows [n] as BOFA does: statistics, the mixing weight (while 0), the bridge's two stages,
-    the test bridge's mean."""
+    """Learn one task's rows [n] as BOFA does: statistics, the mixing weight (while 0), the bridge's two
+    stages, the test bridge's mean."""
     lo, hi = task_span(classes, state.n_seen)
     pre, y = read(rows, "pre")
     if pre.shape[1] != state.proj.shape[0]:
-        raise SpaError(f"pre-projection features of width {pre.shape[1]}, visual.proj takes {state.proj.shape[0]}: "
-                       "prepare the cache with the same model")
+        raise SpaError(f"pre-projection features of width {pre.shape[1]}, visual.proj takes "
+                       f"{state.proj.shape[0]}: prepare the cache with the same model")
     new = task_stats(pre, y, lo, hi)
     state.prec = merge_precision(state.prec, state.mu_unit, new)
     state.mu, state.mu_unit = torch.cat([state.mu, new.mu]), torch.cat([state.mu_unit, new.mu_unit])
@@ -229,8 +231,8 @@ def train_bofa_task(state: BofaState, # the state after the previous task (updat
     return state
 
 # %% ../../nbs/09f_bofa.ipynb #82361d9f
-_SAVED = ("names", "proj", "scale", "w_task", "fusion_sum", "second_sum", "mu", "mu_unit", "prec", "lam", "n_seen",
-          "n_tasks")
+_SAVED = ("names", "proj", "scale", "w_task", "fusion_sum", "second_sum", "mu", "mu_unit", "prec", "lam",
+          "n_seen", "n_tasks")
 
 # a plain dict of tensors, numbers and strings holding the whole BOFA state, and back (on a device)
 bofa_state_dict, bofa_state_from_dict = fields_codec(BOFA_STATE_VERSION, "BOFA", BofaKnobs, BofaState, _SAVED)
@@ -239,18 +241,19 @@ bofa_state_dict, bofa_state_from_dict = fields_codec(BOFA_STATE_VERSION, "BOFA",
 def check_bofa(prep, # a prepared benchmark (`protocol.Prepared`)
                knobs: BofaKnobs, # the run's BOFA knobs
               ):
-    "Raise `SpaError` unless the prepared features hold pre-projection features that CLIP's visual.proj takes."
+    "Raise `SpaError` unless the prepared cache holds pre-projection features that CLIP's visual.proj takes."
     w = prep.text.visual_proj.shape[0]
     if prep.train.pre is None or prep.test.pre is None or w == 0:
-        raise SpaError("BOFA trains CLIP's visual.proj on the pre-projection features, and this model or cache has "
-                       "none (not a ViT tower): use a ViT CLIP")
+        raise SpaError("BOFA trains CLIP's visual.proj on the pre-projection features, and this model or "
+                       "cache has none (not a ViT tower): use a ViT CLIP")
     if prep.train.pre.shape[1] != w or knobs.rank > w:
-        raise SpaError(f"the cache's pre-projection width {prep.train.pre.shape[1]} must be visual.proj's {w}, with "
-                       f"rank={knobs.rank} <= it: re-extract with the same model, or lower bofa.rank")
+        raise SpaError(f"the cache's pre-projection width {prep.train.pre.shape[1]} must be visual.proj's "
+                       f"{w}, with rank={knobs.rank} <= it: re-extract with one model, or lower bofa.rank")
 
 BOFA = Method(
     knobs=BofaKnobs,
-    new=lambda text, logit_scale, seed, knobs: new_bofa_state(text.names, text.visual_proj, logit_scale, knobs),
+    new=lambda text, logit_scale, seed, knobs: new_bofa_state(text.names, text.visual_proj, logit_scale,
+                                                              knobs),
     train=lambda state, task, gen: train_bofa_task(state, task.read, task.rows, task.classes, gen),
     logits=lambda state: lambda r: bofa_logits(state, r.kind("pre")),
     to_dict=bofa_state_dict, from_dict=bofa_state_from_dict, check=check_bofa)
