@@ -12,6 +12,9 @@ per-task statistics (RAPF's Gaussians, ENGINE's discriminant) do not, which make
 memory (at most 2000 images) is already all of a small class's images, so its extrapolation after task 1 is a large upper bound.
 RanPAC's and FeCAM's cost is statistics, not epochs: RanPAC solves one M x M system per task (M = 10000) whatever the images,
 so measure them at CIFAR's own 500 per class (`--per-class 500 --cifar-methods ranpac,fecam`), where nothing is extrapolated.
+BOFA trains CLIP's visual.proj on pre-projection features: it gets random ones of ViT-B/16's width (w = 768) and a random
+[768, 512] projection; its epochs visit each image once, so it extrapolates linearly (its per-task statistics, a 768 x 768
+pseudo-inverse and eigendecomposition, do not grow with the images: a slight upper bound).
 Usage: python benchmarks/bench_peers.py [--seeds 0 1 2] [--per-class 50] [--tasks 10] [--threads 1] [--cifar-methods proof,rapf,engine,spa]
        [--skip-synthetic]
 """
@@ -29,7 +32,7 @@ from spa_toolkit.method import Task, TextSide, get_method, method_knobs
 from spa_toolkit.protocol import run_protocol
 from spa_toolkit.microclip import load_embedded_clip
 
-METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam"]
+METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam", "bofa"]
 
 def synthetic(seeds: list[int]):
     "Avg / Last over seeds and train time relative to SPA's, on the default synthetic world."
@@ -43,14 +46,15 @@ def synthetic(seeds: list[int]):
         print(f"| {m} | {a.mean():.2f} ± {a.std():.2f} | {l.mean():.2f} ± {l.std():.2f} | {t / spa_t:.2f} |")
 
 def cifar_shaped(per_class: int, tasks: int, methods: list[str], d: int = 512, n_classes: int = 100, inc: int = 10, n_desc: int = 8,
-                 n_patches: int = 196):
+                 n_patches: int = 196, w: int = 768):
     "Seconds per task of each peer (and SPA) on random CIFAR-shaped features, measured on `tasks` tasks and extrapolated to 500 per class."
     g = make_generator(0)
     feats = l2norm(torch.randn(n_classes * per_class, d, generator=g))
     labels = torch.arange(n_classes).repeat_interleave(per_class)
+    pre = torch.randn(n_classes * per_class, w, generator=g)  # BOFA's pre-projection features
     text = TextSide(l2norm(torch.randn(n_classes, d, generator=g)), l2norm(torch.randn(n_classes, n_desc, d, generator=g)),
-                    torch.ones(n_classes, n_desc, dtype=torch.bool))
-    read = lambda r: (feats[torch.as_tensor(r)], labels[torch.as_tensor(r)])
+                    torch.ones(n_classes, n_desc, dtype=torch.bool), None, torch.randn(w, d, generator=g) / w ** 0.5)
+    read = lambda r, kind="unit": ((pre if kind == "pre" else feats)[torch.as_tensor(r)], labels[torch.as_tensor(r)])
     scale, totals = 500 / per_class, {}
     print(f"\nCIFAR-shaped random features: {n_classes} classes, {per_class} train images per class (CIFAR: 500), d = {d}, "
           f"tasks of {inc}, CPU, {torch.get_num_threads()} thread(s)\n| method | epochs | task | measured s | extrapolated to 500/class, s |\n|---|---|---|---|---|")

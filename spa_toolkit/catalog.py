@@ -168,6 +168,7 @@ COUNTERPARTS = {
     "proof": ("PROOF",),
     "rapf": ("RAPF",),
     "engine": ("ENGINE",),
+    "bofa": ("BOFA",),
 }
 
 class Published(NamedTuple):

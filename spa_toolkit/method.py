@@ -68,11 +68,12 @@ def method_name(knobs: Knobs, # a state's knobs
 # %% ../nbs/08b_method.ipynb #1e180a87
 @dataclass
 class TextSide:
-    "Frozen text embeddings of all classes of a benchmark."
+    "Frozen text embeddings of all classes of a benchmark (and the image tower's projection, for BOFA)."
     names: torch.Tensor # [C, d] template-averaged class-name embeddings, unit norm
     sem: torch.Tensor # [C, M, d] semantic tokens, unit rows (zero where padded)
     sem_mask: torch.Tensor # [C, M] bool, True for real descriptions
     name_norms: torch.Tensor | None = None # [C] mean raw norm of each class's template embeddings (None: 1)
+    visual_proj: torch.Tensor | None = None # [w, d] the image tower's `visual.proj` (None: [0, d], none)
 
     def __post_init__(self):
         "Check the masks once, here: training steps then pool with them unchecked, reading nothing back."
@@ -83,6 +84,7 @@ class TextSide:
                 "give every class at least one description"
             )
         if self.name_norms is None: self.name_norms = self.names.new_ones(len(self.names))
+        if self.visual_proj is None: self.visual_proj = self.names.new_zeros(0, self.names.shape[1])
 
     @property
     def raw_names(self) -> torch.Tensor:
@@ -97,10 +99,12 @@ def encode_text_side(clip: ClipBundle, # the frozen model
                      n_desc: int | None = N_DESC, # descriptions kept per class (a fixed sample; None: all)
                     ) -> TextSide:
     """Class-name embeddings [C, d] (with raw norms [C]) and semantic tokens [C, M, d] (with mask [C, M])
-    of every class, encoded once."""
+    of every class, encoded once; with the image tower's `visual.proj` [w, d]."""
     sem = semantic_tokens(class_names, descriptions, clip, template=sem_template, n_desc=n_desc)
     cn = class_name_embeddings(clip, class_names, templates)
-    return TextSide(cn.emb, sem.tokens.float(), sem.mask, cn.norms)
+    proj = getattr(clip.model.visual, "proj", None)  # BOFA's bridge starts from it; no ViT tower: none
+    proj = None if proj is None else proj.detach().float().to(cn.emb.device)
+    return TextSide(cn.emb, sem.tokens.float(), sem.mask, cn.norms, proj)
 
 # %% ../nbs/08b_method.ipynb #bf7dd9f1
 # which global feature a reader gives: unit norm, CLIP's raw one, or the one before `visual.proj`

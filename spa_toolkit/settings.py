@@ -49,9 +49,14 @@ KEYS = { # method -> {authors' key: our knob (None: folded into another key's kn
                  shrinkage="shrinkage"),
     "ranpac": dict(M="rp_dim", use_RP="use_rp") | _FIRST_SESSION,
     "fecam": _FIRST_SESSION,
+    # C3Box's exps/bofa.json; image_aug, text_des, use_up_cov and memory_size: read by no line models/bofa.py runs
+    "bofa": dict(tuned_epoch="epochs", init_lr="lr", batch_size="batch_size", weight_decay="weight_decay",
+                 min_lr="min_lr", Kt="rank", stat="stat", optimizer="optimizer", image_aug="image_aug",
+                 text_des="text_des", use_up_cov="use_up_cov", memory_size="memory_size"),
 }
 IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
     "ranpac": dict(use_rp=True), # the random projection is always on (the authors' code needs it)
+    "bofa": dict(optimizer="sgd", image_aug=0.5, text_des=2, use_up_cov=True, memory_size=0), # SGD, as run; unread
 }
 PREFERRED = {"rapf": ("c3box", "authors")} # a method's sources, first preferred (default: its authors' alone)
 
