@@ -132,7 +132,7 @@ class Bank:
 SHORT_LINED = ["core", "data", "catalog", "distributed", "exemplars", "patches", "metrics", "method",
                "peers.common", "peers.proof", "peers.rapf", "peers.engine", "peers.ranpac", "peers.fecam", "learner",
                "protocol", "study", "backbone", "cli", "descriptions", "microclip", "world",
-               "runs", "options", "projectors"]
+               "runs", "options", "projectors", "fixtures"]
 MAX_LINE = 110
 
 def long_lines(src: str) -> list[int]:
