@@ -417,7 +417,8 @@ def describe_run(class_names: list[str], # classes to describe
 def describe_classes(class_names: list[str], # classes to describe
                      exemplar_images: dict[str, list[Image.Image]] | None = None, # class -> images or None
                      **kwargs) -> dict[str, list[str]]: # class -> phrases
-    "Describe every class with a (multimodal) LLM through litellm; `describe_run` has the knobs and usage."
+    """Describe every class with a (multimodal) LLM through litellm; see `describe_run` for the knobs and
+    usage."""
     return describe_run(class_names, exemplar_images, **kwargs).descriptions
 
 # %% ../nbs/04_descriptions.ipynb #39c000d8
