@@ -30,7 +30,8 @@ __all__ = ['LOCAL_DIR', 'RANDOM_WEIGHTS', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AU
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
-RANDOM_WEIGHTS = "random"  # pretrained= / --pretrained value for random weights of the architecture (a dress rehearsal of its shapes)
+# pretrained= / --pretrained value for random weights of the architecture (a dress rehearsal of its shapes)
+RANDOM_WEIGHTS = "random"
 
 class _Source(NamedTuple):
     model_name: str  # what open_clip's `create_model` is given
@@ -46,7 +47,8 @@ def _file_ident(path: Path) -> list:
 def _folder_source(folder: Path) -> _Source:
     "A local open_clip model folder."
     if not (folder / "open_clip_config.json").is_file():
-        raise SpaError(f"model folder {folder} has no open_clip_config.json: pass a folder written by open_clip (or make_tiny_clip)")
+        raise SpaError(f"model folder {folder} has no open_clip_config.json: "
+                       "pass a folder written by open_clip (or make_tiny_clip)")
     files = [_file_ident(p) for p in sorted(folder.iterdir()) if p.is_file()]
     return _Source(f"{LOCAL_DIR}{folder.resolve()}", None, files, False)
 
@@ -62,7 +64,8 @@ def _bad_pretrained(arch: str, pretrained: str) -> SpaError:
     "The error for a `pretrained` that is neither a file, a folder, nor a tag of `arch`."
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz") or "/" in pretrained:
-        return SpaError(f"no weights file or model folder at {pretrained!r}: check the path (or use a tag of {arch}: {tags})")
+        return SpaError(f"no weights file or model folder at {pretrained!r}: "
+                        f"check the path (or use a tag of {arch}: {tags})")
     return SpaError(f"unknown pretrained tag {pretrained!r} for {arch}: valid tags are {tags}, "
                     "or pass a local weights file or model folder")
 
@@ -76,29 +79,38 @@ def _resolve_source(arch: str, pretrained: str | Path | None, allow_random: bool
         if allow_random: return _Source(arch, None, [arch, "random", seed], False)
         raise SpaError(f"no weights given for {arch} (pretrained={pretrained!r}): pass a tag "
                        f"{open_clip.list_pretrained_tags_by_model(arch)}, a weights file or folder; "
-                       f"or --pretrained {RANDOM_WEIGHTS} (pretrained={RANDOM_WEIGHTS!r} in Python) if random weights are really wanted")
-    if Path(pretrained).is_file(): return _Source(arch, str(Path(pretrained).resolve()), _file_ident(Path(pretrained)), False)
-    if open_clip.is_pretrained_cfg(arch, str(pretrained)): return _Source(arch, str(pretrained), [arch, str(pretrained)], True)
+                       f"or --pretrained {RANDOM_WEIGHTS} (pretrained={RANDOM_WEIGHTS!r} in Python) "
+                       "if random weights are really wanted")
+    if Path(pretrained).is_file():
+        return _Source(arch, str(Path(pretrained).resolve()), _file_ident(Path(pretrained)), False)
+    if open_clip.is_pretrained_cfg(arch, str(pretrained)):
+        return _Source(arch, str(pretrained), [arch, str(pretrained)], True)
     raise _bad_pretrained(arch, str(pretrained))
 
 # %% ../nbs/02_backbone.ipynb #f3d9351a
 def _offline_hint(src: _Source, err: Exception) -> SpaError:
     "The error for weights open_clip could not fetch or load."
     if not src.is_tag:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line (torch's unpickling errors run to ten)
-        return SpaError(f"could not load weights {src.pretrained or src.model_name} ({first}): check that it is a weights file "
+        # one line (torch's unpickling errors run to ten)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return SpaError(f"could not load weights {src.pretrained or src.model_name} ({first}): "
+                        "check that it is a weights file "
                         "(.pt, .bin, .safetensors) trained with this architecture (pass that arch)")
     hub = open_clip.get_pretrained_cfg(src.model_name, src.pretrained).get("hf_hub", "").rstrip("/")
-    return SpaError(f"could not get weights {src.model_name}/{src.pretrained} ({err}). They are downloaded once into the "
-                    f"Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): run this once with network access "
+    return SpaError(f"could not get weights {src.model_name}/{src.pretrained} ({err}). "
+                    "They are downloaded once into the "
+                    "Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): "
+                    "run this once with network access "
                     f"(HF_HUB_OFFLINE unset), or `hf download {hub}` elsewhere and copy the cache, "
-                    "or pass the weights file: --pretrained PATH on the command line, pretrained=PATH in Python")
+                    "or pass the weights file: --pretrained PATH on the command line, "
+                    "pretrained=PATH in Python")
 
 def _quick_gelu(src: _Source) -> bool:
     "Whether `src`'s weights were trained with QuickGELU (OpenAI's)."
     return src.is_tag and bool(open_clip.get_pretrained_cfg(src.model_name, src.pretrained).get("quick_gelu"))
 
-def _create(src: _Source, device: torch.device, precision: str, resize_mode: str, cache_dir: str | None, seed: int):
+def _create(src: _Source, device: torch.device, precision: str, resize_mode: str, cache_dir: str | None,
+            seed: int):
     "open_clip's (model, train transform, eval transform) for `src`, QuickGELU as the tag wants."
     try:
         with torch.random.fork_rng(devices=[]):
@@ -106,7 +118,8 @@ def _create(src: _Source, device: torch.device, precision: str, resize_mode: str
             return open_clip.create_model_and_transforms(
                 src.model_name, pretrained=src.pretrained, device=device, precision=precision,
                 force_quick_gelu=_quick_gelu(src), image_resize_mode=resize_mode, cache_dir=cache_dir)
-    except Exception as e:  # a file that is not weights fails in any way the unpickler likes (IndexError, UnpicklingError, ...)
+    # a file that is not weights fails in any way the unpickler likes (IndexError, UnpicklingError, ...)
+    except Exception as e:
         if src.is_tag and not isinstance(e, (RuntimeError, OSError, ValueError)): raise
         raise _offline_hint(src, e) from e
 
@@ -117,21 +130,24 @@ class ClipBundle:
     model: torch.nn.Module  # open_clip CLIP in eval mode, requires_grad False
     preprocess: Callable  # eval transform: PIL image -> [3, H, W] float
     tokenizer: Callable  # list[str] -> [n, L] int64 token ids
-    arch: str  # open_clip architecture name, or "local-dir:<absolute folder>" for a model folder (however it was given)
-    pretrained: str  # hub tag or absolute weights file that was loaded ("" for a model folder or random weights)
+    # open_clip architecture name, or "local-dir:<absolute folder>" for a model folder (however it was given)
+    arch: str
+    pretrained: str  # hub tag or absolute weights file loaded ("" for a model folder or random weights)
     key: str  # content key of weights + precision + transform (for caches)
     embed_dim: int  # d, the joint image-text space width
     n_patches: int  # N, patch tokens per image (0 for non-ViT towers)
     image_size: int  # input side length in pixels
     logit_scale: float  # CLIP's learned temperature, exp(logit_scale)
-    precision: str = "fp32"  # open_clip precision it was loaded with ("amp*": float32 weights, extracted under autocast)
+    # open_clip precision it was loaded with ("amp*": float32 weights, extracted under autocast)
+    precision: str = "fp32"
 
     @property
     def device(self) -> torch.device: return next(self.model.parameters()).device
 
     @property
     def pre_dim(self) -> int:
-        "w, the width of the pooled feature before `visual.proj` (0 for non-ViT towers, which have no such feature)."
+        """w, the width of the pooled feature before `visual.proj` (0 for non-ViT towers, which have no such
+        feature)."""
         v = self.model.visual
         return int(v.transformer.width) if isinstance(v, VisionTransformer) else 0
 
@@ -140,16 +156,18 @@ def _bundle(model, preprocess, src: _Source, key: str, precision: str) -> ClipBu
     "Freeze `model` and wrap it with its tokenizer, what was loaded, and its shapes."
     model.eval().requires_grad_(False)
     v = model.visual
-    return ClipBundle(model, preprocess, open_clip.get_tokenizer(src.model_name), src.model_name, src.pretrained or "", key,
+    return ClipBundle(model, preprocess, open_clip.get_tokenizer(src.model_name), src.model_name,
+                      src.pretrained or "", key,
                       embed_dim=int(v.output_dim), n_patches=int(np.prod(getattr(v, "grid_size", (0,)))),
-                      image_size=int(np.atleast_1d(v.image_size)[0]), logit_scale=float(model.logit_scale.exp()), precision=precision)
+                      image_size=int(np.atleast_1d(v.image_size)[0]),
+                      logit_scale=float(model.logit_scale.exp()), precision=precision)
 
 def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<folder>"
-              pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, model folder, or "random" (seeded)
-              device: str | torch.device = LIBRARY_DEVICE, # where the model lives ("auto", "cpu", "cuda", ...)
-              precision: str = PRECISION, # open_clip precision: "fp32" (the protocol's), "amp_bf16" / "amp" (autocast), "bf16", "fp16", ...
+              pretrained: str | Path | None = "laion400m_e32", # hub tag, weights file, folder, "random"
+              device: str | torch.device = LIBRARY_DEVICE, # where the model lives ("auto", "cpu", "cuda")
+              precision: str = PRECISION, # "fp32" (protocol), "amp_bf16" / "amp" (autocast), "bf16", ...
               allow_random: bool = False, # permit random weights when `pretrained` is None / ""
-              resize_mode: str = "squash", # "squash" (protocol: whole image to a square) or "shortest" (resize + centre crop)
+              resize_mode: str = "squash", # "squash" (protocol: to a square) or "shortest" (resize, crop)
               cache_dir: str | None = None, # where hub weights are cached (default: the Hugging Face cache)
               seed: int = 0, # seeds random weights (only with allow_random)
              ) -> ClipBundle:
@@ -165,11 +183,12 @@ def load_clip(arch: str = "ViT-B-16", # open_clip architecture, or "local-dir:<f
 PATCH_SOURCES = ("tokens", "value")  # how patch tokens are read from the last block
 
 class ImageFeatures(NamedTuple):
-    "Global and patch embeddings of a batch of images (unit norm, float32), the global one's raw norm and pre-projection feature."
+    """Global and patch embeddings of a batch of images (unit norm, float32), the global one's raw norm and
+    pre-projection feature."""
     global_: torch.Tensor  # [B, d]
     patches: torch.Tensor | None  # [B, N, d], None when not asked for
-    norm: torch.Tensor | None = None  # [B] raw norm of the global embedding: global_ * norm is what `encode_image` returns
-    pre: torch.Tensor | None = None  # [B, w] pooled [CLS] feature after ln_post, before `proj` (None: not a ViT tower)
+    norm: torch.Tensor | None = None  # [B] the global one's raw norm: global_ * norm is `encode_image`'s
+    pre: torch.Tensor | None = None  # [B, w] pooled [CLS] after ln_post, before `proj` (None: not a ViT)
 
 def _value_path(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     "`block` with its attention matrix replaced by the identity (MaskCLIP): [B, n, w] -> [B, n, w]."
@@ -180,19 +199,24 @@ def _value_path(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/02_backbone.ipynb #1fa8a206
 def _check_vit(visual, patch_source: str):
     "Raise `SpaError` unless patch tokens can be read from `visual` with `patch_source`."
-    if patch_source not in PATCH_SOURCES: raise SpaError(f"patch_source={patch_source!r}: use one of {PATCH_SOURCES}")
+    if patch_source not in PATCH_SOURCES:
+        raise SpaError(f"patch_source={patch_source!r}: use one of {PATCH_SOURCES}")
     if not isinstance(visual, VisionTransformer):
-        raise SpaError(f"patch tokens need an open_clip ViT image tower, not {type(visual).__name__}: use a ViT arch or patches=False")
+        raise SpaError(f"patch tokens need an open_clip ViT image tower, not {type(visual).__name__}: "
+                       "use a ViT arch or patches=False")
     if patch_source == "value" and not isinstance(visual.transformer.resblocks[-1], ResidualAttentionBlock):
-        raise SpaError("patch_source='value' needs a standard ResidualAttentionBlock as last block: use patch_source='tokens'")
+        raise SpaError("patch_source='value' needs a standard ResidualAttentionBlock as last block: "
+                       "use patch_source='tokens'")
 
 def _vit_pass(visual: VisionTransformer, x: torch.Tensor, patches: bool, patch_source: str):
-    "One pass of a ViT tower: pooled feature before `proj` [B, w], and projected patch tokens [B, N, d] (None unless asked)."
+    """One pass of a ViT tower: pooled feature before `proj` [B, w], and projected patch tokens [B, N, d]
+    (None unless asked)."""
     h = visual._embeds(x)
     if not patches: return visual._pool(visual.transformer(h))[0], None
     n = len(visual.transformer.resblocks)
-    h, inter = visual.transformer.forward_intermediates(h, indices=[n - 2, n - 1] if patch_source == "value" else [n - 1])
-    last = _value_path(visual.transformer.resblocks[-1], inter[0][:, 1:]) if patch_source == "value" else inter[-1][:, 1:]
+    value = patch_source == "value"
+    h, inter = visual.transformer.forward_intermediates(h, indices=[n - 2, n - 1] if value else [n - 1])
+    last = _value_path(visual.transformer.resblocks[-1], inter[0][:, 1:]) if value else inter[-1][:, 1:]
     return visual._pool(h)[0], visual.ln_post(last) @ visual.proj
 
 def _proj(visual, pre: torch.Tensor) -> torch.Tensor:
@@ -201,14 +225,16 @@ def _proj(visual, pre: torch.Tensor) -> torch.Tensor:
 def encode_images(clip: ClipBundle, # the frozen model
                   images: torch.Tensor, # [B, 3, H, W] transformed images
                   patches: bool = True, # also return the patch tokens
-                  patch_source: str = "tokens", # "tokens" (last block output) or "value" (MaskCLIP value path)
+                  patch_source: str = "tokens", # "tokens" (last block's output) or "value" (MaskCLIP)
                  ) -> ImageFeatures:
-    "Unit-norm global [B, d] and patch [B, N, d] embeddings in CLIP's joint space, the raw norms [B], pre-projection [B, w]."
+    """Unit-norm global [B, d] and patch [B, N, d] embeddings in CLIP's joint space, the raw norms [B],
+    pre-projection [B, w]."""
     p, visual = next(clip.model.parameters()), clip.model.visual
     x = images.to(device=p.device, dtype=p.dtype)
     if patches: _check_vit(visual, patch_source)
     with torch.no_grad():
-        if not isinstance(visual, VisionTransformer): pre, tok, g = None, None, clip.model.encode_image(x).float()
+        if not isinstance(visual, VisionTransformer):
+            pre, tok, g = None, None, clip.model.encode_image(x).float()
         else: pre, tok = _vit_pass(visual, x, patches, patch_source); g = _proj(visual, pre).float()
     return ImageFeatures(l2norm(g), None if tok is None else l2norm(tok.float()), g.norm(dim=-1),
                          None if pre is None else pre.float())
@@ -216,8 +242,10 @@ def encode_images(clip: ClipBundle, # the frozen model
 # %% ../nbs/02_backbone.ipynb #72572319
 def _token_batches(clip: ClipBundle, texts: list[str], batch_size: int):
     "Token ids [b, L] of `texts` in batches, on the model's device."
-    if isinstance(texts, str): raise SpaError(f"texts must be a list of strings, got the string {texts[:40]!r}: wrap it in a list")
-    for i in range(0, len(texts), batch_size): yield clip.tokenizer(list(texts[i:i + batch_size])).to(clip.device)
+    if isinstance(texts, str):
+        raise SpaError(f"texts must be a list of strings, got the string {texts[:40]!r}: wrap it in a list")
+    for i in range(0, len(texts), batch_size):
+        yield clip.tokenizer(list(texts[i:i + batch_size])).to(clip.device)
 
 def _raw_texts(clip: ClipBundle, texts: list[str], batch_size: int) -> torch.Tensor:
     "CLIP's raw (unnormalised) text embeddings [n, d] of the n `texts`, float32."
@@ -242,8 +270,10 @@ def class_name_embeddings(clip: ClipBundle, # the frozen model
                           names: list[str], # [C] class names
                           templates: list[str], # prompt templates, each with one "{}"
                          ) -> ClassNames:
-    "Unit template-averaged embeddings [C, d] of the C `names` and their templates' mean raw norms [C], one encoding."
-    raw = _raw_texts(clip, [t.format(n) for n in names for t in templates], 256).view(len(names), len(templates), -1)
+    """Unit template-averaged embeddings [C, d] of the C `names` and their templates' mean raw norms [C], one
+    encoding."""
+    raw = _raw_texts(clip, [t.format(n) for n in names for t in templates], 256)
+    raw = raw.view(len(names), len(templates), -1)
     return ClassNames(l2norm(l2norm(raw).mean(1)), raw.norm(dim=-1).mean(1))
 
 def class_embeddings(clip: ClipBundle, # the frozen model
@@ -262,7 +292,8 @@ class TextTokens(NamedTuple):
 def _text_token_states(model, ids: torch.Tensor) -> torch.Tensor:
     "Projected states of every position of token ids [b, L] -> [b, L, d]."
     if not isinstance(model, open_clip.CLIP) or model.text_pool_type != "argmax":
-        raise SpaError(f"per-token text features need a standard open_clip CLIP text tower, not {type(model).__name__}")
+        raise SpaError("per-token text features need a standard open_clip CLIP text tower, "
+                       f"not {type(model).__name__}")
     x = model.token_embedding(ids).to(model.transformer.get_cast_dtype()) + model.positional_embedding
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
     proj = model.text_projection
@@ -297,7 +328,8 @@ def _array_specs(n: int, d: int, n_patches: int, patches: str | int, w: int = 0)
     specs = {"global": [[n, d], "float16"], "global_norm": [[n], "float32"], "labels": [[n], "int64"]}
     if w: specs["pre"] = [[n, w], "float16"]
     if patches == "all": specs["patches"] = [[n, n_patches, d], "float16"]
-    elif patches != "none": specs |= {"patches": [[n, patches, d], "float16"], "patch_idx": [[n, patches], "int16"]}
+    elif patches != "none":
+        specs |= {"patches": [[n, patches, d], "float16"], "patch_idx": [[n, patches], "int16"]}
     return specs
 
 def cache_bytes(n: int, # images
@@ -307,18 +339,21 @@ def cache_bytes(n: int, # images
                 w: int = 768, # width of the pre-projection feature (0: none)
                ) -> int:
     "Bytes a feature cache of `n` images takes on disk."
-    return sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in _array_specs(n, d, n_patches, patches, w).values())
+    specs = _array_specs(n, d, n_patches, patches, w)
+    return sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in specs.values())
 
 # %% ../nbs/02_backbone.ipynb #d806decc
 def top_patches(f: ImageFeatures, # global [B, d] and patches [B, N, d]
                 k: int, # patches to keep
-               ) -> tuple[torch.Tensor, torch.Tensor]: # indices [B, k] (most similar first), patches [B, k, d]
-    "Indices [B, k] and tokens [B, k, d] of each image's `k` patches most similar to its global embedding [B, d]."
+               ) -> tuple[torch.Tensor, torch.Tensor]: # indices [B, k] (most similar first), [B, k, d]
+    """Indices [B, k] and tokens [B, k, d] of each image's `k` patches most similar to its global embedding
+    [B, d]."""
     idx = torch.einsum("bnd,bd->bn", f.patches, f.global_).topk(k, dim=1).indices
     return idx, f.patches.gather(1, idx[..., None].expand(-1, -1, f.patches.shape[-1]))
 
 # %% ../nbs/02_backbone.ipynb #2594810d
-FORMAT_VERSION = 2  # bump when the cache layout or its contents' meaning changes (2: raw norms, pre-projection features)
+# bump when the cache layout or its contents' meaning changes (2: raw norms, pre-projection features)
+FORMAT_VERSION = 2
 
 def _slug(name: str) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "features"
 
@@ -335,7 +370,8 @@ def _identity(clip: ClipBundle, name: str, n: int, patches, patch_source: str) -
     device = clip.device.type
     key = content_key(clip.key, name, transform, patches, patch_source, clip.precision, device)
     ident = dict(format_version=FORMAT_VERSION, key=key, name=name, clip_key=clip.key, arch=clip.arch,
-                 pretrained=clip.pretrained, precision=clip.precision, device=device, transform=transform, patches=patches,
+                 pretrained=clip.pretrained, precision=clip.precision, device=device, transform=transform,
+                 patches=patches,
                  patch_source=patch_source, n=n,
                  arrays=_array_specs(n, clip.embed_dim, clip.n_patches, patches, clip.pre_dim))
     return json.loads(json.dumps(ident, default=str))
@@ -346,12 +382,15 @@ def cache_folder(cache_dir: str | Path, ident: dict) -> Path:
 
 # %% ../nbs/02_backbone.ipynb #a3c2b377
 def _stale(folder: Path, why: str) -> SpaError:
-    return SpaError(f"feature cache {folder} {why}: delete that folder and rerun to re-extract (refresh=True in Python)")
+    return SpaError(f"feature cache {folder} {why}: "
+                    "delete that folder and rerun to re-extract (refresh=True in Python)")
 
 def _check_format(folder: Path, meta: dict):
-    "Raise when the cache was written in another layout (format 1 lacks the raw norms and pre-projection features)."
+    """Raise when the cache was written in another layout (format 1 lacks the raw norms and pre-projection
+    features)."""
     if meta.get("format_version") != FORMAT_VERSION:
-        raise _stale(folder, f"has format_version {meta.get('format_version')}, not {FORMAT_VERSION} (format 2 added the "
+        raise _stale(folder, f"has format_version {meta.get('format_version')}, not {FORMAT_VERSION} "
+                     "(format 2 added the "
                      "raw norms and pre-projection features)")
 
 def _read_meta(folder: Path) -> dict | None:
@@ -365,7 +404,9 @@ def _check_meta(folder: Path, meta: dict, ident: dict) -> dict:
     "Return `meta`, or raise when it was written for another identity."
     _check_format(folder, meta)
     bad = [k for k in ident if meta.get(k) != ident[k]]
-    if bad: raise _stale(folder, f"was written for other settings ({bad[0]}: {meta.get(bad[0])!r}, wanted {ident[bad[0]]!r})")
+    if bad:
+        raise _stale(folder, f"was written for other settings ({bad[0]}: {meta.get(bad[0])!r}, "
+                     f"wanted {ident[bad[0]]!r})")
     return meta
 
 def _write_meta(folder: Path, ident: dict, n_done: int, complete: bool = False) -> dict:
@@ -379,9 +420,11 @@ def _open_array(path: Path, shape: list, dtype: str, mode: str) -> np.memmap:
     "Memory-map one cached array ('w+' creates it), checking shape and dtype."
     if mode == "w+": return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
     try: a = np.lib.format.open_memmap(path, mode=mode)
-    except (OSError, ValueError) as e: raise _stale(path.parent, f"has a missing or truncated {path.name} ({e})") from e
+    except (OSError, ValueError) as e:
+        raise _stale(path.parent, f"has a missing or truncated {path.name} ({e})") from e
     if list(a.shape) != list(shape) or a.dtype != np.dtype(dtype):
-        raise _stale(path.parent, f"has {path.name} of shape {a.shape} {a.dtype}, meta.json says {shape} {dtype}")
+        raise _stale(path.parent, f"has {path.name} of shape {a.shape} {a.dtype}, "
+                     f"meta.json says {shape} {dtype}")
     return a
 
 def _open_arrays(folder: Path, specs: dict, mode: str) -> dict:
@@ -397,7 +440,7 @@ class FeatureSet:
     labels: np.ndarray  # [n] int64
     folder: Path  # where the arrays live
     meta: dict  # the folder's meta.json
-    global_norm: np.ndarray | None = None  # [n] float32 memmap: raw norm of each global embedding (None: not cached)
+    global_norm: np.ndarray | None = None  # [n] float32 memmap: raw global norms (None: not cached)
     pre: np.ndarray | None = None  # [n, w] float16 memmap: pre-projection [CLS] features (None: not cached)
 
     def __len__(self) -> int: return len(self.labels)
@@ -407,37 +450,47 @@ def open_features(folder: str | Path, # a cache folder written by `extract_featu
     "Memory-map a finished feature cache read-only."
     folder = Path(folder)
     meta = _read_meta(folder)
-    if meta is None: raise SpaError(f"no feature cache in {folder} (no meta.json): run extract_features first")
+    if meta is None:
+        raise SpaError(f"no feature cache in {folder} (no meta.json): run extract_features first")
     _check_format(folder, meta)
-    if not meta.get("complete"): raise SpaError(f"feature cache {folder} is unfinished ({meta.get('n_done')}/{meta.get('n')} rows): "
-                                                "run extract_features again to finish it")
+    if not meta.get("complete"):
+        raise SpaError(f"feature cache {folder} is unfinished ({meta.get('n_done')}/{meta.get('n')} rows): "
+                       "run extract_features again to finish it")
     a = _open_arrays(folder, meta["arrays"], "r")
     return FeatureSet(a["global"], a.get("patches"), a.get("patch_idx"), np.array(a["labels"]), folder, meta,
                       a["global_norm"], a.get("pre"))
 
 # %% ../nbs/02_backbone.ipynb #328a02c4
 def _bad_image(data, i: int, err: Exception) -> SpaError:
-    "The error for row `i` of `data`, whose image PIL cannot decode, naming its file when the dataset records one."
+    """The error for row `i` of `data`, whose image PIL cannot decode, naming its file when the dataset
+    records one."""
     is_file = isinstance((getattr(data, "features", None) or {}).get("image"), datasets.Image)
     path = data.cast_column("image", datasets.Image(decode=False))[i]["image"]["path"] if is_file else None
     return SpaError(f"cannot decode image {path or f'row {i}'} ({type(err).__name__}: {err}): "
                     "replace it with a valid image file or delete it, then rerun")
 
 class _Rows(Dataset):
-    "The `rows` of an (image, label) dataset, PIL images run through `preprocess` (tensors are taken as transformed); an undecodable image's row is its `SpaError`."
-    def __init__(self, data, preprocess: Callable, rows: range): self.data, self.preprocess, self.rows = data, preprocess, rows
+    """The `rows` of an (image, label) dataset, PIL images run through `preprocess` (tensors are taken as
+    transformed); an undecodable image's row is its `SpaError`."""
+    def __init__(self, data, preprocess: Callable, rows: range):
+        self.data, self.preprocess, self.rows = data, preprocess, rows
     def __len__(self) -> int: return len(self.rows)
     def __getitem__(self, i: int):
-        try: row = self.data[self.rows[i]]; img = row["image"]; img = img if torch.is_tensor(img) else img.convert("RGB")
-        except (OSError, SyntaxError) as e: return _bad_image(self.data, self.rows[i], e)  # raised in the main process
+        try:
+            row = self.data[self.rows[i]]; img = row["image"]
+            img = img if torch.is_tensor(img) else img.convert("RGB")
+        except (OSError, SyntaxError) as e: # raised in the main process
+            return _bad_image(self.data, self.rows[i], e)
         except SpaError as e: return e  # a wrapping dataset (`NoisyViews`) names the bad image itself
         return (img if torch.is_tensor(img) else self.preprocess(img)), int(row["label"])
 
 def _collate(rows: list):
-    "A batch of (image, label) rows, or the `SpaError` of its first undecodable image (a loader worker's traceback never shows)."
+    """A batch of (image, label) rows, or the `SpaError` of its first undecodable image (a loader worker's
+    traceback never shows)."""
     return next((r for r in rows if isinstance(r, SpaError)), None) or default_collate(rows)
 
-AUTOCAST = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16} # open_clip precisions run under autocast
+# open_clip precisions run under autocast
+AUTOCAST = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
 
 def _autocast(clip: ClipBundle):
     "Autocast to the dtype of the model's `amp*` precision on its device; nothing for other precisions."
@@ -458,16 +511,19 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
     return {k: _host(v) for k, v in out.items()} | {"global_norm": f.norm.cpu().numpy()}
 
 def _host(v: torch.Tensor) -> np.ndarray:
-    "A batch's feature (float) or patch index (int) tensor as the cache stores it (float16 / int16), converted before leaving the device."
+    """A batch's feature (float) or patch index (int) tensor as the cache stores it (float16 / int16),
+    converted before leaving the device."""
     return v.to(torch.float16 if v.is_floating_point() else torch.int16).cpu().numpy()
 
 # %% ../nbs/02_backbone.ipynb #9fb7f452
-RECORD_EVERY = 8  # batches between flushing the memory maps and recording progress (a resume redoes at most this many)
+# batches between flushing the memory maps and recording progress (a resume redoes at most this many)
+RECORD_EVERY = 8
 
 def default_workers(device: torch.device, # where the model runs
-                    ranks_per_node: int = 1, # extracting processes sharing this machine's CPUs (torchrun's LOCAL_WORLD_SIZE)
+                    ranks_per_node: int = 1, # extracting processes on this machine (LOCAL_WORLD_SIZE)
                    ) -> int:
-    "Image-decoding processes per extracting process: from the CPU count on CUDA (at most 8, PROOF's), 0 (in-process) elsewhere."
+    """Image-decoding processes per extracting process: from the CPU count on CUDA (at most 8, PROOF's), 0
+    (in-process) elsewhere."""
     return min(8, max(1, (os.cpu_count() or 1) // ranks_per_node - 1)) if device.type == "cuda" else 0
 
 class CachePlan(NamedTuple):
@@ -475,7 +531,9 @@ class CachePlan(NamedTuple):
     folder: Path  # the cache folder
     ident: dict  # what its meta.json must match (`_identity`)
     meta: dict | None  # its meta.json, checked against `ident` (None: nothing extracted yet)
-    written: dict  # what meta.json records besides progress: `ident` and the library versions (not compared: a resume may run on newer ones)
+    # what meta.json records besides progress: `ident` and the library versions (not compared: a resume
+    # may run on newer ones)
+    written: dict
 
 def plan_cache(clip: ClipBundle, # the frozen model
                dataset, # indexable (image, label) rows
@@ -485,13 +543,15 @@ def plan_cache(clip: ClipBundle, # the frozen model
                patch_source: str = "tokens", # "tokens" or "value"
                refresh: bool = False, # delete the cache first
               ) -> CachePlan:
-    "Where the cache of these settings lives and how far it got (raising when it was written for other settings)."
+    """Where the cache of these settings lives and how far it got (raising when it was written for other
+    settings)."""
     if len(dataset) == 0: raise SpaError(f"dataset {name!r} is empty: nothing to extract")
     ident = _identity(clip, name, len(dataset), _patch_mode(patches, clip.n_patches), patch_source)
     folder = cache_folder(cache_dir, ident)
     if refresh: shutil.rmtree(folder, ignore_errors=True)
     meta = _read_meta(folder)
-    return CachePlan(folder, ident, meta and _check_meta(folder, meta, ident), ident | dict(versions=library_versions()))
+    return CachePlan(folder, ident, meta and _check_meta(folder, meta, ident),
+                     ident | dict(versions=library_versions()))
 
 def start_cache(plan: CachePlan):
     "Create the cache's arrays and record that no row is done."
@@ -506,24 +566,28 @@ def finish_cache(plan: CachePlan, world_size: int = 1): # processes that wrote t
 def fill_rows(clip: ClipBundle, # the frozen model
               dataset, # indexable (image, label) rows
               plan: CachePlan, # a started cache (`start_cache`)
-              rows: range, # the rows to extract, a whole number of batches from `rows.start` (or up to the end)
+              rows: range, # the rows to extract: whole batches from `rows.start` (or up to the end)
               record: Callable[[int], None], # called with `i` once rows `rows.start:i` are on disk
               batch_size: int = 64, # images per forward pass
               num_workers: int | None = None, # decoding processes (None: `default_workers`)
               progress: bool = True, # a progress bar
               record_every: int = RECORD_EVERY, # batches between flushes and records
              ):
-    "Extract `rows` into the cache's memory maps, flushing them and calling `record` every `record_every` batches and at the end."
-    if num_workers is None: num_workers = default_workers(clip.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    """Extract `rows` into the cache's memory maps, flushing them and calling `record` every `record_every`
+    batches and at the end."""
+    if num_workers is None:
+        num_workers = default_workers(clip.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     arrays = _open_arrays(plan.folder, plan.ident["arrays"], "r+")
     loader = DataLoader(_Rows(dataset, clip.preprocess, rows), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=clip.device.type == "cuda", collate_fn=_collate)
     i = rows.start
-    with tqdm(total=rows.stop, initial=rows.start, unit="img", desc=f"features {plan.ident['name']}", disable=not progress) as bar:
+    with tqdm(total=rows.stop, initial=rows.start, unit="img", desc=f"features {plan.ident['name']}",
+              disable=not progress) as bar:
         for b, batch in enumerate(loader, 1):
             if isinstance(batch, SpaError): raise batch
             x, y = batch
-            for k, v in (_batch_features(clip, x, plan.ident["patches"], plan.ident["patch_source"]) | {"labels": y.numpy()}).items():
+            feats = _batch_features(clip, x, plan.ident["patches"], plan.ident["patch_source"])
+            for k, v in (feats | {"labels": y.numpy()}).items():
                 arrays[k][i:i + len(y)] = v
             i += len(y); bar.update(len(y))
             if b % record_every == 0 or i == rows.stop: _flush(arrays, record, i)
@@ -539,9 +603,9 @@ def extract_features(clip: ClipBundle, # the frozen model
                      dataset, # indexable; rows are dicts with "image" (PIL) and "label" (int)
                      cache_dir: str | Path, # parent folder of all feature caches
                      name: str, # what the dataset is, e.g. "cifar100-train" (part of the key)
-                     patches: str | int = "all", # "all", "none", or k: keep the k patches closest to the global embedding
+                     patches: str | int = "all", # "all", "none", or k: the k patches nearest the global one
                      batch_size: int = 64, # images per forward pass (and per progress record)
-                     num_workers: int | None = None, # DataLoader processes decoding images (None: `default_workers`)
+                     num_workers: int | None = None, # DataLoader processes (None: `default_workers`)
                      device: str | torch.device | None = None, # move the model here first (None: where it is)
                      patch_source: str = "tokens", # "tokens" or "value" (see `encode_images`)
                      refresh: bool = False, # delete an existing cache for these settings and re-extract
@@ -554,14 +618,16 @@ def extract_features(clip: ClipBundle, # the frozen model
     if plan.meta is None or not plan.meta["complete"]:
         start = plan.meta["n_done"] if plan.meta else 0
         if not start: start_cache(plan)
-        fill_rows(clip, dataset, plan, range(start, len(dataset)), lambda i: _write_meta(plan.folder, plan.written, i),
+        fill_rows(clip, dataset, plan, range(start, len(dataset)),
+                  lambda i: _write_meta(plan.folder, plan.written, i),
                   batch_size, num_workers, progress, record_every)
         finish_cache(plan)
     return open_features(plan.folder)
 
 # %% ../nbs/02_backbone.ipynb #a7e10002
 class NoisyViews(Dataset):
-    "Row `i * n_views + v`: view v of image i of an (image, label) dataset, its transformed tensor [3, H, W] plus Gaussian noise, clamped to [0, 1]."
+    """Row `i * n_views + v`: view v of image i of an (image, label) dataset, its transformed tensor [3, H, W]
+    plus Gaussian noise, clamped to [0, 1]."""
     def __init__(self,
                  data, # indexable; rows are dicts with "image" (PIL) and "label" (int)
                  preprocess: Callable, # the model's transform: PIL image -> [3, H, W]
@@ -570,8 +636,10 @@ class NoisyViews(Dataset):
                  seed: int, # with the image and view index, all that the noise depends on
                 ):
         if n_views < 1: raise SpaError(f"n_views={n_views}: pass at least 1 view per image")
-        self.data, self.preprocess, self.n_views, self.noise, self.seed = data, preprocess, n_views, noise, seed
-        self._last = (None, None, None)  # (image index, transformed tensor, label): a batch's rows are mostly views of one image
+        self.data, self.preprocess = data, preprocess
+        self.n_views, self.noise, self.seed = n_views, noise, seed
+        # (image index, transformed tensor, label): a batch's rows are mostly views of one image
+        self._last = (None, None, None)
 
     def __len__(self) -> int: return len(self.data) * self.n_views
 
@@ -587,5 +655,6 @@ class NoisyViews(Dataset):
     def __getitem__(self, j: int) -> dict:
         i, v = divmod(j, self.n_views)
         x, label = self._image(i)
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, i, v]).generate_state(1)[0]))
+        seed = int(np.random.SeedSequence([self.seed, i, v]).generate_state(1)[0])
+        gen = torch.Generator().manual_seed(seed)
         return {"image": (x + self.noise * torch.randn(x.shape, generator=gen)).clamp(0, 1), "label": label}

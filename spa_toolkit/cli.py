@@ -11,9 +11,11 @@ from fastcore.docments import docments
 from fastcore.imports import in_ipython
 
 from . import __version__
-from .base import DEFAULT_METHODS, SpaError, SpaKnobs, annotation_kinds, check_methods, list_methods
+from .base import (DEFAULT_METHODS, SpaError, SpaKnobs, annotation_kinds, check_methods,
+                              list_methods)
 from .catalog import BENCHMARKS, WORLD_VARIANTS, list_benchmarks
-from .options import LLM_KEY_ENV, PROTOCOL_MODEL, RunOptions, check_api_base, check_fresh, check_writable
+from .options import (LLM_KEY_ENV, PROTOCOL_MODEL, RunOptions, check_api_base, check_fresh,
+                                 check_writable)
 
 # %% auto #0
 __all__ = ['KNOB_SKIP', 'RUN_DEFAULTS', 'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'SETTINGS_OPTIONS', 'DESCRIPTIONS_OPTION',
@@ -51,10 +53,12 @@ def knob_type(annotation: str, # a knob's annotation, e.g. "int | None"
 def add_knob_options(parser: argparse.ArgumentParser, # gets one option per knob
                     ) -> argparse.ArgumentParser:
     "One option per learner knob, named like it, with its docments comment as help and its default."
-    group, docs = parser.add_argument_group("learner knobs (SpaKnobs; a method's own settings win)"), docments(SpaKnobs)
+    group = parser.add_argument_group("learner knobs (SpaKnobs; a method's own settings win)")
+    docs = docments(SpaKnobs)
     for name, p in knob_params().items():
         help = (docs.get(name) or "").replace("%", "%%") + " (default: %(default)s)"
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(p.default, bool) else dict(type=knob_type(p.type))
+        kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(p.default, bool)
+                else dict(type=knob_type(p.type)))
         group.add_argument(option_name(name), default=p.default, help=help, **kind)
     return parser
 
@@ -85,7 +89,8 @@ RUN_DEFAULTS = RunOptions() # the run options' defaults, shown by --help
 
 def run_options(a: argparse.Namespace, # parsed options of any subcommand
                ) -> RunOptions:
-    "The `RunOptions` of the parsed options (the fields a subcommand has; defaults for the rest), validated once."
+    """The `RunOptions` of the parsed options (the fields a subcommand has; defaults for the rest), validated
+    once."""
     given = {f.name: getattr(a, f.name) for f in dataclasses.fields(RunOptions) if hasattr(a, f.name)}
     if "methods" in given: given["methods"] = tuple(parse_methods(given["methods"]))
     if "cache_dir" in given: given["cache_dir"] = str(given["cache_dir"])
@@ -98,29 +103,36 @@ def settings_of(a: argparse.Namespace) -> dict:
     return dict(source=a.settings_source, overrides=overrides_from(a.set))
 
 def cmd_knobs(a: argparse.Namespace) -> int:
-    "`knobs`: a method's resolved knobs on one benchmark setting as JSON (what run.json records), with their source."
+    """`knobs`: a method's resolved knobs on one benchmark setting as JSON (what run.json records), with their
+    source."""
     from spa_toolkit.catalog import benchmark_info
     from spa_toolkit.settings import overrides_from, run_knobs
     setting = {"b0": benchmark_info(a.dataset).setting_b0, "bx": benchmark_info(a.dataset).setting_bx}.get(
         (a.setting or "b0").lower(), a.setting)
-    r = run_knobs([a.method], a.dataset, setting, source=a.settings_source, overrides=overrides_from(a.set))[a.method]
+    r = run_knobs([a.method], a.dataset, setting, source=a.settings_source,
+                  overrides=overrides_from(a.set))[a.method]
     rec = r.record
-    print(json.dumps(dict(method=a.method, benchmark=a.dataset, setting=setting, source=rec.source if rec else "defaults",
-                          file=rec.file if rec else None, knobs=r.knobs.to_dict(), unexpressed=r.unexpressed), indent=1))
+    print(json.dumps(dict(method=a.method, benchmark=a.dataset, setting=setting,
+                          source=rec.source if rec else "defaults", file=rec.file if rec else None,
+                          knobs=r.knobs.to_dict(), unexpressed=r.unexpressed), indent=1))
     return 0
 
 def cmd_run(a: argparse.Namespace) -> int:
-    "`run`: one benchmark setting; prints the report and where it went (under torchrun every rank extracts its share, rank 0 trains)."
+    """`run`: one benchmark setting; prints the report and where it went (under torchrun every rank extracts
+    its share, rank 0 trains)."""
     from spa_toolkit import runs
     from spa_toolkit.distributed import env_rank
     r = env_rank()
-    if r.world_size > 1:  # the features (and the noisy views a method reads), sharded; then rank 0 alone trains and evaluates on them
+    # the features (and the noisy views a method reads), sharded; then rank 0 alone trains and evaluates on
+    # them
+    if r.world_size > 1:
         from spa_toolkit.protocol import views_needed
         extract_and_report(a, views_needed(list(run_options(a).methods), knobs_from(a)))
     if r.rank > 0: return 0
-    opts = run_options(a)  # the default folder is named by everything that sets the numbers: what it holds is this run's own
-    rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a), opts=opts if a.out else opts.replace(resume=True),
-                             **settings_of(a))
+    # the default folder is named by everything that sets the numbers: what it holds is this run's own
+    opts = run_options(a)
+    rep = runs.run_benchmark(a.dataset, a.setting, a.out, knobs=knobs_from(a),
+                             opts=opts if a.out else opts.replace(resume=True), **settings_of(a))
     print(rep.text()); print(f"results written to {rep.out}")
     return 0
 
@@ -128,14 +140,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
     "`bench`: the suite, resumable; prints and writes the table against the published numbers."
     from spa_toolkit import runs
     opts = run_options(a)
-    results, failed = runs.run_suite([d.strip() for d in a.datasets.split(",") if d.strip()], [s.strip() for s in a.settings.split(",")],
+    results, failed = runs.run_suite([d.strip() for d in a.datasets.split(",") if d.strip()],
+                                     [s.strip() for s in a.settings.split(",")],
                                      a.out, knobs=knobs_from(a), opts=opts, **settings_of(a))
     if results:
         rows = runs.write_suite(results, a.out)
-        models = {runs.backbone_label(*runs.model_for(d, opts.arch, opts.pretrained, opts.world)) for d, _ in results}
-        print(f"backbone: {', '.join(sorted(models))}\n"); print(runs.bench_table(rows)); print(f"suite written to {a.out}")
-    if failed: print(f"error: {len(failed)} benchmark setting(s) did not run: {', '.join(failed)}; fix them (see above) and rerun",
-                     file=sys.stderr)
+        models = {runs.backbone_label(*runs.model_for(d, opts.arch, opts.pretrained, opts.world))
+                  for d, _ in results}
+        print(f"backbone: {', '.join(sorted(models))}\n"); print(runs.bench_table(rows))
+        print(f"suite written to {a.out}")
+    if failed: print(f"error: {len(failed)} benchmark setting(s) did not run: {', '.join(failed)}; "
+                     "fix them (see above) and rerun", file=sys.stderr)
     return 2 if failed else 0
 
 # %% ../nbs/11_cli.ipynb #c28s0001
@@ -164,45 +179,70 @@ def extract_and_report(a: argparse.Namespace, # parsed options of `features` or 
     from spa_toolkit import runs
     from spa_toolkit.distributed import env_rank
     for split, f in runs.extract(a.dataset, run_options(a), views).items():
-        if env_rank().rank == 0: print(f"{a.dataset} {split}: {len(f)} {'views' if split.endswith('views') else 'images'}, cached in {f.folder}")
+        if env_rank().rank == 0:
+            print(f"{a.dataset} {split}: {len(f)} {'views' if split.endswith('views') else 'images'}, "
+                  f"cached in {f.folder}")
 
 def cmd_features(a: argparse.Namespace) -> int:
-    "`features`: extract and cache a benchmark's train and test features, and `--views` noisy views of each training image (under torchrun each rank extracts its share)."
+    """`features`: extract and cache a benchmark's train and test features, and `--views` noisy views of each
+    training image (under torchrun each rank extracts its share)."""
     extract_and_report(a, a.views)
     return 0
 
 # %% ../nbs/11_cli.ipynb #57696bfb
 DATA_OPTIONS = [
-    ("--data-root", dict(help="folder holding <dataset>/{train,test}/<class>/ (default: env SPA_DATA_ROOT; cifar100 comes from the HF hub)")),
-    ("--class-order-seed", dict(type=int, default=RUN_DEFAULTS.class_order_seed, help="PyCIL's class-order seed, separate from --seed (default: %(default)s)")),
-    ("--world", dict(choices=list(WORLD_VARIANTS), default=RUN_DEFAULTS.world, help="the synthetic world and its embedded micro-CLIP: premise "
-                     "(the global embedding loses the small part, the patches keep it) or control (both know it) (default: %(default)s)")),
+    ("--data-root", dict(help="folder holding <dataset>/{train,test}/<class>/ (default: env SPA_DATA_ROOT; "
+                              "cifar100 comes from the HF hub)")),
+    ("--class-order-seed", dict(type=int, default=RUN_DEFAULTS.class_order_seed,
+                                help="PyCIL's class-order seed, separate from --seed "
+                                     "(default: %(default)s)")),
+    ("--world", dict(choices=list(WORLD_VARIANTS), default=RUN_DEFAULTS.world,
+                     help="the synthetic world and its embedded micro-CLIP: premise "
+                     "(the global embedding loses the small part, the patches keep it) "
+                     "or control (both know it) (default: %(default)s)")),
 ]
 MODEL_OPTIONS = [
-    ("--arch", dict(help=f"open_clip architecture, or local-dir:<model folder> (default: {PROTOCOL_MODEL[0]} with --pretrained "
+    ("--arch", dict(help="open_clip architecture, or local-dir:<model folder> "
+                         f"(default: {PROTOCOL_MODEL[0]} with --pretrained "
                          f"{PROTOCOL_MODEL[1]} for a registered benchmark, the embedded model otherwise)")),
-    ("--pretrained", dict(help="open_clip pretrained tag (e.g. laion400m_e32), weights file or model folder; 'random': random "
+    ("--pretrained", dict(help="open_clip pretrained tag (e.g. laion400m_e32), weights file or model folder; "
+                              "'random': random "
                               "weights of --arch (seeded; a dress rehearsal of the real shapes, offline)")),
-    ("--device", dict(default=RUN_DEFAULTS.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")),
-    ("--precision", dict(default=RUN_DEFAULTS.precision, help="open_clip precision of the model and its feature extraction: fp32 (the protocol's), "
-                                             "amp_bf16 / amp (bf16 / fp16 autocast), bf16, fp16 (default: %(default)s)")),
-    ("--cache-dir", dict(type=Path, default=Path(RUN_DEFAULTS.cache_dir), help="features/, models/ and descriptions/ are cached here (default: %(default)s)")),
-    ("--extract-batch-size", dict(type=int, default=RUN_DEFAULTS.extract_batch_size, help="images per forward pass when extracting features (default: %(default)s)")),
-    ("--num-workers", dict(type=int, help="image-decoding processes when extracting features, per process (default: from the CPU "
+    ("--device", dict(default=RUN_DEFAULTS.device,
+                      help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")),
+    ("--precision", dict(default=RUN_DEFAULTS.precision,
+                         help="open_clip precision of the model and its feature extraction: "
+                              "fp32 (the protocol's), "
+                              "amp_bf16 / amp (bf16 / fp16 autocast), bf16, fp16 (default: %(default)s)")),
+    ("--cache-dir", dict(type=Path, default=Path(RUN_DEFAULTS.cache_dir),
+                         help="features/, models/ and descriptions/ are cached here (default: %(default)s)")),
+    ("--extract-batch-size", dict(type=int, default=RUN_DEFAULTS.extract_batch_size,
+                                  help="images per forward pass when extracting features "
+                                       "(default: %(default)s)")),
+    ("--num-workers", dict(type=int, help="image-decoding processes when extracting features, per process "
+                                          "(default: from the CPU "
                                           "count on CUDA, at most 8; 0, in-process, on CPU)")),
 ]
 LLM_OPTIONS = [
-    ("--api-base", dict(help="base URL of an OpenAI-compatible server (vLLM, Ollama, LM Studio) for the LLM")),
-    ("--api-key", dict(help=f"the LLM's API key (default: env {LLM_KEY_ENV}, else the provider's own, e.g. OPENAI_API_KEY; "
+    ("--api-base", dict(help="base URL of an OpenAI-compatible server (vLLM, Ollama, LM Studio) "
+                             "for the LLM")),
+    ("--api-key", dict(help=f"the LLM's API key (default: env {LLM_KEY_ENV}, else the provider's own, "
+                            "e.g. OPENAI_API_KEY; "
                             "a local --api-base server needs none); never written to disk")),
-    ("--k-exemplars", dict(type=int, default=RUN_DEFAULTS.k_exemplars, help="exemplar images shown to the LLM per class, 0 for text only (default: %(default)s)")),
-    ("--n-descriptions", dict(type=int, default=RUN_DEFAULTS.n_descriptions, help="descriptions asked per class (default: %(default)s)")),
+    ("--k-exemplars", dict(type=int, default=RUN_DEFAULTS.k_exemplars,
+                           help="exemplar images shown to the LLM per class, 0 for text only "
+                                "(default: %(default)s)")),
+    ("--n-descriptions", dict(type=int, default=RUN_DEFAULTS.n_descriptions,
+                              help="descriptions asked per class (default: %(default)s)")),
 ]
 SETTINGS_OPTIONS = [
-    ("--settings-source", dict(choices=["authors", "c3box"], help="whose per-benchmark settings a peer runs where it has "
-                               "both (RAPF: its authors' runs, or C3Box's re-run that the published tables quote; "
+    ("--settings-source", dict(choices=["authors", "c3box"],
+                               help="whose per-benchmark settings a peer runs where it has "
+                               "both (RAPF: its authors' runs, "
+                               "or C3Box's re-run that the published tables quote; "
                                "default: the tables' source, c3box for RAPF)")),
-    ("--set", dict(action="append", default=[], metavar="METHOD.KNOB=VALUE", help="one knob of one method over its "
+    ("--set", dict(action="append", default=[], metavar="METHOD.KNOB=VALUE",
+                   help="one knob of one method over its "
                    "settings record, e.g. --set proof.epochs=3 (repeatable; see `knobs`)")),
 ]
 DESCRIPTIONS_OPTION = ("--descriptions", dict(help=(
@@ -210,15 +250,22 @@ DESCRIPTIONS_OPTION = ("--descriptions", dict(help=(
     "llm:gpt-5) or a descriptions JSON file, ours or ENGINE's ({dataset}: the benchmark name, {key}: the "
     "protocol's dataset key, e.g. chat/{key}_des.json for ENGINE's cifar224_des.json)")))
 RUN_OPTIONS = [
-    ("--methods", dict(default=",".join(RUN_DEFAULTS.methods), help=f"comma-separated, from {', '.join(list_methods())} (default: %(default)s)")),
-    ("--seed", dict(type=int, default=RUN_DEFAULTS.seed, help="run seed: projector init, shuffling, pseudo-features (default: %(default)s)")),
+    ("--methods", dict(default=",".join(RUN_DEFAULTS.methods),
+                       help=f"comma-separated, from {', '.join(list_methods())} (default: %(default)s)")),
+    ("--seed", dict(type=int, default=RUN_DEFAULTS.seed,
+                    help="run seed: projector init, shuffling, pseudo-features (default: %(default)s)")),
     DESCRIPTIONS_OPTION,
 ]
-SETTING_HELP = ("b0 (default): zero base, every task the same size, e.g. B0Inc10 = 10 classes per task; bx: half the classes in "
-                "the first task, then the same increments, e.g. B50Inc10; or B{base}Inc{inc}. A registered benchmark uses the papers' "
-                "settings; a folder of C classes gets at most 10 equal tasks of at least 2 classes when C allows")
-DATASET_OPTION = ("--dataset", dict(default="synthetic", help=f"a registered benchmark ({', '.join(list_benchmarks())}) "
-                                    "or a folder with train/<class>/ and test/<class>/ images (default: %(default)s)"))
+SETTING_HELP = ("b0 (default): zero base, every task the same size, e.g. B0Inc10 = 10 classes per task; "
+                "bx: half the classes in "
+                "the first task, then the same increments, e.g. B50Inc10; or B{base}Inc{inc}. "
+                "A registered benchmark uses the papers' "
+                "settings; a folder of C classes gets at most 10 equal tasks of at least 2 classes "
+                "when C allows")
+DATASET_OPTION = ("--dataset", dict(default="synthetic",
+                                    help=f"a registered benchmark ({', '.join(list_benchmarks())}) "
+                                    "or a folder with train/<class>/ and test/<class>/ images "
+                                    "(default: %(default)s)"))
 
 # %% ../nbs/11_cli.ipynb #0ac39796
 def _add(p: argparse.ArgumentParser, *groups: list) -> argparse.ArgumentParser:
@@ -227,18 +274,27 @@ def _add(p: argparse.ArgumentParser, *groups: list) -> argparse.ArgumentParser:
     return p
 
 def _run_parser(sub) -> None:
-    p = sub.add_parser("run", help="run methods on one benchmark setting (no options: the embedded demo)", description=cmd_run.__doc__)
+    p = sub.add_parser("run", help="run methods on one benchmark setting (no options: the embedded demo)",
+                       description=cmd_run.__doc__)
     _add(p, [DATASET_OPTION, ("--setting", dict(help=SETTING_HELP)),
-             ("--out", dict(type=Path, help="output folder (default: runs/<benchmark>-<setting>-<key of everything that sets the numbers>)")),
-             ("--resume", dict(action="store_true", help="reuse finished methods and continue interrupted ones in the output folder"))],
+             ("--out", dict(type=Path, help="output folder "
+                            "(default: runs/<benchmark>-<setting>-"
+                            "<key of everything that sets the numbers>)")),
+             ("--resume", dict(action="store_true",
+                               help="reuse finished methods and continue interrupted ones "
+                                    "in the output folder"))],
          RUN_OPTIONS, SETTINGS_OPTIONS, DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS)
     add_knob_options(p).set_defaults(func=cmd_run)
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="the paper's suite against the published numbers (resumable)", description=cmd_bench.__doc__)
-    _add(p, [("--datasets", dict(default=",".join(b.name for b in BENCHMARKS), help="comma-separated benchmarks (default: %(default)s)")),
-             ("--settings", dict(default="b0,bx", help="comma-separated settings (default: %(default)s); " + SETTING_HELP)),
-             ("--out", dict(type=Path, default=Path("runs/bench"), help="suite folder; each setting runs in a sub-folder (default: %(default)s)"))],
+    p = sub.add_parser("bench", help="the paper's suite against the published numbers (resumable)",
+                       description=cmd_bench.__doc__)
+    _add(p, [("--datasets", dict(default=",".join(b.name for b in BENCHMARKS),
+                                 help="comma-separated benchmarks (default: %(default)s)")),
+             ("--settings", dict(default="b0,bx",
+                                 help="comma-separated settings (default: %(default)s); " + SETTING_HELP)),
+             ("--out", dict(type=Path, default=Path("runs/bench"),
+                            help="suite folder; each setting runs in a sub-folder (default: %(default)s)"))],
          RUN_OPTIONS, SETTINGS_OPTIONS, DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS)
     add_knob_options(p).set_defaults(func=cmd_bench, resume=True)
 
@@ -260,26 +316,35 @@ def _study_parser(sub) -> None:
     add_knob_options(p).set_defaults(func=cmd_study)
 
 def _describe_parser(sub) -> None:
-    p = sub.add_parser("describe", help="generate class descriptions with any litellm model (resumable)", description=cmd_describe.__doc__)
-    _add(p, [DATASET_OPTION, ("--llm", dict(required=True, help="any litellm model string, e.g. gpt-5 (the paper's), gpt-5-mini, gemini/gemini-1.5-flash, ollama/llava"))],
+    p = sub.add_parser("describe", help="generate class descriptions with any litellm model (resumable)",
+                       description=cmd_describe.__doc__)
+    _add(p, [DATASET_OPTION, ("--llm", dict(required=True,
+                                            help="any litellm model string, e.g. gpt-5 (the paper's), "
+                                            "gpt-5-mini, gemini/gemini-1.5-flash, ollama/llava"))],
          DATA_OPTIONS, MODEL_OPTIONS, LLM_OPTIONS).set_defaults(func=cmd_describe)
 
 def _features_parser(sub) -> None:
-    p = sub.add_parser("features", help="extract and cache a benchmark's frozen features", description=cmd_features.__doc__)
-    _add(p, [DATASET_OPTION, ("--views", dict(type=int, default=0, help="noisy views of each training image to cache as well, for "
-                                              "ENGINE's view loss: it reads one per epoch, 10 at its published epochs (default: %(default)s; "
+    p = sub.add_parser("features", help="extract and cache a benchmark's frozen features",
+                       description=cmd_features.__doc__)
+    _add(p, [DATASET_OPTION, ("--views", dict(type=int, default=0,
+                                              help="noisy views of each training image to cache as well, for "
+                                              "ENGINE's view loss: it reads one per epoch, "
+                                              "10 at its published epochs "
+                                              "(default: %(default)s; "
                                               "`run` caches the views its methods read itself)"))],
          DATA_OPTIONS, MODEL_OPTIONS).set_defaults(func=cmd_features)
 
 def _knobs_parser(sub) -> None:
-    p = sub.add_parser("knobs", help="a method's resolved knobs on one benchmark setting, as JSON", description=cmd_knobs.__doc__)
+    p = sub.add_parser("knobs", help="a method's resolved knobs on one benchmark setting, as JSON",
+                       description=cmd_knobs.__doc__)
     _add(p, [("--method", dict(required=True, help=f"one of {', '.join(list_methods())}")), DATASET_OPTION,
              ("--setting", dict(help=SETTING_HELP))], SETTINGS_OPTIONS).set_defaults(func=cmd_knobs)
 
 # %% ../nbs/11_cli.ipynb #77ca67dd
 def build_parser() -> argparse.ArgumentParser:
     "The `spa_toolkit` parser with its six subcommands."
-    p = argparse.ArgumentParser(prog="spa_toolkit", description="SPA for CLIP-based class-incremental learning. "
+    p = argparse.ArgumentParser(prog="spa_toolkit",
+                                description="SPA for CLIP-based class-incremental learning. "
                                 "Try: python -m spa_toolkit.cli run")
     p.add_argument("--version", action="version", version=f"spa_toolkit {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,bench,study,describe,features,knobs}")
@@ -293,31 +358,37 @@ def main(argv: list[str] | None = None, # the arguments (default: sys.argv[1:])
     a = build_parser().parse_args(argv)
     try:
         check_options(a)
-        if getattr(a, "api_key", None): os.environ[LLM_KEY_ENV] = a.api_key  # read by `descriptions`; never recorded
+        # read by `descriptions`; never recorded
+        if getattr(a, "api_key", None): os.environ[LLM_KEY_ENV] = a.api_key
         return a.func(a)
     except SpaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished methods, cached features and descriptions are kept; rerun the same command "
+        print("interrupted: finished methods, cached features and descriptions are kept; "
+              "rerun the same command "
               "(with --resume when you passed --out) to continue", file=sys.stderr)
         return 130
 
 # %% ../nbs/11_cli.ipynb #2ef78db7
 def check_options(a: argparse.Namespace, # parsed options of any subcommand
                  ):
-    "Raise `SpaError` for option values that would fail later, before any work (and before torch is imported)."
+    """Raise `SpaError` for option values that would fail later, before any work (and before torch is
+    imported)."""
     run_options(a)  # types and ranges, checked by `RunOptions`
-    if getattr(a, "views", 0) < 0: raise SpaError(f"--views {a.views}: pass 0 (none) or the noisy views per training image to cache")
+    if getattr(a, "views", 0) < 0:
+        raise SpaError(f"--views {a.views}: pass 0 (none) or the noisy views per training image to cache")
     if hasattr(a, "k_patches"): knobs_from(a)
     if hasattr(a, "seeds"): parse_seeds(a.seeds)
     for name in ("out", "cache_dir"):
         if getattr(a, name, None) is not None: check_writable(Path(getattr(a, name)), option_name(name))
     check_fresh(getattr(a, "out", None), getattr(a, "resume", True))
     if getattr(a, "llm", "x") is not None and not str(getattr(a, "llm", "x")).strip():
-        raise SpaError("--llm names no model: pass a litellm model string, e.g. gpt-5 or openai/<name> with --api-base")
+        raise SpaError("--llm names no model: pass a litellm model string, "
+                       "e.g. gpt-5 or openai/<name> with --api-base")
     llm = getattr(a, "llm", None) or ((getattr(a, "descriptions", None) or "").startswith("llm:") or None)
-    if llm and getattr(a, "api_base", None): check_api_base(a.api_base)  # something listens there, before any work
+    # something listens there, before any work
+    if llm and getattr(a, "api_base", None): check_api_base(a.api_base)
 
 # %% ../nbs/11_cli.ipynb #f3f50d5d
 if __name__ == "__main__" and not in_ipython(): sys.exit(main())

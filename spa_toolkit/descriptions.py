@@ -33,21 +33,24 @@ SYSTEM_PROMPT = ("You write short visual attribute phrases that help an image cl
                  "Reply with a JSON object only.")
 
 USER_PROMPT = ('Class: "{class_name}".{images_line}{context_line}\n'
-               "List {n} short, discriminative, visual attribute phrases of the {class_name} itself: its shape, colour, "
-               "texture and parts, not its background or surroundings. Each phrase has 2 to 8 words, describes what is "
+               "List {n} short, discriminative, visual attribute phrases of the {class_name} itself: "
+               "its shape, colour, "
+               "texture and parts, not its background or surroundings. Each phrase has 2 to 8 words, "
+               "describes what is "
                "visible of the object in a photo, and does not repeat the class name.\n"
                'Reply with a JSON object: {{"descriptions": ["phrase 1", "phrase 2", ...]}}')
 
 def prompt_text(class_name: str, # the class to describe
                 n_descriptions: int = 8, # how many phrases to ask for
                 n_images: int = 0, # how many exemplar images follow the text
-                context_classes: list[str] | None = None, # other classes of the dataset, to make phrases discriminative
+                context_classes: list[str] | None = None, # the dataset's other classes: phrases discriminate
                ) -> str:
     "The instruction text for one class."
     images_line = f" The {n_images} images below are examples of this class." if n_images else ""
     others = [c for c in (context_classes or []) if c != class_name]
     context_line = f" Other classes in the dataset: {', '.join(others)}." if others else ""
-    return USER_PROMPT.format(class_name=class_name, images_line=images_line, context_line=context_line, n=n_descriptions)
+    return USER_PROMPT.format(class_name=class_name, images_line=images_line, context_line=context_line,
+                              n=n_descriptions)
 
 # %% ../nbs/04_descriptions.ipynb #ed94124a
 def _check_image(img, class_name: str) -> Image.Image:
@@ -66,7 +69,7 @@ def image_data_url(img: Image.Image, # any mode, any size
 
 # %% ../nbs/04_descriptions.ipynb #48124d52
 def build_messages(class_name: str, # the class to describe
-                   images: list[Image.Image] | None = None, # exemplar images; empty/None gives a text-only prompt
+                   images: list[Image.Image] | None = None, # exemplar images; empty/None: a text-only prompt
                    n_descriptions: int = 8, # how many phrases to ask for
                    max_side: int = 224, # images are downsized to this longer side
                    context_classes: list[str] | None = None, # other class names, shown for contrast
@@ -88,11 +91,13 @@ def _json_items(text: str) -> list:
     "The list of items in a JSON reply (object or list, optionally fenced)."
     m = _FENCE.match(text or "")
     try: obj = json.loads(m.group(1) if m else text or "")
-    except json.JSONDecodeError as e: raise DescriptionParseError(f"reply is not JSON ({e}): {(text or '')[:80]!r}") from None
+    except json.JSONDecodeError as e:
+        raise DescriptionParseError(f"reply is not JSON ({e}): {(text or '')[:80]!r}") from None
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         obj = obj["descriptions"] if "descriptions" in obj else lists[0] if len(lists) == 1 else None
-    if not isinstance(obj, list): raise DescriptionParseError(f'reply holds no "descriptions" list: {text[:80]!r}')
+    if not isinstance(obj, list):
+        raise DescriptionParseError(f'reply holds no "descriptions" list: {text[:80]!r}')
     return obj
 
 # %% ../nbs/04_descriptions.ipynb #0341fe7a
@@ -111,7 +116,8 @@ def parse_descriptions(text: str, # the model's reply
     "Validated, de-duplicated phrases from a JSON reply; `DescriptionParseError` when none are usable."
     items = _json_items(text)
     if not all(isinstance(p, str) for p in items):
-        raise DescriptionParseError(f"descriptions must be strings, got {[type(p).__name__ for p in items][:5]}")
+        raise DescriptionParseError("descriptions must be strings, "
+                                    f"got {[type(p).__name__ for p in items][:5]}")
     out = [p for p in dedupe(items) if len(p) <= max_chars][:n]
     if not out: raise DescriptionParseError(f"no usable description in reply {text[:80]!r}")
     return out
@@ -137,7 +143,8 @@ class Usage:
     completion_tokens: int = 0
     calls: int = 0
     def __add__(self, o: Usage) -> Usage:
-        return Usage(self.prompt_tokens + o.prompt_tokens, self.completion_tokens + o.completion_tokens, self.calls + o.calls)
+        return Usage(self.prompt_tokens + o.prompt_tokens, self.completion_tokens + o.completion_tokens,
+                     self.calls + o.calls)
     @property
     def total_tokens(self) -> int: return self.prompt_tokens + self.completion_tokens
 
@@ -159,7 +166,7 @@ class LLMSettings:
     max_side: int = 224 # images are downsized to this longer side
     context_classes: tuple[str, ...] | None = None # other class names shown in the prompt
     json_mode: bool = True # send response_format={"type": "json_object"}
-    extra: dict = field(default_factory=dict) # further litellm.completion keyword arguments (temperature, ...)
+    extra: dict = field(default_factory=dict) # further litellm.completion keywords (temperature, ...)
 
     def redact(self, text: str) -> str:
         "`text` with the API key, and any `*_API_KEY` environment value, masked."
@@ -170,9 +177,12 @@ class LLMSettings:
 
 # %% ../nbs/04_descriptions.ipynb #276c3864
 def _complete(messages: list[dict], s: LLMSettings):
-    "One litellm.completion call, litellm's own retries off; a local server that refuses the connection fails at once."
-    if s.api_base and "mock_response" not in s.extra: check_api_base(s.api_base)  # not retried: a refused connection stays refused
-    kw = dict(model=s.model, messages=messages, timeout=s.timeout, num_retries=0, max_retries=0, drop_params=True)
+    """One litellm.completion call, litellm's own retries off; a local server that refuses the connection
+    fails at once."""
+    # not retried: a refused connection stays refused
+    if s.api_base and "mock_response" not in s.extra: check_api_base(s.api_base)
+    kw = dict(model=s.model, messages=messages, timeout=s.timeout, num_retries=0, max_retries=0,
+              drop_params=True)
     if s.api_base: kw["api_base"] = s.api_base
     if s.api_key: kw["api_key"] = s.api_key
     if s.json_mode: kw["response_format"] = {"type": "json_object"}
@@ -180,8 +190,10 @@ def _complete(messages: list[dict], s: LLMSettings):
 
 def _fatal(class_name: str, e: Exception, s: LLMSettings) -> SpaError:
     "A SpaError for a failure that retrying cannot fix."
-    return SpaError(f"describing class {class_name!r} with model {s.model!r} failed: {type(e).__name__}: {s.redact(str(e))[:300]}. "
-                    "Fix: check the model string, api_base and API key (argument or the provider's environment variable); "
+    return SpaError(f"describing class {class_name!r} with model {s.model!r} failed: "
+                    f"{type(e).__name__}: {s.redact(str(e))[:300]}. "
+                    "Fix: check the model string, api_base and API key "
+                    "(argument or the provider's environment variable); "
                     "for a model without vision use text_only=True")
 
 # %% ../nbs/04_descriptions.ipynb #637a5a4b
@@ -199,9 +211,12 @@ def ask_descriptions(class_name: str, # the class, for messages
             return parse_descriptions(resp.choices[0].message.content or "", s.n_descriptions), usage
         except Exception as e:
             if not _retryable(e): raise _fatal(class_name, e, s) from None
-            err = e; log.warning("class %r, attempt %d/%d: %s", class_name, attempt + 1, s.max_retries + 1, s.redact(str(e))[:200])
+            err = e
+            log.warning("class %r, attempt %d/%d: %s", class_name, attempt + 1, s.max_retries + 1,
+                        s.redact(str(e))[:200])
     raise SpaError(f"no usable descriptions for class {class_name!r} after {s.max_retries + 1} attempts "
-                   f"(last: {type(err).__name__}: {s.redact(str(err))[:200]}). Fix: rerun later (finished classes are cached), "
+                   f"(last: {type(err).__name__}: {s.redact(str(err))[:200]}). "
+                   "Fix: rerun later (finished classes are cached), "
                    "raise max_retries/backoff/timeout, or try another model")
 
 # %% ../nbs/04_descriptions.ipynb #dec23693
@@ -224,7 +239,8 @@ def cache_file(cache_dir: str | Path, class_name: str, key: str) -> Path:
 def _cache_problem(obj, key: str, class_name: str) -> str | None:
     "Why a parsed cache entry cannot be used (None when it can)."
     if not isinstance(obj, dict): return "it is not a JSON object"
-    if (obj.get("format"), obj.get("version"), obj.get("key"), obj.get("class_name")) != (CACHE_FORMAT, CACHE_VERSION, key, class_name):
+    header = (obj.get("format"), obj.get("version"), obj.get("key"), obj.get("class_name"))
+    if header != (CACHE_FORMAT, CACHE_VERSION, key, class_name):
         return "its header does not match this request"
     d = obj.get("descriptions")
     if not (isinstance(d, list) and d and all(isinstance(p, str) and p.strip() for p in d)):
@@ -240,9 +256,11 @@ def _read_cache(path: Path, key: str, class_name: str) -> list[str] | None:
     log.warning("ignoring corrupt description cache %s: %s; asking the model again", path, why)
     return None
 
-def _write_cache(path: Path, key: str, class_name: str, descs: list[str], usage: Usage, s: LLMSettings, hashes: list[str]):
-    atomic_write_json(path, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "class_name": class_name,
-                             "model": s.model, "prompt_version": PROMPT_VERSION, "n_descriptions": s.n_descriptions,
+def _write_cache(path: Path, key: str, class_name: str, descs: list[str], usage: Usage, s: LLMSettings,
+                 hashes: list[str]):
+    atomic_write_json(path, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key,
+                             "class_name": class_name, "model": s.model, "prompt_version": PROMPT_VERSION,
+                             "n_descriptions": s.n_descriptions,
                              "image_sha256": hashes, "descriptions": descs, "usage": asdict(usage)})
 
 # %% ../nbs/04_descriptions.ipynb #51d41e62
@@ -286,17 +304,21 @@ def _images_by_class(names: list[str], exemplar_images: dict | None, text_only: 
     "Each class's images ([] in text-only mode); `SpaError` when a class has none."
     if text_only or exemplar_images is None: return {c: [] for c in names}
     missing = [c for c in names if c not in exemplar_images]
-    if missing: raise SpaError(f"no exemplar images for classes {missing[:5]}: pass images for every class or text_only=True")
+    if missing:
+        raise SpaError(f"no exemplar images for classes {missing[:5]}: "
+                       "pass images for every class or text_only=True")
     return {c: list(exemplar_images[c]) for c in names}
 
 def _check_names(class_names) -> list[str]:
     names = list(class_names)
     if not names or not all(isinstance(c, str) and c.strip() for c in names) or len(set(names)) != len(names):
-        raise SpaError(f"class names must be distinct non-empty strings, got {names[:5]}...: fix the class list")
+        raise SpaError(f"class names must be distinct non-empty strings, got {names[:5]}...: "
+                       "fix the class list")
     return names
 
 # %% ../nbs/04_descriptions.ipynb #ec07591c
-def _run_pool(imgs: dict[str, list], s: LLMSettings, cache_dir, concurrency: int, progress: bool) -> tuple[dict, dict]:
+def _run_pool(imgs: dict[str, list], s: LLMSettings, cache_dir, concurrency: int,
+              progress: bool) -> tuple[dict, dict]:
     "Run `describe_one` for every class in a bounded thread pool; (results, errors) by class."
     done, errors = {}, {}
     with ThreadPoolExecutor(max_workers=max(1, int(concurrency))) as pool:
@@ -307,52 +329,59 @@ def _run_pool(imgs: dict[str, list], s: LLMSettings, cache_dir, concurrency: int
     return done, errors
 
 def _failed(errors: dict, n_done: int, cache_dir) -> SpaError:
-    kept = f"{n_done} finished classes are cached in {cache_dir}; rerun to ask only the rest" if cache_dir else \
-           "pass cache_dir= to keep finished classes across runs"
+    kept = (f"{n_done} finished classes are cached in {cache_dir}; rerun to ask only the rest" if cache_dir
+            else "pass cache_dir= to keep finished classes across runs")
     names = sorted(errors)
-    return SpaError(f"{len(errors)} class(es) failed: {names[:10]}{' ...' if len(names) > 10 else ''} ({kept}). "
+    return SpaError(f"{len(errors)} class(es) failed: {names[:10]}{' ...' if len(names) > 10 else ''} "
+                    f"({kept}). "
                     f"First failure: {errors[names[0]]}")
 
 # %% ../nbs/04_descriptions.ipynb #03f0642f
-LOCAL_KEY = "none" # the key sent to a local server (api_base) when no key is set: such servers do not check it
+# the key sent to a local server (api_base) when no key is set: such servers do not check it
+LOCAL_KEY = "none"
 
 def check_model(model: str, # a litellm model string
                ) -> str:
     "Return `model`, or raise `SpaError` when it is empty."
     if not isinstance(model, str) or not model.strip():
-        raise SpaError(f"LLM model {model!r} is empty: pass a litellm model string, e.g. gpt-5 or openai/<name> with --api-base")
+        raise SpaError(f"LLM model {model!r} is empty: pass a litellm model string, "
+                       "e.g. gpt-5 or openai/<name> with --api-base")
     return model.strip()
 
 def resolve_api_key(model: str, # a litellm model string
                     api_base: str | None, # a local OpenAI-compatible server, or None
                     api_key: str | None = None, # given explicitly
                    ) -> str | None: # None: litellm reads the provider's variable
-    "The key to send: `api_key`, else $SPA_LLM_API_KEY, else (a local server, no provider key set) `LOCAL_KEY`."
+    """The key to send: `api_key`, else $SPA_LLM_API_KEY, else (a local server, no provider key set)
+    `LOCAL_KEY`."""
     if api_key or os.environ.get(LLM_KEY_ENV): return api_key or os.environ[LLM_KEY_ENV]
-    if api_base and not import_litellm().validate_environment(model=model).get("keys_in_environment", False): return LOCAL_KEY
+    if api_base and not import_litellm().validate_environment(model=model).get("keys_in_environment", False):
+        return LOCAL_KEY
     return None
 
 def description_warnings(descriptions: dict[str, list[str]], # class -> phrases
                          n: int, # phrases asked per class
                         ) -> list[str]: # one line per problem
-    "Warnings for classes given fewer than `n` phrases, and for classes given the same phrases as another class."
+    """Warnings for classes given fewer than `n` phrases, and for classes given the same phrases as another
+    class."""
     short = [c for c, d in descriptions.items() if len(d) < n]
     out = [f"{len(short)} class(es) got fewer than the {n} descriptions asked, e.g. {short[0]!r} "
            f"({len(descriptions[short[0]])}): the model may be too small for the prompt"] if short else []
     by_set: dict[tuple, list[str]] = {}
     for c, d in descriptions.items(): by_set.setdefault(tuple(sorted(p.lower() for p in d)), []).append(c)
     same = [cs for cs in by_set.values() if len(cs) > 1]
-    if same: out.append(f"{sum(map(len, same))} classes share their descriptions with another class, e.g. {same[0][:3]}: "
+    if same: out.append(f"{sum(map(len, same))} classes share their descriptions with another class, "
+                        f"e.g. {same[0][:3]}: "
                         "the phrases tell those classes nothing apart; check the model's replies")
     return out
 
 # %% ../nbs/04_descriptions.ipynb #dfeb3507
 def describe_run(class_names: list[str], # classes to describe
-                 exemplar_images: dict[str, list[Image.Image]] | None = None, # class -> exemplar images; None: text only
-                 model: str = "gpt-5", # any litellm model string (the paper's; cheaper: gpt-5-mini, gpt-4o-mini)
+                 exemplar_images: dict[str, list[Image.Image]] | None = None, # class -> images; None: text
+                 model: str = "gpt-5", # any litellm model string (the paper's; cheaper: gpt-5-mini)
                  n_descriptions: int = 8, # phrases per class
                  cache_dir: str | Path | None = None, # per-class JSON cache (resumable runs); None: no cache
-                 api_base: str | None = None, # base URL of an OpenAI-compatible server (vLLM, Ollama, LM Studio)
+                 api_base: str | None = None, # an OpenAI-compatible server's base URL (vLLM, Ollama, ...)
                  api_key: str | None = None, # default: the provider's environment variable
                  max_retries: int = 4, # extra attempts per class
                  backoff: float = 1.0, # seconds before the first retry; doubles each retry
@@ -369,13 +398,16 @@ def describe_run(class_names: list[str], # classes to describe
     names = _check_names(class_names)
     imgs = _images_by_class(names, exemplar_images, text_only)
     model, api_key = check_model(model), resolve_api_key(model, api_base, api_key)
-    s = LLMSettings(model=model, n_descriptions=n_descriptions, api_base=api_base, api_key=api_key, max_retries=max_retries,
-                    backoff=backoff, timeout=timeout, max_side=max_side, json_mode=json_mode, extra=completion_kwargs,
+    s = LLMSettings(model=model, n_descriptions=n_descriptions, api_base=api_base, api_key=api_key,
+                    max_retries=max_retries, backoff=backoff, timeout=timeout, max_side=max_side,
+                    json_mode=json_mode, extra=completion_kwargs,
                     context_classes=tuple(context_classes) if context_classes else None)
     done, errors = _run_pool(imgs, s, cache_dir, concurrency, progress)
     if errors: raise _failed(errors, len(done), cache_dir)
-    res = DescribeResult({c: done[c][0] for c in names}, {c: done[c][1] for c in names}, [c for c in names if done[c][2]])
-    if len(res.cached) < len(names):  # the model was asked this time: say what its replies lack (once, not on each cached rerun)
+    res = DescribeResult({c: done[c][0] for c in names}, {c: done[c][1] for c in names},
+                         [c for c in names if done[c][2]])
+    # the model was asked this time: say what its replies lack (once, not on each cached rerun)
+    if len(res.cached) < len(names):
         for w in description_warnings(res.descriptions, n_descriptions): log.warning("%s", w)
     log.info("descriptions: %s", res.summary())
     return res
@@ -383,9 +415,10 @@ def describe_run(class_names: list[str], # classes to describe
 # %% ../nbs/04_descriptions.ipynb #4fcc7fd0
 @delegates(describe_run, keep=True)
 def describe_classes(class_names: list[str], # classes to describe
-                     exemplar_images: dict[str, list[Image.Image]] | None = None, # class -> exemplar images; None: text only
+                     exemplar_images: dict[str, list[Image.Image]] | None = None, # class -> images or None
                      **kwargs) -> dict[str, list[str]]: # class -> phrases
-    "Describe every class with a (multimodal) LLM through litellm; see `describe_run` for the knobs and usage."
+    """Describe every class with a (multimodal) LLM through litellm; see `describe_run` for the knobs and
+    usage."""
     return describe_run(class_names, exemplar_images, **kwargs).descriptions
 
 # %% ../nbs/04_descriptions.ipynb #39c000d8
@@ -394,12 +427,14 @@ FILE_FORMAT, FILE_VERSION = "spa_toolkit.descriptions", 1
 def _phrases(v, path, c) -> list[str]:
     "`v` as a validated phrase list of class `c` in file `path`."
     if not isinstance(v, list) or not v or not all(isinstance(p, str) and p.strip() for p in v):
-        raise SpaError(f"{path}: class {c!r} must map to a non-empty list of non-empty strings, got {str(v)[:80]}: fix or regenerate the file")
+        raise SpaError(f"{path}: class {c!r} must map to a non-empty list of non-empty strings, "
+                       f"got {str(v)[:80]}: fix or regenerate the file")
     return dedupe(v)
 
 def _check_descriptions(descs, path) -> dict[str, list[str]]:
     if not isinstance(descs, dict) or not descs:
-        raise SpaError(f"{path}: descriptions must be a non-empty {{class: [phrases]}} object: fix or regenerate the file")
+        raise SpaError(f"{path}: descriptions must be a non-empty {{class: [phrases]}} object: "
+                       "fix or regenerate the file")
     return {str(c): _phrases(v, path, c) for c, v in descs.items()}
 
 def _pool_engine(v: dict, path, c) -> list[str]:
@@ -413,25 +448,30 @@ def save_descriptions(path: str | Path, # where to write (JSON)
                      ) -> Path:
     "Write `descs` atomically in our descriptions format."
     return atomic_write_json(path, {"format": FILE_FORMAT, "version": FILE_VERSION, "model": model,
-                                    "prompt_version": PROMPT_VERSION, "descriptions": _check_descriptions(descs, path)})
+                                    "prompt_version": PROMPT_VERSION,
+                                    "descriptions": _check_descriptions(descs, path)})
 
 def _from_json(obj, path) -> dict[str, list[str]]:
     "Descriptions from a parsed file in any supported shape."
     if isinstance(obj, dict) and isinstance(obj.get("format"), str):
         if (obj["format"], obj.get("version")) != (FILE_FORMAT, FILE_VERSION):
             raise SpaError(f"{path}: unknown format {obj['format']!r} version {obj.get('version')!r}; "
-                           f"expected {FILE_FORMAT!r} version {FILE_VERSION}: regenerate it with save_descriptions")
+                           f"expected {FILE_FORMAT!r} version {FILE_VERSION}: "
+                           "regenerate it with save_descriptions")
         return _check_descriptions(obj.get("descriptions"), path)
     if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
         return {c: _pool_engine(v, path, c) for c, v in obj.items()}
     return _check_descriptions(obj, path)
 
 def _unique_keys(path: Path):
-    "A `json.loads` object hook that rejects an object holding a key twice (json would silently keep the last)."
+    """A `json.loads` object hook that rejects an object holding a key twice (json would silently keep the
+    last)."""
     def hook(pairs: list[tuple]) -> dict:
         keys = [k for k, _ in pairs]
         if dup := sorted({k for k in keys if keys.count(k) > 1}):
-            raise SpaError(f"{path}: {dup[:5]} appear more than once in one object (only the last would be kept): merge their phrases into one list")
+            raise SpaError(f"{path}: {dup[:5]} appear more than once in one object "
+                           "(only the last would be kept): "
+                           "merge their phrases into one list")
         return dict(pairs)
     return hook
 
@@ -439,38 +479,44 @@ def load_descriptions(path: str | Path, # ours, ENGINE's or a plain {class: [phr
                      ) -> dict[str, list[str]]: # class -> phrases
     "Read a descriptions file, detecting its format."
     path = Path(path)
-    if not path.is_file(): raise SpaError(f"no descriptions file at {path}: check the path, or generate one with `describe`")
+    if not path.is_file():
+        raise SpaError(f"no descriptions file at {path}: check the path, or generate one with `describe`")
     try: obj = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise SpaError(f"{path} is not valid JSON ({e}): fix or regenerate it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpaError(f"{path} is not valid JSON ({e}): fix or regenerate it") from None
     return _from_json(obj, path)
 
 # %% ../nbs/04_descriptions.ipynb #09dbc83c
 def template_descriptions(class_names: list[str], # classes
-                          templates: list[str] = ("a photo of a {}.",), # each with one "{}" for the class name
+                          templates: list[str] = ("a photo of a {}.",), # each with one "{}" for the name
                          ) -> dict[str, list[str]]: # class -> filled templates
     "Descriptions with no LLM: the templates filled with each class name."
     bad = [t for t in templates if t.count("{}") != 1]
-    if not templates or bad: raise SpaError(f"templates must each hold exactly one '{{}}' for the class name, got {bad or templates}")
+    if not templates or bad:
+        raise SpaError(f"templates must each hold exactly one '{{}}' for the class name, "
+                       f"got {bad or templates}")
     return {c: dedupe([t.format(c) for t in templates]) for c in _check_names(class_names)}
 
 # %% ../nbs/04_descriptions.ipynb #af1ed23d
-def world_descriptions(benchmark, # a `Benchmark` with `class_names` and ground-truth `descriptions` (the synthetic world)
+def world_descriptions(benchmark, # a `Benchmark` with `class_names`, true `descriptions` (synthetic world)
                       ) -> dict[str, list[str]]: # class -> phrases
     "The ground-truth attribute phrases of a synthetic benchmark."
     descs = getattr(benchmark, "descriptions", None)
-    if descs is None: raise SpaError("this benchmark has no ground-truth descriptions (only the synthetic world has): "
-                                     "use describe_classes, load_descriptions or template_descriptions")
+    if descs is None:
+        raise SpaError("this benchmark has no ground-truth descriptions (only the synthetic world has): "
+                       "use describe_classes, load_descriptions or template_descriptions")
     descs = _check_descriptions(descs, "benchmark.descriptions")
     missing = [c for c in benchmark.class_names if c not in descs]
-    if missing: raise SpaError(f"benchmark.descriptions lacks classes {missing[:5]}: rebuild the synthetic world")
+    if missing:
+        raise SpaError(f"benchmark.descriptions lacks classes {missing[:5]}: rebuild the synthetic world")
     return {c: descs[c] for c in benchmark.class_names}
 
 # %% ../nbs/04_descriptions.ipynb #1ee263fc
 @delegates(describe_run, keep=True, but=["exemplar_images"])
 def describe_benchmark(class_names: list[str], # classes to describe
-                       images_by_class: dict[str, list[Image.Image]] | None, # class -> exemplar images; None: text only
+                       images_by_class: dict[str, list[Image.Image]] | None, # class -> images (None: text)
                        out_path: str | Path, # descriptions file to write (our format)
-                       model: str = "gpt-5", # any litellm model string (the paper's; cheaper: gpt-5-mini, gpt-4o-mini)
+                       model: str = "gpt-5", # any litellm model string (the paper's; cheaper: gpt-5-mini)
                        cache_dir: str | Path | None = None, # default: <out_path folder>/description_cache
                        **kwargs) -> DescribeResult:
     "Describe all classes (resumably) and save them to `out_path`."

@@ -20,7 +20,8 @@ __all__ = ['TINY_ARCH', 'WEIGHTS_FILE', 'tiny_clip_config', 'register_tiny_clip'
 
 # %% ../nbs/00a_fixtures.ipynb #9e3262fa
 TINY_ARCH = "spa-tiny"  # the name the tiny config is registered under in open_clip
-WEIGHTS_FILE = "open_clip_model.safetensors"  # the weights file inside an open_clip model folder (the name `local-dir:` reads)
+# the weights file inside an open_clip model folder (the name `local-dir:` reads)
+WEIGHTS_FILE = "open_clip_model.safetensors"
 
 def tiny_clip_config() -> dict:
     "The tiny open_clip model config (same keys as open_clip's `ViT-B-16.json`)."
@@ -48,10 +49,11 @@ def write_clip_folder(folder: str | Path, # the model folder to (over)write
                       model_cfg: dict, # open_clip model config (`embed_dim`, `vision_cfg`, `text_cfg`)
                       state_dict: dict, # the weights
                      ) -> Path:
-    "Write an open_clip model folder: config with the protocol's eval transform, and safetensors weights (atomically)."
+    """Write an open_clip model folder: config with the protocol's eval transform, and safetensors weights
+    (atomically)."""
     folder = Path(folder)
-    pp = {"size": model_cfg["vision_cfg"]["image_size"], "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic",
-          "resize_mode": "squash"}
+    pp = {"size": model_cfg["vision_cfg"]["image_size"], "mean": CLIP_MEAN, "std": CLIP_STD,
+          "interpolation": "bicubic", "resize_mode": "squash"}
     atomic_write_json(folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": pp})
     with atomic_path(folder / WEIGHTS_FILE) as tmp: save_file(state_dict, str(tmp))
     return folder

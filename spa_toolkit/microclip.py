@@ -19,9 +19,13 @@ from .base import K_PATCHES, LIBRARY_DEVICE, PRECISION, SpaError
 from .core import atomic_write_json, l2norm, library_versions
 from .catalog import DEFAULT_WORLD
 from .data import Benchmark, clip_transform
-from .world import DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, all_combinations, class_name, demo_classes, describe, pretrain_classes, render_sample, world_attributes, world_image_size
-from .world import PartsClass, parts_classes, parts_name, parts_pretrain_classes, render_parts_sample
-from .backbone import LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts, load_clip
+from .world import (DEMO_RENDER, MARKS, WORLD_TEMPLATE, Attributes, all_combinations, class_name,
+                               demo_classes, describe, pretrain_classes, render_sample, world_attributes,
+                               world_image_size)
+from .world import (PartsClass, parts_classes, parts_name, parts_pretrain_classes,
+                               render_parts_sample)
+from .backbone import (LOCAL_DIR, ClipBundle, class_embeddings, encode_images, encode_texts,
+                                  load_clip)
 from .patches import select_patch_sets, semantic_tokens
 from .fixtures import WEIGHTS_FILE, write_clip_folder
 
@@ -44,7 +48,8 @@ class MicroSpec(NamedTuple):
     mark_caption_rate: float  # fraction of pretraining captions that name the mark
     folder: str  # its model folder under the package's assets/
 
-MICROCLIPS = {"premise": MicroSpec("tok", 0.2, "microclip_premise"), "control": MicroSpec("avg", 1.0, "microclip"),
+MICROCLIPS = {"premise": MicroSpec("tok", 0.2, "microclip_premise"),
+              "control": MicroSpec("avg", 1.0, "microclip"),
               "cifar_like": MicroSpec("tok", 0.2, "microclip_cifar_like")} # the premise model, towers shifted
 SHAPE_WORLDS = ("premise", "control") # the worlds of one-mark classes (`world.Attributes`)
 
@@ -55,15 +60,17 @@ def micro_spec(variant: str = DEFAULT_WORLD) -> MicroSpec:
 
 def microclip_config(variant: str = DEFAULT_WORLD, # a world variant (`catalog.WORLD_VARIANTS`)
                     ) -> dict:
-    "The variant's open_clip model config: a small ViT with 8-px patches at the world's image size, a small text tower."
+    """The variant's open_clip model config: a small ViT with 8-px patches at the world's image size, a small
+    text tower."""
     return {"embed_dim": 64,
-            "vision_cfg": {"image_size": world_image_size(variant), "patch_size": PATCH_PX, "width": 128, "layers": 3, "head_width": 32,
+            "vision_cfg": {"image_size": world_image_size(variant), "patch_size": PATCH_PX, "width": 128,
+                           "layers": 3, "head_width": 32,
                            "pool_type": micro_spec(variant).pool_type},
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 # %% ../nbs/05a_microclip.ipynb #8f98831f
 def caption(a: Attributes, # the drawn combination
-            name_mark: bool = True, # name the mark (else colour and shape only, as alt-text that ignores small parts)
+            name_mark: bool = True, # name the mark (else colour and shape: alt-text ignoring small parts)
            ) -> str:
     "A pretraining caption; with the mark it is the demo benchmark's prompt for the class."
     return WORLD_TEMPLATE.format(class_name(a) if name_mark else f"{a.colour} {a.shape}")
@@ -86,8 +93,10 @@ def mark_centre(a: Attributes, # the drawn combination
                 image_size: int = 48, # image side
                 **knobs, # other `render_sample` knobs
                ) -> tuple[float, float]: # (x, y) in pixels
-    "Centre of the mark in `render_sample(a, default_rng(seed))`: where the same draw with another mark differs."
-    draw = lambda m: np.asarray(render_sample(a._replace(mark=m), np.random.default_rng(seed), image_size, **knobs).image, dtype=int)
+    """Centre of the mark in `render_sample(a, default_rng(seed))`: where the same draw with another mark
+    differs."""
+    draw = lambda m: np.asarray(render_sample(a._replace(mark=m), np.random.default_rng(seed), image_size,
+                                              **knobs).image, dtype=int)
     other = MARKS[(MARKS.index(a.mark) + 1) % len(MARKS)]
     ys, xs = np.nonzero(np.abs(draw(a.mark) - draw(other)).sum(-1))
     return (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
@@ -111,14 +120,19 @@ def pretrain_batch(classes: list[Attributes], # combinations to draw from (disjo
                    step: int, # optimisation step: with `seed` it fixes the batch
                    seed: int = 0, # data seed
                    batch_size: int = 128, # images (distinct combinations) per batch, <= len(classes)
-                   variant: str = DEFAULT_WORLD, # world variant: image size and how often captions name the mark
+                   variant: str = DEFAULT_WORLD, # world variant: image size, how often captions name the mark
                   ) -> Batch:
-    "A batch of distinct combinations rendered deterministically from (`seed`, `step`), with captions and where each mark is."
-    rng, size, rate = np.random.default_rng([seed, step]), world_image_size(variant), micro_spec(variant).mark_caption_rate
-    chosen, tf = [(classes[c], [seed, step, i]) for i, c in enumerate(rng.choice(len(classes), batch_size, replace=False))], clip_transform(size)
+    """A batch of distinct combinations rendered deterministically from (`seed`, `step`), with captions and
+    where each mark is."""
+    rng, size = np.random.default_rng([seed, step]), world_image_size(variant)
+    rate = micro_spec(variant).mark_caption_rate
+    picked = rng.choice(len(classes), batch_size, replace=False)
+    chosen = [(classes[c], [seed, step, i]) for i, c in enumerate(picked)]
+    tf = clip_transform(size)
     images = torch.stack([tf(render_sample(a, np.random.default_rng(s), size).image) for a, s in chosen])
     marks = [patch_index(mark_centre(a, s, size), size, (size // PATCH_PX,) * 2) for a, s in chosen]
-    named = [np.random.default_rng(s + [1]).uniform() < rate for _, s in chosen]  # its own stream: the image draws do not move
+    # its own stream: the image draws do not move
+    named = [np.random.default_rng(s + [1]).uniform() < rate for _, s in chosen]
     return Batch(images, [caption(a, n) for (a, _), n in zip(chosen, named)],
                  torch.tensor([part_targets(a) for a, _ in chosen]), torch.tensor(marks))
 
@@ -135,7 +149,8 @@ def new_model(seed: int = 0, # fixes the initial weights
 def image_tokens(model: open_clip.CLIP, # from `new_model`
                  images: torch.Tensor, # [B, 3, H, W] transformed
                 ) -> tuple[torch.Tensor, torch.Tensor]: # global [B, d] and patch tokens [B, N, d], unit norm
-    "Global embeddings [B, d] and patch tokens [B, N, d] of images [B, 3, H, W], differentiable (the training view of `encode_images`)."
+    """Global embeddings [B, d] and patch tokens [B, N, d] of images [B, 3, H, W], differentiable (the
+    training view of `encode_images`)."""
     pooled, tokens = model.visual(images)
     return l2norm(pooled), l2norm(tokens @ model.visual.proj)
 
@@ -145,7 +160,8 @@ def ground_loss(patches: torch.Tensor, # [B, N, d] unit patch tokens
                 mark_patch: torch.Tensor, # [B] long: the patch holding it
                 scale: torch.Tensor, # logit scale (a scalar)
                ) -> torch.Tensor: # scalar
-    "Patch-level contrastive term on patches [B, N, d] and mark phrases [K, d]: the phrase finds its patch, the patch its phrase."
+    """Patch-level contrastive term on patches [B, N, d] and mark phrases [K, d]: the phrase finds its patch,
+    the patch its phrase."""
     where = F.cross_entropy(scale * torch.einsum("bnd,bd->bn", patches, marks[mark]), mark_patch)
     at = patches[torch.arange(len(patches), device=patches.device), mark_patch]
     return (where + F.cross_entropy(scale * at @ marks.T, mark)) / 2
@@ -160,7 +176,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _schedule(opt, warmup: int, steps: int):
     "Linear warm-up then cosine decay to zero."
-    f = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+    f = lambda s: ((s + 1) / warmup if s < warmup
+                   else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 # %% ../nbs/05a_microclip.ipynb #e3b13008
@@ -169,7 +186,8 @@ def caption_loss(img: torch.Tensor, # [B, d] unit image embeddings
                  captions: list[str], # [B] the captions (equal strings are the same caption)
                  scale: torch.Tensor, # logit scale (a scalar)
                 ) -> torch.Tensor: # scalar
-    "CLIP's symmetric contrastive loss on images and captions [B, d], every image sharing a caption a positive for it."
+    """CLIP's symmetric contrastive loss on images and captions [B, d], every image sharing a caption a
+    positive for it."""
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=img.dtype, device=img.device)
     target, logits = same / same.sum(1, keepdim=True), scale * img @ txt.T
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -186,7 +204,8 @@ def step_loss(model: open_clip.CLIP, # from `new_model`
     scale = model.logit_scale.exp()
     loss = caption_loss(img, txt[:len(batch.captions)], batch.captions, scale)
     if patch_weight == 0: return loss
-    return loss + patch_weight * ground_loss(patches, txt[len(batch.captions):], batch.parts[:, 2], batch.mark_patch, scale)
+    return loss + patch_weight * ground_loss(patches, txt[len(batch.captions):], batch.parts[:, 2],
+                                             batch.mark_patch, scale)
 
 # %% ../nbs/05a_microclip.ipynb #2d06b37a
 class Pretrained(NamedTuple):
@@ -206,7 +225,8 @@ def pretrain(steps: int = 300, # optimisation steps (the shipped weights: 300)
              variant: str = DEFAULT_WORLD, # world variant: model config, image size, captions
             ) -> Pretrained:
     "Pretrain a variant's micro-CLIP contrastively on captions of the combinations that are not demo classes."
-    model, classes = new_model(seed, variant).train(), parts_pretrain_classes() if variant == "cifar_like" else pretrain_classes()
+    model = new_model(seed, variant).train()
+    classes = parts_pretrain_classes() if variant == "cifar_like" else pretrain_classes()
     batch = parts_pretrain_batch if variant == "cifar_like" else pretrain_batch
     tok = open_clip.SimpleTokenizer(context_length=microclip_config(variant)["text_cfg"]["context_length"])
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
@@ -230,14 +250,21 @@ def save_microclip(run: Pretrained, # from `pretrain`
                   ) -> Path:
     "Write an open_clip model folder: config, float16 weights and the recipe that made them."
     variant = knobs.get("variant", DEFAULT_WORLD)
-    folder = write_clip_folder(folder, microclip_config(variant), {k: v.detach().half().contiguous() for k, v in run.model.state_dict().items()})
-    curve = {i: run.losses[i] for i in range(len(run.losses)) if i < log_every or i % log_every == 0 or i == len(run.losses) - 1}
+    half = {k: v.detach().half().contiguous() for k, v in run.model.state_dict().items()}
+    folder = write_clip_folder(folder, microclip_config(variant), half)
+    n = len(run.losses)
+    curve = {i: run.losses[i] for i in range(n) if i < log_every or i % log_every == 0 or i == n - 1}
     parts = variant == "cifar_like"
-    data = dict(classes=[parts_caption(a) for a in parts_pretrain_classes()] if parts else [caption(a) for a in pretrain_classes()],
-                demo_classes=[parts_caption(a) for a in parts_classes()] if parts else [caption(a) for a in demo_classes()],
-                world=f"render_sample defaults (image_size {world_image_size(variant)}, noise, distractors, similarity)",
-                batches="pretrain_batch(seed, step, variant)", mark_caption_rate=micro_spec(variant).mark_caption_rate)
-    recipe = dict(knobs=knobs, threads=torch.get_num_threads(), data=data, loss_curve=curve, wall_s=run.wall_s,
+    data = dict(classes=[parts_caption(a) for a in parts_pretrain_classes()] if parts
+                else [caption(a) for a in pretrain_classes()],
+                demo_classes=[parts_caption(a) for a in parts_classes()] if parts
+                else [caption(a) for a in demo_classes()],
+                world=f"render_sample defaults (image_size {world_image_size(variant)}, noise, distractors, "
+                      "similarity)",
+                batches="pretrain_batch(seed, step, variant)",
+                mark_caption_rate=micro_spec(variant).mark_caption_rate)
+    recipe = dict(knobs=knobs, threads=torch.get_num_threads(), data=data, loss_curve=curve,
+                  wall_s=run.wall_s,
                   sha256=sha256_file(folder / WEIGHTS_FILE), versions=library_versions())
     atomic_write_json(folder / RECIPE_FILE, recipe)
     return folder
@@ -261,7 +288,8 @@ def load_embedded_clip(device: str | torch.device = LIBRARY_DEVICE, # where the 
     "A shipped micro-CLIP, loaded through open_clip's local-folder path (`local-dir:`)."
     folder = embedded_clip_path(variant)
     if not (folder / WEIGHTS_FILE).is_file():
-        raise SpaError(f"the embedded micro-CLIP is missing from {folder}: reinstall spa_toolkit (its package data holds it)")
+        raise SpaError(f"the embedded micro-CLIP is missing from {folder}: "
+                       "reinstall spa_toolkit (its package data holds it)")
     return load_clip(f"{LOCAL_DIR}{folder}", None, device=device, precision=precision)
 
 # %% ../nbs/05a_microclip.ipynb #1c83c76d
@@ -286,7 +314,7 @@ class DemoImages(NamedTuple):
 def demo_images(n_per_class: int = 5, # images per demo class
                 seed: int = 1000, # image seed (image i of class c uses default_rng([seed, c, i]))
                 variant: str = DEFAULT_WORLD, # world variant: image size and patch grid
-                render: dict | None = None, # `render_sample` knobs (default: the demo benchmark's, `DEMO_RENDER`)
+                render: dict | None = None, # `render_sample` knobs (default: the demo's, `DEMO_RENDER`)
                ) -> DemoImages:
     "Images of every demo class, rendered as the demo benchmark draws them, with the patch holding each mark."
     render, image_size = DEMO_RENDER if render is None else render, world_image_size(variant)
@@ -301,8 +329,10 @@ def mark_ranks(clip: ClipBundle, # the model
                patch_source: str = "tokens", # "tokens" or "value" (see `encode_images`)
               ) -> torch.Tensor: # [n] 1-based rank of the mark's patch among the N patches
     "Rank [n] of the patch holding the mark, by similarity to the image's mark phrase."
-    p = encode_images(clip, torch.stack([clip.preprocess(im) for im in demo.images]), patch_source=patch_source).patches
-    t = encode_texts(clip, [describe(a)[2] for a in demo_classes()])[torch.as_tensor(demo.labels)]  # each class's mark phrase, once
+    x = torch.stack([clip.preprocess(im) for im in demo.images])
+    p = encode_images(clip, x, patch_source=patch_source).patches
+    # each class's mark phrase, once
+    t = encode_texts(clip, [describe(a)[2] for a in demo_classes()])[torch.as_tensor(demo.labels)]
     sims = torch.einsum("bnd,bd->bn", p, t)
     at = sims.gather(1, torch.as_tensor(demo.mark_patch, device=sims.device)[:, None])
     return 1 + (sims > at).sum(1).cpu()
@@ -312,11 +342,12 @@ def world_attributes_of(names: list[str], # [C] synthetic-world class names
                        ) -> list[Attributes]: # [C]
     "The attribute combination [C] behind each of the C synthetic-world class names."
     by_name = {class_name(a): a for a in all_combinations()}
-    if unknown := [n for n in names if n not in by_name]: raise SpaError(f"{unknown[:3]} are not synthetic-world class names: pass a `synthetic_world()`")
+    if unknown := [n for n in names if n not in by_name]:
+        raise SpaError(f"{unknown[:3]} are not synthetic-world class names: pass a `synthetic_world()`")
     return [by_name[n] for n in names]
 
 def sibling_mask(names: list[str], # [C] synthetic-world class names
-                ) -> torch.Tensor: # [C, C] bool, True where two classes share shape and colour (a class is its own sibling)
+                ) -> torch.Tensor: # [C, C] bool: True where two classes share shape and colour (and i == j)
     "Which classes differ only in the mark: [C, C] bool from the C class names."
     looks = [(a.shape, a.colour) for a in world_attributes_of(names)]
     return torch.tensor([[a == b for b in looks] for a in looks])
@@ -327,7 +358,8 @@ def sibling_top1(scores: torch.Tensor, # [n, C] class scores
                 ) -> float: # fraction in [0, 1]
     "Top-1 accuracy from scores [n, C] when each image chooses only among its class's siblings ([C, C] mask)."
     labels = labels.to(scores.device)
-    return (scores.masked_fill(~siblings.to(scores.device)[labels], -torch.inf).argmax(1) == labels).float().mean().item()
+    masked = scores.masked_fill(~siblings.to(scores.device)[labels], -torch.inf)
+    return (masked.argmax(1) == labels).float().mean().item()
 
 # %% ../nbs/05a_microclip.ipynb #5cf1f5b0
 class PremiseViews(NamedTuple):
@@ -335,7 +367,7 @@ class PremiseViews(NamedTuple):
     global_prompt: float  # global embedding vs the class-name prompts (zero-shot)
     global_ncm: float  # global embedding vs the class means of the training images (nearest class mean)
     patch_best: float  # the best of all patches vs the class's mark phrase
-    patch_selected: float  # the best of the k patches SPA selects (one set per image) vs the class's mark phrase
+    patch_selected: float  # the best of the k patches SPA selects (a set per image) vs the mark phrase
 
     @property
     def global_view(self) -> float: return max(self.global_prompt, self.global_ncm)
@@ -344,7 +376,8 @@ class PremiseViews(NamedTuple):
 
 def _encode(clip: ClipBundle, images: list, patches: bool, batch_size: int = 256):
     "`encode_images` of PIL images, a batch at a time."
-    out = [encode_images(clip, torch.stack([clip.preprocess(im) for im in images[i:i + batch_size]]), patches=patches)
+    out = [encode_images(clip, torch.stack([clip.preprocess(im) for im in images[i:i + batch_size]]),
+                         patches=patches)
            for i in range(0, len(images), batch_size)]
     return torch.cat([o.global_ for o in out]), torch.cat([o.patches for o in out]) if patches else None
 
@@ -352,7 +385,8 @@ def premise_views(clip: ClipBundle, # the model
                   world: Benchmark, # a synthetic world (`world.synthetic_world`)
                   k_patches: int = K_PATCHES, # patches SPA selects per image
                  ) -> PremiseViews:
-    "The paper's premise, measured before any learning: part-only siblings told apart by global vs patch views."
+    """The paper's premise, measured before any learning: part-only siblings told apart by global vs patch
+    views."""
     names, attrs = world.class_names, world_attributes_of(world.class_names)
     g_train, _ = _encode(clip, world.train["image"], patches=False)
     g, p = _encode(clip, world.test["image"], patches=True)
@@ -361,7 +395,8 @@ def premise_views(clip: ClipBundle, # the model
     marks = encode_texts(clip, [describe(a)[2] for a in attrs])  # [C, d] each class's mark phrase
     sim = torch.einsum("bnd,cd->bcn", p, marks)  # [n, C, N]
     sem = semantic_tokens(names, world.descriptions, clip)  # SPA's semantic tokens, its default phrasing
-    chosen = select_patch_sets(p, sem.tokens, min(k_patches, p.shape[1]), sem.mask)  # [n, k, d]: SPA's frozen-space set of each image
+    # [n, k, d]: SPA's frozen-space set of each image
+    chosen = select_patch_sets(p, sem.tokens, min(k_patches, p.shape[1]), sem.mask)
     on_set = torch.einsum("bkd,cd->bck", chosen, marks).amax(-1)  # [n, C]
     scores = (g @ class_embeddings(clip, names, world.templates).T, g @ means.T, sim.amax(-1), on_set)
     return PremiseViews(*(sibling_top1(s, y, sibling_mask(names)) for s in scores))
@@ -375,26 +410,34 @@ def parts_caption(a: PartsClass, # the drawn class
 
 def parts_mark_centre(a: PartsClass, seed, which: int, image_size: int = 64, **knobs) -> tuple[float, float]:
     "Centre (x, y) of mark `which` (0 or 1) in `render_parts_sample(a, default_rng(seed))`."
-    draw = lambda marks: np.asarray(render_parts_sample(a._replace(marks=marks), np.random.default_rng(seed), image_size, **knobs).image, dtype=int)
+    draw = lambda marks: np.asarray(render_parts_sample(a._replace(marks=marks), np.random.default_rng(seed),
+                                                        image_size, **knobs).image, dtype=int)
     other = next(m for m in MARKS if m not in a.marks)
     swapped = tuple(other if i == which else m for i, m in enumerate(a.marks))
     ys, xs = np.nonzero(np.abs(draw(a.marks) - draw(swapped)).sum(-1))
     return (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
 
-def parts_pretrain_batch(classes: list[PartsClass], # combinations to draw from (disjoint from the world's classes)
+def parts_pretrain_batch(classes: list[PartsClass], # combinations to draw from (not the world's classes)
                          step: int, seed: int = 0, batch_size: int = 128, # as `pretrain_batch`
                          variant: str = "cifar_like", # the world variant (image size, caption rate)
                         ) -> Batch:
     "`pretrain_batch` for three-part classes: `parts[:, 2]` and `mark_patch` are one of each image's marks."
-    rng, size, rate = np.random.default_rng([seed, step]), world_image_size(variant), micro_spec(variant).mark_caption_rate
-    chosen, tf = [(classes[c], [seed, step, i]) for i, c in enumerate(rng.choice(len(classes), batch_size, replace=False))], clip_transform(size)
-    images = torch.stack([tf(render_parts_sample(a, np.random.default_rng(s), size).image) for a, s in chosen])
+    rng, size = np.random.default_rng([seed, step]), world_image_size(variant)
+    rate = micro_spec(variant).mark_caption_rate
+    picked = rng.choice(len(classes), batch_size, replace=False)
+    chosen = [(classes[c], [seed, step, i]) for i, c in enumerate(picked)]
+    tf = clip_transform(size)
+    images = torch.stack([tf(render_parts_sample(a, np.random.default_rng(s), size).image)
+                          for a, s in chosen])
     which = [int(np.random.default_rng(s + [2]).integers(2)) for _, s in chosen]
-    marks = [patch_index(parts_mark_centre(a, s, w, size), size, (size // PATCH_PX,) * 2) for (a, s), w in zip(chosen, which)]
+    marks = [patch_index(parts_mark_centre(a, s, w, size), size, (size // PATCH_PX,) * 2)
+             for (a, s), w in zip(chosen, which)]
     named = [np.random.default_rng(s + [1]).uniform() < rate for _, s in chosen]
     v = world_attributes()
-    parts = [[v["colour"].index(a.colour), v["shape"].index(a.shape), MARKS.index(a.marks[w])] for (a, _), w in zip(chosen, which)]
-    return Batch(images, [parts_caption(a, n) for (a, _), n in zip(chosen, named)], torch.tensor(parts), torch.tensor(marks))
+    parts = [[v["colour"].index(a.colour), v["shape"].index(a.shape), MARKS.index(a.marks[w])]
+             for (a, _), w in zip(chosen, which)]
+    return Batch(images, [parts_caption(a, n) for (a, _), n in zip(chosen, named)], torch.tensor(parts),
+                 torch.tensor(marks))
 
 # %% ../nbs/05a_microclip.ipynb #f6090af4
 class ClipStats(NamedTuple):
@@ -409,11 +452,14 @@ def clip_stats(clip: ClipBundle, # the model
     "Matched image-text vs image-image cosines and the raw image-embedding norm on `world`'s test images."
     x = torch.stack([clip.preprocess(im) for im in world.test["image"]])
     p = next(clip.model.parameters())
-    with torch.no_grad(): raw = torch.cat([clip.model.encode_image(x[i:i + 256].to(p.device, p.dtype)).float() for i in range(0, len(x), 256)])
+    with torch.no_grad():
+        raw = torch.cat([clip.model.encode_image(x[i:i + 256].to(p.device, p.dtype)).float()
+                         for i in range(0, len(x), 256)])
     g, y = l2norm(raw), torch.as_tensor(world.test["label"], device=raw.device)
     t = class_embeddings(clip, world.class_names, world.templates)
     other = y[:, None] != y[None, :]
-    return ClipStats((g * t[y]).sum(1).mean().item(), (g @ g.T)[other].mean().item(), raw.norm(dim=1).mean().item())
+    return ClipStats((g * t[y]).sum(1).mean().item(), (g @ g.T)[other].mean().item(),
+                     raw.norm(dim=1).mean().item())
 
 # %% ../nbs/05a_microclip.ipynb #3fc088b1
 def parts_premise_views(clip: ClipBundle, # the model
@@ -423,13 +469,15 @@ def parts_premise_views(clip: ClipBundle, # the model
     "`premise_views` for the cifar_like world: siblings share the look, the patch view reads both marks."
     by_name = {parts_name(a): a for a in parts_classes()}
     names = world.class_names
-    if unknown := [n for n in names if n not in by_name]: raise SpaError(f"{unknown[:3]} are not cifar_like class names: pass a `cifar_like_world()`")
+    if unknown := [n for n in names if n not in by_name]:
+        raise SpaError(f"{unknown[:3]} are not cifar_like class names: pass a `cifar_like_world()`")
     attrs = [by_name[n] for n in names]
     g_train, _ = _encode(clip, world.train["image"], patches=False)
     g, p = _encode(clip, world.test["image"], patches=True)
     y_train, y = (torch.as_tensor(s["label"], device=g.device) for s in (world.train, world.test))
     means = l2norm(torch.zeros(len(names), g.shape[1], device=g.device).index_add_(0, y_train, g_train))
-    marks = torch.stack([encode_texts(clip, [f"a small {a.marks[j]} mark" for a in attrs]) for j in range(2)])  # [2, C, d]
+    marks = torch.stack([encode_texts(clip, [f"a small {a.marks[j]} mark" for a in attrs])
+                         for j in range(2)])  # [2, C, d]
     sem = semantic_tokens(names, world.descriptions, clip)
     chosen = select_patch_sets(p, sem.tokens, min(k_patches, p.shape[1]), sem.mask)  # [n, k, d]
     best = lambda tokens: torch.einsum("bnd,jcd->bjcn", tokens, marks).amax(-1).mean(1)  # [n, C]

@@ -16,77 +16,93 @@ from .catalog import CLASS_ORDER_SEED, DEFAULT_WORLD, WORLD_VARIANTS
 __all__ = ['PROTOCOL_MODEL', 'LLM_KEY_ENV', 'INT_RANGES', 'RunOptions', 'check_writable', 'check_fresh', 'check_api_base']
 
 # %% ../nbs/00b_options.ipynb #05668f42
-PROTOCOL_MODEL = ("ViT-B-16", "laion400m_e32") # the CLIP-CIL papers' backbone: open_clip arch and pretrained tag
-LLM_KEY_ENV = "SPA_LLM_API_KEY" # the LLM's API key (--api-key); else the provider's own variable (OPENAI_API_KEY, ...)
-INT_RANGES = dict(class_order_seed=(0, 2**32 - 1), extract_batch_size=(1, None), num_workers=(0, None), k_exemplars=(0, None),
-                  n_descriptions=(1, None), seed=(0, None)) # field -> (least, most) integer allowed
+PROTOCOL_MODEL = ("ViT-B-16", "laion400m_e32") # the CLIP-CIL papers' backbone: open_clip arch, pretrained tag
+# the LLM's API key (--api-key); else the provider's own variable (OPENAI_API_KEY, ...)
+LLM_KEY_ENV = "SPA_LLM_API_KEY"
+# field -> (least, most) integer allowed
+INT_RANGES = dict(class_order_seed=(0, 2**32 - 1), extract_batch_size=(1, None), num_workers=(0, None),
+                  k_exemplars=(0, None), n_descriptions=(1, None), seed=(0, None))
 
 @dataclass(frozen=True)
 class RunOptions(Knobs):
     "Everything a run is given but the learner's knobs: data, model, descriptions, methods and seed."
     methods: tuple[str, ...] = DEFAULT_METHODS # methods to run, compared in one report
     seed: int = 0 # run seed: projector init, shuffling, pseudo-features
-    descriptions: str | None = None # the benchmark's own (None), "templates", "llm:MODEL" or a descriptions JSON file
+    descriptions: str | None = None # the benchmark's own (None), "templates", "llm:MODEL" or a JSON file
     resume: bool = False # reuse finished methods and continue interrupted ones
     data_root: str | None = None # folder holding <dataset>/{train,test}/<class>/ (None: env SPA_DATA_ROOT)
     class_order_seed: int = CLASS_ORDER_SEED # PyCIL's class-order seed, separate from the run seed
     world: str = DEFAULT_WORLD # the synthetic world variant and its embedded micro-CLIP
-    arch: str | None = None # open_clip architecture or local-dir:<folder> (None: the protocol's for a registered benchmark)
+    arch: str | None = None # open_clip arch or local-dir:<folder> (None: the protocol's for a registered one)
     pretrained: str | None = None # open_clip pretrained tag, weights file or model folder
     device: str = DEVICE # auto, cpu, cuda, cuda:N or mps
     precision: str = PRECISION # one of `base.PRECISIONS`: fp32, amp_bf16, amp, bf16, fp16, ...
     cache_dir: str = ".cache" # features/, models/ and descriptions/ are cached here
     extract_batch_size: int = 64 # images per forward pass when extracting features
-    num_workers: int | None = None # image-decoding processes when extracting (None: from the CPU count on CUDA, 0 on CPU)
+    num_workers: int | None = None # image-decoding processes (None: by the CPU count on CUDA, 0 on CPU)
     api_base: str | None = None # base URL of an OpenAI-compatible server for the LLM
     k_exemplars: int = 5 # exemplar images shown to the LLM per class (0: text only)
     n_descriptions: int = 8 # descriptions asked of the LLM per class
 
     def check(self):
         check_methods(list(self.methods))
-        if self.world not in WORLD_VARIANTS: raise SpaError(f"world={self.world!r}: choose one of {list(WORLD_VARIANTS)}")
+        if self.world not in WORLD_VARIANTS:
+            raise SpaError(f"world={self.world!r}: choose one of {list(WORLD_VARIANTS)}")
         if self.precision not in PRECISIONS:
-            raise SpaError(f"--precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
+            raise SpaError(f"--precision {self.precision!r} is unknown: "
+                           f"choose one of {', '.join(PRECISIONS)}")
         if self.api_base is not None: check_api_base(self.api_base, reach=False)
         if (self.descriptions or "").startswith("llm:") and not self.descriptions[4:].strip():
-            raise SpaError("--descriptions llm: names no model: pass llm:MODEL, a litellm model string (e.g. llm:gpt-5)")
+            raise SpaError("--descriptions llm: names no model: "
+                           "pass llm:MODEL, a litellm model string (e.g. llm:gpt-5)")
         for name, (lo, hi) in INT_RANGES.items():
             v = getattr(self, name)
             if v is not None and (v < lo or (hi is not None and v > hi)):
-                raise SpaError(f"--{name.replace('_', '-')} {v} is out of range: pass an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+                raise SpaError(f"--{name.replace('_', '-')} {v} is out of range: pass an integer >= {lo}"
+                               + (f" and <= {hi}" if hi is not None else ""))
 
 # %% ../nbs/00b_options.ipynb #be015030
 def check_writable(path: Path, # a folder to create or write in
                    what: str, # the option naming it
                   ):
     "Raise `SpaError` unless `path` is, or can be made, a folder this process may write in."
-    up = next(q for q in [path.absolute(), *path.absolute().parents] if q.exists())  # the nearest existing part
+    # the nearest existing part
+    up = next(q for q in [path.absolute(), *path.absolute().parents] if q.exists())
     if not up.is_dir(): raise SpaError(f"{what} {path}: {up} is a file, not a folder: pass a folder path")
-    if not os.access(up, os.W_OK | os.X_OK): raise SpaError(f"{what} {path}: cannot write in {up}: pass a folder you can write to")
-    try: tempfile.TemporaryDirectory(dir=up).cleanup()  # what the permission bits do not tell (/proc, a read-only mount)
-    except OSError as e: raise SpaError(f"{what} {path}: cannot create a folder in {up} ({e.strerror}): pass a folder you can write to") from e
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise SpaError(f"{what} {path}: cannot write in {up}: pass a folder you can write to")
+    # what the permission bits do not tell (/proc, a read-only mount)
+    try: tempfile.TemporaryDirectory(dir=up).cleanup()
+    except OSError as e:
+        raise SpaError(f"{what} {path}: cannot create a folder in {up} ({e.strerror}): "
+                       "pass a folder you can write to") from e
 
 def check_fresh(out: Path | None, # the output folder of a run
                 resume: bool, # reuse and continue what it holds
                ):
-    "Raise `SpaError` when `out` already holds files and the run does not resume (so no file of another run stays beside ours)."
+    """Raise `SpaError` when `out` already holds files and the run does not resume (so no file of another run
+    stays beside ours)."""
     if out is None or resume or not Path(out).is_dir() or not any(Path(out).iterdir()): return
-    raise SpaError(f"{out} already holds a run: pass --resume to reuse and continue it, or another --out (or delete {out}) to start afresh")
+    raise SpaError(f"{out} already holds a run: pass --resume to reuse and continue it, "
+                   f"or another --out (or delete {out}) to start afresh")
 
 # %% ../nbs/00b_options.ipynb #85d241d9
 def check_api_base(url: str, # --api-base, e.g. http://127.0.0.1:8000/v1
                    reach: bool = True, # also open a TCP connection to it (a local probe, no request is sent)
                    timeout: float = 3.0, # seconds to wait for the connection
                   ) -> str:
-    "Return `url`, or raise `SpaError` unless it is an http(s) URL with a host (and, when `reach`, something listens there)."
+    """Return `url`, or raise `SpaError` unless it is an http(s) URL with a host (and, when `reach`, something
+    listens there)."""
     u = urlsplit(str(url).strip())
     try: port = u.port or (443 if u.scheme == "https" else 80)
     except ValueError: port = None
     if u.scheme not in ("http", "https") or not u.hostname or port is None:
-        raise SpaError(f"--api-base {url!r} is not a server URL: pass e.g. http://127.0.0.1:8000/v1 (scheme, host, port)")
+        raise SpaError(f"--api-base {url!r} is not a server URL: "
+                       "pass e.g. http://127.0.0.1:8000/v1 (scheme, host, port)")
     if reach:
         try: socket.create_connection((u.hostname, port), timeout=timeout).close()
         except OSError as e:
-            raise SpaError(f"--api-base {url}: cannot connect to {u.hostname}:{port} ({e.strerror or type(e).__name__}): "
+            raise SpaError(f"--api-base {url}: cannot connect to {u.hostname}:{port} "
+                           f"({e.strerror or type(e).__name__}): "
                            "start the server, or fix the host and port") from None
     return url

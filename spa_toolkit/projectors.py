@@ -13,7 +13,8 @@ from torch import nn
 from timm.layers import Mlp
 from fastcore.basics import patch
 
-from .core import SpaError, check_float_tensor, check_generator, make_generator, l2norm, content_key
+from .core import (SpaError, check_float_tensor, check_generator, make_generator, l2norm,
+                              content_key)
 
 # %% auto #0
 __all__ = ['new_adapter', 'FrozenStack', 'stack_adapters', 'stacked_sum', 'ProjectorBank', 'SpaProjectors']
@@ -32,7 +33,7 @@ def new_adapter(dim: int, # feature width d
                 hidden: int, # bottleneck width h
                 generator: torch.Generator, # draws the first layer's weights
                 dropout: float = 0.0, # dropout after each layer
-                device: str | torch.device | None = None, # where the adapter lives (default: the generator's device)
+                device: str | torch.device | None = None, # where the adapter lives (default: the generator's)
                 dtype: torch.dtype | None = None, # parameter dtype (default: torch's default)
                ) -> Mlp:
     "A residual adapter `d -> h -> d` that outputs zero until trained."
@@ -76,12 +77,13 @@ class ProjectorBank(nn.Module):
                  hidden: int | None = None, # adapter bottleneck width (default `dim // 4`)
                  n_tasks: int = 0, # adapters to create now (e.g. before loading a state dict)
                  dropout: float = 0.0, # dropout inside each adapter
-                 device: str | torch.device | None = None, # where the bank lives (later adapters follow `bank.to`)
+                 device: str | torch.device | None = None, # where the bank lives (adapters follow `bank.to`)
                  dtype: torch.dtype | None = None, # parameter dtype
                  seed: int | str = 0, # seeds adapters added without a `generator`
                 ):
         super().__init__()
-        if dim < 1 or (hidden is not None and hidden < 1): raise SpaError(f"ProjectorBank(dim={dim}, hidden={hidden}): both must be >= 1")
+        if dim < 1 or (hidden is not None and hidden < 1):
+            raise SpaError(f"ProjectorBank(dim={dim}, hidden={hidden}): both must be >= 1")
         self.dim, self.hidden, self.dropout, self.seed = dim, hidden or max(dim // 4, 1), dropout, seed
         self.register_buffer("_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
         self.adapters = nn.ModuleList()
@@ -90,29 +92,37 @@ class ProjectorBank(nn.Module):
     @property
     def n_tasks(self) -> int: return len(self.adapters)
 
-    def add_task(self, generator: torch.Generator | None = None, # draws the new adapter's first layer (default: from `seed`)
+    def add_task(self, generator: torch.Generator | None = None, # draws the new adapter (default: `seed`)
                 ) -> ProjectorBank:
         "Append a zero-output adapter for a new task (the bank's outputs do not change); return `self`."
-        g = generator if generator is not None else make_generator(int(content_key(self.seed, self.n_tasks), 16) % 2**63)
-        self.adapters.append(new_adapter(self.dim, self.hidden, g, self.dropout, self._anchor.device, self._anchor.dtype))
+        g = (generator if generator is not None
+             else make_generator(int(content_key(self.seed, self.n_tasks), 16) % 2**63))
+        self.adapters.append(new_adapter(self.dim, self.hidden, g, self.dropout, self._anchor.device,
+                                         self._anchor.dtype))
         return self
 
     def freeze_old(self) -> list[nn.Parameter]:
-        "Freeze every adapter but the newest; return the newest's parameters (what the optimiser should train)."
-        if not self.adapters: raise SpaError("freeze_old on a ProjectorBank with no task: call add_task() first")
+        """Freeze every adapter but the newest; return the newest's parameters (what the optimiser should
+        train)."""
+        if not self.adapters:
+            raise SpaError("freeze_old on a ProjectorBank with no task: call add_task() first")
         for a in self.adapters[:-1]: a.requires_grad_(False)
         return list(self.adapters[-1].requires_grad_(True).parameters())
 
     def forward(self, x: torch.Tensor, # [..., d] features or tokens
-                frozen: torch.Tensor | None = None, # [..., d] `frozen_sum(x)`, when x's frozen part is already known
+                frozen: torch.Tensor | None = None, # [..., d] `frozen_sum(x)`, when x's frozen part is known
                ) -> torch.Tensor: # [..., d], unit norm
         "Project features [..., d] through every adapter: `l2norm(x + sum_s A_s(x))`, [..., d] unit norm."
         if check_float_tensor(x, "ProjectorBank input").dtype != self._anchor.dtype:
-            raise SpaError(f"ProjectorBank holds {self._anchor.dtype} weights but got {x.dtype} features: pass x.to({self._anchor.dtype}) "
+            raise SpaError(f"ProjectorBank holds {self._anchor.dtype} weights but got {x.dtype} features: "
+                           f"pass x.to({self._anchor.dtype}) "
                            "or build the bank with that dtype=")
-        if x.shape[-1] != self.dim: raise SpaError(f"ProjectorBank(dim={self.dim}) got features of width {x.shape[-1]}: project with a bank of that width")
+        if x.shape[-1] != self.dim:
+            raise SpaError(f"ProjectorBank(dim={self.dim}) got features of width {x.shape[-1]}: "
+                           "project with a bank of that width")
         if frozen is None: return l2norm(sum((a(x) for a in self.adapters), x))
-        return l2norm(frozen + self.adapters[-1](x))  # the same additions in the same order as above: the same bits
+        # the same additions in the same order as above: the same bits
+        return l2norm(frozen + self.adapters[-1](x))
 
     def frozen_stack(self) -> FrozenStack: # for `stacked_sum`
         "Every adapter but the newest, stacked [S = n_tasks - 1, ...]: built once while they are frozen."
@@ -122,8 +132,10 @@ class ProjectorBank(nn.Module):
 
     def frozen_sum(self, x: torch.Tensor, # [..., d] features or tokens
                   ) -> torch.Tensor: # [..., d], not normalised, without gradient
-        "`x + sum_s A_s(x)` [..., d] over every adapter but the newest: constant while only the newest trains, so computed once."
-        if not self.adapters: raise SpaError("frozen_sum on a ProjectorBank with no task: call add_task() first")
+        """`x + sum_s A_s(x)` [..., d] over every adapter but the newest: constant while only the newest
+        trains, so computed once."""
+        if not self.adapters:
+            raise SpaError("frozen_sum on a ProjectorBank with no task: call add_task() first")
         with torch.no_grad(): return sum((a(x) for a in self.adapters[:-1]), x)
 
 # %% ../nbs/07_projectors.ipynb #a143d21b
@@ -141,7 +153,8 @@ def from_state_dict(cls: ProjectorBank, sd: dict, # from `ProjectorBank.state_di
                    ) -> ProjectorBank:
     "Rebuild a bank of the right size from its state dict."
     n = _n_adapters(sd)
-    if n == 0 and dim is None: raise SpaError("this state dict holds no adapter, so its width is unknown: pass dim=")
+    if n == 0 and dim is None:
+        raise SpaError("this state dict holds no adapter, so its width is unknown: pass dim=")
     if n == 0: return cls(dim, hidden, dropout=dropout, seed=seed)
     w = sd["adapters.0.fc1.weight"]
     bank = cls(w.shape[1], w.shape[0], n, dropout, w.device, w.dtype, seed)
@@ -161,7 +174,8 @@ class SpaProjectors(nn.Module):
                 ):
         super().__init__()
         kw = dict(hidden=hidden, n_tasks=n_tasks, dropout=dropout, device=device, dtype=dtype)
-        self.visual, self.text = ProjectorBank(dim, seed=f"visual-{seed}", **kw), ProjectorBank(dim, seed=f"text-{seed}", **kw)
+        self.visual = ProjectorBank(dim, seed=f"visual-{seed}", **kw)
+        self.text = ProjectorBank(dim, seed=f"text-{seed}", **kw)
 
     @property
     def n_tasks(self) -> int: return self.visual.n_tasks

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .base import DEFAULT_METHODS, SpaError, SpaKnobs
-from .catalog import BENCHMARKS, COUNTERPARTS, WORLD_VARIANTS, DEFAULT_WORLD, list_benchmarks, published
+from .catalog import (BENCHMARKS, COUNTERPARTS, WORLD_VARIANTS, DEFAULT_WORLD, list_benchmarks,
+                                 published)
 from .options import LLM_KEY_ENV, PROTOCOL_MODEL, RunOptions, check_fresh
 from .core import atomic_path, atomic_write_json, atomic_write_text, content_key, library_versions
 from .data import Benchmark, load_benchmark
@@ -21,8 +22,8 @@ from .world import synthetic_world
 from .backbone import LOCAL_DIR, ClipBundle, FeatureSet, load_clip
 from .distributed import close_distributed, init_distributed
 from .exemplars import exemplar_images
-from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions, save_descriptions,
-                                      template_descriptions)
+from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions,
+                                      save_descriptions, template_descriptions)
 from .microclip import embedded_clip_path
 from .method import method_knobs
 from .settings import run_knobs
@@ -55,7 +56,8 @@ def model_for(dataset: str, # the --dataset value
               arch: str | None, pretrained: str | None, # the --arch and --pretrained values
               world: str = DEFAULT_WORLD, # the --world value
              ) -> tuple[str, str | None]: # (arch, pretrained) for `load_clip`
-    "As given (arch ViT-B-16 if only pretrained is); else the protocol's backbone for a registered benchmark, else the embedded model."
+    """As given (arch ViT-B-16 if only pretrained is); else the protocol's backbone for a registered
+    benchmark, else the embedded model."""
     if arch or pretrained: return arch or PROTOCOL_MODEL[0], pretrained
     return PROTOCOL_MODEL if dataset in [b.name for b in BENCHMARKS] else default_model(world)
 
@@ -74,9 +76,12 @@ def backbone_label(arch: str, pretrained: str | None, # as given to `load_clip`
 
 def model_note(dataset: str, arch: str, pretrained: str | None) -> str | None:
     "What to tell a user whose own images would run on the embedded demo model."
-    if dataset == "synthetic" or dataset in list_benchmarks() or (arch, pretrained) != default_model(): return None
-    return (f"{dataset} runs on the embedded micro-CLIP, a small demo model trained on synthetic shapes: for real images pass "
-            f"--arch {PROTOCOL_MODEL[0]} --pretrained {PROTOCOL_MODEL[1]} (the papers' backbone; its weights download once)")
+    if dataset == "synthetic" or dataset in list_benchmarks() or (arch, pretrained) != default_model():
+        return None
+    return (f"{dataset} runs on the embedded micro-CLIP, a small demo model trained on synthetic shapes: "
+            "for real images pass "
+            f"--arch {PROTOCOL_MODEL[0]} --pretrained {PROTOCOL_MODEL[1]} "
+            "(the papers' backbone; its weights download once)")
 
 # %% ../nbs/10c_runs.ipynb #f8606220
 LLM_PREFIX = "llm:" # --descriptions llm:MODEL
@@ -86,28 +91,32 @@ def check_llm_access(model: str, # a litellm model string
                      api_base: str | None = None, # a local OpenAI-compatible server (its key is not checked)
                     ):
     "Raise `SpaError` when `model`'s provider needs an API key that the environment lacks."
-    if api_base or os.environ.get(LLM_KEY_ENV): return  # a local server checks no key; --api-key / $SPA_LLM_API_KEY is one
+    # a local server checks no key; --api-key / $SPA_LLM_API_KEY is one
+    if api_base or os.environ.get(LLM_KEY_ENV): return
     env = import_litellm().validate_environment(model=model)
     keys = [k for k in env.get("missing_keys", []) if k.endswith("_API_KEY")]
     if not env.get("keys_in_environment", True) and keys:
-        raise SpaError(f"no API key for LLM {model!r}: export {' or '.join(keys)}, or pass --api-key KEY (or --api-base for a local server); "
+        raise SpaError(f"no API key for LLM {model!r}: export {' or '.join(keys)}, "
+                       "or pass --api-key KEY (or --api-base for a local server); "
                        "offline, use --descriptions templates or --descriptions FILE.json")
 
 # %% ../nbs/10c_runs.ipynb #ded80e04
 def descriptions_path(spec: str, # a --descriptions file path, may hold {dataset} and {key}
                       bench: Benchmark, # the loaded benchmark
                      ) -> str:
-    "`spec` with {dataset} as our benchmark name and {key} as the protocol's dataset key (ENGINE's `cifar224_des.json`)."
+    """`spec` with {dataset} as our benchmark name and {key} as the protocol's dataset key (ENGINE's
+    `cifar224_des.json`)."""
     key = next((b.key for b in BENCHMARKS if b.name == bench.name), bench.name)
     return spec.replace("{dataset}", bench.name).replace("{key}", key)
 
 def offline_descriptions(spec: str | None, # the --descriptions value
                          bench: Benchmark, # the loaded benchmark
-                        ) -> dict[str, list[str]] | None: # None for "llm:MODEL" (generated later, with the model)
+                        ) -> dict[str, list[str]] | None: # None for "llm:MODEL" (generated later, by it)
     "Descriptions that need no LLM: the benchmark's own, 'templates', or a JSON file."
     if spec is None:
-        if bench.descriptions is None: raise SpaError(f"{bench.name} has no built-in descriptions: pass --descriptions FILE.json, "
-                                                      "--descriptions llm:MODEL (e.g. llm:gpt-5) or --descriptions templates")
+        if bench.descriptions is None:
+            raise SpaError(f"{bench.name} has no built-in descriptions: pass --descriptions FILE.json, "
+                           "--descriptions llm:MODEL (e.g. llm:gpt-5) or --descriptions templates")
         return bench.descriptions
     if spec == TEMPLATES: return template_descriptions(bench.class_names, bench.templates)
     if spec.startswith(LLM_PREFIX): return None
@@ -118,10 +127,12 @@ def descriptions_spec(spec: str | None, # the --descriptions value
                       bench: Benchmark, # the loaded benchmark
                       needed: bool = True, # whether a method of the run scores with descriptions
                      ) -> str | None: # the --descriptions value to use
-    "`spec`, or 'templates' (saying so) for a folder benchmark given none; 'templates' silently when no method reads them."
+    """`spec`, or 'templates' (saying so) for a folder benchmark given none; 'templates' silently when no
+    method reads them."""
     if spec is None and bench.descriptions is None and not needed: return TEMPLATES
     if spec is not None or bench.descriptions is not None or bench.name in list_benchmarks(): return spec
-    note(f"{bench.name} has no descriptions: its prompt templates stand in (--descriptions templates), so SPA's patch alignment "
+    note(f"{bench.name} has no descriptions: its prompt templates stand in (--descriptions templates), "
+         "so SPA's patch alignment "
          "has nothing class-specific to align; pass --descriptions llm:MODEL or FILE.json for real ones")
     return TEMPLATES
 
@@ -132,7 +143,8 @@ class Described(NamedTuple):
 
 def descriptions_file(cache_dir: str | Path, bench: Benchmark, model: str) -> Path:
     "Where a benchmark's descriptions by `model` are written."
-    return Path(cache_dir) / "descriptions" / f"{bench.name}-{bench.key[:8]}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.json"
+    safe = re.sub(r'[^A-Za-z0-9_.-]+', '_', model)
+    return Path(cache_dir) / "descriptions" / f"{bench.name}-{bench.key[:8]}-{safe}.json"
 
 def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the frozen model
                      model: str, # a litellm model string
@@ -141,8 +153,8 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
                      k: int = RunOptions.k_exemplars, # exemplar images per class (0: text only)
                      n_descriptions: int = RunOptions.n_descriptions, # phrases per class
                      progress: bool = True, # progress bars
-                     batch_size: int = RunOptions.extract_batch_size, # images per forward pass when extracting the train features
-                     num_workers: int | None = None, # image-decoding processes when extracting (None: from the CPU count on CUDA)
+                     batch_size: int = RunOptions.extract_batch_size, # images per pass (train features)
+                     num_workers: int | None = None, # image-decoding processes (None: by the CPU count)
                      **completion_kwargs, # passed to litellm.completion (temperature, mock_response, ...)
                     ) -> Described:
     "Describe every class with `model`, shown its exemplar images; resumable (each class is cached)."
@@ -151,10 +163,12 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
     if k > 0:  # exemplars are picked on the train split's features (extracted here once, reused by the run)
         train = split_features(clip, bench, "train", Path(cache_dir) / "features", batch_size=batch_size,
                                num_workers=num_workers, progress=progress)
-        g, y = torch.from_numpy(np.asarray(train.global_, dtype=np.float32)), torch.from_numpy(np.asarray(train.labels))
+        g = torch.from_numpy(np.asarray(train.global_, dtype=np.float32))
+        y = torch.from_numpy(np.asarray(train.labels))
         imgs = exemplar_images(bench.train, g, y, bench.class_names, k)
     path = descriptions_file(cache_dir, bench, model)
-    res = describe_benchmark(bench.class_names, imgs, path, model=model, api_base=api_base, n_descriptions=n_descriptions,
+    res = describe_benchmark(bench.class_names, imgs, path, model=model, api_base=api_base,
+                             n_descriptions=n_descriptions,
                              progress=progress, **completion_kwargs)
     return Described(res, path)
 
@@ -164,8 +178,10 @@ def curve_table(results: dict[str, RunResult], # method -> result (same benchmar
                ) -> str: # a markdown table
     "One row per method: top-1 on all seen classes after each task."
     first = next(iter(results.values()))
-    head = "| method | " + " | ".join(f"{n} cls" for n in first.classes_seen) + " |\n" + "|---" * (len(first.curve) + 1) + "|"
-    return "\n".join([head, *(f"| {m} | " + " | ".join(f"{a:.{digits}f}" for a in r.curve) + " |" for m, r in results.items())])
+    head = ("| method | " + " | ".join(f"{n} cls" for n in first.classes_seen) + " |\n"
+            + "|---" * (len(first.curve) + 1) + "|")
+    return "\n".join([head, *(f"| {m} | " + " | ".join(f"{a:.{digits}f}" for a in r.curve) + " |"
+                              for m, r in results.items())])
 
 @dataclass
 class Report:
@@ -175,13 +191,17 @@ class Report:
     meta: dict # what run.json holds: options, model, knobs, class order, versions
 
     def text(self) -> str:
-        "The report as markdown: the backbone, per-task curves, then the summary; methods on template-only descriptions marked †."
+        """The report as markdown: the backbone, per-task curves, then the summary; methods on template-only
+        descriptions marked †."""
         r, marked = next(iter(self.results.values())), self.template_only()
         res = {f"{m} †" if m in marked else m: v for m, v in self.results.items()}
-        foot = (f"\n† {', '.join(marked)}: the class descriptions were the prompt templates only (no LLM, no file); "
+        foot = (f"\n† {', '.join(marked)}: the class descriptions were the prompt templates only "
+                "(no LLM, no file); "
                 "pass --descriptions llm:MODEL or FILE.json for real ones\n") if marked else ""
-        return (f"backbone: {backbone_label(self.meta['model']['arch'], self.meta['model']['pretrained'])}\n\n"
-                f"## {r.benchmark} {r.setting}: top-1 (%) on all seen classes after each task\n\n{curve_table(res)}\n\n"
+        model = self.meta['model']
+        return (f"backbone: {backbone_label(model['arch'], model['pretrained'])}\n\n"
+                f"## {r.benchmark} {r.setting}: top-1 (%) on all seen classes after each task\n\n"
+                f"{curve_table(res)}\n\n"
                 f"## Average and last accuracy\n\n{markdown_table(res)}\n{foot}")
 
     def template_only(self) -> list[str]:
@@ -196,43 +216,51 @@ def write_png(plot: Callable, path: Path, *args):
     else: print(f"note: {path.name} not drawn: matplotlib is not installed; {PLOT_HINT}", file=sys.stderr)
 
 def write_report(rep: Report) -> Report:
-    "Write run.json, results.md and (with matplotlib) curves.png beside the per-method results, each atomically."
+    """Write run.json, results.md and (with matplotlib) curves.png beside the per-method results, each
+    atomically."""
     atomic_write_json(rep.out / "run.json", rep.meta)
     atomic_write_text(rep.out / "results.md", rep.text())
     write_png(plot_curves, rep.out / "curves.png", rep.results)
     return rep
 
 def _settings_note(r) -> dict:
-    "Where a method's knobs come from: its authors' record (source, file, what no knob expresses yet), or the run."
+    """Where a method's knobs come from: its authors' record (source, file, what no knob expresses yet), or
+    the run."""
     if r.record is None: return dict(source="run")
     return dict(source=r.record.source, file=r.record.file, unexpressed=r.unexpressed)
 
 def run_meta(opts: RunOptions, bench: Benchmark, setting: str, clip: ClipBundle, methods: list[str],
              resolved: dict, # method -> `settings.Resolved`: its knobs and the record they follow
-             descriptions: str | None = None, # the descriptions' source (the --descriptions value used; None: the benchmark's own)
+             descriptions: str | None = None, # the --descriptions value used (None: the benchmark's own)
              dataset: str | None = None, # the dataset as asked for (a name or a folder)
             ) -> dict:
-    "What is written next to the results: the options, the model, the descriptions' source, each method's resolved knobs, the class order, versions."
-    return dict(options=dataclasses.asdict(opts), dataset=dataset or bench.name, benchmark=bench.name, setting=setting,
-                splits=bench.splits(setting), descriptions_used_by=[m for m in methods if resolved[m].knobs.uses_descriptions],
-                model=dict(arch=clip.arch, pretrained=clip.pretrained, precision=clip.precision, key=clip.key),
+    """What is written next to the results: the options, the model, the descriptions' source, each method's
+    resolved knobs, the class order, versions."""
+    return dict(options=dataclasses.asdict(opts), dataset=dataset or bench.name, benchmark=bench.name,
+                setting=setting, splits=bench.splits(setting),
+                descriptions_used_by=[m for m in methods if resolved[m].knobs.uses_descriptions],
+                model=dict(arch=clip.arch, pretrained=clip.pretrained, precision=clip.precision,
+                           key=clip.key),
                 class_folders=bench.folders, descriptions=descriptions or "benchmark",
                 knobs={m: resolved[m].knobs.to_dict() for m in methods},
-                settings={m: _settings_note(resolved[m]) for m in methods}, class_order=bench.order, class_names=bench.class_names,
+                settings={m: _settings_note(resolved[m]) for m in methods}, class_order=bench.order,
+                class_names=bench.class_names,
                 versions=library_versions())
 
 # %% ../nbs/10c_runs.ipynb #65f9976a
 def check_k_patches(k: int, clip: ClipBundle):
     "Raise `SpaError` when `k` patches per image are more than `clip` makes."
-    if k > clip.n_patches: raise SpaError(f"--k-patches {k} is more than the {clip.n_patches} patches per image of this model: "
-                                          f"pass --k-patches {clip.n_patches} or fewer")
+    if k > clip.n_patches:
+        raise SpaError(f"--k-patches {k} is more than the {clip.n_patches} patches per image of this model: "
+                       f"pass --k-patches {clip.n_patches} or fewer")
 
 # %% ../nbs/10c_runs.ipynb #d5f739fb
 def open_benchmark(dataset: str, # a benchmark name, "synthetic", or a folder
                    opts: RunOptions, # its data root, class-order seed and (synthetic) world variant
                   ) -> Benchmark:
     "The benchmark `dataset` as the options say."
-    if dataset == "synthetic": return synthetic_world(variant=opts.world, class_order_seed=opts.class_order_seed)
+    if dataset == "synthetic":
+        return synthetic_world(variant=opts.world, class_order_seed=opts.class_order_seed)
     return load_benchmark(dataset, opts.data_root, opts.class_order_seed)
 
 def open_model(dataset: str, # the benchmark the model is for
@@ -243,14 +271,16 @@ def open_model(dataset: str, # the benchmark the model is for
     if text := model_note(str(dataset), arch, pretrained): note(text)
     return load_clip(arch, pretrained, device=opts.device, precision=opts.precision)
 
-def run_descriptions(opts: RunOptions, bench: Benchmark, clip: ClipBundle, offline: dict | None) -> dict[str, list[str]]:
+def run_descriptions(opts: RunOptions, bench: Benchmark, clip: ClipBundle,
+                     offline: dict | None) -> dict[str, list[str]]:
     "`offline`, or the descriptions of the options' LLM."
     if offline is not None: return offline
     return _described(opts, bench, clip, opts.descriptions[len(LLM_PREFIX):]).result.descriptions
 
 def _described(opts: RunOptions, bench: Benchmark, clip: ClipBundle, llm: str) -> Described:
     "`llm_descriptions` with the options' cache, server, exemplar, phrase and extraction settings."
-    return llm_descriptions(bench, clip, llm, opts.cache_dir, api_base=opts.api_base, k=opts.k_exemplars, n_descriptions=opts.n_descriptions,
+    return llm_descriptions(bench, clip, llm, opts.cache_dir, api_base=opts.api_base, k=opts.k_exemplars,
+                            n_descriptions=opts.n_descriptions,
                             batch_size=opts.extract_batch_size, num_workers=opts.num_workers)
 
 # %% ../nbs/10c_runs.ipynb #1117bb70
@@ -259,27 +289,30 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
                   out: str | Path | None = None, # the output folder; None: <root>/<benchmark>-<setting>-<key>
                   *,
                   knobs: SpaKnobs | None = None, # the learner's knobs (default: `SpaKnobs()`)
-                  opts: RunOptions | None = None, # data, model, descriptions, methods, seed (default: `RunOptions()`)
+                  opts: RunOptions | None = None, # data, model, descriptions, methods, seed (`RunOptions()`)
                   root: str | Path = "runs", # parent of derived output folders
                   progress: bool = True, # progress bars while extracting and training
-                  source: str | None = None, # the peers' settings source where a method has it (`settings.run_knobs`)
-                  overrides: dict[str, dict] | None = None, # method -> {knob: value}: the user's, over the records
+                  source: str | None = None, # the peers' settings source where a method has it (`run_knobs`)
+                  overrides: dict[str, dict] | None = None, # method -> {knob: value}: user's, over records
                  ) -> Report:
     "Load, describe, extract, train and evaluate every method on one benchmark setting; write the report."
     knobs, opts = knobs or SpaKnobs(), opts or RunOptions()
     if out is not None: check_fresh(Path(out), opts.resume)  # a named folder is checked before any work
     methods = list(opts.methods)
     for m in methods: method_knobs(m, knobs)
-    if (opts.descriptions or "").startswith(LLM_PREFIX): check_llm_access(opts.descriptions[len(LLM_PREFIX):], opts.api_base)
+    if (opts.descriptions or "").startswith(LLM_PREFIX):
+        check_llm_access(opts.descriptions[len(LLM_PREFIX):], opts.api_base)
     bench = open_benchmark(dataset, opts)
-    spec = descriptions_spec(opts.descriptions, bench, any(method_knobs(m, knobs).uses_descriptions for m in methods))
+    reads = any(method_knobs(m, knobs).uses_descriptions for m in methods)
+    spec = descriptions_spec(opts.descriptions, bench, reads)
     setting, offline = resolve_setting(bench, setting), offline_descriptions(spec, bench)
     clip = open_model(dataset, opts)
     check_k_patches(knobs.k_patches, clip)
     descs = run_descriptions(opts, bench, clip, offline)
     resolved = run_knobs(methods, bench.name, setting, knobs, source, overrides)
-    per = {m: r.knobs for m, r in resolved.items()}  # each method's knobs: its authors' record, else the run's
-    prep = prepare(bench, clip, setting, descs, Path(opts.cache_dir) / "features", knobs.sem_template, n_desc=knobs.n_desc,
+    per = {m: r.knobs for m, r in resolved.items()} # each method's knobs: its authors' record, else the run's
+    prep = prepare(bench, clip, setting, descs, Path(opts.cache_dir) / "features", knobs.sem_template,
+                   n_desc=knobs.n_desc,
                    batch_size=opts.extract_batch_size, num_workers=opts.num_workers, progress=progress,
                    views=views_needed(methods, per))
     key = content_key(bench.key, bench.order, setting, opts.seed, clip.key, descs, knobs.to_dict())
@@ -287,7 +320,8 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     check_fresh(out, opts.resume)
     save_descriptions(out / "class_descriptions.json", descs, model=spec or "benchmark")
     results = run_methods(prep, methods, opts.seed, out, opts.resume, per, progress)
-    return write_report(Report(out, results, run_meta(opts, bench, setting, clip, methods, resolved, spec, str(dataset))))
+    meta = run_meta(opts, bench, setting, clip, methods, resolved, spec, str(dataset))
+    return write_report(Report(out, results, meta))
 
 # %% ../nbs/10c_runs.ipynb #59271e91
 class BenchRow(NamedTuple):
@@ -301,9 +335,10 @@ class BenchRow(NamedTuple):
     pub_avg: float | None
     pub_last: float | None
 
-def bench_rows(results: dict[tuple[str, str], dict[str, RunResult]], # (benchmark, setting) -> method -> result
+def bench_rows(results: dict[tuple[str, str], dict[str, RunResult]], # (benchmark, setting) -> method -> ...
               ) -> list[BenchRow]:
-    "One row per (our method, published counterpart) of every finished setting; a method with none gets one row alone."
+    """One row per (our method, published counterpart) of every finished setting; a method with none gets one
+    row alone."""
     rows = []
     for (b, s), res in results.items():
         pub = published(b, s)
@@ -319,10 +354,13 @@ def _diff(a: float, b: float | None) -> float | None: return None if b is None e
 
 def bench_table(rows: list[BenchRow]) -> str:
     "Markdown: our Avg / Last, the published ones, and our minus theirs."
-    head = ("| benchmark | setting | our method | our Avg | our Last | published method | published Avg | published Last | "
+    head = ("| benchmark | setting | our method | our Avg | our Last | published method | published Avg | "
+            "published Last | "
             "ΔAvg (ours − published) | ΔLast (ours − published) |\n" + "|---" * 10 + "|")
-    return "\n".join([head, *(f"| {r.benchmark} | {r.setting} | {r.ours} | {_num(r.avg)} | {_num(r.last)} | {r.published or '–'} | "
-                              f"{_num(r.pub_avg)} | {_num(r.pub_last)} | {_num(_diff(r.avg, r.pub_avg), '+')} | "
+    return "\n".join([head, *(f"| {r.benchmark} | {r.setting} | {r.ours} | {_num(r.avg)} | {_num(r.last)} | "
+                              f"{r.published or '–'} | "
+                              f"{_num(r.pub_avg)} | {_num(r.pub_last)} | "
+                              f"{_num(_diff(r.avg, r.pub_avg), '+')} | "
                               f"{_num(_diff(r.last, r.pub_last), '+')} |" for r in rows)])
 
 # %% ../nbs/10c_runs.ipynb #02f75ffa
@@ -337,9 +375,11 @@ def plot_suite(rows: list[BenchRow], # from `bench_rows`
     labels, cells = list(dict.fromkeys(k[0] for k in vals)), list(dict.fromkeys(k[1] for k in vals))
     fig = figure_class()(figsize=(max(5, 1.2 * len(cells)), 3.5)); ax = fig.add_subplot()
     x, w = np.arange(len(cells)), 0.8 / len(labels)
-    for i, lab in enumerate(labels): ax.bar(x + (i - (len(labels) - 1) / 2) * w, [vals.get((lab, c), np.nan) for c in cells], w, label=lab)
+    for i, lab in enumerate(labels):
+        ax.bar(x + (i - (len(labels) - 1) / 2) * w, [vals.get((lab, c), np.nan) for c in cells], w, label=lab)
     ax.set_xticks(x, [f"{b}\n{s}" for b, s in cells], fontsize=7); ax.set(ylabel="Avg top-1 (%)")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars, never over them
+    # beside the bars, never over them
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     with atomic_path(path) as tmp_png: fig.savefig(tmp_png, format="png", dpi=120)
     return Path(path)
@@ -352,28 +392,34 @@ def run_suite(datasets: list[str], # registered benchmark names
               knobs: SpaKnobs | None = None, # the learner's knobs
               opts: RunOptions | None = None, # data, model, descriptions, methods, seed
               source: str | None = None, # the peers' settings source where a method has it
-              overrides: dict[str, dict] | None = None, # method -> {knob: value}: the user's, over the records
+              overrides: dict[str, dict] | None = None, # method -> {knob: value}: the user's, over records
              ) -> tuple[dict, list[str]]: # (benchmark, setting) -> method -> result; the settings that failed
-    "Results of every (benchmark, setting) of the suite that runs, and the failures (each printed as an `error:` line)."
+    """Results of every (benchmark, setting) of the suite that runs, and the failures (each printed as an
+    `error:` line)."""
     bad = [d for d in datasets if d not in list_benchmarks()]
     if bad: raise SpaError(f"unknown benchmark(s) {bad}: choose from {','.join(list_benchmarks())}")
     opts = dataclasses.replace(opts or RunOptions(), resume=True)
     results, failed = {}, []
     for d in datasets:
-        try: open_benchmark(d, opts)  # once per benchmark: its data missing fails every setting without a retry
+        # once per benchmark: its data missing fails every setting without a retry
+        try: open_benchmark(d, opts)
         except SpaError as e:
-            failed += [f"{d} {s}" for s in settings]; print(f"error: {d} {' '.join(settings)}: {e}", file=sys.stderr)
+            failed += [f"{d} {s}" for s in settings]
+            print(f"error: {d} {' '.join(settings)}: {e}", file=sys.stderr)
             continue
         for s in settings:
-            try: rep = run_benchmark(d, s, knobs=knobs, opts=opts, root=out, source=source,
-                                       overrides=overrides); results[(rep.meta["benchmark"], rep.meta["setting"])] = rep.results
+            try:
+                rep = run_benchmark(d, s, knobs=knobs, opts=opts, root=out, source=source,
+                                    overrides=overrides)
+                results[(rep.meta["benchmark"], rep.meta["setting"])] = rep.results
             except SpaError as e: failed.append(f"{d} {s}"); print(f"error: {d} {s}: {e}", file=sys.stderr)
     return results, failed
 
 def write_suite(results: dict, # from `run_suite`
                 out: str | Path, # the suite folder
                ) -> list[BenchRow]:
-    "Write the suite's table against the published numbers: bench.md, bench.json and (with matplotlib) bench.png."
+    """Write the suite's table against the published numbers: bench.md, bench.json and (with matplotlib)
+    bench.png."""
     rows = bench_rows(results)
     atomic_write_text(Path(out) / "bench.md", bench_table(rows) + "\n")
     atomic_write_json(Path(out) / "bench.json", [r._asdict() for r in rows])
@@ -394,12 +440,14 @@ def extract(dataset: str, # a benchmark name or folder
             opts: RunOptions | None = None, # data, model and extraction settings
             views: int = 0, # noisy views per training image to cache as well (`protocol.views_needed`)
            ) -> dict[str, FeatureSet]: # "train" / "test" (/ "train views") -> its cache
-    "Extract and cache a benchmark's train and test features, and noisy training views if asked (under torchrun every rank extracts its share)."
+    """Extract and cache a benchmark's train and test features, and noisy training views if asked (under
+    torchrun every rank extracts its share)."""
     opts = opts or RunOptions()
     init_distributed(opts.device)
     try:
         bench, clip = open_benchmark(dataset, opts), open_model(dataset, opts)
-        where, how = Path(opts.cache_dir) / "features", dict(batch_size=opts.extract_batch_size, num_workers=opts.num_workers)
+        where = Path(opts.cache_dir) / "features"
+        how = dict(batch_size=opts.extract_batch_size, num_workers=opts.num_workers)
         out = {s: split_features(clip, bench, s, where, **how) for s in ("train", "test")}
         return out | ({"train views": view_features(clip, bench, where, views, **how)} if views else {})
     finally: close_distributed()

@@ -27,8 +27,10 @@ __all__ = ['WORLD_VERSION', 'WORLD_TEMPLATE', 'BASE_RENDER', 'DEMO_RENDER', 'SHA
 # %% ../nbs/01a_world.ipynb #aefce7b9
 WORLD_VERSION = 1 # bump when rendering changes: it is part of the benchmark key
 WORLD_TEMPLATE = "a {}." # captions are WORLD_TEMPLATE.format(class name)
-BASE_RENDER = dict(noise=0.08, distractors=2, similarity=0.25) # `render_sample`'s defaults: the rendering pretraining sees
-DEMO_RENDER = dict(noise=0.12, distractors=3, similarity=0.5) # the demo benchmark's rendering, harder than the base one
+# `render_sample`'s defaults: the rendering pretraining sees
+BASE_RENDER = dict(noise=0.08, distractors=2, similarity=0.25)
+# the demo benchmark's rendering, harder than the base one
+DEMO_RENDER = dict(noise=0.12, distractors=3, similarity=0.5)
 
 class ShapeSpec(NamedTuple):
     sides: int # 0 for a circle
@@ -36,9 +38,12 @@ class ShapeSpec(NamedTuple):
     inradius: float # inscribed radius / circumradius
     phrase: str # ground-truth description of the outline
 
-SHAPES = {"circle": ShapeSpec(0, 0.0, 1.0, "a round outline"), "square": ShapeSpec(4, math.pi/4, 0.71, "a square outline"),
-          "triangle": ShapeSpec(3, -math.pi/2, 0.5, "a triangular outline"), "diamond": ShapeSpec(4, 0.0, 0.71, "a diamond outline"),
-          "pentagon": ShapeSpec(5, -math.pi/2, 0.81, "a five-sided outline"), "hexagon": ShapeSpec(6, 0.0, 0.87, "a six-sided outline")}
+SHAPES = {"circle": ShapeSpec(0, 0.0, 1.0, "a round outline"),
+          "square": ShapeSpec(4, math.pi/4, 0.71, "a square outline"),
+          "triangle": ShapeSpec(3, -math.pi/2, 0.5, "a triangular outline"),
+          "diamond": ShapeSpec(4, 0.0, 0.71, "a diamond outline"),
+          "pentagon": ShapeSpec(5, -math.pi/2, 0.81, "a five-sided outline"),
+          "hexagon": ShapeSpec(6, 0.0, 0.87, "a six-sided outline")}
 COLOURS = {"red": (214, 39, 40), "orange": (255, 127, 14), "yellow": (230, 200, 30), "green": (44, 160, 44),
            "blue": (31, 119, 180), "purple": (148, 103, 189)}
 MARKS = ("dot", "cross", "bar", "ring", "chevron")
@@ -61,7 +66,8 @@ def describe(a: Attributes) -> list[str]:
 
 def world_image_size(variant: str = DEFAULT_WORLD) -> int:
     "Image side of a world variant."
-    if variant not in WORLD_VARIANTS: raise SpaError(f"world variant {variant!r} does not exist: choose one of {list(WORLD_VARIANTS)}")
+    if variant not in WORLD_VARIANTS:
+        raise SpaError(f"world variant {variant!r} does not exist: choose one of {list(WORLD_VARIANTS)}")
     return WORLD_VARIANTS[variant]["image_size"]
 
 # %% ../nbs/01a_world.ipynb #a440a784
@@ -75,13 +81,18 @@ def demo_classes(n_classes: int = 24, # number of demo classes
     "The fixed, documented subset [n_classes] of combinations used as the demo world's classes."
     shapes, colours, n_looks = list(SHAPES), list(COLOURS), math.ceil(n_classes / max(marks_per_look, 1))
     if not 1 <= marks_per_look <= len(MARKS) or not 1 <= n_looks <= len(shapes) * len(colours):
-        raise SpaError(f"demo world of {n_classes} classes with {marks_per_look} marks per look does not exist: "
-                       f"use 1 <= marks_per_look <= {len(MARKS)} and n_classes <= {len(shapes) * len(colours)} * marks_per_look")
-    looks = [(shapes[k % len(shapes)], colours[(k + k // len(shapes)) % len(colours)]) for k in range(n_looks)]
-    return [Attributes(s, c, MARKS[(k + j) % len(MARKS)]) for k, (s, c) in enumerate(looks) for j in range(marks_per_look)][:n_classes]
+        raise SpaError(f"demo world of {n_classes} classes with {marks_per_look} marks per look "
+                       "does not exist: "
+                       f"use 1 <= marks_per_look <= {len(MARKS)} "
+                       f"and n_classes <= {len(shapes) * len(colours)} * marks_per_look")
+    looks = [(shapes[k % len(shapes)], colours[(k + k // len(shapes)) % len(colours)])
+             for k in range(n_looks)]
+    return [Attributes(s, c, MARKS[(k + j) % len(MARKS)])
+            for k, (s, c) in enumerate(looks) for j in range(marks_per_look)][:n_classes]
 
 def pretrain_classes(n_classes: int = 24, marks_per_look: int = 3) -> list[Attributes]:
-    "Every combination that is *not* a demo class (for pretraining a model that meets the demo classes unseen)."
+    """Every combination that is *not* a demo class (for pretraining a model that meets the demo classes
+    unseen)."""
     demo = set(demo_classes(n_classes, marks_per_look))
     return [a for a in all_combinations() if a not in demo]
 
@@ -95,15 +106,18 @@ def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, rot: float, fi
 
 _MARK_DRAW = {
     "dot": lambda d, x, y, m, f, w: d.ellipse([x - .6 * m, y - .6 * m, x + .6 * m, y + .6 * m], fill=f),
-    "cross": lambda d, x, y, m, f, w: (d.line([x - m, y, x + m, y], f, w), d.line([x, y - m, x, y + m], f, w)),
+    "cross": lambda d, x, y, m, f, w: (d.line([x - m, y, x + m, y], f, w),
+                                       d.line([x, y - m, x, y + m], f, w)),
     "bar": lambda d, x, y, m, f, w: d.line([x - m, y, x + m, y], f, w),
     "ring": lambda d, x, y, m, f, w: d.ellipse([x - m, y - m, x + m, y + m], outline=f, width=w),
-    "chevron": lambda d, x, y, m, f, w: d.line([(x - m, y - m / 2), (x, y + m / 2), (x + m, y - m / 2)], f, w, joint="curve"),
+    "chevron": lambda d, x, y, m, f, w: d.line([(x - m, y - m / 2), (x, y + m / 2), (x + m, y - m / 2)], f, w,
+                                               joint="curve"),
 }
 
 def _palette(name: str, similarity: float) -> np.ndarray:
     "The RGB of colour `name`, pulled towards the palette mean by `similarity`."
-    return (1 - similarity) * np.array(COLOURS[name], dtype=float) + similarity * np.mean(list(COLOURS.values()), axis=0)
+    return ((1 - similarity) * np.array(COLOURS[name], dtype=float)
+            + similarity * np.mean(list(COLOURS.values()), axis=0))
 
 def _colour(name: str, similarity: float, jitter: float, rng: np.random.Generator) -> tuple:
     "`_palette(name, similarity)` with Gaussian jitter of std `jitter`, as an RGB tuple."
@@ -122,8 +136,10 @@ def _draw_object(draw, rng, a: Attributes, n: int, similarity: float, noise: flo
     m = 0.07 * n
     reach = max(0.0, SHAPES[a.shape].inradius * r - 1.3 * m) * math.sqrt(rng.uniform())
     theta = rng.uniform(0, 2 * math.pi)
-    ink = (25, 25, 25) if _palette(a.colour, similarity) @ np.array([0.299, 0.587, 0.114]) > 150 else (245, 245, 245)
-    _MARK_DRAW[a.mark](draw, cx + reach * math.cos(theta), cy + reach * math.sin(theta), m, ink, max(1, round(m / 2.5)))
+    light = _palette(a.colour, similarity) @ np.array([0.299, 0.587, 0.114]) > 150
+    ink = (25, 25, 25) if light else (245, 245, 245)
+    _MARK_DRAW[a.mark](draw, cx + reach * math.cos(theta), cy + reach * math.sin(theta), m, ink,
+                       max(1, round(m / 2.5)))
 
 def _draw_distractor(draw, rng, n: int, similarity: float, noise: float):
     "Draw a smaller unmarked object of random shape and colour anywhere on the canvas."
@@ -136,7 +152,7 @@ def render_sample(a: Attributes, # the combination to draw
                   image_size: int = 48, # output side in pixels
                   noise: float = BASE_RENDER["noise"], # pixel noise std (fraction of 255) and colour jitter
                   distractors: int = BASE_RENDER["distractors"], # at most this many distractor objects
-                  similarity: float = BASE_RENDER["similarity"], # 0: palette colours, ->1: all colours near-identical
+                  similarity: float = BASE_RENDER["similarity"], # 0: palette colours, ->1: all near-identical
                  ) -> Rendered:
     "One image of combination `a` with its caption."
     n = image_size * 4
@@ -144,13 +160,16 @@ def render_sample(a: Attributes, # the combination to draw
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(0, distractors + 1)): _draw_distractor(draw, rng, n, similarity, noise)
     _draw_object(draw, rng, a, n, similarity, noise)
-    pix = np.asarray(img.resize((image_size, image_size), Image.BOX), dtype=np.float32) + rng.normal(0, 255 * noise, (image_size, image_size, 3))
-    return Rendered(Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)), WORLD_TEMPLATE.format(class_name(a)))
+    pix = (np.asarray(img.resize((image_size, image_size), Image.BOX), dtype=np.float32)
+           + rng.normal(0, 255 * noise, (image_size, image_size, 3)))
+    return Rendered(Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)),
+                    WORLD_TEMPLATE.format(class_name(a)))
 
 # %% ../nbs/01a_world.ipynb #888d12ef
 def _render_split(classes: list[Attributes], n: int, seed: int, split: int, **knobs) -> datasets.Dataset:
     "`n` rendered images per class as a Dataset (label = original class id)."
-    images = [render_sample(a, np.random.default_rng([seed, split, c, i]), **knobs).image for c, a in enumerate(classes) for i in range(n)]
+    images = [render_sample(a, np.random.default_rng([seed, split, c, i]), **knobs).image
+              for c, a in enumerate(classes) for i in range(n)]
     labels = [c for c in range(len(classes)) for _ in range(n)]
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=feats)
@@ -158,18 +177,19 @@ def _render_split(classes: list[Attributes], n: int, seed: int, split: int, **kn
 def synthetic_world(n_classes: int = 24, # number of demo classes
                     n_train: int = 40, # train images per class
                     n_test: int = 20, # test images per class
-                    variant: str = DEFAULT_WORLD, # "premise", "control" or "cifar_like" (its own size: `cifar_like_world`)
+                    variant: str = DEFAULT_WORLD, # "premise", "control" or "cifar_like" (`cifar_like_world`)
                     image_size: int | None = None, # image side in pixels (None: the variant's)
                     seed: int = 0, # world seed (which images are drawn)
                     noise: float = DEMO_RENDER["noise"], # pixel noise std (fraction of 255) and colour jitter
-                    distractors: int = DEMO_RENDER["distractors"], # at most this many distractor objects per image
+                    distractors: int = DEMO_RENDER["distractors"], # at most this many distractors per image
                     similarity: float = DEMO_RENDER["similarity"], # how alike the colours are, in [0, 1)
                     marks_per_look: int = 3, # classes sharing shape and colour, differing only in the mark
                     inc: int = 4, # classes per task
-                    class_order_seed: int = CLASS_ORDER_SEED, shuffle: bool = True, # class order (see `class_order`)
+                    class_order_seed: int = CLASS_ORDER_SEED, shuffle: bool = True, # see `class_order`
                    ) -> Benchmark:
     "The embedded demo benchmark: rendered deterministically from `seed`, no files, no network."
-    if variant == "cifar_like": return cifar_like_world(seed=seed, class_order_seed=class_order_seed, shuffle=shuffle)
+    if variant == "cifar_like":
+        return cifar_like_world(seed=seed, class_order_seed=class_order_seed, shuffle=shuffle)
     classes, settings = demo_classes(n_classes, marks_per_look), default_settings(n_classes, inc)
     image_size = image_size or world_image_size(variant)
     knobs = dict(image_size=image_size, noise=noise, distractors=distractors, similarity=similarity)
@@ -180,7 +200,8 @@ def synthetic_world(n_classes: int = 24, # number of demo classes
                     class_order_seed, shuffle, {class_name(a): describe(a) for a in classes})
 
 # %% ../nbs/01a_world.ipynb #9bd4a62b
-GENERIC_PHRASES = ("an object on a plain background", "a flat shape", "a simple drawing") # non-discriminative phrases
+# non-discriminative phrases
+GENERIC_PHRASES = ("an object on a plain background", "a flat shape", "a simple drawing")
 CIFAR_LIKE = dict(n_looks=25, pairs_per_look=4, n_train=100, n_test=10, inc=10) # the cifar_like world's size
 
 class PartsClass(NamedTuple):
@@ -193,7 +214,8 @@ def parts_name(a: PartsClass) -> str: return f"{a.colour} {a.shape} with a {a.ma
 
 def parts_describe(a: PartsClass) -> list[str]:
     "Phrases of a cifar_like class: colour, outline, each mark, then the generic phrases."
-    return [f"a {a.colour} body", SHAPES[a.shape].phrase, *(f"a small {m} mark" for m in a.marks), *GENERIC_PHRASES]
+    return [f"a {a.colour} body", SHAPES[a.shape].phrase, *(f"a small {m} mark" for m in a.marks),
+            *GENERIC_PHRASES]
 
 def _pair(i: int, j: int) -> tuple[str, str]:
     "Marks i and j (mod 5) in MARKS order."
@@ -207,12 +229,14 @@ def all_parts_combinations() -> list[PartsClass]:
 def parts_classes(n_looks: int = CIFAR_LIKE["n_looks"], # looks (the first of `demo_classes`' Latin square)
                   pairs_per_look: int = CIFAR_LIKE["pairs_per_look"], # siblings per look, 1..5
                  ) -> list[PartsClass]: # [n_looks * pairs_per_look] in original class-id order
-    "The cifar_like world's classes [n_looks * pairs_per_look]: look k takes mark pairs (k+j, k+j+1), j < pairs_per_look."
+    """The cifar_like world's classes [n_looks * pairs_per_look]: look k takes mark pairs (k+j, k+j+1),
+    j < pairs_per_look."""
     if not 1 <= pairs_per_look <= len(MARKS) or not 1 <= n_looks <= len(SHAPES) * len(COLOURS):
         raise SpaError(f"a cifar_like world of {n_looks} looks x {pairs_per_look} pairs does not exist: "
                        f"use 1 <= pairs_per_look <= {len(MARKS)} and n_looks <= {len(SHAPES) * len(COLOURS)}")
     looks = [(a.shape, a.colour) for a in demo_classes(n_looks, 1)]
-    return [PartsClass(s, c, _pair(k + j, k + j + 1)) for k, (s, c) in enumerate(looks) for j in range(pairs_per_look)]
+    return [PartsClass(s, c, _pair(k + j, k + j + 1))
+            for k, (s, c) in enumerate(looks) for j in range(pairs_per_look)]
 
 def parts_pretrain_classes() -> list[PartsClass]:
     "Every look × mark pair that is not a cifar_like class."
@@ -226,16 +250,18 @@ def _draw_parts_object(draw, rng, a: PartsClass, n: int, similarity: float, nois
     body = _colour(a.colour, similarity, 40 * noise, rng)
     _draw_shape(draw, a.shape, cx, cy, r, rng.uniform(-0.2, 0.2), body)
     m = 0.06 * n
-    ink = (25, 25, 25) if _palette(a.colour, similarity) @ np.array([0.299, 0.587, 0.114]) > 150 else (245, 245, 245)
+    light = _palette(a.colour, similarity) @ np.array([0.299, 0.587, 0.114]) > 150
+    ink = (25, 25, 25) if light else (245, 245, 245)
     theta = rng.uniform(0, 2 * math.pi)
     for mark, t in zip(a.marks, (theta, theta + math.pi + rng.uniform(-0.6, 0.6))):
         reach = max(0.0, SHAPES[a.shape].inradius * r - 1.3 * m) * rng.uniform(0.45, 1.0)
-        _MARK_DRAW[mark](draw, cx + reach * math.cos(t), cy + reach * math.sin(t), m, ink, max(1, round(m / 2.5)))
+        _MARK_DRAW[mark](draw, cx + reach * math.cos(t), cy + reach * math.sin(t), m, ink,
+                         max(1, round(m / 2.5)))
 
 def render_parts_sample(a: PartsClass, # the class to draw
                         rng: np.random.Generator, # source of every random choice
                         image_size: int = 64, # output side in pixels
-                        noise: float = BASE_RENDER["noise"], # pixel noise std (fraction of 255) and colour jitter
+                        noise: float = BASE_RENDER["noise"], # noise std (fraction of 255), colour jitter
                         distractors: int = BASE_RENDER["distractors"], # at most this many distractor objects
                         similarity: float = BASE_RENDER["similarity"], # how alike the colours are, in [0, 1)
                        ) -> Rendered:
@@ -245,10 +271,13 @@ def render_parts_sample(a: PartsClass, # the class to draw
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(0, distractors + 1)): _draw_distractor(draw, rng, n, similarity, noise)
     _draw_parts_object(draw, rng, a, n, similarity, noise)
-    pix = np.asarray(img.resize((image_size, image_size), Image.BOX), dtype=np.float32) + rng.normal(0, 255 * noise, (image_size, image_size, 3))
-    return Rendered(Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)), WORLD_TEMPLATE.format(parts_name(a)))
+    pix = (np.asarray(img.resize((image_size, image_size), Image.BOX), dtype=np.float32)
+           + rng.normal(0, 255 * noise, (image_size, image_size, 3)))
+    return Rendered(Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)),
+                    WORLD_TEMPLATE.format(parts_name(a)))
 
-def render_any(a: Attributes | PartsClass, rng: np.random.Generator, image_size: int = 48, **knobs) -> Rendered:
+def render_any(a: Attributes | PartsClass, rng: np.random.Generator, image_size: int = 48,
+               **knobs) -> Rendered:
     "`render_sample` or `render_parts_sample`, by the class's kind."
     return (render_parts_sample if isinstance(a, PartsClass) else render_sample)(a, rng, image_size, **knobs)
 
@@ -260,15 +289,18 @@ def cifar_like_world(n_train: int = CIFAR_LIKE["n_train"], # train images per cl
                      noise: float = DEMO_RENDER["noise"], distractors: int = DEMO_RENDER["distractors"],
                      similarity: float = DEMO_RENDER["similarity"], # the demo benchmark's rendering
                      inc: int = CIFAR_LIKE["inc"], # classes per task
-                     class_order_seed: int = CLASS_ORDER_SEED, shuffle: bool = True, # class order (see `class_order`)
+                     class_order_seed: int = CLASS_ORDER_SEED, shuffle: bool = True, # see `class_order`
                     ) -> Benchmark:
     "The cifar_like benchmark: 100 three-part classes in tasks of 10, rendered deterministically from `seed`."
     classes = parts_classes()
-    knobs = dict(image_size=image_size or world_image_size("cifar_like"), noise=noise, distractors=distractors, similarity=similarity)
+    knobs = dict(image_size=image_size or world_image_size("cifar_like"), noise=noise,
+                 distractors=distractors, similarity=similarity)
     def split(n, s):
-        images = [render_parts_sample(a, np.random.default_rng([seed, s, c, i]), **knobs).image for c, a in enumerate(classes) for i in range(n)]
+        images = [render_parts_sample(a, np.random.default_rng([seed, s, c, i]), **knobs).image
+                  for c, a in enumerate(classes) for i in range(n)]
         feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-        return datasets.Dataset.from_dict({"image": images, "label": [c for c in range(len(classes)) for _ in range(n)]}, features=feats)
+        labels = [c for c in range(len(classes)) for _ in range(n)]
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=feats)
     train, test = split(n_train, 0), split(n_test, 1)
     key = content_key("synthetic", "cifar_like", WORLD_VERSION, classes, n_train, n_test, seed, knobs)
     return assemble("synthetic", [parts_name(a) for a in classes], [WORLD_TEMPLATE], train, test,

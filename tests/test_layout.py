@@ -132,7 +132,8 @@ class Bank:
 # The modules whose lines stay <= MAX_LINE (issue 25), named one by one: CI keeps the rule.
 SHORT_LINED = ["core", "data", "catalog", "distributed", "exemplars", "patches", "metrics", "method",
                "peers.common", "peers.proof", "peers.rapf", "peers.engine", "peers.ranpac", "peers.fecam", "peers.bofa",
-               "learner", "protocol", "study", "calibration", "ot"]
+               "learner", "protocol", "study", "calibration", "ot", "backbone", "cli", "descriptions", "microclip",
+               "world", "runs", "options", "projectors", "fixtures"]
 MAX_LINE = 110
 
 def long_lines(src: str) -> list[int]:
