@@ -138,7 +138,8 @@ def search_concepts(a: torch.Tensor, # [N, d] the task's unit concepts
                    ) -> torch.Tensor: # [min(pool m, N)] long
     "CLG-CBM's concept search over features x [n, d]: the indices into a [N, d] of the concepts it keeps."
     k, val = knobs.pool * m, val if val is not None else (x, y)
-    gate, s = new_gate(x.shape[1], len(a), m, gen), concept_spread(a) if knobs.regularizer != "none" else None
+    gate = new_gate(x.shape[1], len(a), m, gen).to(x.dtype)
+    s = concept_spread(a) if knobs.regularizer != "none" else None
     opt, best, best_acc, last = torch.optim.Adam(gate.parameters(), lr=knobs.search_lr), None, 0.0, None
     for epoch in range(knobs.search_epochs):
         gate.train(epoch == 0 or not knobs.frozen_bn)
