@@ -12,6 +12,8 @@ per-task statistics (RAPF's Gaussians, ENGINE's discriminant) do not, which make
 memory (at most 2000 images) is already all of a small class's images, so its extrapolation after task 1 is a large upper bound.
 RanPAC's and FeCAM's cost is statistics, not epochs: RanPAC solves one M x M system per task (M = 10000) whatever the images,
 so measure them at CIFAR's own 500 per class (`--per-class 500 --cifar-methods ranpac,fecam`), where nothing is extrapolated.
+CLG-CBM (`--cifar-methods clg_cbm`) trains two stages per task (a concept search, then the bottleneck over the real and
+shifted rows, one shifted copy per old class, plus 2 Gaussian rows a batch): its images grow with the tasks, linearly in both.
 Usage: python benchmarks/bench_peers.py [--seeds 0 1 2] [--per-class 50] [--tasks 10] [--threads 1] [--cifar-methods proof,rapf,engine,spa]
        [--skip-synthetic]
 """
@@ -29,7 +31,7 @@ from spa_toolkit.method import Task, TextSide, get_method, method_knobs
 from spa_toolkit.protocol import run_protocol
 from spa_toolkit.microclip import load_embedded_clip
 
-METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam"]
+METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam", "clg_cbm"]
 
 def synthetic(seeds: list[int]):
     "Avg / Last over seeds and train time relative to SPA's, on the default synthetic world."

@@ -168,6 +168,7 @@ COUNTERPARTS = {
     "proof": ("PROOF",),
     "rapf": ("RAPF",),
     "engine": ("ENGINE",),
+    "clg_cbm": ("CLG-CBM",),
 }
 
 class Published(NamedTuple):

@@ -131,6 +131,7 @@ class Bank:
 # The modules whose lines stay <= MAX_LINE (issue 25), named one by one: CI keeps the rule.
 SHORT_LINED = ["core", "data", "catalog", "distributed", "exemplars", "patches", "metrics", "method",
                "peers.common", "peers.proof", "peers.rapf", "peers.engine", "peers.ranpac", "peers.fecam", "learner",
+               "peers.clg_cbm",
                "protocol", "study"]
 MAX_LINE = 110
 
