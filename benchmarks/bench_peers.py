@@ -15,6 +15,8 @@ so measure them at CIFAR's own 500 per class (`--per-class 500 --cifar-methods r
 BOFA trains CLIP's visual.proj on pre-projection features: it gets random ones of ViT-B/16's width (w = 768) and a random
 [768, 512] projection; its epochs visit each image once, so it extrapolates linearly (its per-task statistics, a 768 x 768
 pseudo-inverse and eigendecomposition, do not grow with the images: a slight upper bound).
+CLG-CBM (`--cifar-methods clg_cbm`) trains two stages per task (a concept search, then the bottleneck over the real and
+shifted rows, one shifted copy per old class, plus 2 Gaussian rows a batch): its images grow with the tasks, linearly in both.
 Usage: python benchmarks/bench_peers.py [--seeds 0 1 2] [--per-class 50] [--tasks 10] [--threads 1] [--cifar-methods proof,rapf,engine,spa]
        [--skip-synthetic]
 """
@@ -32,7 +34,7 @@ from spa_toolkit.method import Task, TextSide, get_method, method_knobs
 from spa_toolkit.protocol import run_protocol
 from spa_toolkit.microclip import load_embedded_clip
 
-METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam", "bofa"]
+METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam", "bofa", "clg_cbm"]
 
 def synthetic(seeds: list[int]):
     "Avg / Last over seeds and train time relative to SPA's, on the default synthetic world."

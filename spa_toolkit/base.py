@@ -179,6 +179,7 @@ REGISTRY = { # method name -> (module:attribute of its `method.Method`, its own 
     "ranpac": ("spa_toolkit.peers.ranpac:RANPAC", {}),
     "fecam": ("spa_toolkit.peers.fecam:FECAM", {}),
     "bofa": ("spa_toolkit.peers.bofa:BOFA", {}),
+    "clg_cbm": ("spa_toolkit.peers.clg_cbm:CLG_CBM", {}),
 }
 ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
 REGISTRY |= {alias: REGISTRY[ours] for alias, ours in ALIASES.items()}

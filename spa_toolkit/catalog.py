@@ -169,6 +169,7 @@ COUNTERPARTS = {
     "rapf": ("RAPF",),
     "engine": ("ENGINE",),
     "bofa": ("BOFA",),
+    "clg_cbm": ("CLG-CBM",),
 }
 
 class Published(NamedTuple):
