@@ -19,13 +19,15 @@ class SpaError(ValueError):
     "An error the user can fix: the message names the problem and the fix."
 
 # %% ../nbs/00_base.ipynb #8a72a899
-_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),), "tuple[int, ...]": (tuple,), "tuple[str, ...]": (tuple,)}
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+          "tuple[int, ...]": (tuple,), "tuple[str, ...]": (tuple,)}
 
 def annotation_kinds(annotation: str, # a field's annotation as text, e.g. "int | None"
                     ) -> list[str]: # e.g. ["int", "None"]
     "The simple types an annotation allows, in the order written."
     kinds = [k.strip() for k in str(annotation).split("|")]
-    if bad := [k for k in kinds if k not in _KINDS]: raise TypeError(f"knob annotation {annotation!r}: {bad} is not one of {list(_KINDS)}")
+    if bad := [k for k in kinds if k not in _KINDS]:
+        raise TypeError(f"knob annotation {annotation!r}: {bad} is not one of {list(_KINDS)}")
     return kinds
 
 def _fits(value, kinds: list[str]) -> bool:
@@ -34,7 +36,8 @@ def _fits(value, kinds: list[str]) -> bool:
 
 @dataclass(frozen=True)
 class Knobs:
-    "Base of a method's knobs: typed fields checked once at construction; subclasses add `check` for ranges and choices."
+    """Base of a method's knobs: typed fields checked once at construction; subclasses add `check` for ranges
+    and choices."""
     peer: ClassVar[str | None] = None # the peer method these knobs belong to (None: SPA and its variants)
 
     def __post_init__(self):
@@ -72,18 +75,21 @@ class Knobs:
 
     @property
     def uses_pre(self) -> bool:
-        "Whether a method with these knobs reads the pre-projection [CLS] features (ENGINE's discriminant; subclasses say)."
+        """Whether a method with these knobs reads the pre-projection [CLS] features (ENGINE's discriminant;
+        subclasses say)."""
         return False
 
     @property
     def cached_views(self) -> int:
-        "Noisy views per training image a method with these knobs reads from the feature cache (ENGINE's view loss; 0: none)."
+        """Noisy views per training image a method with these knobs reads from the feature cache (ENGINE's
+        view loss; 0: none)."""
         return 0
 
 def check_least(knobs: Knobs, **least):
     "Raise `SpaError` when a named knob is below its least allowed value."
     for name, lo in least.items():
-        if getattr(knobs, name) < lo: raise SpaError(f"{name}={getattr(knobs, name)} is too small: use at least {lo}")
+        if getattr(knobs, name) < lo:
+            raise SpaError(f"{name}={getattr(knobs, name)} is too small: use at least {lo}")
 
 # %% ../nbs/00_base.ipynb #ffc4dcd2
 K_PATCHES = 16 # patches kept per image (the paper's k)
@@ -92,17 +98,21 @@ EPS_RELATIVE = True # eps relative to the cost spread (False: absolute, on the c
 OT_ITERS = 50 # Sinkhorn sweeps
 POOLS = ("ot", "semi_ot", "mean", "max") # patch-level scores of `ot.pooled_score`
 POOL = "semi_ot" # SPA's: semi-relaxed OT (chosen in 10b_study)
-SELECTIONS = ("agnostic", "class") # patch selection: one frozen set per image for all classes, or one per class
+# patch selection: one frozen set per image for all classes, or one per class
+SELECTIONS = ("agnostic", "class")
 SCORERS = ("spa", "zeroshot", "descriptions", "ncm") # SPA's trained scorer and the frozen baselines
 OPTIMIZERS = ("sgd", "adamw")
 COV_KINDS = ("full", "diag", "shared", "none") # class covariance models of `calibration`
 SHRINK = "ledoit_wolf" # covariance shrinkage: Ledoit–Wolf, or a number gamma for Sigma + gamma*I
-SEM_TEMPLATE = "{s}" # a description phrased as a semantic token: the description alone ({c}: the class name); chosen in 10b_study
+# a description phrased as a semantic token: the description alone ({c}: the class name); chosen in 10b_study
+SEM_TEMPLATE = "{s}"
 N_DESC = 8 # descriptions kept per class (ENGINE's files hold ~500: memory and the OT problem grow with them)
 DEVICE = "auto" # what the command line asks for: CUDA if there is a GPU, else MPS, else the CPU
-LIBRARY_DEVICE = "cpu" # where a library call puts a model unless told: predictable and offline (tensors then follow their inputs)
+# where a library call puts a model unless told: predictable and offline (tensors then follow their inputs)
+LIBRARY_DEVICE = "cpu"
 PRECISION = "fp32" # open_clip precision of the model and its feature extraction (the protocol's)
-PRECISIONS = ("fp32", "amp_bf16", "amp", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16") # what open_clip accepts
+# what open_clip accepts
+PRECISIONS = ("fp32", "amp_bf16", "amp", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 CLASS_CHUNK = 32 # classes scored at once on patches when no gradient is needed (bounds evaluation memory)
 
 def check_choice(name: str, value, choices: tuple):
@@ -112,8 +122,10 @@ def check_choice(name: str, value, choices: tuple):
 def check_stats_knobs(cov: str, shrink: str | float):
     "Raise `SpaError` unless `cov` and `shrink` name a covariance model and a shrinkage."
     if cov not in COV_KINDS: raise SpaError(f"cov={cov!r} is unknown: choose one of {COV_KINDS}")
-    if shrink != "ledoit_wolf" and not (isinstance(shrink, (int, float)) and not isinstance(shrink, bool) and shrink >= 0):
-        raise SpaError(f"shrink={shrink!r} is invalid: use 'ledoit_wolf' or a number gamma >= 0 (Sigma + gamma*I)")
+    gamma = isinstance(shrink, (int, float)) and not isinstance(shrink, bool) and shrink >= 0
+    if shrink != "ledoit_wolf" and not gamma:
+        raise SpaError(f"shrink={shrink!r} is invalid: "
+                       "use 'ledoit_wolf' or a number gamma >= 0 (Sigma + gamma*I)")
 
 # %% ../nbs/00_base.ipynb #ce319a61
 @dataclass(frozen=True)
@@ -128,10 +140,10 @@ class SpaKnobs(Knobs):
     optimizer: str = "sgd" # "sgd" or "adamw"
     hidden: int | None = None # projector bottleneck width (None: d // 4)
     k_patches: int = K_PATCHES # patches kept per image (per (image, class) with selection="class")
-    selection: str = "agnostic" # "agnostic": one frozen-space set per image for all classes; "class": one per class
+    selection: str = "agnostic" # "agnostic": one frozen-space set per image for all classes; "class": each
     pool: str = POOL # patch-level score: "semi_ot", "ot" (balanced), "mean" or "max" (see `ot.pooled_score`)
     eps: float = EPS # entropic OT regularisation (a fraction of each problem's cost spread when eps_relative)
-    eps_relative: bool = EPS_RELATIVE # eps relative to the cost spread (False: absolute, on the cost 1 - cosine)
+    eps_relative: bool = EPS_RELATIVE # eps relative to the cost spread (False: absolute, on cost 1 - cosine)
     ot_iters: int = OT_ITERS # Sinkhorn sweeps
     lam: float = 1.0 # weight of the patch-level score (0: global branch only)
     proto: float = 1.0 # weight of the projected-prototype term <phi(g), phi(mean_c)> (0: off)
@@ -141,19 +153,25 @@ class SpaKnobs(Knobs):
     pseudo_ratio: float = 1.0 # pseudo-features per real image in a batch
     n_desc: int | None = N_DESC # descriptions kept per class (a fixed sample; None: all)
     class_chunk: int = CLASS_CHUNK # classes per memory chunk when scoring patches at evaluation
-    sem_template: str = SEM_TEMPLATE # how a description is phrased as a semantic token ({s}; {c}: the class name)
+    sem_template: str = SEM_TEMPLATE # how a description is phrased as a semantic token ({s}; {c}: class name)
 
     def check(self):
-        for name, choices in dict(scorer=SCORERS, optimizer=OPTIMIZERS, selection=SELECTIONS, pool=POOLS).items():
+        choosable = dict(scorer=SCORERS, optimizer=OPTIMIZERS, selection=SELECTIONS, pool=POOLS)
+        for name, choices in choosable.items():
             check_choice(name, getattr(self, name), choices)
         check_least(self, epochs=0, batch_size=1, k_patches=1, ot_iters=1, class_chunk=1)
-        if not (self.lr > 0 and self.eps > 0 and self.lam >= 0 and self.proto >= 0 and self.pseudo_ratio >= 0):
-            raise SpaError(f"lr={self.lr}, eps={self.eps} must be > 0 and lam={self.lam}, proto={self.proto}, "
+        positive = self.lr > 0 and self.eps > 0
+        if not (positive and self.lam >= 0 and self.proto >= 0 and self.pseudo_ratio >= 0):
+            raise SpaError(f"lr={self.lr}, eps={self.eps} must be > 0 and lam={self.lam}, "
+                           f"proto={self.proto}, "
                            f"pseudo_ratio={self.pseudo_ratio} >= 0")
-        if self.hidden is not None and self.hidden < 1: raise SpaError(f"hidden={self.hidden} is too small: use at least 1, or None for d // 4")
+        if self.hidden is not None and self.hidden < 1:
+            raise SpaError(f"hidden={self.hidden} is too small: use at least 1, or None for d // 4")
         if self.n_desc is not None and self.n_desc < 1:
-            raise SpaError(f"n_desc={self.n_desc} is too small: keep at least 1 description per class, or None for all")
-        check_stats_knobs(self.cov, self.shrink)  # before any extraction, not when the first task's statistics are computed
+            raise SpaError(f"n_desc={self.n_desc} is too small: "
+                           "keep at least 1 description per class, or None for all")
+        # before any extraction, not when the first task's statistics are computed
+        check_stats_knobs(self.cov, self.shrink)
 
     @property
     def uses_patches(self) -> bool:
@@ -162,12 +180,14 @@ class SpaKnobs(Knobs):
 
     @property
     def uses_descriptions(self) -> bool:
-        "Whether these knobs score with the class descriptions: the `descriptions` baseline, SPA with its patch branch."
+        """Whether these knobs score with the class descriptions: the `descriptions` baseline, SPA with its
+        patch branch."""
         return self.scorer == "descriptions" or self.uses_patches
 
 # %% ../nbs/00_base.ipynb #7a1def00
 _SPA = "spa_toolkit.learner:SPA" # SPA's ablations and frozen baselines are SPA with settings
-REGISTRY = { # method name -> (module:attribute of its `method.Method`, its own settings on top of that method's knobs)
+# method name -> (module:attribute of its `method.Method`, its own settings on top of that method's knobs)
+REGISTRY = {
     "spa": (_SPA, {}), "spa_nocal": (_SPA, dict(calibration=False)),
     "spa_global": (_SPA, dict(lam=0.0)), "spa_global_nocal": (_SPA, dict(lam=0.0, calibration=False)),
     "zeroshot": (_SPA, dict(scorer="zeroshot", epochs=0, cov="none")),
@@ -183,7 +203,8 @@ REGISTRY = { # method name -> (module:attribute of its `method.Method`, its own 
 }
 ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
 REGISTRY |= {alias: REGISTRY[ours] for alias, ours in ALIASES.items()}
-DEFAULT_METHODS = ("spa", "spa_global", "spa_nocal", "zeroshot", "descriptions", "ncm") # what a run compares by default
+# what a run compares by default
+DEFAULT_METHODS = ("spa", "spa_global", "spa_nocal", "zeroshot", "descriptions", "ncm")
 
 def list_methods() -> list[str]:
     "Every method name a run accepts."
@@ -193,5 +214,6 @@ def check_methods(names: list[str], # method names
                  ) -> list[str]:
     "`names`, or `SpaError` naming the unknown ones and the choices."
     bad = [m for m in names if m not in REGISTRY]
-    if bad or not names: raise SpaError(f"unknown method(s) {bad or names!r}: choose from {', '.join(REGISTRY)}")
+    if bad or not names:
+        raise SpaError(f"unknown method(s) {bad or names!r}: choose from {', '.join(REGISTRY)}")
     return list(names)

@@ -33,7 +33,8 @@ def settings_records() -> tuple[SettingsRecord, ...]:
     return tuple(SettingsRecord(**r) for r in json.loads(text))
 
 # %% ../nbs/08c_settings.ipynb #4686f922
-# LAMDA-PILOT's first-session adaptation of the backbone (RanPAC, FeCAM): no knob, so always reported as unexpressed
+# LAMDA-PILOT's first-session adaptation of the backbone (RanPAC, FeCAM): no knob, so always reported as
+# unexpressed
 _FIRST_SESSION = dict(backbone_type="backbone", ffn_num="adapter_width", tuned_epoch="first_session_epochs",
                       init_lr="first_session_lr", batch_size="first_session_batch_size",
                       weight_decay="first_session_weight_decay", min_lr="first_session_min_lr",
@@ -44,27 +45,32 @@ KEYS = { # method -> {authors' key: our knob (None: folded into another key's kn
     "engine": dict(tuned_epoch="epochs", batch_size="batch_size", init_lr="lr", weight_decay="weight_decay",
                    image_aug="image_aug", rerank="rerank", sample_noise="sample_noise", stat="stat",
                    rerank_top="rerank_top", text_des="text_des"),
-    "rapf": dict(epochs="epochs", tuned_epoch="epochs", train_batch_size="batch_size", batch_size="batch_size",
-                 lr="lr", init_lr="lr", beta="beta", mix_bias="mix_bias", threshold="threshold", margin="margin",
+    "rapf": dict(epochs="epochs", tuned_epoch="epochs", train_batch_size="batch_size",
+                 batch_size="batch_size", lr="lr", init_lr="lr", beta="beta", mix_bias="mix_bias",
+                 threshold="threshold", margin="margin",
                  shrinkage="shrinkage"),
     "ranpac": dict(M="rp_dim", use_RP="use_rp") | _FIRST_SESSION,
     "fecam": _FIRST_SESSION,
-    # C3Box's exps/bofa.json; image_aug, text_des, use_up_cov and memory_size: read by no line models/bofa.py runs
+    # C3Box's exps/bofa.json; image_aug, text_des, use_up_cov and memory_size: read by no line that
+    # models/bofa.py runs
     "bofa": dict(tuned_epoch="epochs", init_lr="lr", batch_size="batch_size", weight_decay="weight_decay",
                  min_lr="min_lr", Kt="rank", stat="stat", optimizer="optimizer", image_aug="image_aug",
                  text_des="text_des", use_up_cov="use_up_cov", memory_size="memory_size"),
 }
 IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
     "ranpac": dict(use_rp=True), # the random projection is always on (the authors' code needs it)
-    "bofa": dict(optimizer="sgd", image_aug=0.5, text_des=2, use_up_cov=True, memory_size=0), # SGD, as run; unread
+    # SGD, as run; the rest unread
+    "bofa": dict(optimizer="sgd", image_aug=0.5, text_des=2, use_up_cov=True, memory_size=0),
 }
 PREFERRED = {"rapf": ("c3box", "authors")} # a method's sources, first preferred (default: its authors' alone)
 
 def _values(r: SettingsRecord) -> dict:
     "A record's values under our knob names."
     a, keys = dict(r.authors), KEYS[r.method]
-    if "fixed_memory" in a: a["memory_per_class"] = a.pop("memory_per_class", None) if a.pop("fixed_memory") else None
-    if bad := set(a) - set(keys): raise SpaError(f"{r.file}: keys {sorted(bad)} have no knob: add them to settings.KEYS")
+    if "fixed_memory" in a:
+        a["memory_per_class"] = a.pop("memory_per_class", None) if a.pop("fixed_memory") else None
+    if bad := set(a) - set(keys):
+        raise SpaError(f"{r.file}: keys {sorted(bad)} have no knob: add them to settings.KEYS")
     return {keys[k]: v for k, v in a.items() if keys[k] is not None}
 
 # %% ../nbs/08c_settings.ipynb #7847c050
@@ -77,16 +83,17 @@ class Resolved(NamedTuple):
 def find_record(method: str, # a name in `base.list_methods()`
                 benchmark: str, # a registered benchmark name
                 setting: str, # e.g. "B0Inc10"
-                source: str | None = None, # a record's source (default: the method's preferred one that exists)
+                source: str | None = None, # a record's source (default: the method's preferred existing one)
                ) -> SettingsRecord | None:
     "The record of a method on a benchmark setting, or None when the authors give none."
     check_methods([method])
     found = {r.source: r for r in settings_records()
              if (r.method, r.benchmark, r.setting) == (method, benchmark, setting)}
     if source is not None:
-        if source not in {r.source for r in settings_records() if r.method == method}:
+        sources = {r.source for r in settings_records() if r.method == method}
+        if source not in sources:
             raise SpaError(f"{method} has no settings source {source!r}: choose from "
-                           f"{sorted({r.source for r in settings_records() if r.method == method}) or 'none'}")
+                           f"{sorted(sources) or 'none'}")
         return found.get(source)
     return next((found[s] for s in PREFERRED.get(method, ("authors",)) if s in found), None)
 
@@ -96,7 +103,8 @@ def author_knobs(method: str, # a name in `base.list_methods()`
                  source: str | None = None, # a record's source (default: the method's preferred one)
                  **overrides, # knobs the user set explicitly: they win
                 ) -> Resolved:
-    "A method's knobs on a benchmark setting from its authors' record (or its defaults), the user's overrides on top."
+    """A method's knobs on a benchmark setting from its authors' record (or its defaults), the user's
+    overrides on top."""
     cls, rec = get_method(method).knobs, find_record(method, benchmark, setting, source)
     values = {} if rec is None else _values(rec)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -117,8 +125,9 @@ def run_knobs(methods: list[str], # names in `base.list_methods()`
     for m in check_methods(list(methods)):
         own = {r.source for r in settings_records() if r.method == m}
         rec = find_record(m, benchmark, setting, source if source in own else None)
-        out[m] = author_knobs(m, benchmark, setting, rec.source, **overrides.get(m, {})) if rec is not None else \
-            Resolved(method_knobs(m, knobs).replace(**overrides.get(m, {})), None, {})
+        mine = overrides.get(m, {})
+        out[m] = (author_knobs(m, benchmark, setting, rec.source, **mine) if rec is not None
+                  else Resolved(method_knobs(m, knobs).replace(**mine), None, {}))
     return out
 
 # %% ../nbs/08c_settings.ipynb #8023bd9d
@@ -130,7 +139,8 @@ def _typed(text: str, kinds: list[str]):
             if kind == "bool" and text.lower() in ("true", "false"): return text.lower() == "true"
             if kind == "int": return int(text)
             if kind == "float": return float(text)
-            if kind.startswith("tuple"): return tuple((int if "int" in kind else str)(x) for x in text.split(",") if x)
+            if kind.startswith("tuple"):
+                return tuple((int if "int" in kind else str)(x) for x in text.split(",") if x)
             if kind == "str": return text
         except ValueError: continue
     raise SpaError(f"{text!r} is not a value of type {' | '.join(kinds)}")
@@ -141,9 +151,11 @@ def parse_override(text: str, # "METHOD.KNOB=VALUE", e.g. "proof.epochs=3"
     from spa_toolkit.base import annotation_kinds
     head, eq, value = text.partition("=")
     method, dot, knob = head.strip().partition(".")
-    if not (eq and dot and knob): raise SpaError(f"--set {text!r}: write METHOD.KNOB=VALUE, e.g. --set proof.epochs=3")
+    if not (eq and dot and knob):
+        raise SpaError(f"--set {text!r}: write METHOD.KNOB=VALUE, e.g. --set proof.epochs=3")
     fields = {f.name: f for f in dataclasses.fields(get_method(method).knobs)}
-    if knob not in fields: raise SpaError(f"--set {text!r}: {method} has no knob {knob!r}; its knobs: {', '.join(fields)}")
+    if knob not in fields:
+        raise SpaError(f"--set {text!r}: {method} has no knob {knob!r}; its knobs: {', '.join(fields)}")
     try: return method, knob, _typed(value.strip(), annotation_kinds(fields[knob].type))
     except SpaError as e: raise SpaError(f"--set {text!r}: {e}") from None
 

@@ -134,7 +134,8 @@ class Bank:
 SHORT_LINED = ["core", "data", "catalog", "distributed", "exemplars", "patches", "metrics", "method",
                "peers.common", "peers.proof", "peers.rapf", "peers.engine", "peers.ranpac", "peers.fecam", "peers.bofa",
                "learner", "protocol", "study", "calibration", "ot", "backbone", "cli", "descriptions", "microclip",
-               "world", "runs", "options", "projectors", "fixtures", "peers.clg_cbm"]
+               "world", "runs", "options", "projectors", "fixtures", "peers.clg_cbm", "base",
+               "settings"]
 MAX_LINE = 110
 
 def long_lines(src: str) -> list[int]:
