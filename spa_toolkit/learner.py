@@ -101,7 +101,7 @@ def _through(bank, pairs: list) -> list:
     xs, fs = zip(*pairs)
     d = xs[0].shape[-1]
     flat = lambda ts: torch.cat([t.reshape(-1, d) for t in ts])
-    out = bank(flat(xs), None if fs[0] is None else flat(fs)).split([x.numel() // d for x in xs])
+    out = bank(flat(xs), None if fs[0] is None else flat(fs), check=False).split([x.numel() // d for x in xs])
     return [o.view(x.shape) for o, x in zip(out, xs)]
 
 def _projected(
@@ -143,7 +143,7 @@ def _patch_scores(
     if k.selection == "agnostic":
         # training and replay pass the frozen sets themselves
         sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)
-        Z = sets if projected else vis(sets)  # [B, k, d]: one set per image, for every class
+        Z = sets if projected else vis(sets, check=check)  # [B, k, d]: one set per image, for every class
         return torch.cat(
             [pool(torch.einsum("bkd,cmd->bckm", Z, t), m) for t, m in class_chunks(proj_sem, mask, chunk)], 1
         )
@@ -151,7 +151,9 @@ def _patch_scores(
         [
             pool(
                 torch.einsum(
-                    "bckd,cmd->bckm", vis(gather_patches(p, select_patches(p, s, kk, m, check=check))), t
+                    "bckd,cmd->bckm",
+                    vis(gather_patches(p, select_patches(p, s, kk, m, check=check)), check=check),
+                    t,
                 ),
                 m,
             )
@@ -166,7 +168,7 @@ def _spa_scores(state: CILState, g: torch.Tensor, patches: torch.Tensor | None, 
     """Un-scaled SPA scores [B, n]: projected global similarity, plus the prototype and patch-level terms when
     switched on."""
     k, side = state.knobs, side or class_side(state, n)
-    vg = g if projected else state.proj.visual(g)
+    vg = g if projected else state.proj.visual(g, check=check)
     s = vg @ side.names.T
     if k.proto > 0:
         if side.means is None:

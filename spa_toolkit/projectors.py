@@ -13,8 +13,8 @@ from torch import nn
 from timm.layers import Mlp
 from fastcore.basics import patch
 
-from .core import (SpaError, check_float_tensor, check_generator, make_generator, l2norm,
-                              content_key)
+from .core import (SpaError, check_finite, check_float_tensor, check_generator, make_generator,
+                              l2norm, content_key)
 
 # %% auto #0
 __all__ = ['new_adapter', 'FrozenStack', 'stack_adapters', 'stacked_sum', 'ProjectorBank', 'SpaProjectors']
@@ -111,6 +111,7 @@ class ProjectorBank(nn.Module):
 
     def forward(self, x: torch.Tensor, # [..., d] features or tokens
                 frozen: torch.Tensor | None = None, # [..., d] `frozen_sum(x)`, when x's frozen part is known
+                check: bool = True, # refuse NaN/Inf in `x` (a host read: a training step passes False)
                ) -> torch.Tensor: # [..., d], unit norm
         "Project features [..., d] through every adapter: `l2norm(x + sum_s A_s(x))`, [..., d] unit norm."
         if check_float_tensor(x, "ProjectorBank input").dtype != self._anchor.dtype:
@@ -120,6 +121,7 @@ class ProjectorBank(nn.Module):
         if x.shape[-1] != self.dim:
             raise SpaError(f"ProjectorBank(dim={self.dim}) got features of width {x.shape[-1]}: "
                            "project with a bank of that width")
+        if check: check_finite(x, "ProjectorBank input")
         if frozen is None: return l2norm(sum((a(x) for a in self.adapters), x))
         # the same additions in the same order as above: the same bits
         return l2norm(frozen + self.adapters[-1](x))

@@ -221,6 +221,11 @@ def test_library_inputs_checked_or_converted():
     with pytest.raises(SpaError, match="must be a torch tensor"): patch_ot_scores(P.numpy(), S, k_patches=4)
     for bad, sem, match in ((P.int(), S, "floating point"), (P.to("meta"), S.to("meta"), "meta tensor"), (P, S[:0], "no class")):
         with pytest.raises(SpaError, match=match): patch_ot_scores(bad, sem, k_patches=4)
+    from spa_toolkit.projectors import ProjectorBank
+    bank, x = ProjectorBank(4, n_tasks=1), torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(SpaError, match="ProjectorBank input holds 1 NaN/Inf"): bank(x)
+    assert bank(x, check=False).isnan().any()  # a training step's call: no host read, the caller checked its rows
 
 
 # 10. docs that drifted
