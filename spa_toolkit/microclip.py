@@ -512,12 +512,12 @@ def offset_modalities(state: dict, # an open_clip CLIP's state dict (float tenso
 # %% ../nbs/05a_microclip.ipynb #6d00671a
 def shift_microclip(folder: str | Path, # the model folder to (over)write
                     a: float, # each shift's length, in its tower's mean raw norms on pretraining data
-                    source: str = "premise", # the world variant whose shipped micro-CLIP is shifted
+                    source: str | Path = "premise", # a world variant (its shipped model) or a model folder
                     n_images: int = 128, # pretraining images (a `parts_pretrain_batch`): norms, directions
                    ) -> Path:
     """Write `source`'s micro-CLIP with its towers shifted apart by `a` mean raw norms along
     `quiet_directions`, measured on cifar_like pretraining data only; the recipe beside it says how."""
-    src = embedded_clip_path(source)
+    src = Path(source) if isinstance(source, Path) else embedded_clip_path(source)
     clip, classes = load_clip(f"{LOCAL_DIR}{src}", None), parts_pretrain_classes()
     x = parts_pretrain_batch(classes, 0, 0, n_images).images
     tok = clip.tokenizer([parts_caption(c) for c in classes])
@@ -527,9 +527,10 @@ def shift_microclip(folder: str | Path, # the model folder to (over)write
     u = quiet_directions(clip.model, x, tok)
     state = offset_modalities(clip.model.state_dict(), a * s_img, a * s_txt, u)
     half = {k: v.half().contiguous() for k, v in state.items()}
-    folder = write_clip_folder(folder, microclip_config(source), half)
+    cfg = json.loads((src / "open_clip_config.json").read_text())["model_cfg"]
+    folder = write_clip_folder(folder, cfg, half)
     how = f"quiet_directions(parts_pretrain_batch(classes, 0, 0, {n_images}).images, every parts_caption)"
-    shift = dict(source=source, source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
+    shift = dict(source=str(source), source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
                  text_norm=s_txt, directions=how)
     recipe = dict(shift=shift,
                   sha256=sha256_file(folder / WEIGHTS_FILE), versions=library_versions())
