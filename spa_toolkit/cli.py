@@ -140,11 +140,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
     "`bench`: the suite, resumable; prints and writes the table against the published numbers."
     from spa_toolkit import runs
     opts = run_options(a)
-    results, failed = runs.run_suite([d.strip() for d in a.datasets.split(",") if d.strip()],
+    results, failed, used = runs.run_suite([d.strip() for d in a.datasets.split(",") if d.strip()],
                                      [s.strip() for s in a.settings.split(",")],
                                      a.out, knobs=knobs_from(a), opts=opts, **settings_of(a))
     if results:
-        rows = runs.write_suite(results, a.out)
+        rows = runs.write_suite(results, a.out, used)
         models = {runs.backbone_label(*runs.model_for(d, opts.arch, opts.pretrained, opts.world))
                   for d, _ in results}
         print(f"backbone: {', '.join(sorted(models))}\n"); print(runs.bench_table(rows))

@@ -106,3 +106,25 @@ def test_knobs_command_prints_the_resolved_knobs(capsys):
     assert (out["knobs"]["epochs"], out["knobs"]["beta"], out["knobs"]["shrinkage"], out["unexpressed"]) == (3, 1, True, {})
     assert main(["knobs", "--method", "proof", "--dataset", "cub", "--set", "proof.epoch=2"]) == 2
     assert "proof has no knob 'epoch'" in capsys.readouterr().err
+
+
+def test_bench_rows_name_the_record_each_peer_ran(tmp_path):
+    "The bench table's last column (bench.md, bench.json) is the record the run followed, not a re-resolution."
+    import json
+    from spa_toolkit.metrics import RunResult
+    from spa_toolkit.runs import bench_rows, settings_notes, write_suite
+    methods = ["proof", "engine", "rapf", "clg_cbm", "spa"]
+    res = {("cub", "B0Inc20"): {m: RunResult(m, "cub", "B0Inc20", [90.0, 80.0], [], [20, 40], []) for m in methods}}
+    ran = {("cub", "B0Inc20"): settings_notes(methods, "cub", "B0Inc20", "authors")}  # as run.json records them
+    rows = write_suite(res, tmp_path, ran)
+    want = {"proof": "authors: zhoudw-zdw/PROOF exps/cub.json",
+            "engine": "authors: LAMDA-CL/ICCV25-ENGINE exps/engine/cub_0_20.json",
+            "rapf": "authors: linlany/RAPF configs/class/cub200_20-20.yaml",  # RAPF's own runs, as asked
+            "clg_cbm": "defaults: no record", "spa": "the run's knobs"}
+    assert {r.ours: r.settings for r in rows} == want
+    assert {r["ours"]: r["settings"] for r in json.loads((tmp_path / "bench.json").read_text())} == want
+    md = (tmp_path / "bench.md").read_text().splitlines()
+    assert md[0].endswith("| our settings |") and len(md[2].split(" | ")) == len(md[0].split(" | "))
+    assert all(line.endswith(f"| {want[line.split(' | ')[2]]} |") for line in md[2:])
+    # without the run's notes, the default resolution: RAPF follows C3Box's re-run
+    assert {r.ours: r.settings for r in bench_rows(res)}["rapf"] == "c3box re-run: LAMDA-CL/C3Box exps/rapf.json"
