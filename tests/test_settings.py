@@ -108,6 +108,30 @@ def test_knobs_command_prints_the_resolved_knobs(capsys):
     assert "proof has no knob 'epoch'" in capsys.readouterr().err
 
 
+def test_knobs_command_prints_the_issues_examples(capsys):
+    "Issue 26's examples, and an authors' folder name (ENGINE's `ucf`) reading the same record as our name."
+    import json
+    from spa_toolkit.cli import main
+    def knobs(*args):
+        assert main(["knobs", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+    o = knobs("--method", "proof", "--dataset", "cub", "--setting", "B0Inc20")
+    assert (o["knobs"]["epochs"], o["knobs"]["memory_per_class"], o["file"]) == (10, 20, "zhoudw-zdw/PROOF exps/cub.json")
+    o = knobs("--method", "proof", "--dataset", "imagenetr", "--setting", "B0Inc20")
+    assert (o["knobs"]["batch_size"], o["knobs"]["memory_size"], o["knobs"]["memory_per_class"]) == (48, 4000, None)
+    for name in ("ucf101", "ucf"):
+        o = knobs("--method", "engine", "--dataset", name, "--setting", "B0Inc10")
+        assert (o["benchmark"], o["knobs"]["sample_noise"], o["file"]) == \
+               ("ucf101", 0, "LAMDA-CL/ICCV25-ENGINE exps/engine/ucf_0_10.json"), name
+    o = knobs("--method", "rapf", "--dataset", "cub", "--setting", "B0Inc20", "--settings-source", "authors")
+    k = o["knobs"]
+    assert (k["shrinkage"], k["beta"], k["mix_bias"], k["threshold"], k["margin"]) == (True, 1, 0.8, 0.65, 0.2)
+    o = knobs("--method", "rapf", "--dataset", "cub", "--setting", "B0Inc20")  # the tables' source: C3Box's re-run
+    assert (o["source"], o["knobs"]["shrinkage"], o["knobs"]["beta"]) == ("c3box", False, 2)
+    o = knobs("--method", "proof")  # the default dataset, synthetic: no record
+    assert (o["benchmark"], o["source"], o["knobs"]["epochs"]) == ("synthetic", "defaults", 5)
+
+
 def test_bench_rows_name_the_record_each_peer_ran(tmp_path):
     "The bench table's last column (bench.md, bench.json) is the record the run followed, not a re-resolution."
     import json
