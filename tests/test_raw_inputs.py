@@ -204,3 +204,50 @@ def test_proof_training_step_and_logits_on_raw_inputs(float64):
         torch.testing.assert_close(proof_logits(st, raw), img @ txt.T + ft + fp, **tol)
         img, txt, ft, fp = authors_proof(P, unit, l2norm(names), protos, 4, 100.0)
         assert not torch.allclose(proof_logits(st, raw), img @ txt.T + ft + fp, **tol)
+
+
+def test_engine_training_step_on_raw_inputs(float64):
+    """One SGD step of ENGINE's second task (its images, a noisy prototype of each old class around its *raw* mean,
+    descriptions, cached views) against models/engine.py's computation on the raw embeddings, to float64 precision;
+    unit inputs, the noise around unit means, or a 1% larger lr fall outside that tolerance."""
+    import copy, math
+    unit, norm, y, names = world4()
+    raw = unit * norm[:, None]
+    pre = torch.randn(len(y), W, generator=torch.Generator().manual_seed(3)) + torch.eye(W)[y]
+    read = lambda r, kind="unit": (dict(unit=unit, raw=raw, pre=pre)[kind][torch.as_tensor(r)], y[torch.as_tensor(r)])
+    views = l2norm(unit + 0.3 * torch.randn(unit.shape, generator=torch.Generator().manual_seed(4)))  # unit, as cached
+    read_views = lambda r, v: views[torch.as_tensor(r)]
+    desc = l2norm(torch.randn(4, 1, D, generator=torch.Generator().manual_seed(5)))  # one per class: no draw matters
+    k = EngineKnobs(epochs=1, batch_size=64, views=1)
+    st = new_engine_state(names, desc, torch.ones(4, 1, dtype=torch.bool), 100.0, 0, k)
+    first, second = np.arange(16), np.arange(16, 32)
+    train_engine_task(st, read, first, [0, 1], make_generator(1), read_views)
+    before, gen = copy.deepcopy(st.net), make_generator(2)
+    before.add_task(D, gen)  # train_engine_task's first draws: the new adapter pair
+    torch.randperm(16, generator=gen)  # then the batch order (the loss does not depend on it)
+    eps = torch.randn(2, D, generator=gen)  # then one noise vector per old class
+    train_engine_task(st, read, second, [2, 3], make_generator(2), read_views)
+
+    def authors_step(feed, lr, means):
+        A, B = copy.deepcopy(before.img), copy.deepcopy(before.txt)
+        opt = torch.optim.SGD([*A[-1].parameters(), *B[-1].parameters()], lr=lr, momentum=0.9, weight_decay=0.05)
+        x = torch.cat([feed[second], means + 0.25 * eps])  # the batch, then `sample_noise` around each old mean
+        labels = torch.cat([y[second], torch.arange(2)])
+        unitv = lambda v: v / v.norm(dim=-1, keepdim=True)
+        z = unitv(sum(a(x) for a in A))
+        u = unitv(sum(b(names if feed is raw else l2norm(names)) for b in B))[labels]
+        s, diag = math.log(100.0), torch.arange(len(x))  # ClipLoss at the logit_scale parameter, ln(tau)
+        clip = (F.cross_entropy(s * z @ u.T, diag) + F.cross_entropy(s * u @ z.T, diag)) / 2
+        loss = clip + 2.0 * F.cross_entropy(u @ desc[labels, 0].T, diag) + \
+               0.5 * F.cross_entropy(z[:16] @ views[second].T, torch.arange(16))
+        loss.backward(); opt.step()
+        return torch.cat([p.detach().flatten() for p in [*A.parameters(), *B.parameters()]])
+
+    ours = torch.cat([p.detach().flatten() for p in [*st.net.img.parameters(), *st.net.txt.parameters()]])
+    raw_means = torch.stack([raw[y == c].mean(0) for c in (0, 1)])
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours, authors_step(raw, k.lr, raw_means), **tol)
+    unit_means = torch.stack([unit[y == c].mean(0) for c in (0, 1)])
+    for wrong in (authors_step(unit, k.lr, unit_means), authors_step(raw, k.lr, unit_means),
+                  authors_step(raw, 1.01 * k.lr, raw_means)):
+        assert not torch.allclose(ours, wrong, **tol)
