@@ -21,8 +21,8 @@ from .options import (LLM_KEY_ENV, PROTOCOL_MODEL, RunOptions, check_api_base, c
 __all__ = ['KNOB_SKIP', 'RUN_DEFAULTS', 'DATA_OPTIONS', 'MODEL_OPTIONS', 'LLM_OPTIONS', 'SETTINGS_OPTIONS', 'DESCRIPTIONS_OPTION',
            'RUN_OPTIONS', 'SETTING_HELP', 'DATASET_OPTION', 'knob_params', 'option_name', 'knob_type',
            'add_knob_options', 'knobs_from', 'parse_methods', 'parse_names', 'parse_seeds', 'run_options',
-           'settings_of', 'cmd_knobs', 'cmd_run', 'cmd_bench', 'cmd_study', 'cmd_describe', 'extract_and_report',
-           'cmd_features', 'build_parser', 'main', 'check_options']
+           'settings_of', 'knobs_place', 'cmd_knobs', 'cmd_run', 'cmd_bench', 'cmd_study', 'cmd_describe',
+           'extract_and_report', 'cmd_features', 'build_parser', 'main', 'check_options']
 
 # %% ../nbs/11_cli.ipynb #58dde9c5
 KNOB_SKIP = ("scorer",) # knobs a method decides, not the command line
@@ -102,17 +102,25 @@ def settings_of(a: argparse.Namespace) -> dict:
     from spa_toolkit.settings import overrides_from
     return dict(source=a.settings_source, overrides=overrides_from(a.set))
 
+def knobs_place(dataset: str, # a benchmark (or an authors' folder name, e.g. "ucf"), "synthetic", a folder
+                setting: str | None, # "b0", "bx", "B{base}Inc{inc}" (None: "b0")
+               ) -> tuple[str, str]:
+    """A registered benchmark's own name and its setting spelled out, as records key them; anything else (no
+    record has it) as given."""
+    from spa_toolkit.catalog import BENCHMARKS, benchmark_info
+    if not any(dataset == b.name or dataset in b.aliases for b in BENCHMARKS): return dataset, setting or "b0"
+    info = benchmark_info(dataset)
+    return info.name, {"b0": info.setting_b0, "bx": info.setting_bx}.get((setting or "b0").lower(), setting)
+
 def cmd_knobs(a: argparse.Namespace) -> int:
     """`knobs`: a method's resolved knobs on one benchmark setting as JSON (what run.json records), with their
     source."""
-    from spa_toolkit.catalog import benchmark_info
     from spa_toolkit.settings import overrides_from, run_knobs
-    setting = {"b0": benchmark_info(a.dataset).setting_b0, "bx": benchmark_info(a.dataset).setting_bx}.get(
-        (a.setting or "b0").lower(), a.setting)
-    r = run_knobs([a.method], a.dataset, setting, source=a.settings_source,
+    name, setting = knobs_place(a.dataset, a.setting)
+    r = run_knobs([a.method], name, setting, source=a.settings_source,
                   overrides=overrides_from(a.set))[a.method]
     rec = r.record
-    print(json.dumps(dict(method=a.method, benchmark=a.dataset, setting=setting,
+    print(json.dumps(dict(method=a.method, benchmark=name, setting=setting,
                           source=rec.source if rec else "defaults", file=rec.file if rec else None,
                           knobs=r.knobs.to_dict(), unexpressed=r.unexpressed), indent=1))
     return 0
@@ -140,11 +148,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
     "`bench`: the suite, resumable; prints and writes the table against the published numbers."
     from spa_toolkit import runs
     opts = run_options(a)
-    results, failed = runs.run_suite([d.strip() for d in a.datasets.split(",") if d.strip()],
-                                     [s.strip() for s in a.settings.split(",")],
-                                     a.out, knobs=knobs_from(a), opts=opts, **settings_of(a))
+    results, failed, used = runs.run_suite([d.strip() for d in a.datasets.split(",") if d.strip()],
+                                           [s.strip() for s in a.settings.split(",")],
+                                           a.out, knobs=knobs_from(a), opts=opts, **settings_of(a))
     if results:
-        rows = runs.write_suite(results, a.out)
+        rows = runs.write_suite(results, a.out, used)
         models = {runs.backbone_label(*runs.model_for(d, opts.arch, opts.pretrained, opts.world))
                   for d, _ in results}
         print(f"backbone: {', '.join(sorted(models))}\n"); print(runs.bench_table(rows))

@@ -25,7 +25,7 @@ from .exemplars import exemplar_images
 from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions,
                                       save_descriptions, template_descriptions)
 from .microclip import embedded_clip_path
-from .method import method_knobs
+from .method import get_method, method_knobs
 from .settings import run_knobs
 from .protocol import prepare, run_methods, split_features, view_features, views_needed
 from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
@@ -35,7 +35,8 @@ __all__ = ['LLM_PREFIX', 'TEMPLATES', 'resolve_setting', 'default_model', 'model
            'check_llm_access', 'descriptions_path', 'offline_descriptions', 'descriptions_spec', 'Described',
            'descriptions_file', 'llm_descriptions', 'curve_table', 'Report', 'write_png', 'write_report', 'run_meta',
            'check_k_patches', 'open_benchmark', 'open_model', 'run_descriptions', 'run_benchmark', 'BenchRow',
-           'bench_rows', 'bench_table', 'plot_suite', 'run_suite', 'write_suite', 'describe', 'extract']
+           'settings_label', 'settings_notes', 'bench_rows', 'bench_table', 'settings_table', 'plot_suite', 'Suite',
+           'run_suite', 'write_suite', 'describe', 'extract']
 
 # %% ../nbs/10c_runs.ipynb #b590617f
 def resolve_setting(bench: Benchmark, # the loaded benchmark
@@ -325,7 +326,7 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
 
 # %% ../nbs/10c_runs.ipynb #59271e91
 class BenchRow(NamedTuple):
-    "One of our results beside one published number."
+    "One of our results beside one published number, with the settings our method ran."
     benchmark: str
     setting: str
     ours: str # our method
@@ -334,17 +335,37 @@ class BenchRow(NamedTuple):
     published: str | None # the published method compared with (None: no counterpart)
     pub_avg: float | None
     pub_last: float | None
+    settings: str = "" # the settings our method ran (`settings_label`)
+
+def settings_label(method: str, # a name in `base.list_methods()`
+                   note: dict, # the method's entry of run.json's "settings" (`_settings_note`)
+                  ) -> str:
+    """Which settings a method ran: its record's source and file, its defaults (a peer without a record), or
+    the run's knobs (SPA, its ablations and the frozen baselines)."""
+    if note.get("source", "run") == "run":
+        return "the run's knobs" if get_method(method).knobs is SpaKnobs else "defaults: no record"
+    who = "authors" if note["source"] == "authors" else f"{note['source']} re-run"
+    missing = len(note.get("unexpressed") or {})
+    return f"{who}: {note['file']}" + (f" ({missing} values not expressed)" if missing else "")
+
+def settings_notes(methods: list[str], benchmark: str, setting: str, source: str | None = None) -> dict:
+    "method -> the settings note run.json records for it on a benchmark setting (`settings.run_knobs`)."
+    return {m: _settings_note(r) for m, r in run_knobs(methods, benchmark, setting, source=source).items()}
 
 def bench_rows(results: dict[tuple[str, str], dict[str, RunResult]], # (benchmark, setting) -> method -> ...
+               settings: dict | None = None, # (benchmark, setting) -> run.json's "settings" (None: resolved)
               ) -> list[BenchRow]:
     """One row per (our method, published counterpart) of every finished setting; a method with none gets one
-    row alone."""
+    row alone. Each row names the settings its method ran: from the run's record, else as `run` resolves
+    them."""
     rows = []
     for (b, s), res in results.items():
         pub = published(b, s)
+        notes = (settings or {}).get((b, s)) or settings_notes(list(res), b, s)
         for m, r in res.items():
             refs = [p for p in COUNTERPARTS.get(m, ()) if p in pub] or [None]
-            rows += [BenchRow(b, s, m, r.average, r.last, p, *pub.get(p, (None, None))) for p in refs]
+            how = settings_label(m, notes[m])
+            rows += [BenchRow(b, s, m, r.average, r.last, p, *pub.get(p, (None, None)), how) for p in refs]
     return rows
 
 # %% ../nbs/10c_runs.ipynb #3fddb5c0
@@ -353,15 +374,38 @@ def _num(x, sign: str = "") -> str: return "–" if x is None else f"{x:{sign}.2
 def _diff(a: float, b: float | None) -> float | None: return None if b is None else a - b
 
 def bench_table(rows: list[BenchRow]) -> str:
-    "Markdown: our Avg / Last, the published ones, and our minus theirs."
+    "Markdown: our Avg / Last, the published ones, our minus theirs, and the settings our method ran."
     head = ("| benchmark | setting | our method | our Avg | our Last | published method | published Avg | "
             "published Last | "
-            "ΔAvg (ours − published) | ΔLast (ours − published) |\n" + "|---" * 10 + "|")
+            "ΔAvg (ours − published) | ΔLast (ours − published) | our settings |\n" + "|---" * 11 + "|")
     return "\n".join([head, *(f"| {r.benchmark} | {r.setting} | {r.ours} | {_num(r.avg)} | {_num(r.last)} | "
                               f"{r.published or '–'} | "
                               f"{_num(r.pub_avg)} | {_num(r.pub_last)} | "
                               f"{_num(_diff(r.avg, r.pub_avg), '+')} | "
-                              f"{_num(_diff(r.last, r.pub_last), '+')} |" for r in rows)])
+                              f"{_num(_diff(r.last, r.pub_last), '+')} | {r.settings} |" for r in rows)])
+
+# %% ../nbs/10c_runs.ipynb #5e771b9b
+def _cell(m: str, note: dict, repos: dict) -> str:
+    "A method's `settings_label` without its repository, which goes into `repos` (once per method, source)."
+    label = settings_label(m, note)
+    if "file" not in note: return label
+    repo = note["file"].split(" ")[0]
+    repos.setdefault(f"{m} {note['source']}", repo)
+    return label.replace(f"{repo} ", "")
+
+def settings_table(methods: list[str], # names in `base.list_methods()`
+                   source: str | None = None, # the peers' settings source (`settings.run_knobs`)
+                  ) -> str:
+    """Markdown: the settings `bench` runs each method with on every registered benchmark's B0 and Bx setting
+    (its rows' "our settings"; the repositories listed below it)."""
+    repos, rows = {}, []
+    for b in BENCHMARKS:
+        for s in (b.setting_b0, b.setting_bx):
+            notes = settings_notes(methods, b.name, s, source)
+            cells = [_cell(m, notes[m], repos) for m in methods]
+            rows.append(f"| {b.name} | {s} | " + " | ".join(cells) + " |")
+    head = "| benchmark | setting | " + " | ".join(methods) + " |\n" + "|---" * (len(methods) + 2) + "|"
+    return "\n".join([head, *rows]) + "\n\nrepositories: " + "; ".join(f"{k}: {v}" for k, v in repos.items())
 
 # %% ../nbs/10c_runs.ipynb #02f75ffa
 def plot_suite(rows: list[BenchRow], # from `bench_rows`
@@ -385,6 +429,12 @@ def plot_suite(rows: list[BenchRow], # from `bench_rows`
     return Path(path)
 
 # %% ../nbs/10c_runs.ipynb #20b99063
+class Suite(NamedTuple):
+    "What `run_suite` ran."
+    results: dict # (benchmark, setting) -> method -> `RunResult`
+    failed: list[str] # "benchmark setting" of each that did not run
+    settings: dict # (benchmark, setting) -> run.json's "settings": the record each method followed
+
 def run_suite(datasets: list[str], # registered benchmark names
               settings: list[str], # e.g. ["b0", "bx"]
               out: str | Path, # the suite folder
@@ -393,13 +443,13 @@ def run_suite(datasets: list[str], # registered benchmark names
               opts: RunOptions | None = None, # data, model, descriptions, methods, seed
               source: str | None = None, # the peers' settings source where a method has it
               overrides: dict[str, dict] | None = None, # method -> {knob: value}: the user's, over records
-             ) -> tuple[dict, list[str]]: # (benchmark, setting) -> method -> result; the settings that failed
-    """Results of every (benchmark, setting) of the suite that runs, and the failures (each printed as an
-    `error:` line)."""
+             ) -> Suite:
+    """Results of every (benchmark, setting) of the suite that runs, the settings each method ran, and the
+    failures (each printed as an `error:` line)."""
     bad = [d for d in datasets if d not in list_benchmarks()]
     if bad: raise SpaError(f"unknown benchmark(s) {bad}: choose from {','.join(list_benchmarks())}")
     opts = dataclasses.replace(opts or RunOptions(), resume=True)
-    results, failed = {}, []
+    results, failed, notes = {}, [], {}
     for d in datasets:
         # once per benchmark: its data missing fails every setting without a retry
         try: open_benchmark(d, opts)
@@ -412,15 +462,17 @@ def run_suite(datasets: list[str], # registered benchmark names
                 rep = run_benchmark(d, s, knobs=knobs, opts=opts, root=out, source=source,
                                     overrides=overrides)
                 results[(rep.meta["benchmark"], rep.meta["setting"])] = rep.results
+                notes[(rep.meta["benchmark"], rep.meta["setting"])] = rep.meta["settings"]
             except SpaError as e: failed.append(f"{d} {s}"); print(f"error: {d} {s}: {e}", file=sys.stderr)
-    return results, failed
+    return Suite(results, failed, notes)
 
-def write_suite(results: dict, # from `run_suite`
+def write_suite(results: dict, # `run_suite(...).results`
                 out: str | Path, # the suite folder
+                settings: dict | None = None, # `run_suite(...).settings` (None: as `run` resolves them)
                ) -> list[BenchRow]:
-    """Write the suite's table against the published numbers: bench.md, bench.json and (with matplotlib)
-    bench.png."""
-    rows = bench_rows(results)
+    """Write the suite's table against the published numbers, with the settings each method ran: bench.md,
+    bench.json and (with matplotlib) bench.png."""
+    rows = bench_rows(results, settings)
     atomic_write_text(Path(out) / "bench.md", bench_table(rows) + "\n")
     atomic_write_json(Path(out) / "bench.json", [r._asdict() for r in rows])
     write_png(plot_suite, Path(out) / "bench.png", rows)

@@ -147,9 +147,24 @@ def test_bench_runs_what_it_can_and_names_what_it_cannot(tmp_path):
     assert "| synthetic | B0Inc4 | ncm |" in p.stdout
     rows = json.loads((tmp_path / "suite" / "bench.json").read_text())
     assert [(r["benchmark"], r["ours"]) for r in rows] == [("synthetic", "zeroshot"), ("synthetic", "ncm")]
+    assert [r["settings"] for r in rows] == ["the run's knobs"] * 2
     assert (tmp_path / "suite" / "bench.png").read_bytes()[:4] == b"\x89PNG"
     again = cli(*args, cwd=tmp_path)
     assert "ncm: " not in again.stderr and "| synthetic | B0Inc4 | ncm |" in again.stdout  # resumed: nothing rerun
+
+
+def test_bench_marks_each_peer_row_with_the_settings_it_ran(tmp_path):
+    "A peer without a record on this setting says so in bench.md, bench.json and the printed table."
+    p = cli("bench", "--datasets", "synthetic", "--settings", "b0", "--methods", "ncm,proof", "--set", "proof.epochs=1",
+            "--descriptions", "templates", "--out", tmp_path / "suite", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "suite" / "bench.json").read_text())
+    assert [(r["ours"], r["settings"]) for r in rows] == [("ncm", "the run's knobs"), ("proof", "defaults: no record")]
+    md = (tmp_path / "suite" / "bench.md").read_text()
+    assert md.splitlines()[0].endswith("| our settings |") and "| defaults: no record |" in md
+    assert re.search(r"^\| synthetic \| B0Inc4 \| proof \|.*\| defaults: no record \|$", p.stdout, re.M), p.stdout
+    run = json.loads(next((tmp_path / "suite").glob("synthetic-B0Inc4-*/run.json")).read_text())
+    assert run["settings"]["proof"] == {"source": "run"}  # what the row was read from
 
 
 @pytest.fixture(scope="module")

@@ -36,3 +36,22 @@ def test_stated_model_size_is_measured():
 def test_notebooks_cite_nothing_outside_the_repository():
     for nb in (ROOT / "nbs").glob("*.ipynb"):
         assert "../shared/" not in nb.read_text(), nb.name
+
+
+def test_readme_shows_the_settings_each_peer_of_bench_runs():
+    "The table `bench`'s last column will show on the suite, as markdown (not fenced), from the code that makes it."
+    from spa_toolkit.runs import settings_table
+    table = settings_table(["proof", "engine", "rapf", "ranpac", "fecam", "bofa", "clg_cbm"])
+    assert table in README and f"```\n{table}" not in README
+    assert "| cub | B0Inc20 | authors: exps/cub.json |" in table and "| our settings |" not in table
+
+
+def test_readme_tool_drops_code_and_puts_output_in_as_quarto_does():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from readme import cell_markdown
+    cell = lambda *flags: dict(cell_type="code", source=[*(f"#| {f}\n" for f in flags), "print('| a |')"],
+                               outputs=[dict(name="stdout", text=["| a |\n"])])
+    assert cell_markdown(cell()) == "```python\nprint('| a |')\n```\n\n```\n| a |\n```"
+    assert cell_markdown(cell("echo: false", "output: asis")) == "| a |"
+    assert cell_markdown(cell("output: asis")) == "```python\nprint('| a |')\n```\n\n| a |"
+    assert cell_markdown(cell("hide")) == ""

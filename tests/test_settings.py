@@ -106,3 +106,49 @@ def test_knobs_command_prints_the_resolved_knobs(capsys):
     assert (out["knobs"]["epochs"], out["knobs"]["beta"], out["knobs"]["shrinkage"], out["unexpressed"]) == (3, 1, True, {})
     assert main(["knobs", "--method", "proof", "--dataset", "cub", "--set", "proof.epoch=2"]) == 2
     assert "proof has no knob 'epoch'" in capsys.readouterr().err
+
+
+def test_knobs_command_prints_the_issues_examples(capsys):
+    "Issue 26's examples, and an authors' folder name (ENGINE's `ucf`) reading the same record as our name."
+    import json
+    from spa_toolkit.cli import main
+    def knobs(*args):
+        assert main(["knobs", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+    o = knobs("--method", "proof", "--dataset", "cub", "--setting", "B0Inc20")
+    assert (o["knobs"]["epochs"], o["knobs"]["memory_per_class"], o["file"]) == (10, 20, "zhoudw-zdw/PROOF exps/cub.json")
+    o = knobs("--method", "proof", "--dataset", "imagenetr", "--setting", "B0Inc20")
+    assert (o["knobs"]["batch_size"], o["knobs"]["memory_size"], o["knobs"]["memory_per_class"]) == (48, 4000, None)
+    for name in ("ucf101", "ucf"):
+        o = knobs("--method", "engine", "--dataset", name, "--setting", "B0Inc10")
+        assert (o["benchmark"], o["knobs"]["sample_noise"], o["file"]) == \
+               ("ucf101", 0, "LAMDA-CL/ICCV25-ENGINE exps/engine/ucf_0_10.json"), name
+    o = knobs("--method", "rapf", "--dataset", "cub", "--setting", "B0Inc20", "--settings-source", "authors")
+    k = o["knobs"]
+    assert (k["shrinkage"], k["beta"], k["mix_bias"], k["threshold"], k["margin"]) == (True, 1, 0.8, 0.65, 0.2)
+    o = knobs("--method", "rapf", "--dataset", "cub", "--setting", "B0Inc20")  # the tables' source: C3Box's re-run
+    assert (o["source"], o["knobs"]["shrinkage"], o["knobs"]["beta"]) == ("c3box", False, 2)
+    o = knobs("--method", "proof")  # the default dataset, synthetic: no record
+    assert (o["benchmark"], o["source"], o["knobs"]["epochs"]) == ("synthetic", "defaults", 5)
+
+
+def test_bench_rows_name_the_record_each_peer_ran(tmp_path):
+    "The bench table's last column (bench.md, bench.json) is the record the run followed, not a re-resolution."
+    import json
+    from spa_toolkit.metrics import RunResult
+    from spa_toolkit.runs import bench_rows, settings_notes, write_suite
+    methods = ["proof", "engine", "rapf", "clg_cbm", "spa"]
+    res = {("cub", "B0Inc20"): {m: RunResult(m, "cub", "B0Inc20", [90.0, 80.0], [], [20, 40], []) for m in methods}}
+    ran = {("cub", "B0Inc20"): settings_notes(methods, "cub", "B0Inc20", "authors")}  # as run.json records them
+    rows = write_suite(res, tmp_path, ran)
+    want = {"proof": "authors: zhoudw-zdw/PROOF exps/cub.json",
+            "engine": "authors: LAMDA-CL/ICCV25-ENGINE exps/engine/cub_0_20.json",
+            "rapf": "authors: linlany/RAPF configs/class/cub200_20-20.yaml",  # RAPF's own runs, as asked
+            "clg_cbm": "defaults: no record", "spa": "the run's knobs"}
+    assert {r.ours: r.settings for r in rows} == want
+    assert {r["ours"]: r["settings"] for r in json.loads((tmp_path / "bench.json").read_text())} == want
+    md = (tmp_path / "bench.md").read_text().splitlines()
+    assert md[0].endswith("| our settings |") and len(md[2].split(" | ")) == len(md[0].split(" | "))
+    assert all(line.endswith(f"| {want[line.split(' | ')[2]]} |") for line in md[2:])
+    # without the run's notes, the default resolution: RAPF follows C3Box's re-run
+    assert {r.ours: r.settings for r in bench_rows(res)}["rapf"] == "c3box re-run: LAMDA-CL/C3Box exps/rapf.json"
