@@ -58,8 +58,8 @@ KEYS = { # method -> {authors' key: our knob (None: folded into another key's kn
                  text_des="text_des", use_up_cov="use_up_cov", memory_size="memory_size"),
     # the keys models/area.py reads of exps/area/*.json (the others there are read by no line it runs)
     "area": dict(epochs="epochs", milestones="milestones", init_lr="lr", batch_size="batch_size",
-                 weight_decay="weight_decay", optimizer="optimizer", K="K", samples_per_class="samples_per_class",
-                 g_lambda="g_lambda"),
+                 weight_decay="weight_decay", optimizer="optimizer", K="K",
+                 samples_per_class="samples_per_class", g_lambda="g_lambda"),
 }
 IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
     "ranpac": dict(use_rp=True), # the random projection is always on (the authors' code needs it)
@@ -67,9 +67,9 @@ IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
     "bofa": dict(optimizer="sgd", image_aug=0.5, text_des=2, use_up_cov=True, memory_size=0),
     "area": dict(optimizer="sgd", g_lambda=0.0), # SGD; no GDA head (every file weights it 0)
 }
-# method -> {authors' key: the value their code reads when a file leaves the key out (`get_attribute`'s default)},
-# where it differs from our knob's default
-ABSENT = {"area": dict(epochs=20, milestones=[7, 15])} # cifar_0_50.json has neither (its "epoch" is read by none)
+# method -> {authors' key: the value their code reads when a file leaves the key out (its `get_attribute`
+# default)}, where it differs from our knob's default
+ABSENT = {"area": dict(epochs=20, milestones=[7, 15])} # cifar_0_50.json sets neither (its "epoch": read by none)
 PREFERRED = {"rapf": ("c3box", "authors")} # a method's sources, first preferred (default: its authors' alone)
 
 def _values(r: SettingsRecord) -> dict:

@@ -39,7 +39,7 @@ class AreaKnobs(Knobs):
     batch_size: int = 64 # real rows per batch (`batch_size`)
     weight_decay: float = 0.05 # SGD's weight decay (`weight_decay`)
     momentum: float = 0.9 # SGD's momentum (fixed in `Learner.train`)
-    samples_per_class: int = 4 # Gaussian pseudo-features of each old class in every batch (`samples_per_class`)
+    samples_per_class: int = 4 # pseudo-features of each old class in every batch (`samples_per_class`)
     cov_eps: float = 1e-4 # ridge on each class covariance (`analyze_mean_cov`)
     route_eps: float = 0.1 # the routing Sinkhorn's epsilon (fixed in `_sinkhorn_distance`)
     embeddings: str = "raw" # "raw" CLIP embeddings (the authors') or "unit" ones, on both sides
@@ -90,7 +90,7 @@ class AreaNet(nn.Module):
     def add_task(self, k: int, # scorer width K
                  gen: torch.Generator, # draws the first task's scorers
                 ):
-        "A new task's scorers: fresh for the first task, copies of the previous ones after; older ones frozen."
+        "A new task's scorers [K, D]: fresh for the first task, copies of the last ones after; older frozen."
         d = self.visual_adapter.in_features
         for bank in (self.visual_s, self.textual_s):
             s = new_linear(d, k, gen, bias=False).to(self.visual_adapter.weight)
@@ -176,7 +176,8 @@ def new_area_state(text: TextSide, # the frozen text side: names, descriptions, 
     "A fresh AREA state over the text side: adapters drawn, no task, no class yet."
     knobs = knobs or AreaKnobs()
     raw = knobs.embeddings == "raw"
-    names, n = (text.raw_names, text.name_norms) if raw else (text.names, text.names.new_ones(len(text.names)))
+    ones = text.names.new_ones(len(text.names))
+    names, n = (text.raw_names, text.name_norms) if raw else (text.names, ones)
     gen = make_generator(seed, text.names.device)
     z, (d, k) = names.new_zeros, (names.shape[1], knobs.K)
     net = AreaNet(d, gen).to(names)
@@ -214,7 +215,7 @@ def fit_area(state: AreaState, # the task's bases and scorers in place
              x: torch.Tensor, y: torch.Tensor, # [n, D], [n] the task's rows
              gen: torch.Generator, # batches and pseudo-features
             ):
-    "The authors' `Learner.train` without its backbone terms: SGD with steps, on real and pseudo rows."
+    "The authors' `Learner.train` without its backbone terms: SGD with steps on rows x [n, D] and pseudo rows."
     k, t, lo = state.knobs, len(state.sizes) - 1, state.n_seen
     params = [p for p in state.net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
@@ -273,12 +274,13 @@ def _area_file(folder: Path, name: str) -> Path | None:
     for stem in (name.replace(" ", "_").replace("/", "_"), name):
         if (p := folder / f"{stem}_descriptions.txt").is_file(): return p
     key = lambda s: re.sub(r"^\d+\.", "", s).replace(" ", "_").replace("/", "_").lower()
-    hits = [p for p in folder.glob("*_descriptions.txt") if key(p.name[:-len("_descriptions.txt")]) == key(name)]
+    tail = len("_descriptions.txt")
+    hits = [p for p in folder.glob("*_descriptions.txt") if key(p.name[:-tail]) == key(name)]
     return hits[0] if len(hits) == 1 else None
 
 def read_area_file(path: Path, # one class's descriptions file
                   ) -> list[tuple[str, str]]: # [(image file, sentence)] in file order
-    "The (image file, sentence) pairs of one AREA descriptions file, or `SpaError` at its first bad line."
+    "The [n] (image file, sentence) pairs of one AREA descriptions file, or `SpaError` at its first bad line."
     out = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip(): continue
