@@ -69,7 +69,7 @@ IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
 }
 # method -> {authors' key: the value their code reads when a file leaves the key out (its `get_attribute`
 # default)}, where it differs from our knob's default
-ABSENT = {"area": dict(epochs=20, milestones=[7, 15])} # cifar_0_50.json sets neither (its "epoch": read by none)
+ABSENT = {"area": dict(epochs=20, milestones=[7, 15])} # cifar_0_50.json sets neither ("epoch": read by none)
 PREFERRED = {"rapf": ("c3box", "authors")} # a method's sources, first preferred (default: its authors' alone)
 
 def _values(r: SettingsRecord) -> dict:

@@ -215,7 +215,7 @@ def fit_area(state: AreaState, # the task's bases and scorers in place
              x: torch.Tensor, y: torch.Tensor, # [n, D], [n] the task's rows
              gen: torch.Generator, # batches and pseudo-features
             ):
-    "The authors' `Learner.train` without its backbone terms: SGD with steps on rows x [n, D] and pseudo rows."
+    "The authors' `Learner.train` without its backbone terms: stepped SGD on rows x [n, D] and pseudo rows."
     k, t, lo = state.knobs, len(state.sizes) - 1, state.n_seen
     params = [p for p in state.net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
