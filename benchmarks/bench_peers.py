@@ -17,6 +17,9 @@ BOFA trains CLIP's visual.proj on pre-projection features: it gets random ones o
 pseudo-inverse and eigendecomposition, do not grow with the images: a slight upper bound).
 CLG-CBM (`--cifar-methods clg_cbm`) trains two stages per task (a concept search, then the bottleneck over the real and
 shifted rows, one shifted copy per old class, plus 2 Gaussian rows a batch): its images grow with the tasks, linearly in both.
+AREA (`--cifar-methods area`) runs at its authors' CIFAR-100 B0Inc10 settings (exps/area/cifar_0_10.json: 40 epochs, K = 16):
+every batch carries 4 Gaussian rows of every old class, so its rows per batch grow with the tasks; its per-task statistics
+(one SVD and one covariance per new class) do not grow with the images: a slight upper bound.
 Usage: python benchmarks/bench_peers.py [--seeds 0 1 2] [--per-class 50] [--tasks 10] [--threads 1] [--cifar-methods proof,rapf,engine,spa]
        [--skip-synthetic]
 """
@@ -32,9 +35,10 @@ from spa_toolkit.world import synthetic_world
 from spa_toolkit.learner import new_state, train_task
 from spa_toolkit.method import Task, TextSide, get_method, method_knobs
 from spa_toolkit.protocol import run_protocol
+from spa_toolkit.settings import author_knobs
 from spa_toolkit.microclip import load_embedded_clip
 
-METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam", "bofa", "clg_cbm"]
+METHODS = ["spa", "simplecil", "zs_clip", "proof", "rapf", "engine", "ranpac", "fecam", "bofa", "clg_cbm", "area"]
 
 def synthetic(seeds: list[int]):
     "Avg / Last over seeds and train time relative to SPA's, on the default synthetic world."
@@ -68,6 +72,7 @@ def cifar_shaped(per_class: int, tasks: int, methods: list[str], d: int = 512, n
             print(f"| {name} | {epochs} | {t + 1} | {s:.1f} | {s * scale:.0f} |", flush=True)
     for name in (m for m in methods if m != "spa"):
         peer, k = get_method(name), method_knobs(name)
+        if name == "area": k = author_knobs("area", "cifar100", "B0Inc10").knobs  # its CIFAR epochs and K
         state, gen = peer.new(text, 100.0, 0, k), make_generator(0)
         read_views = None
         if k.cached_views:  # ENGINE's noisy views, random like the features

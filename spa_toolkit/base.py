@@ -200,6 +200,7 @@ REGISTRY = {
     "fecam": ("spa_toolkit.peers.fecam:FECAM", {}),
     "bofa": ("spa_toolkit.peers.bofa:BOFA", {}),
     "clg_cbm": ("spa_toolkit.peers.clg_cbm:CLG_CBM", {}),
+    "area": ("spa_toolkit.peers.area:AREA", {}),
 }
 ALIASES = {"simplecil": "ncm", "zs_clip": "zeroshot"} # published name -> our method computing it
 REGISTRY |= {alias: REGISTRY[ours] for alias, ours in ALIASES.items()}

@@ -13,8 +13,8 @@ from .base import Knobs, SpaError, check_methods
 from .method import get_method, method_knobs
 
 # %% auto #0
-__all__ = ['KEYS', 'IMPLICIT', 'PREFERRED', 'SettingsRecord', 'settings_records', 'Resolved', 'find_record', 'author_knobs',
-           'run_knobs', 'parse_override', 'overrides_from']
+__all__ = ['KEYS', 'IMPLICIT', 'ABSENT', 'PREFERRED', 'SettingsRecord', 'settings_records', 'Resolved', 'find_record',
+           'author_knobs', 'run_knobs', 'parse_override', 'overrides_from']
 
 # %% ../nbs/08c_settings.ipynb #c659eb9b
 class SettingsRecord(NamedTuple):
@@ -56,22 +56,30 @@ KEYS = { # method -> {authors' key: our knob (None: folded into another key's kn
     "bofa": dict(tuned_epoch="epochs", init_lr="lr", batch_size="batch_size", weight_decay="weight_decay",
                  min_lr="min_lr", Kt="rank", stat="stat", optimizer="optimizer", image_aug="image_aug",
                  text_des="text_des", use_up_cov="use_up_cov", memory_size="memory_size"),
+    # the keys models/area.py reads of exps/area/*.json (the others there are read by no line it runs)
+    "area": dict(epochs="epochs", milestones="milestones", init_lr="lr", batch_size="batch_size",
+                 weight_decay="weight_decay", optimizer="optimizer", K="K",
+                 samples_per_class="samples_per_class", g_lambda="g_lambda"),
 }
 IMPLICIT = { # method -> {knob it lacks: the value our code behaves as}
     "ranpac": dict(use_rp=True), # the random projection is always on (the authors' code needs it)
     # SGD, as run; the rest unread
     "bofa": dict(optimizer="sgd", image_aug=0.5, text_des=2, use_up_cov=True, memory_size=0),
+    "area": dict(optimizer="sgd", g_lambda=0.0), # SGD; no GDA head (every file weights it 0)
 }
+# method -> {authors' key: the value their code reads when a file leaves the key out (its `get_attribute`
+# default)}, where it differs from our knob's default
+ABSENT = {"area": dict(epochs=20, milestones=[7, 15])} # cifar_0_50.json sets neither ("epoch": read by none)
 PREFERRED = {"rapf": ("c3box", "authors")} # a method's sources, first preferred (default: its authors' alone)
 
 def _values(r: SettingsRecord) -> dict:
     "A record's values under our knob names."
-    a, keys = dict(r.authors), KEYS[r.method]
+    a, keys = ABSENT.get(r.method, {}) | dict(r.authors), KEYS[r.method]
     if "fixed_memory" in a:
         a["memory_per_class"] = a.pop("memory_per_class", None) if a.pop("fixed_memory") else None
     if bad := set(a) - set(keys):
         raise SpaError(f"{r.file}: keys {sorted(bad)} have no knob: add them to settings.KEYS")
-    return {keys[k]: v for k, v in a.items() if keys[k] is not None}
+    return {keys[k]: tuple(v) if isinstance(v, list) else v for k, v in a.items() if keys[k] is not None}
 
 # %% ../nbs/08c_settings.ipynb #7847c050
 class Resolved(NamedTuple):
