@@ -251,3 +251,22 @@ def test_engine_training_step_on_raw_inputs(float64):
     for wrong in (authors_step(unit, k.lr, unit_means), authors_step(raw, k.lr, unit_means),
                   authors_step(raw, 1.01 * k.lr, raw_means)):
         assert not torch.allclose(ours, wrong, **tol)
+
+
+def test_engine_clean_view_stand_in_is_the_unit_feature():
+    """models/engine.py normalises `aug_image_features` before the view term, so the cached views are unit; with
+    views=0 the clean stand-in must be the unit feature too, not the raw embedding the adapters read."""
+    unit, norm, pre, y, names = world()
+    read = reader(unit, norm, pre, y)
+    sem, mask = l2norm(torch.randn(2, 3, D, generator=make_generator(1))), torch.ones(2, 3, dtype=torch.bool)
+
+    def trained(views, read_views=None):
+        st = new_engine_state(names * 10, sem, mask, 100.0, 0, EngineKnobs(epochs=2, batch_size=8, views=views))
+        train_engine_task(st, read, np.arange(N), [0, 1], make_generator(0), read_views)
+        return torch.cat([p.detach().flatten() for p in st.net.parameters()])
+
+    raw = unit * norm[:, None]
+    clean = trained(0)
+    torch.testing.assert_close(clean, trained(1, lambda r, v: l2norm(raw)[torch.as_tensor(r)]), rtol=0, atol=0)
+    far = trained(1, lambda r, v: raw[torch.as_tensor(r)])  # views at the raw scale train otherwise
+    assert not torch.allclose(clean, far, rtol=1e-3, atol=1e-5)

@@ -328,7 +328,8 @@ def train_engine_task(
     mu, p = gda_stats(_gda_input(k, unit, read(rows, "pre")[0] if k.uses_pre else None), y, range(lo, hi))
     state.gda_means, state.prec = merge_gda(state.gda_means, state.prec, mu, p)
     params = state.net.add_task(g.shape[1], generator)
-    views_of = (lambda epoch: read_views(rows, epoch % n_views)) if n_views else (lambda epoch: g)
+    # the authors' views are unit (`aug_image_features` normalised), so is the clean stand-in
+    views_of = (lambda epoch: read_views(rows, epoch % n_views)) if n_views else (lambda epoch: unit)
     _fit_engine(state, g, y, views_of, lo, hi, params, generator)
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
