@@ -20,14 +20,19 @@ VARIANTS = list(mc.SHAPE_WORLDS)  # the worlds with a model of their own
 
 
 def test_the_cifar_like_model_is_the_premise_model_shifted_as_its_recipe_says(tmp_path):
-    "cifar_like ships the premise model with its towers shifted apart (05a_microclip): the recipe rebuilds it bit for bit."
+    """cifar_like ships the premise model with its towers shifted apart (05a_microclip): the recipe rebuilds it, to
+    float16's resolution (the directions come from an eigendecomposition whose last bits depend on the CPU's kernels)."""
     rec = mc.load_recipe(variant="cifar_like")
     assert rec["shift"]["source"] == "premise" and rec["shift"]["a"] > 0
     assert rec["shift"]["source_sha256"] == mc.sha256_file(mc.embedded_clip_path("premise") / WEIGHTS_FILE)
-    again = mc.shift_microclip(tmp_path / "again", rec["shift"]["a"])
-    assert mc.sha256_file(again / WEIGHTS_FILE) == rec["sha256"] == mc.sha256_file(mc.embedded_clip_path("cifar_like") / WEIGHTS_FILE)
+    assert rec["sha256"] == mc.sha256_file(mc.embedded_clip_path("cifar_like") / WEIGHTS_FILE)
     shipped, premise = (load_file(mc.embedded_clip_path(v) / WEIGHTS_FILE) for v in ("cifar_like", "premise"))
-    assert {k for k in premise if not torch.equal(premise[k], shipped[k])} == {"visual.ln_post.bias", "ln_final.bias"}
+    shifted = {"visual.ln_post.bias", "ln_final.bias"}
+    assert {k for k in premise if not torch.equal(premise[k], shipped[k])} == shifted
+    for a, close in ((rec["shift"]["a"], True), (0.9 * rec["shift"]["a"], False)):  # a 10% shorter shift is told apart
+        again = load_file(mc.shift_microclip(tmp_path / f"a{a}", a) / WEIGHTS_FILE)
+        assert all(torch.equal(again[k], shipped[k]) for k in premise if k not in shifted)
+        assert all(torch.allclose(again[k].float(), shipped[k].float(), rtol=2e-3, atol=2e-3) for k in shifted) == close
 
 
 def world_captions(variant):
