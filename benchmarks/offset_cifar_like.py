@@ -7,6 +7,7 @@ candidates were: zero-shot top-1, the premise on siblings, the similarity statis
 prompts. The choice rule is in `nbs/05a_microclip.ipynb`.
 
 Usage: python benchmarks/offset_cifar_like.py --json benchmarks/results/microclip_cifar_like_offsets.json [--a 0 0.5 1 ...]
+       [--source FOLDER]  (another model to shift, e.g. a candidate written by pretrain_cifar_like.py)
 """
 import argparse, json, tempfile
 from pathlib import Path
@@ -31,12 +32,13 @@ def main():
     ap.add_argument("--a", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3])
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--source", type=Path, help="the model folder to shift (default: the premise world's shipped model)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     world, out = cifar_like_world(n_train=10, n_test=5, seed=0), {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in a.a:
-            folder = shift_microclip(Path(tmp) / f"a{k}", k)
+            folder = shift_microclip(Path(tmp) / f"a{k}", k, **({} if a.source is None else dict(source=a.source)))
             out[str(k)] = load_recipe(folder)["shift"] | measure(load_clip(f"{LOCAL_DIR}{folder}", None), world)
             print(json.dumps(out[str(k)]), flush=True)
     a.json.write_text(json.dumps(dict(world="cifar_like_world(n_train=10, n_test=5, seed=0)", candidates=out), indent=1) + "\n")

@@ -50,7 +50,7 @@ class MicroSpec(NamedTuple):
 
 MICROCLIPS = {"premise": MicroSpec("tok", 0.2, "microclip_premise"),
               "control": MicroSpec("avg", 1.0, "microclip"),
-              "cifar_like": MicroSpec("tok", 0.2, "microclip_cifar_like")} # the premise model, towers shifted
+              "cifar_like": MicroSpec("tok", 0.5, "microclip_cifar_like")} # 800 steps, towers shifted
 SHAPE_WORLDS = ("premise", "control") # the worlds of one-mark classes (`world.Attributes`)
 
 def micro_spec(variant: str = DEFAULT_WORLD) -> MicroSpec:
@@ -516,7 +516,8 @@ def shift_microclip(folder: str | Path, # the model folder to (over)write
                     n_images: int = 128, # pretraining images (a `parts_pretrain_batch`): norms, directions
                    ) -> Path:
     """Write `source`'s micro-CLIP with its towers shifted apart by `a` mean raw norms along
-    `quiet_directions`, measured on cifar_like pretraining data only; the recipe beside it says how."""
+    `quiet_directions`, measured on cifar_like pretraining data only; the recipe beside it says how, after the
+    source's own pretraining record."""
     src = Path(source) if isinstance(source, Path) else embedded_clip_path(source)
     clip, classes = load_clip(f"{LOCAL_DIR}{src}", None), parts_pretrain_classes()
     x = parts_pretrain_batch(classes, 0, 0, n_images).images
@@ -530,9 +531,10 @@ def shift_microclip(folder: str | Path, # the model folder to (over)write
     cfg = json.loads((src / "open_clip_config.json").read_text())["model_cfg"]
     folder = write_clip_folder(folder, cfg, half)
     how = f"quiet_directions(parts_pretrain_batch(classes, 0, 0, {n_images}).images, every parts_caption)"
-    shift = dict(source=str(source), source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
+    named = source if isinstance(source, str) else "the weights the recipe's knobs pretrained"
+    shift = dict(source=named, source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
                  text_norm=s_txt, directions=how)
-    recipe = dict(shift=shift,
-                  sha256=sha256_file(folder / WEIGHTS_FILE), versions=library_versions())
+    pretrained = {k: v for k, v in load_recipe(src).items() if k not in ("shift", "sha256", "versions")}
+    recipe = pretrained | dict(shift=shift, sha256=sha256_file(folder / WEIGHTS_FILE), versions=library_versions())
     atomic_write_json(folder / RECIPE_FILE, recipe)
     return folder
