@@ -144,7 +144,7 @@ def proof_scores(state: ProofState, # the state
                  g: torch.Tensor, # [B, d] frozen global features (raw or unit, as the knobs' `embeddings`)
                  n: int, # score classes 0..n-1
                  gen: torch.Generator | None = None, # dropout masks (None: evaluation)
-                 unit_image: bool = True, # normalise the projected image (training); False: inference's reading
+                 unit_image: bool = True, # normalise the projected image (training); False: as at inference
                 ) -> ProofScores:
     "Project, fuse and score global features [B, d] against the first `n` classes: scores [B, n]."
     net, z = state.net, sum(f(g) for f in state.net.img)  # [B, d], `Proof_Net.encode_image` (unnormalised)
