@@ -122,14 +122,16 @@ def world4(seed=0, n=8):
     return unit, norm, y, names
 
 
-def authors_proof(P, x, names, protos, n, scale):
+def authors_proof(P, x, names, protos, n, scale, train=True):
     """utils/inc_net.py `Proof_Net`: `encode_image` / `encode_text` sum every task's projection of the raw embedding
-    (`models/proof.py::_train_proj` normalises after), `encode_prototpyes` takes the prototypes through the image
-    projections; `forward_transformer` runs [image; texts; prototypes; context prompts] through one-head
-    `MultiHeadAttention` (w_qs, w_ks, w_vs without bias, temperature sqrt(d), fc, residual, layer_norm). Returns the
-    projected image and texts, the fused text and prototype logits [B, n] and the loss of `_train_proj`."""
+    (`models/proof.py::_train_proj` normalises both after; `_eval_cnn` normalises the text only and feeds the image's
+    sum unnormalised to `forward_transformer` and to the first score: `train=False`), `encode_prototpyes` takes the
+    prototypes through the image projections; `forward_transformer` runs [image; texts; prototypes; context prompts]
+    through one-head `MultiHeadAttention` (w_qs, w_ks, w_vs without bias, temperature sqrt(d), fc, residual,
+    layer_norm). Returns the projected image and texts and the fused text and prototype logits [B, n]."""
     unit = lambda v: v / v.norm(dim=-1, keepdim=True)
-    img = unit(sum(x @ w.T + b for w, b in P["img"]))
+    img = sum(x @ w.T + b for w, b in P["img"])
+    img = unit(img) if train else img
     txt = unit(sum(names[:n] @ w.T + b for w, b in P["txt"]))
     pro = unit(sum(protos[:n] @ w.T + b for w, b in P["img"]))
     B = len(x)
@@ -198,12 +200,16 @@ def test_proof_training_step_and_logits_on_raw_inputs(float64):
     for wrong in (authors_step(unit, k.lr), authors_step(raw, 1.01 * k.lr)):
         assert not torch.allclose(flat(ours), flat(wrong), **tol)
 
-    # inference (`_eval_cnn`): projected image . projected text + fused text + fused prototype logits
+    # inference (`_eval_cnn`): unnormalised projected image . projected text + fused text + fused prototype logits,
+    # the fusion fed the unnormalised image; neither the normalised image (training's reading) nor unit inputs match
     with torch.no_grad():
-        img, txt, ft, fp = authors_proof(P, raw, names, protos, 4, 100.0)
+        img, txt, ft, fp = authors_proof(P, raw, names, protos, 4, 100.0, train=False)
+        assert img.norm(dim=-1).min() > 2  # raw-scale images at inference
         torch.testing.assert_close(proof_logits(st, raw), img @ txt.T + ft + fp, **tol)
-        img, txt, ft, fp = authors_proof(P, unit, l2norm(names), protos, 4, 100.0)
-        assert not torch.allclose(proof_logits(st, raw), img @ txt.T + ft + fp, **tol)
+        for wrong in (authors_proof(P, raw, names, protos, 4, 100.0),
+                      authors_proof(P, unit, l2norm(names), protos, 4, 100.0, train=False)):
+            img, txt, ft, fp = wrong
+            assert not torch.allclose(proof_logits(st, raw), img @ txt.T + ft + fp, **tol)
 
 
 def test_engine_training_step_on_raw_inputs(float64):

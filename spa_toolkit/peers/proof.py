@@ -135,7 +135,7 @@ def new_proof_state(names: torch.Tensor, # [C, d] class-name embeddings the proj
 # %% ../../nbs/09a_proof.ipynb #c79da6d9
 class ProofScores(NamedTuple):
     "One forward pass of PROOF over a batch."
-    z: torch.Tensor # [B, d] projected images (unit norm)
+    z: torch.Tensor # [B, d] projected images (unit norm in training, the unnormalised sum at inference)
     t: torch.Tensor # [n, d] projected class texts (unit norm)
     text: torch.Tensor # [B, n] fused image . fused class text
     proto: torch.Tensor # [B, n] fused image . fused prototype
@@ -144,10 +144,12 @@ def proof_scores(state: ProofState, # the state
                  g: torch.Tensor, # [B, d] frozen global features (raw or unit, as the knobs' `embeddings`)
                  n: int, # score classes 0..n-1
                  gen: torch.Generator | None = None, # dropout masks (None: evaluation)
+                 unit_image: bool = True, # normalise the projected image (training); False: as at inference
                 ) -> ProofScores:
     "Project, fuse and score global features [B, d] against the first `n` classes: scores [B, n]."
-    net = state.net
-    z, t, p = project(net.img, g), project(net.txt, state.names[:n]), project(net.img, state.protos[:n])
+    net, z = state.net, sum(f(g) for f in state.net.img)  # [B, d], `Proof_Net.encode_image` (unnormalised)
+    z = l2norm(z) if unit_image else z
+    t, p = project(net.txt, state.names[:n]), project(net.img, state.protos[:n])
     f = net.fusion(z, torch.cat([t, p, *net.prompts]), gen)  # [B, 1 + 2n + prompts, d]
     fz, ft, fp = f[:, 0], f[:, 1:n + 1], f[:, n + 1:2 * n + 1]
     return ProofScores(z, t, torch.einsum("bd,bcd->bc", fz, ft), torch.einsum("bd,bcd->bc", fz, fp))
@@ -165,9 +167,9 @@ def proof_logits(state: ProofState, # a trained state
                  g: torch.Tensor, # [B, d] frozen global features (raw or unit, as the knobs' `embeddings`)
                 ) -> torch.Tensor: # [B, n_seen]
     """PROOF's inference logits [B, n_seen] of global features [B, d]: projected + fused-text +
-    fused-prototype similarities."""
+    fused-prototype similarities, the projected image unnormalised (`_eval_cnn`)."""
     check_seen(state.n_seen)
-    s = proof_scores(state, g, state.n_seen)
+    s = proof_scores(state, g, state.n_seen, unit_image=False)
     return s.z @ s.t.T + s.text + s.proto
 
 # %% ../../nbs/09a_proof.ipynb #302a17d8
