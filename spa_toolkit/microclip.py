@@ -535,6 +535,7 @@ def shift_microclip(folder: str | Path, # the model folder to (over)write
     shift = dict(source=named, source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
                  text_norm=s_txt, directions=how)
     pretrained = {k: v for k, v in load_recipe(src).items() if k not in ("shift", "sha256", "versions")}
-    recipe = pretrained | dict(shift=shift, sha256=sha256_file(folder / WEIGHTS_FILE), versions=library_versions())
+    recipe = pretrained | dict(shift=shift, sha256=sha256_file(folder / WEIGHTS_FILE),
+                               versions=library_versions())
     atomic_write_json(folder / RECIPE_FILE, recipe)
     return folder
