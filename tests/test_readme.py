@@ -41,7 +41,7 @@ def test_notebooks_cite_nothing_outside_the_repository():
 def test_readme_shows_the_settings_each_peer_of_bench_runs():
     "The table `bench`'s last column will show on the suite, as markdown (not fenced), from the code that makes it."
     from spa_toolkit.runs import settings_table
-    table = settings_table(["proof", "engine", "rapf", "ranpac", "fecam", "bofa", "clg_cbm"])
+    table = settings_table(["proof", "engine", "rapf", "ranpac", "fecam", "bofa", "clg_cbm", "area"])
     assert table in README and f"```\n{table}" not in README
     assert "| cub | B0Inc20 | authors: exps/cub.json |" in table and "| our settings |" not in table
 
