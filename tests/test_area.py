@@ -16,8 +16,9 @@ from einops import einsum
 from spa_toolkit.base import SpaError
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.method import TextSide
+from spa_toolkit.peers.common import class_gaussians
 from spa_toolkit.peers.area import (AreaKnobs, area_logits, area_scores, area_state_dict, area_state_from_dict,
-                                    class_gaussians, fit_area, geodesic_basis, load_area_descriptions, log_map,
+                                    fit_area, geodesic_basis, load_area_descriptions, log_map,
                                     new_area_state, route_values, train_area_task)
 
 DT = torch.float64
@@ -193,7 +194,7 @@ def test_two_sgd_steps_with_replay_equal_the_authors():
     st = _state_with_bases(knobs)
     g = make_generator(4)
     xo, yo = blobs(20, 2, g)
-    st.means, chol = class_gaussians(xo, yo, 0, 2, 1e-4)
+    st.means, chol = class_gaussians(xo, yo, 0, 2, 1e-4, "AREA")
     st.chol, st.cov = chol, [c for _, c in authors_stats(xo, yo, 0, 2)]
     for (m, cov), mine, L in zip(authors_stats(xo, yo, 0, 2), st.means, st.chol):
         torch.testing.assert_close(mine, m, **EXACT)

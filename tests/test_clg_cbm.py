@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from spa_toolkit.base import SpaError
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.method import TextSide
-from spa_toolkit.peers.clg_cbm import (ClgCbmKnobs, bottleneck_loss, class_stats, clg_cbm_logits, clg_cbm_state_dict,
+from spa_toolkit.peers.common import class_gaussians
+from spa_toolkit.peers.clg_cbm import (ClgCbmKnobs, bottleneck_loss, clg_cbm_logits, clg_cbm_state_dict,
                                        clg_cbm_state_from_dict, concept_spread, gaussian_rows, nearest_unique,
                                        new_clg_cbm_state, new_gate, relations, search_loss, shifted_features,
                                        train_clg_cbm_task)
@@ -115,7 +116,7 @@ def test_statistics_relations_and_pseudo_features_equal_the_authors():
     y = y + 2  # new classes 2, 3, 4 after two old ones
     old_means = torch.randn(2, 4, generator=g, dtype=DT)
     names = l2norm(torch.randn(2, 4, generator=g, dtype=DT))
-    means, chol = class_stats(x, y, 2, 5, 1e-4)
+    means, chol = class_gaussians(x, y, 2, 5, 1e-4, "CLG-CBM")
     for c in range(2, 5):  # `building_protos`, one class at a time
         torch.testing.assert_close(means[c - 2], x[y == c].mean(0), **EXACT)
         cov = torch.cov(x[y == c].T) + 1e-4 * torch.eye(4, dtype=DT)

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, TextSide, task_span
-from .common import PeerState, check_embeddings, new_linear, read_as, regrow, shuffled_batches, state_codec
+from .common import (PeerState, check_embeddings, class_gaussians, new_linear, read_as, regrow,
+                                      shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['AREA_STATE_VERSION', 'area_state_dict', 'area_state_from_dict', 'AREA', 'AreaKnobs', 'log_map', 'geodesic_basis',
-           'class_bases', 'AreaNet', 'area_scores', 'route_values', 'class_gaussians', 'pseudo_rows', 'AreaState',
-           'new_area_state', 'area_logits', 'area_loss', 'fit_area', 'train_area_task', 'read_area_file',
-           'load_area_descriptions']
+           'class_bases', 'AreaNet', 'area_scores', 'route_values', 'pseudo_rows', 'AreaState', 'new_area_state',
+           'area_logits', 'area_loss', 'fit_area', 'train_area_task', 'read_area_file', 'load_area_descriptions']
 
 # %% ../../nbs/09h_area.ipynb #95043858
 @dataclass(frozen=True)
@@ -126,20 +126,6 @@ def route_values(x: torch.Tensor, # [B, D] image embeddings
     return torch.stack(out, 1)
 
 # %% ../../nbs/09h_area.ipynb #073b5786
-def class_gaussians(x: torch.Tensor, # [n, D] embeddings
-                    y: torch.Tensor, # [n] labels
-                    lo: int, hi: int, # classes [lo, hi), each with at least 2 rows
-                    eps: float, # ridge on each covariance
-                   ) -> tuple[torch.Tensor, torch.Tensor]: # means [m, D], Cholesky factors [m, D, D]
-    "Each class's mean [m, D] and the Cholesky factor [m, D, D] of its covariance + eps I."
-    counts = torch.bincount(y - lo, minlength=hi - lo)
-    if (counts < 2).any():
-        few = (torch.nonzero(counts < 2)[:, 0] + lo).tolist()
-        raise SpaError(f"classes {few} have fewer than 2 training images: AREA needs 2 per class")
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    covs = torch.stack([torch.cov(x[y == c].T) + eps * eye for c in range(lo, hi)])
-    return torch.stack([x[y == c].mean(0) for c in range(lo, hi)]), torch.linalg.cholesky(covs)
-
 def pseudo_rows(means: torch.Tensor, # [l, D] old classes' means
                 chol: torch.Tensor, # [l, D, D] their Cholesky factors
                 per_class: int, # samples of each
@@ -250,7 +236,7 @@ def train_area_task(state: AreaState, # the state after the previous task (updat
     state.net.add_task(k.K, generator)
     state.sizes = state.sizes + [hi - lo]
     with torch.enable_grad(): fit_area(state, x, y, generator)
-    means, chol = class_gaussians(x, y, lo, hi, k.cov_eps)
+    means, chol = class_gaussians(x, y, lo, hi, k.cov_eps, "AREA")
     state.means, state.chol = torch.cat([state.means, means]), torch.cat([state.chol, chol])
     state.n_seen = hi
     return state

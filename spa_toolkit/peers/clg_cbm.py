@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm
 from ..method import Method, Reader, TextSide, task_span
-from .common import PeerState, check_seen, fields_codec, new_linear, shuffled_batches
+from .common import PeerState, check_seen, class_gaussians, fields_codec, new_linear, shuffled_batches
 
 # %% auto #0
 __all__ = ['CLG_CBM_STATE_VERSION', 'clg_cbm_state_dict', 'clg_cbm_state_from_dict', 'CLG_CBM', 'ClgCbmKnobs', 'task_concepts',
            'Spread', 'mahalanobis_mean', 'concept_spread', 'spread_penalty', 'new_gate', 'search_loss',
-           'nearest_unique', 'search_concepts', 'class_stats', 'relations', 'shifted_features', 'gaussian_rows',
-           'concept_scores', 'alignment_loss', 'elastic_net', 'bottleneck_loss', 'ClgCbmState', 'new_clg_cbm_state',
-           'clg_cbm_logits', 'grow', 'fit_bottleneck', 'train_clg_cbm_task']
+           'nearest_unique', 'search_concepts', 'relations', 'shifted_features', 'gaussian_rows', 'concept_scores',
+           'alignment_loss', 'elastic_net', 'bottleneck_loss', 'ClgCbmState', 'new_clg_cbm_state', 'clg_cbm_logits',
+           'grow', 'fit_bottleneck', 'train_clg_cbm_task']
 
 # %% ../../nbs/09g_clg_cbm.ipynb #10aab1e0
 @dataclass(frozen=True)
@@ -155,21 +155,6 @@ def search_concepts(a: torch.Tensor, # [N, d] the task's unit concepts
     return nearest_unique(gate[0].weight.detach() if best is None else best, a, k)
 
 # %% ../../nbs/09g_clg_cbm.ipynb #3bc5ad60
-def class_stats(x: torch.Tensor, # [n, d] unit features
-                y: torch.Tensor, # [n] labels
-                lo: int, hi: int, # classes to describe, each with at least 2 rows
-                eps: float, # ridge on each covariance
-               ) -> tuple[torch.Tensor, torch.Tensor]: # means [m, d], Cholesky factors [m, d, d]
-    "Each class's mean [m, d] and the Cholesky factor [m, d, d] of its covariance + eps I."
-    counts = torch.bincount(y - lo, minlength=hi - lo)
-    if (counts < 2).any():
-        few = (torch.nonzero(counts < 2)[:, 0] + lo).tolist()
-        raise SpaError(f"classes {few} have fewer than 2 training images: "
-                       "CLG-CBM needs 2 per class for a covariance")
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    covs = torch.stack([torch.cov(x[y == c].T) + eps * eye for c in range(lo, hi)])
-    return torch.stack([x[y == c].mean(0) for c in range(lo, hi)]), torch.linalg.cholesky(covs)
-
 def relations(names: torch.Tensor, # [l, d] unit name embeddings of the old classes
               means: torch.Tensor, # [m, d] the new classes' means
              ) -> torch.Tensor: # [l] long, 0..m-1
@@ -328,7 +313,7 @@ def train_clg_cbm_task(state: ClgCbmState, # the state after the previous task (
     x, y = read(rows)
     val = val if val is not None else (x, y)
     a = task_concepts(state.sem, state.sem_mask, lo, hi)
-    means, chol = class_stats(x, y, lo, hi, state.knobs.cov_eps)
+    means, chol = class_gaussians(x, y, lo, hi, state.knobs.cov_eps, "CLG-CBM")
     picked = search_concepts(a, x, y - lo, hi - lo, state.knobs, generator, (val[0], val[1] - lo))
     e, h = grow(state, a[picked], hi - lo, generator)
     state.concepts, state.means = torch.cat([state.concepts, a[picked]]), torch.cat([state.means, means])

@@ -17,8 +17,8 @@ from ..core import check_state_version, l2norm, make_generator
 
 # %% auto #0
 __all__ = ['EMBEDDINGS', 'new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'check_seen', 'PeerState',
-           'pack_state', 'unpack_state', 'regrow', 'state_codec', 'fields_codec', 'check_embeddings', 'read_as',
-           'rows_as']
+           'class_gaussians', 'pack_state', 'unpack_state', 'regrow', 'state_codec', 'fields_codec', 'check_embeddings',
+           'read_as', 'rows_as']
 
 # %% ../../nbs/09_peers.ipynb #7cb2ac1f
 def _uniform(shape: tuple, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -81,6 +81,23 @@ class PeerState:
 
     @property
     def device(self) -> torch.device: return self.names.device
+
+# %% ../../nbs/09_peers.ipynb #5e74d853
+def class_gaussians(x: torch.Tensor, # [n, D] features
+                    y: torch.Tensor, # [n] labels
+                    lo: int, hi: int, # classes [lo, hi), each with at least 2 rows
+                    eps: float, # ridge on each covariance
+                    method: str, # who asks, for the message (e.g. "AREA")
+                   ) -> tuple[torch.Tensor, torch.Tensor]: # means [m, D], Cholesky factors [m, D, D]
+    "Each class's mean [m, D] and the Cholesky factor [m, D, D] of its covariance + eps I."
+    counts = torch.bincount(y - lo, minlength=hi - lo)
+    if (counts < 2).any():
+        few = (torch.nonzero(counts < 2)[:, 0] + lo).tolist()
+        raise SpaError(f"classes {few} have fewer than 2 training images: "
+                       f"{method} needs 2 per class for a covariance")
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    covs = torch.stack([torch.cov(x[y == c].T) + eps * eye for c in range(lo, hi)])
+    return torch.stack([x[y == c].mean(0) for c in range(lo, hi)]), torch.linalg.cholesky(covs)
 
 # %% ../../nbs/09_peers.ipynb #2e2136c0
 def pack_state(state, # a peer's state dataclass, with `knobs`
