@@ -255,8 +255,9 @@ SETTINGS_OPTIONS = [
 ]
 DESCRIPTIONS_OPTION = ("--descriptions", dict(help=(
     "the benchmark's own (default; synthetic only), 'templates', 'llm:MODEL' (any litellm model, e.g. "
-    "llm:gpt-5) or a descriptions JSON file, ours or ENGINE's ({dataset}: the benchmark name, {key}: the "
-    "protocol's dataset key, e.g. chat/{key}_des.json for ENGINE's cifar224_des.json)")))
+    "llm:gpt-5), a descriptions JSON file, ours or ENGINE's, or a folder of AREA's <class>_descriptions.txt "
+    "files, read as their sentences ({dataset}: the benchmark name, {key}: the protocol's dataset key, e.g. "
+    "chat/{key}_des.json for ENGINE's cifar224_des.json)")))
 RUN_OPTIONS = [
     ("--methods", dict(default=",".join(RUN_DEFAULTS.methods),
                        help=f"comma-separated, from {', '.join(list_methods())} (default: %(default)s)")),

@@ -24,7 +24,8 @@ __all__ = ['log', 'PROMPT_VERSION', 'SYSTEM_PROMPT', 'USER_PROMPT', 'CACHE_FORMA
            'parse_descriptions', 'import_litellm', 'Usage', 'LLMSettings', 'ask_descriptions', 'image_sha256',
            'description_key', 'cache_file', 'DescribeResult', 'describe_one', 'check_model', 'resolve_api_key',
            'description_warnings', 'describe_run', 'describe_classes', 'save_descriptions', 'load_descriptions',
-           'template_descriptions', 'world_descriptions', 'describe_benchmark']
+           'read_area_file', 'load_area_descriptions', 'template_descriptions', 'world_descriptions',
+           'describe_benchmark']
 
 # %% ../nbs/04_descriptions.ipynb #d494637f
 PROMPT_VERSION = 2 # 2: attributes of the object itself, not its surroundings
@@ -485,6 +486,43 @@ def load_descriptions(path: str | Path, # ours, ENGINE's or a plain {class: [phr
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpaError(f"{path} is not valid JSON ({e}): fix or regenerate it") from None
     return _from_json(obj, path)
+
+# %% ../nbs/04_descriptions.ipynb #45254a8b
+def _area_file(folder: Path, name: str) -> Path | None:
+    "The file of class `name` in `folder`: underscored, as named, or ignoring case and a numeric prefix."
+    for stem in (name.replace(" ", "_").replace("/", "_"), name):
+        if (p := folder / f"{stem}_descriptions.txt").is_file(): return p
+    key = lambda s: re.sub(r"^\d+\.", "", s).replace(" ", "_").replace("/", "_").lower()
+    tail = len("_descriptions.txt")
+    hits = [p for p in folder.glob("*_descriptions.txt") if key(p.name[:-tail]) == key(name)]
+    return hits[0] if len(hits) == 1 else None
+
+def read_area_file(path: Path, # one class's descriptions file
+                  ) -> list[tuple[str, str]]: # [(image file, sentence)] in file order
+    "The [n] (image file, sentence) pairs of one AREA descriptions file, or `SpaError` at its first bad line."
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip(): continue
+        image, tab, sentence = line.strip().partition("\t")
+        if not (tab and image.strip() and sentence.strip()):
+            raise SpaError(f"{path}:{i}: expected '<image file><TAB><sentence>', got {line[:60]!r}: "
+                           "fix the line or regenerate the file with descriptions/generate_descriptions.py")
+        out.append((image.strip(), sentence.strip()))
+    if not out: raise SpaError(f"{path} holds no description: regenerate it")
+    return out
+
+def load_area_descriptions(folder: str | Path, # e.g. descriptions/cifar100/generated_descriptions
+                           class_names: list[str], # the benchmark's classes, in label order
+                           keep_file: bool = True, # each line whole, file name included (the authors')
+                          ) -> dict[str, list[str]]: # class -> its lines, one per image
+    "Every class's AREA descriptions from the authors' per-class files, one text per training image."
+    folder, out = Path(folder), {}
+    for c in class_names:
+        if (p := _area_file(folder, c)) is None:
+            raise SpaError(f"{folder} has no {c.replace(' ', '_')}_descriptions.txt for class {c!r}: "
+                           "point at the dataset's generated_descriptions folder")
+        out[c] = [f"{im}\t{s}" if keep_file else s for im, s in read_area_file(p)]
+    return out
 
 # %% ../nbs/04_descriptions.ipynb #09dbc83c
 def template_descriptions(class_names: list[str], # classes

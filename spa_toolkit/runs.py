@@ -22,8 +22,9 @@ from .world import synthetic_world
 from .backbone import LOCAL_DIR, ClipBundle, FeatureSet, load_clip
 from .distributed import close_distributed, init_distributed
 from .exemplars import exemplar_images
-from .descriptions import (DescribeResult, import_litellm, describe_benchmark, load_descriptions,
-                                      save_descriptions, template_descriptions)
+from .descriptions import (DescribeResult, import_litellm, describe_benchmark,
+                                      load_area_descriptions, load_descriptions, save_descriptions,
+                                      template_descriptions)
 from .microclip import embedded_clip_path
 from .method import get_method, method_knobs
 from .settings import run_knobs
@@ -113,7 +114,7 @@ def descriptions_path(spec: str, # a --descriptions file path, may hold {dataset
 def offline_descriptions(spec: str | None, # the --descriptions value
                          bench: Benchmark, # the loaded benchmark
                         ) -> dict[str, list[str]] | None: # None for "llm:MODEL" (generated later, by it)
-    "Descriptions that need no LLM: the benchmark's own, 'templates', or a JSON file."
+    "Descriptions that need no LLM: the benchmark's own, 'templates', a JSON file or AREA's folder of files."
     if spec is None:
         if bench.descriptions is None:
             raise SpaError(f"{bench.name} has no built-in descriptions: pass --descriptions FILE.json, "
@@ -121,7 +122,9 @@ def offline_descriptions(spec: str | None, # the --descriptions value
         return bench.descriptions
     if spec == TEMPLATES: return template_descriptions(bench.class_names, bench.templates)
     if spec.startswith(LLM_PREFIX): return None
-    return load_descriptions(descriptions_path(spec, bench))
+    path = Path(descriptions_path(spec, bench))
+    if path.is_dir(): return load_area_descriptions(path, bench.class_names, keep_file=False)
+    return load_descriptions(path)
 
 # %% ../nbs/10c_runs.ipynb #70f39a33
 def descriptions_spec(spec: str | None, # the --descriptions value

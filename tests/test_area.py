@@ -4,7 +4,7 @@ of a task with Gaussian replay, the class statistics, the optimal-transport rout
 routed test logits. The references are written the authors' way (an `nn.Module` with `einops.einsum`, masks for the log
 map, one class and one image at a time, the optimizer over every parameter), so a difference is ours. A last test shows
 the tolerances catch a wrong implementation: one constant changed, each comparison fails. Then the description files."""
-import copy, os, subprocess, sys
+import copy, json, os, subprocess, sys
 
 import numpy as np
 import pytest
@@ -17,8 +17,9 @@ from spa_toolkit.base import SpaError
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.method import TextSide
 from spa_toolkit.peers.common import class_gaussians
+from spa_toolkit.world import synthetic_world
 from spa_toolkit.peers.area import (AreaKnobs, area_logits, area_scores, area_state_dict, area_state_from_dict,
-                                    fit_area, geodesic_basis, load_area_descriptions, log_map,
+                                    fit_area, geodesic_basis, log_map,
                                     new_area_state, route_values, train_area_task)
 
 DT = torch.float64
@@ -291,51 +292,19 @@ def test_bad_input_fails_before_any_work():
     with pytest.raises(SpaError, match="train a task first"): area_logits(fresh, x)
 
 
-# --- the authors' description files ------------------------------------------------------------------------------
-
-def test_description_files_in_the_authors_format(tmp_path):
-    f = tmp_path / "generated_descriptions"
-    f.mkdir()
-    (f / "aquarium_fish_descriptions.txt").write_text("train_00010.png\tAn orange fish.\n\ntrain_00011.png\tA striped fish.\n")
-    (f / "Boeing 717_descriptions.txt").write_text("a.jpg\tA twin-engine jet.\n")  # the _aug folders keep spaces
-    (f / "F_A-18_descriptions.txt").write_text("b.jpg\tA fighter.\n")  # "/" written as "_"
-    (f / "004.Groove_billed_Ani_descriptions.txt").write_text("c.jpg\tA black bird.\n")  # CUB's numbered folders
-    got = load_area_descriptions(f, ["aquarium fish", "Boeing 717", "F/A-18", "Groove billed Ani"])
-    assert got["aquarium fish"] == ["train_00010.png\tAn orange fish.", "train_00011.png\tA striped fish."]
-    assert got["Boeing 717"] == ["a.jpg\tA twin-engine jet."] and got["F/A-18"] == ["b.jpg\tA fighter."]
-    assert load_area_descriptions(f, ["Groove billed Ani"], keep_file=False) == {"Groove billed Ani": ["A black bird."]}
-    with pytest.raises(SpaError, match="no whale_descriptions.txt for class 'whale'.*generated_descriptions folder"):
-        load_area_descriptions(f, ["whale"])
-    for bad in ("train_1.png An apple, no tab\n", "train_1.png\t\n", "\tA sentence without its image\n", "\n"):
-        (f / "apple_descriptions.txt").write_text(bad)
-        with pytest.raises(SpaError) as e: load_area_descriptions(f, ["apple"])
-        assert ("apple_descriptions.txt:1: expected '<image file><TAB><sentence>'" in str(e.value)
-                and "regenerate the file" in str(e.value)) or "holds no description" in str(e.value), str(e.value)
-        assert "\n" not in str(e.value)  # one line
-
-
-MIRROR = "/work/.mirror/LAMDA-CL+ICML2026-AREA/repo"
-
-
-@pytest.mark.skipif(not os.path.isdir(MIRROR), reason="the authors' repository is not mirrored here")
-def test_the_authors_own_files_load(tmp_path):
-    "Two real files of the authors' CIFAR-100 folder and one of Aircraft's _aug folder, read from the mirror."
-    for path in ("descriptions/cifar100/generated_descriptions/apple_descriptions.txt",
-                 "descriptions/cifar100/generated_descriptions/aquarium_fish_descriptions.txt",
-                 "descriptions/Aircraft/generated_descriptions_aug/Boeing 717_descriptions.txt"):
-        text = subprocess.run(["git", "-C", MIRROR, "show", f"HEAD:{path}"], capture_output=True, text=True, check=True).stdout
-        (tmp_path / path.rsplit("/", 1)[1]).write_text(text)
-    got = load_area_descriptions(tmp_path, ["apple", "aquarium fish", "Boeing 717"])
-    assert len(got["apple"]) == 500 and got["apple"][0].startswith("train_00002.png\tA glossy deep-red apple")
-    assert len(got["Boeing 717"]) >= 1
-
-
 @pytest.mark.slow
 def test_cli_runs_area_on_the_embedded_world(tmp_path):
     env = os.environ | dict(LITELLM_LOCAL_MODEL_COST_MAP="True", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                             OMP_NUM_THREADS="1")
+    folder = tmp_path / "generated_descriptions"  # the embedded world's descriptions, as AREA's files
+    folder.mkdir()
+    for c, phrases in synthetic_world().descriptions.items():
+        (folder / f"{c.replace(' ', '_')}_descriptions.txt").write_text(
+            "".join(f"train_{i}.png\t{s}\n" for i, s in enumerate(phrases)))
     p = subprocess.run([sys.executable, "-m", "spa_toolkit.cli", "run", "--methods", "area",
-                        "--set", "area.epochs=2", "--out", str(tmp_path / "out")],
+                        "--set", "area.epochs=2", "--descriptions", str(folder), "--out", str(tmp_path / "out")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "area" in p.stdout, p.stdout[-2000:]
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert str(folder) in json.dumps(run), "the run records the descriptions folder it read"

@@ -1,13 +1,14 @@
 "Description generator against a real local OpenAI-compatible HTTP server behind litellm (offline), plus file formats."
-import base64, functools, io, json, logging, threading
+import base64, functools, io, json, logging, os, subprocess, threading
 import pytest
 from PIL import Image
 
 from openai_stub import StubOpenAI, good_reply, image_urls, user_text
 import spa_toolkit.descriptions as descriptions_module
 from spa_toolkit.core import SpaError
-from spa_toolkit.descriptions import (DescribeResult, describe_benchmark, describe_classes, describe_run, load_descriptions,
-                                      save_descriptions, template_descriptions)
+from spa_toolkit.descriptions import (DescribeResult, describe_benchmark, describe_classes, describe_run,
+                                      load_area_descriptions, load_descriptions, save_descriptions,
+                                      template_descriptions)
 
 KEY = "sk-test-secret"
 IMAGES = {"fox": [Image.new("RGB", (300, 150), "red"), Image.new("RGB", (64, 64), "orange")],
@@ -197,3 +198,42 @@ def test_key_from_environment_is_used_and_masked(stub, monkeypatch):
         describe_run(["fox"], None, model="openai/test", api_base=stub.api_base, max_retries=0)
     assert {k.lower(): v for k, v in stub.requests[0]["headers"].items()}["authorization"] == f"Bearer {env_key}"
     assert env_key not in str(e.value) and "***" in str(e.value)
+
+
+# --- AREA's description files (its authors' format) ------------------------------------------------------------------------------
+
+def test_description_files_in_the_authors_format(tmp_path):
+    f = tmp_path / "generated_descriptions"
+    f.mkdir()
+    (f / "aquarium_fish_descriptions.txt").write_text("train_00010.png\tAn orange fish.\n\ntrain_00011.png\tA striped fish.\n")
+    (f / "Boeing 717_descriptions.txt").write_text("a.jpg\tA twin-engine jet.\n")  # the _aug folders keep spaces
+    (f / "F_A-18_descriptions.txt").write_text("b.jpg\tA fighter.\n")  # "/" written as "_"
+    (f / "004.Groove_billed_Ani_descriptions.txt").write_text("c.jpg\tA black bird.\n")  # CUB's numbered folders
+    got = load_area_descriptions(f, ["aquarium fish", "Boeing 717", "F/A-18", "Groove billed Ani"])
+    assert got["aquarium fish"] == ["train_00010.png\tAn orange fish.", "train_00011.png\tA striped fish."]
+    assert got["Boeing 717"] == ["a.jpg\tA twin-engine jet."] and got["F/A-18"] == ["b.jpg\tA fighter."]
+    assert load_area_descriptions(f, ["Groove billed Ani"], keep_file=False) == {"Groove billed Ani": ["A black bird."]}
+    with pytest.raises(SpaError, match="no whale_descriptions.txt for class 'whale'.*generated_descriptions folder"):
+        load_area_descriptions(f, ["whale"])
+    for bad in ("train_1.png An apple, no tab\n", "train_1.png\t\n", "\tA sentence without its image\n", "\n"):
+        (f / "apple_descriptions.txt").write_text(bad)
+        with pytest.raises(SpaError) as e: load_area_descriptions(f, ["apple"])
+        assert ("apple_descriptions.txt:1: expected '<image file><TAB><sentence>'" in str(e.value)
+                and "regenerate the file" in str(e.value)) or "holds no description" in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)  # one line
+
+
+MIRROR = "/work/.mirror/LAMDA-CL+ICML2026-AREA/repo"
+
+
+@pytest.mark.skipif(not os.path.isdir(MIRROR), reason="the authors' repository is not mirrored here")
+def test_the_authors_own_files_load(tmp_path):
+    "Two real files of the authors' CIFAR-100 folder and one of Aircraft's _aug folder, read from the mirror."
+    for path in ("descriptions/cifar100/generated_descriptions/apple_descriptions.txt",
+                 "descriptions/cifar100/generated_descriptions/aquarium_fish_descriptions.txt",
+                 "descriptions/Aircraft/generated_descriptions_aug/Boeing 717_descriptions.txt"):
+        text = subprocess.run(["git", "-C", MIRROR, "show", f"HEAD:{path}"], capture_output=True, text=True, check=True).stdout
+        (tmp_path / path.rsplit("/", 1)[1]).write_text(text)
+    got = load_area_descriptions(tmp_path, ["apple", "aquarium fish", "Boeing 717"])
+    assert len(got["apple"]) == 500 and got["apple"][0].startswith("train_00002.png\tA glossy deep-red apple")
+    assert len(got["Boeing 717"]) >= 1

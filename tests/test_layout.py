@@ -1,5 +1,5 @@
 "The layers of the design, as an explicit list: a module imports only modules of earlier layers; no method imports another."
-import ast, io, re, tokenize
+import ast, io, json, re, tokenize
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "spa_toolkit"
@@ -162,3 +162,37 @@ def test_checker_sees_a_long_line():
     assert long_lines(src.replace(long, "x = 1")) == []
     n = len(src.splitlines())
     assert long_lines(src.replace("y = 1", f"y = {long!r}")) == [n - 1, n]  # a long string counts too
+
+
+# --- what the notebooks show a reader ------------------------------------------------------------------------------
+
+NBS = PKG.parent / "nbs"
+# a temp folder's path (tempfile's /tmp/tmpXXXXXXXX, pytest's /tmp/pytest-of-…) or a tqdm bar ("42%|####", "3.1it/s]")
+NOISE = re.compile(r"/tmp/(?:tmp\w{6,}|pytest-of-)|\d%\|[#█ ▏▎▍▌▋▊▉]*\||\d(?:it|s)/(?:s|it)\]")
+
+def output_text(cell: dict) -> str:
+    "The text a code host shows under a cell: streams, text/plain, markdown and tracebacks (images aside)."
+    parts = []
+    for o in cell.get("outputs", []):
+        parts += o.get("text", []) + o.get("traceback", [])
+        for kind in ("text/plain", "text/markdown", "text/html"): parts += o.get("data", {}).get(kind, [])
+    return "".join(parts)
+
+def noisy_cells(nb: dict) -> list[int]:
+    "Indices of the code cells whose saved output carries a temp path or a progress bar."
+    return [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and NOISE.search(output_text(c))]
+
+def test_every_notebook_shows_an_output_and_no_machine_noise():
+    nbs = {p.name: json.loads(p.read_text()) for p in sorted(NBS.glob("*.ipynb"))}
+    silent = [n for n, nb in nbs.items() if not any(c.get("outputs") for c in nb["cells"])]
+    noisy = {n: noisy_cells(nb) for n, nb in nbs.items() if noisy_cells(nb)}
+    assert not silent, f"notebooks with no saved output (show a table, figure or printed check): {silent}"
+    assert not noisy, f"saved outputs with a temp path or a progress bar, cells by notebook: {noisy}"
+
+def test_checker_sees_machine_noise():
+    cell = lambda text, name="stdout": dict(cell_type="code", outputs=[dict(output_type="stream", name=name, text=[text])])
+    clean = ["results written to default\n", "| spa | 87.20 | 81.67 |\n", "took 4 s\n", "50% of the rows\n"]
+    noisy = ["results written to /tmp/tmpn6ws_rp6/default\n", "spa:  50%|#####     | 3/6 [00:00<00:00,  6.23it/s]\r",
+             "/tmp/pytest-of-root/pytest-3/x\n", "ncm: 100%|##########| 6/6\n", "6/6 [00:01, 1.20s/it]"]
+    assert noisy_cells(dict(cells=[cell(t) for t in clean])) == []
+    assert noisy_cells(dict(cells=[cell(t, "stderr") for t in noisy])) == list(range(len(noisy)))

@@ -5,9 +5,7 @@
 # %% ../../nbs/09h_area.ipynb #c2d49595
 from __future__ import annotations
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -24,7 +22,7 @@ from .common import (PeerState, check_embeddings, class_gaussians, new_linear, r
 # %% auto #0
 __all__ = ['AREA_STATE_VERSION', 'area_state_dict', 'area_state_from_dict', 'AREA', 'AreaKnobs', 'log_map', 'geodesic_basis',
            'class_bases', 'AreaNet', 'area_scores', 'route_values', 'pseudo_rows', 'AreaState', 'new_area_state',
-           'area_logits', 'area_loss', 'fit_area', 'train_area_task', 'read_area_file', 'load_area_descriptions']
+           'area_logits', 'area_loss', 'fit_area', 'train_area_task']
 
 # %% ../../nbs/09h_area.ipynb #95043858
 @dataclass(frozen=True)
@@ -253,43 +251,6 @@ def _rebuild(k: AreaKnobs, e: dict, device) -> AreaState:
 # a plain dict of tensors, numbers and strings holding the whole AREA state, and back (on a device)
 area_state_dict, area_state_from_dict = state_codec(
     AREA_STATE_VERSION, "AREA", AreaKnobs, _SAVED, lambda st: dict(net=st.net.state_dict()), _rebuild)
-
-# %% ../../nbs/09h_area.ipynb #45254a8b
-def _area_file(folder: Path, name: str) -> Path | None:
-    "The file of class `name` in `folder`: underscored, as named, or ignoring case and a numeric prefix."
-    for stem in (name.replace(" ", "_").replace("/", "_"), name):
-        if (p := folder / f"{stem}_descriptions.txt").is_file(): return p
-    key = lambda s: re.sub(r"^\d+\.", "", s).replace(" ", "_").replace("/", "_").lower()
-    tail = len("_descriptions.txt")
-    hits = [p for p in folder.glob("*_descriptions.txt") if key(p.name[:-tail]) == key(name)]
-    return hits[0] if len(hits) == 1 else None
-
-def read_area_file(path: Path, # one class's descriptions file
-                  ) -> list[tuple[str, str]]: # [(image file, sentence)] in file order
-    "The [n] (image file, sentence) pairs of one AREA descriptions file, or `SpaError` at its first bad line."
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip(): continue
-        image, tab, sentence = line.strip().partition("\t")
-        if not (tab and image.strip() and sentence.strip()):
-            raise SpaError(f"{path}:{i}: expected '<image file><TAB><sentence>', got {line[:60]!r}: "
-                           "fix the line or regenerate the file with descriptions/generate_descriptions.py")
-        out.append((image.strip(), sentence.strip()))
-    if not out: raise SpaError(f"{path} holds no description: regenerate it")
-    return out
-
-def load_area_descriptions(folder: str | Path, # e.g. descriptions/cifar100/generated_descriptions
-                           class_names: list[str], # the benchmark's classes, in label order
-                           keep_file: bool = True, # each line whole, file name included (the authors')
-                          ) -> dict[str, list[str]]: # class -> its lines, one per image
-    "Every class's AREA descriptions from the authors' per-class files, one text per training image."
-    folder, out = Path(folder), {}
-    for c in class_names:
-        if (p := _area_file(folder, c)) is None:
-            raise SpaError(f"{folder} has no {c.replace(' ', '_')}_descriptions.txt for class {c!r}: "
-                           "point at the dataset's generated_descriptions folder")
-        out[c] = [f"{im}\t{s}" if keep_file else s for im, s in read_area_file(p)]
-    return out
 
 # %% ../../nbs/09h_area.ipynb #940516f3
 AREA = Method(
