@@ -8,14 +8,15 @@ import torch
 import spa_toolkit.peers.engine as engine
 from spa_toolkit.microclip import load_embedded_clip
 from spa_toolkit.world import synthetic_world
-from spa_toolkit.protocol import prepare, run_method
+from spa_toolkit.protocol import prepare, run_method, texts_needed
 from spa_toolkit.peers.engine import EngineKnobs
 
 torch.set_num_threads(1)
 seed, which = int(sys.argv[1]), sys.argv[2:]
 views = 10 if "cached" in which else 0
 clip = load_embedded_clip(variant="cifar_like")
-prep = prepare(synthetic_world(variant="cifar_like", seed=seed), clip, cache_dir="/tmp/engine_views_cache", progress=False, views=views)
+prep = prepare(synthetic_world(variant="cifar_like", seed=seed), clip, cache_dir="/tmp/engine_views_cache", progress=False, views=views,
+               texts=texts_needed(["engine"]))
 new_src = inspect.getsource(engine.train_engine_task)
 for w in which:
     src = new_src.replace("else (lambda epoch: unit)", "else (lambda epoch: g)") if w == "raw" else new_src

@@ -5,7 +5,7 @@
 # %% ../nbs/10_protocol.ipynb #17bc6792
 from __future__ import annotations
 import math, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,8 @@ from .method import (VIEW_NOISE, VIEW_SEED, Method, Task, TextSide, encode_text_
 from .metrics import RunResult, accuracy, accuracy_curve, accuracy_matrix, old_new_harmonic
 
 # %% auto #0
-__all__ = ['split_features', 'view_features', 'Prepared', 'prepare', 'views_needed', 'run_key', 'task_of', 'evaluate',
-           'run_method', 'run_methods', 'run_protocol']
+__all__ = ['TEXT_KNOBS', 'split_features', 'view_features', 'Prepared', 'prepare', 'views_needed', 'side_of', 'texts_needed',
+           'text_side', 'run_key', 'task_of', 'evaluate', 'run_method', 'run_methods', 'run_protocol']
 
 # %% ../nbs/10_protocol.ipynb #f5e0a438
 def split_features(
@@ -68,9 +68,11 @@ def view_features(clip: ClipBundle, # the frozen model
                            num_workers=num_workers, progress=progress)
 
 # %% ../nbs/10_protocol.ipynb #45ed6347
+TEXT_KNOBS = ("sem_template", "n_desc") # the knobs that phrase and cap a text side (`encode_text_side`)
+
 @dataclass
 class Prepared:
-    "What every method of a run shares: cached features and the frozen text side."
+    "What every method of a run shares: cached features and the frozen text sides."
     benchmark: Benchmark
     train: FeatureSet
     test: FeatureSet
@@ -82,6 +84,11 @@ class Prepared:
     text_knobs: dict # the text knobs it was encoded with: sem_template, n_desc
     train_views: FeatureSet | None = None # noisy views of the training images, row i * n_views + v
     n_views: int = 0 # views per training image in `train_views`
+    # (sem_template, n_desc) -> (text side, its key): the run's, and those of methods that phrase their own
+    sides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sides.setdefault(tuple(self.text_knobs[k] for k in TEXT_KNOBS), (self.text, self.text_key))
 
 # %% ../nbs/10_protocol.ipynb #25a58463
 def prepare(
@@ -97,8 +104,9 @@ def prepare(
     num_workers: int | None = None, # image-decoding processes (None: CPU count on CUDA, else 0)
     progress: bool = True, # progress bars
     views: int = 0, # noisy views per training image to cache as well (see `views_needed`)
+    texts: list[dict] = (), # more text sides, each {sem_template, n_desc} (see `texts_needed`)
 ) -> Prepared:
-    "Extract (or reuse) the features and encode the text side, once for all methods."
+    "Extract (or reuse) the features and encode the text sides, once for all methods."
     descriptions = descriptions or benchmark.descriptions
     if descriptions is None:
         raise SpaError(
@@ -109,19 +117,21 @@ def prepare(
     splits = benchmark.splits(setting)  # a bad setting fails before any extraction
     if views < 0:
         raise SpaError(f"views={views}: pass 0 (none) or the noisy views per training image to cache")
+    if bad := [t for t in texts if not isinstance(t, dict) or sorted(t) != sorted(TEXT_KNOBS)]:
+        raise SpaError(f"texts={bad}: give each extra text side as {{'sem_template': ..., 'n_desc': ...}}")
     extract = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
     train, test = (
         split_features(clip, benchmark, s, cache_dir, patches=patches, **extract) for s in ("train", "test")
     )
     view_set = view_features(clip, benchmark, cache_dir, views, **extract) if views else None
-    text = encode_text_side(
-        clip, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc
-    )
-    text_key = content_key(
-        clip.key, benchmark.class_names, benchmark.templates, descriptions, sem_template, n_desc
-    )
+    names, templates, sides = benchmark.class_names, benchmark.templates, {}
+    for side in [(sem_template, n_desc)] + [tuple(t[k] for k in TEXT_KNOBS) for t in texts]:
+        if side not in sides:
+            sides[side] = (encode_text_side(clip, names, templates, descriptions, *side),
+                           content_key(clip.key, names, templates, descriptions, *side))
+    text, text_key = sides[(sem_template, n_desc)]
     return Prepared(benchmark, train, test, text, clip.logit_scale, splits, setting, text_key,
-                    dict(sem_template=sem_template, n_desc=n_desc), view_set, views)
+                    dict(sem_template=sem_template, n_desc=n_desc), view_set, views, sides)
 
 # %% ../nbs/10_protocol.ipynb #2cca5e47
 def views_needed(methods: list[str], # names in `base.list_methods()`
@@ -130,6 +140,34 @@ def views_needed(methods: list[str], # names in `base.list_methods()`
     """Noisy views per training image that `prepare` must cache for these methods: the most any of them reads
     (0: none)."""
     return max((method_knobs(m, knobs).cached_views for m in methods), default=0)
+
+def side_of(knobs: Knobs, # a method's resolved knobs
+            run: dict, # the run's text knobs, standing in for those the method's knobs lack
+           ) -> tuple: # (sem_template, n_desc)
+    "Which text side a method reads: its own text knobs, the run's where its knobs have none."
+    return tuple(getattr(knobs, k, run[k]) for k in TEXT_KNOBS)
+
+def texts_needed(methods: list[str], # names in `base.list_methods()`
+                 knobs: Knobs | dict | None = None, # the run's knobs, or {method: its knobs}
+                 run: SpaKnobs | None = None, # the run's SpaKnobs (default: `knobs` if it is one, else SpaKnobs())
+                ) -> list[dict]: # [{sem_template, n_desc}] beyond the run's own text side
+    "The text sides `prepare` must encode besides the run's, for methods that phrase their own (ENGINE)."
+    run = run or (knobs if isinstance(knobs, SpaKnobs) else SpaKnobs())
+    base = {k: getattr(run, k) for k in TEXT_KNOBS}
+    sides = dict.fromkeys(side_of(method_knobs(m, knobs), base) for m in methods)  # in order, once each
+    return [dict(zip(TEXT_KNOBS, s)) for s in sides if s != tuple(base.values())]
+
+def text_side(prep: Prepared, # the prepared benchmark
+              knobs: Knobs, # a method's resolved knobs
+              name: str = "this method", # the method, for the message
+             ) -> tuple[TextSide, str]: # the side and its content key
+    "The text side a method with `knobs` reads, or `SpaError` naming the fix when it is not prepared."
+    side = side_of(knobs, prep.text_knobs)
+    if side not in prep.sides:
+        want = dict(zip(TEXT_KNOBS, side))
+        raise SpaError(f"{name} reads a text side {want} that is not prepared: "
+                       f"prepare(..., texts=[{want}]) (`texts_needed` lists what a run's methods read)")
+    return prep.sides[side]
 
 # %% ../nbs/10_protocol.ipynb #2665db54
 def run_key(prep: Prepared, # the prepared benchmark
@@ -143,7 +181,7 @@ def run_key(prep: Prepared, # the prepared benchmark
         prep.benchmark.order,
         prep.setting,
         prep.train.folder.name,
-        prep.text_key,
+        text_side(prep, knobs)[1],
         seed,
         knobs.to_dict(),
     )
@@ -216,19 +254,17 @@ def _start(
         _refuse_other_run(ckpt, extra.get("run_key"), key)
         gen.set_state(extra["generator"])
         return state, extra["records"], gen
-    return method.new(prep.text, prep.logit_scale, seed, knobs), [], gen
+    return method.new(text_side(prep, knobs)[0], prep.logit_scale, seed, knobs), [], gen
 
 # %% ../nbs/10_protocol.ipynb #da360c5e
 def _check(name: str, method: Method, prep: Prepared, knobs: Knobs):
     "Refuse, before any work, a method the prepared benchmark cannot run."
-    if clash := {k: (getattr(knobs, k), v) for k, v in prep.text_knobs.items() if getattr(knobs, k, v) != v}:
-        raise SpaError(f"{name}'s text knobs {clash} (asked, prepared) differ from the prepared text side: "
-                       "prepare() with them")
     if knobs.cached_views > prep.n_views:
         raise SpaError(
             f"{name} reads {knobs.cached_views} noisy views per training image, the prepared benchmark "
             f"caches {prep.n_views}: prepare(..., views={knobs.cached_views})"
         )
+    text_side(prep, knobs, name)
     if method.check is not None: method.check(prep, knobs)
 
 # %% ../nbs/10_protocol.ipynb #df269fc4
@@ -307,5 +343,5 @@ def run_protocol(
     knobs = knobs or SpaKnobs()
     check_methods(list(methods))  # a bad name fails before any work
     prep = prepare(benchmark, clip, setting, descriptions, cache_dir, knobs.sem_template, n_desc=knobs.n_desc,
-                   progress=progress, views=views_needed(methods, knobs))
+                   progress=progress, views=views_needed(methods, knobs), texts=texts_needed(methods, knobs))
     return run_methods(prep, methods, seed, out_dir, resume, knobs, progress)

@@ -28,7 +28,8 @@ from .descriptions import (DescribeResult, import_litellm, describe_benchmark,
 from .microclip import embedded_clip_path
 from .method import get_method, method_knobs
 from .settings import run_knobs
-from .protocol import prepare, run_methods, split_features, view_features, views_needed
+from .protocol import (prepare, run_methods, split_features, texts_needed, view_features,
+                                  views_needed)
 from .metrics import PLOT_HINT, RunResult, can_plot, figure_class, markdown_table, plot_curves
 
 # %% auto #0
@@ -318,7 +319,7 @@ def run_benchmark(dataset: str = "synthetic", # benchmark name, "synthetic", or 
     prep = prepare(bench, clip, setting, descs, Path(opts.cache_dir) / "features", knobs.sem_template,
                    n_desc=knobs.n_desc,
                    batch_size=opts.extract_batch_size, num_workers=opts.num_workers, progress=progress,
-                   views=views_needed(methods, per))
+                   views=views_needed(methods, per), texts=texts_needed(methods, per, knobs))
     key = content_key(bench.key, bench.order, setting, opts.seed, clip.key, descs, knobs.to_dict())
     out = Path(out or Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', bench.name)}-{setting}-{key[:8]}")
     check_fresh(out, opts.resume)

@@ -22,16 +22,15 @@ from .data import Benchmark
 from .world import synthetic_world
 from .backbone import ClipBundle
 from .method import method_knobs
-from .protocol import prepare, run_key, run_method
+from .protocol import TEXT_KNOBS, prepare, run_key, run_method
 from .microclip import load_embedded_clip
 from .runs import (LLM_PREFIX, backbone_label, check_k_patches, check_llm_access, descriptions_spec,
                               offline_descriptions, open_benchmark, open_model, resolve_setting,
                               run_descriptions)
 
 # %% auto #0
-__all__ = ['NAMED', 'REFERENCE', 'GRID', 'TEXT_KNOBS', 'METRICS', 'grid_knobs', 'seed_rows', 'run_seed', 'run_grid', 'ci95',
-           'paired_stats', 'summary', 'markdown', 'check_seeds', 'pick_configs', 'seed_benchmarks', 'Study',
-           'write_study', 'run_study']
+__all__ = ['NAMED', 'REFERENCE', 'GRID', 'METRICS', 'grid_knobs', 'seed_rows', 'run_seed', 'run_grid', 'ci95', 'paired_stats',
+           'summary', 'markdown', 'check_seeds', 'pick_configs', 'seed_benchmarks', 'Study', 'write_study', 'run_study']
 
 # %% ../nbs/10b_study.ipynb #6db30fb6
 NAMED = "a photo of a {c}, which has {s}."  # semantic tokens phrased with the class name (our first design)
@@ -56,8 +55,6 @@ GRID = {  # row name -> (registered method, knobs that differ from the run's)
 }
 
 # %% ../nbs/10b_study.ipynb #06bdd88b
-TEXT_KNOBS = ("sem_template", "n_desc")  # knobs that change the prepared text side
-
 def grid_knobs(configs: dict, # row name -> (method, knob overrides), e.g. `GRID`
                base: SpaKnobs | None = None, # the knobs every row starts from (default: `SpaKnobs()`)
               ) -> dict[str, SpaKnobs]: # row name -> its run's knobs

@@ -13,7 +13,7 @@ from spa_toolkit.peers.engine import (diagonal_ce, engine_cos, EngineKnobs, engi
 import dataclasses
 import spa_toolkit.peers.engine as E
 from spa_toolkit.method import TextSide, get_method, load_state, rows, task_rows
-from spa_toolkit.protocol import Prepared, prepare, run_method
+from spa_toolkit.protocol import Prepared, prepare, run_method, texts_needed
 from spa_toolkit.microclip import load_embedded_clip
 from spa_toolkit.peers.common import project
 
@@ -21,7 +21,8 @@ from spa_toolkit.peers.common import project
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
     world = synthetic_world(n_classes=8, n_train=8, n_test=4, inc=4)
-    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False, views=2)
+    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False, views=2,
+                   texts=texts_needed(["engine"]))  # its views and its own phrasing
 
 
 # --- losses, by hand ------------------------------------------------------------------------------------------------

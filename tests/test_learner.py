@@ -5,7 +5,7 @@ import torch
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import SpaError
 from spa_toolkit.learner import new_state, predict, train_task
-from spa_toolkit.protocol import prepare, run_method
+from spa_toolkit.protocol import prepare, run_method, texts_needed
 from spa_toolkit.world import synthetic_world
 from spa_toolkit.microclip import load_embedded_clip
 
@@ -13,7 +13,8 @@ from spa_toolkit.microclip import load_embedded_clip
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
     world = synthetic_world(n_classes=8, n_train=8, n_test=4, inc=4)
-    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False, views=1)  # ENGINE's, at 1 epoch
+    return prepare(world, load_embedded_clip(), cache_dir=tmp_path_factory.mktemp("features"), progress=False, views=1,  # ENGINE's, at 1 epoch
+                   texts=texts_needed(["engine"]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

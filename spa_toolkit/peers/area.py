@@ -104,10 +104,15 @@ def area_scores(net: AreaNet, # the network
                 scale: float, # CLIP's temperature tau
                ) -> torch.Tensor: # [B, C]
     "tau cos(z_c(x), w_c) [B, C]: residual plus basis-weighted attribute scores on both sides."
-    z = net.visual_adapter(x)[:, None] + torch.einsum("cdk,bk->bcd", vb, net.visual_s[t](x))
+    a, s = net.visual_adapter(x), net.visual_s[t](x)  # [B, D], [B, K]
     w = net.textual_adapter(names) + torch.einsum("cdk,ck->cd", tb, net.textual_s[t](names))
-    z, w = z / (z.norm(dim=-1, keepdim=True) + 1e-6), w / (w.norm(dim=-1, keepdim=True) + 1e-6)
-    return scale * torch.einsum("bcd,cd->bc", z, w)
+    w = w / (w.norm(dim=-1, keepdim=True) + 1e-6)  # [C, D]
+    # <z_c, w_c> and |z_c|^2 with z_c = a + V_c s, from [B, C, K] projections: no [B, C, D] tensor
+    va = torch.einsum("cdk,bd->bck", vb, a)
+    dot = a @ w.T + s @ torch.einsum("cdk,cd->ck", vb, w).T
+    sq = (a * a).sum(1, keepdim=True) + 2 * torch.einsum("bk,bck->bc", s, va) \
+        + torch.einsum("bk,ckj,bj->bc", s, torch.einsum("cdk,cdj->ckj", vb, vb), s)
+    return scale * dot / (sq.clamp_min(0).sqrt() + 1e-6)
 
 # %% ../../nbs/09h_area.ipynb #30d77855
 def route_values(x: torch.Tensor, # [B, D] image embeddings

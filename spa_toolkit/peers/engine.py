@@ -20,12 +20,15 @@ from .common import (PeerState, check_embeddings, check_seen, clip_loss, new_lin
                                       regrow, rows_as, sgd_cosine, shuffled_batches, state_codec)
 
 # %% auto #0
-__all__ = ['ENGINE_STATE_VERSION', 'engine_state_dict', 'engine_state_from_dict', 'ENGINE', 'EngineKnobs', 'diagonal_ce',
-           'engine_loss', 'sample_descriptions', 'noisy_prototypes', 'gda_stats', 'merge_gda', 'gda_scores',
-           'description_centres', 'rerank_scores', 'EngineNet', 'EngineState', 'new_engine_state', 'engine_cos',
-           'engine_logits', 'train_engine_task']
+__all__ = ['ENGINE_SEM_TEMPLATE', 'ENGINE_STATE_VERSION', 'engine_state_dict', 'engine_state_from_dict', 'ENGINE', 'EngineKnobs',
+           'diagonal_ce', 'engine_loss', 'sample_descriptions', 'noisy_prototypes', 'gda_stats', 'merge_gda',
+           'gda_scores', 'description_centres', 'rerank_scores', 'EngineNet', 'EngineState', 'new_engine_state',
+           'engine_cos', 'engine_logits', 'train_engine_task']
 
 # %% ../../nbs/09c_engine.ipynb #1b563a27
+# the authors' phrasing of a description (`name + " with " + phrase.lower()`); the CLIP tokenizer lower-cases
+ENGINE_SEM_TEMPLATE = "{c} with {s}"
+
 @dataclass(frozen=True)
 class EngineKnobs(Knobs):
     "ENGINE's hyper-parameters (`exps/engine/cifar_0_10.json`), validated once."
@@ -44,10 +47,13 @@ class EngineKnobs(Knobs):
     views: int | None = None # cached noisy views per image (None: one per epoch, as the authors; 0: clean)
     embeddings: str = "raw" # what adapters and prototypes take: "raw" embeddings (the authors') or "unit"
     discriminant: str = "pre" # the GDA reads: "pre" (unit pre-projection [CLS]: the authors') or "global"
+    sem_template: str = ENGINE_SEM_TEMPLATE # its descriptions' phrasing ({c}: class name, {s}: description)
 
     def check(self):
         check_least(self, epochs=0, batch_size=1, rerank_top=1)
         check_embeddings(self)
+        if "{s}" not in self.sem_template:
+            raise SpaError(f"sem_template={self.sem_template!r} has no '{{s}}' slot for the description: add one")
         if self.discriminant not in ("pre", "global"):
             raise SpaError(
                 f"discriminant={self.discriminant!r}: choose 'pre' (the authors') or 'global'")
