@@ -67,47 +67,47 @@ def rank_exemplars(feats: torch.Tensor, # [n, d] one class's features
     return torch.tensor(_RANKINGS[method](x, n), dtype=torch.long, device=feats.device)
 
 # %% ../nbs/03_exemplars.ipynb #a844bc68
-def _kmeans_medoids(x: torch.Tensor, k: int, seed: int, n_init: int) -> list[int]:
+def _kmeans_medoids(x: torch.Tensor, n_clusters: int, seed: int, n_init: int) -> list[int]:
     "The member nearest each k-means centroid, largest cluster first."
-    km = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit(x.double().cpu().numpy())
+    km = KMeans(n_clusters=n_clusters, random_state=seed, n_init=n_init).fit(x.double().cpu().numpy())
     labels = torch.as_tensor(km.labels_, device=x.device)
     cents = torch.as_tensor(km.cluster_centers_, dtype=x.dtype, device=x.device)
-    sizes = torch.bincount(labels, minlength=k).tolist()
+    sizes = torch.bincount(labels, minlength=n_clusters).tolist()
     out = []
-    for c in sorted(range(k), key=lambda c: (-sizes[c], c)):
+    for c in sorted(range(n_clusters), key=lambda c: (-sizes[c], c)):
         members = (labels == c).nonzero().flatten()
         if len(members): out.append(int(members[_sqdist(x[members], cents[c]).argmin()]))
-    if len(out) == k: return out
-    # k herding picks hold k - len(out) new ones
-    return out + [i for i in _herding(x, k) if i not in out][: k - len(out)]
+    if len(out) == n_clusters: return out
+    # n_clusters herding picks hold n_clusters - len(out) new ones
+    return out + [i for i in _herding(x, n_clusters) if i not in out][: n_clusters - len(out)]
 
 # %% ../nbs/03_exemplars.ipynb #b61005f2
 METHODS = ("kmeans", "herding", "kcenter", "closest")
 
 def select_exemplars(feats: torch.Tensor, # [n, d] one class's (global) features
-                     k: int = 5, # how many exemplars; k > n returns all n samples
+                     k_exemplars: int = 5, # how many exemplars; k_exemplars > n returns all n samples
                      method: str = "kmeans", # one of `METHODS`
                      seed: int = 0, # k-means seed (the other methods are deterministic)
                      n_init: int = 4, # k-means restarts
-                    ) -> torch.LongTensor: # [min(k, n)] distinct indices into `feats`
-    "Indices [min(k, n)] of `k` representative and diverse samples of one class's features [n, d]."
+                    ) -> torch.LongTensor: # [min(k_exemplars, n)] distinct indices into `feats`
+    "Indices [min(k_exemplars, n)] of representative and diverse samples of one class's features [n, d]."
     _check_method(method, METHODS)
-    if int(k) < 1: raise SpaError(f"k={k} exemplars asked for: use k >= 1")
-    if method != "kmeans": return rank_exemplars(feats, method, n=k)
+    if int(k_exemplars) < 1: raise SpaError(f"k_exemplars={k_exemplars}: ask for k_exemplars >= 1")
+    if method != "kmeans": return rank_exemplars(feats, method, n=k_exemplars)
     x = _check_feats(feats)
     return torch.tensor(
-        _kmeans_medoids(x, min(int(k), len(x)), seed, n_init), dtype=torch.long, device=feats.device
+        _kmeans_medoids(x, min(int(k_exemplars), len(x)), seed, n_init), dtype=torch.long, device=feats.device
     )
 
 # %% ../nbs/03_exemplars.ipynb #5af43017
 def exemplars_by_class(feats: torch.Tensor, # [n, d] features of a whole training set
                        labels: torch.Tensor, # [n] integer class labels
-                       k: int = 5, # exemplars per class
+                       k_exemplars: int = 5, # exemplars per class
                        method: str = "kmeans", # one of `METHODS`
                        seed: int = 0, # k-means seed
-                      ) -> dict[int, torch.LongTensor]: # class label -> [min(k, n_c)] indices into `feats`
-    """Exemplar indices [min(k, n_c)] (into the whole set) for every class in `labels` [n], from features
-    [n, d]."""
+                      ) -> dict[int, torch.LongTensor]: # label -> [min(k_exemplars, n_c)] indices
+    """Exemplar indices [min(k_exemplars, n_c)] (into the whole set) for every class in `labels` [n], from
+    features [n, d]."""
     if labels.shape != feats.shape[:1]:
         raise SpaError(
             f"labels shape {tuple(labels.shape)} does not match features {tuple(feats.shape)}: pass one "
@@ -116,7 +116,8 @@ def exemplars_by_class(feats: torch.Tensor, # [n, d] features of a whole trainin
     out = {}
     for c in labels.unique().tolist():
         idx = (labels == c).nonzero().flatten()
-        out[int(c)] = idx[select_exemplars(feats[idx], k=k, method=method, seed=seed).to(idx.device)]
+        picks = select_exemplars(feats[idx], k_exemplars=k_exemplars, method=method, seed=seed)
+        out[int(c)] = idx[picks.to(idx.device)]
     return out
 
 # %% ../nbs/03_exemplars.ipynb #29c90fab
@@ -124,14 +125,14 @@ def exemplar_images(images, # [n] PIL images, or a Dataset whose rows hold an "i
                     feats: torch.Tensor, # [n, d] their features
                     labels: torch.Tensor, # [n] their integer labels
                     class_names: list[str], # label i is class_names[i]
-                    k: int = 5, # exemplars per class
+                    k_exemplars: int = 5, # exemplars per class
                     method: str = "kmeans", # one of `METHODS`
                     seed: int = 0, # k-means seed
-                   ) -> dict[str, list]: # class name -> [min(k, n_c)] images
-    """The exemplar images [min(k, n_c)] of every class in `labels` [n], keyed by class name, chosen from
-    features [n, d]."""
+                   ) -> dict[str, list]: # class name -> [min(k_exemplars, n_c)] images
+    """The exemplar images [min(k_exemplars, n_c)] of every class in `labels` [n], keyed by class name, chosen
+    from features [n, d]."""
     def row(i):  # a Dataset decodes its image on every access: read the row once
         r = images[i]
         return r["image"] if isinstance(r, dict) else r
-    picks = exemplars_by_class(feats, labels, k=k, method=method, seed=seed)
+    picks = exemplars_by_class(feats, labels, k_exemplars=k_exemplars, method=method, seed=seed)
     return {class_names[c]: [row(i) for i in idx.tolist()] for c, idx in picks.items()}

@@ -149,7 +149,7 @@ def side_of(knobs: Knobs, # a method's resolved knobs
 
 def texts_needed(methods: list[str], # names in `base.list_methods()`
                  knobs: Knobs | dict | None = None, # the run's knobs, or {method: its knobs}
-                 run: SpaKnobs | None = None, # the run's SpaKnobs (default: `knobs` if it is one, else SpaKnobs())
+                 run: SpaKnobs | None = None, # the run's SpaKnobs (default: `knobs` if one, else SpaKnobs())
                 ) -> list[dict]: # [{sem_template, n_desc}] beyond the run's own text side
     "The text sides `prepare` must encode besides the run's, for methods that phrase their own (ENGINE)."
     run = run or (knobs if isinstance(knobs, SpaKnobs) else SpaKnobs())

@@ -155,7 +155,7 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
                      model: str, # a litellm model string
                      cache_dir: str | Path, # the CLI's cache folder (features/, descriptions/)
                      api_base: str | None = None, # a local OpenAI-compatible server
-                     k: int = RunOptions.k_exemplars, # exemplar images per class (0: text only)
+                     k_exemplars: int = RunOptions.k_exemplars, # exemplar images per class (0: text only)
                      n_descriptions: int = RunOptions.n_descriptions, # phrases per class
                      progress: bool = True, # progress bars
                      batch_size: int = RunOptions.extract_batch_size, # images per pass (train features)
@@ -165,12 +165,12 @@ def llm_descriptions(bench: Benchmark, clip: ClipBundle, # the benchmark and the
     "Describe every class with `model`, shown its exemplar images; resumable (each class is cached)."
     check_llm_access(model, api_base)
     imgs = None
-    if k > 0:  # exemplars are picked on the train split's features (extracted here once, reused by the run)
+    if k_exemplars > 0:  # picked on the train split's features (extracted here once, reused by the run)
         train = split_features(clip, bench, "train", Path(cache_dir) / "features", batch_size=batch_size,
                                num_workers=num_workers, progress=progress)
         g = torch.from_numpy(np.asarray(train.global_, dtype=np.float32))
         y = torch.from_numpy(np.asarray(train.labels))
-        imgs = exemplar_images(bench.train, g, y, bench.class_names, k)
+        imgs = exemplar_images(bench.train, g, y, bench.class_names, k_exemplars)
     path = descriptions_file(cache_dir, bench, model)
     res = describe_benchmark(bench.class_names, imgs, path, model=model, api_base=api_base,
                              n_descriptions=n_descriptions,
@@ -253,11 +253,11 @@ def run_meta(opts: RunOptions, bench: Benchmark, setting: str, clip: ClipBundle,
                 versions=library_versions())
 
 # %% ../nbs/10c_runs.ipynb #65f9976a
-def check_k_patches(k: int, clip: ClipBundle):
-    "Raise `SpaError` when `k` patches per image are more than `clip` makes."
-    if k > clip.n_patches:
-        raise SpaError(f"--k-patches {k} is more than the {clip.n_patches} patches per image of this model: "
-                       f"pass --k-patches {clip.n_patches} or fewer")
+def check_k_patches(k_patches: int, clip: ClipBundle):
+    "Raise `SpaError` when `k_patches` patches per image are more than `clip` makes."
+    if k_patches > clip.n_patches:
+        raise SpaError(f"--k-patches {k_patches} is more than the {clip.n_patches} patches per image of this "
+                       f"model: pass --k-patches {clip.n_patches} or fewer")
 
 # %% ../nbs/10c_runs.ipynb #d5f739fb
 def open_benchmark(dataset: str, # a benchmark name, "synthetic", or a folder
@@ -284,7 +284,8 @@ def run_descriptions(opts: RunOptions, bench: Benchmark, clip: ClipBundle,
 
 def _described(opts: RunOptions, bench: Benchmark, clip: ClipBundle, llm: str) -> Described:
     "`llm_descriptions` with the options' cache, server, exemplar, phrase and extraction settings."
-    return llm_descriptions(bench, clip, llm, opts.cache_dir, api_base=opts.api_base, k=opts.k_exemplars,
+    return llm_descriptions(bench, clip, llm, opts.cache_dir, api_base=opts.api_base,
+                            k_exemplars=opts.k_exemplars,
                             n_descriptions=opts.n_descriptions,
                             batch_size=opts.extract_batch_size, num_workers=opts.num_workers)
 

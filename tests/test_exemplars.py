@@ -13,18 +13,18 @@ def feats(n=40, d=16, seed=0):
 @pytest.mark.parametrize("method", METHODS)
 def test_distinct_long_indices_deterministic(method):
     x = feats()
-    a, b = select_exemplars(x, k=5, method=method), select_exemplars(x.clone(), k=5, method=method)
+    a, b = select_exemplars(x, k_exemplars=5, method=method), select_exemplars(x.clone(), k_exemplars=5, method=method)
     assert a.dtype == torch.long and a.shape == (5,) and len(set(a.tolist())) == 5
     assert a.min() >= 0 and a.max() < len(x) and torch.equal(a, b)
 
 @pytest.mark.parametrize("method", METHODS)
 def test_k_above_n_returns_every_sample(method):
-    assert sorted(select_exemplars(feats(3), k=5, method=method).tolist()) == [0, 1, 2]
-    assert select_exemplars(feats(1), k=5, method=method).tolist() == [0]
+    assert sorted(select_exemplars(feats(3), k_exemplars=5, method=method).tolist()) == [0, 1, 2]
+    assert select_exemplars(feats(1), k_exemplars=5, method=method).tolist() == [0]
 
 def test_kmeans_seed_changes_clustering_on_unstructured_data():
     x = feats(200, 8)
-    picks = {tuple(select_exemplars(x, k=5, seed=s, n_init=1).tolist()) for s in range(5)}
+    picks = {tuple(select_exemplars(x, k_exemplars=5, seed=s, n_init=1).tolist()) for s in range(5)}
     assert len(picks) > 1  # the seed is really used
 
 def test_kmeans_orders_by_cluster_size():
@@ -33,13 +33,13 @@ def test_kmeans_orders_by_cluster_size():
     sizes = [5, 15, 10]
     x = torch.cat([centres[i] + 0.2 * torch.randn(s, 6, generator=g) for i, s in enumerate(sizes)])
     mode = torch.tensor(sum(([i] * s for i, s in enumerate(sizes)), []))
-    assert mode[select_exemplars(x, k=3)].tolist() == [1, 2, 0]
+    assert mode[select_exemplars(x, k_exemplars=3)].tolist() == [1, 2, 0]
 
 def test_kmeans_with_duplicates_still_distinct():
     x = torch.tensor([[1., 0.]] * 5 + [[0., 1.]] * 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        picks = select_exemplars(x, k=4)
+        picks = select_exemplars(x, k_exemplars=4)
     assert len(set(picks.tolist())) == 4
 
 def herding_reference(x, m):
@@ -66,18 +66,18 @@ def test_kcenter_second_pick_is_farthest_from_first():
 def test_rankings_are_nested():
     x = feats()
     for m in ("herding", "kcenter", "closest"):
-        assert torch.equal(select_exemplars(x, k=3, method=m), rank_exemplars(x, m)[:3])
+        assert torch.equal(select_exemplars(x, k_exemplars=3, method=m), rank_exemplars(x, m)[:3])
 
 def test_bad_inputs():
     with pytest.raises(SpaError, match="choose one of"): select_exemplars(feats(), method="random")
     with pytest.raises(SpaError, match=r"\[n, d\]"): select_exemplars(torch.randn(4))
-    with pytest.raises(SpaError, match="k >= 1"): select_exemplars(feats(), k=0)
+    with pytest.raises(SpaError, match="ask for k_exemplars >= 1"): select_exemplars(feats(), k_exemplars=0)
     with pytest.raises(SpaError, match="NaN"): select_exemplars(torch.full((3, 2), float("nan")))
     with pytest.raises(SpaError, match="one label per row"): exemplars_by_class(feats(4), torch.zeros(5))
 
 def test_exemplars_by_class_returns_global_indices_of_each_class():
     x, labels = feats(60), torch.arange(60) % 3
-    out = exemplars_by_class(x, labels, k=4, method="herding")
+    out = exemplars_by_class(x, labels, k_exemplars=4, method="herding")
     assert sorted(out) == [0, 1, 2]
     for c, idx in out.items():
         assert (labels[idx] == c).all() and len(idx) == 4

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from spa_toolkit.core import l2norm, make_generator
-from spa_toolkit.peers.fecam import FecamKnobs, fecam_logits, new_fecam_state, train_fecam_task
+from spa_toolkit.peers.fecam import (FecamKnobs, fecam_logits, fecam_stats, new_fecam_state, row_correlation,
+                                     train_fecam_task)
 from spa_toolkit.peers.ranpac import (RanpacKnobs, holdout_errors, new_ranpac_state, random_features,
                                       ranpac_logits, select_ridge, train_ranpac_task)
 
@@ -104,3 +105,18 @@ def test_fecam_distances_equal_the_authors(alpha):
     want = authors_fecam_distances(x, y, range(3), probe, alpha)
     torch.testing.assert_close(-fecam_logits(st, probe), want, rtol=1e-9, atol=1e-12)
     assert (fecam_logits(st, probe).argmax(1) == want.argmin(1)).all()
+
+
+def test_fecam_stats_survive_a_near_identity_correlation():
+    """Class 84 of `bench_peers`' CIFAR-shaped random features (unit rows, 500 a class, d = 512): its shrunk correlation is
+    nearly the identity, on which the SVD route of `pinv` failed to converge here (LAPACK's gesdd on this machine's CPU), so
+    `fecam_stats` raised at task 9; the symmetric route gives the pseudo-inverse."""
+    g = l2norm(torch.randn(100 * 500, 512, generator=make_generator(0)))[84 * 500:85 * 500]
+    covs = torch.cov(g.T)[None]
+    covs.diagonal(dim1=-2, dim2=-1).add_(100.0)
+    _, prec = fecam_stats(g, torch.zeros(500, dtype=torch.long), range(1), 100.0)
+    r = row_correlation(covs)  # rank d - 1 (its rows sum to zero): the cut-off drops one direction
+    want = torch.linalg.pinv(r.double(), rtol=512 * torch.finfo(torch.float32).eps)  # float64, float32's cut-off
+    torch.testing.assert_close(prec.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(r @ prec @ r, r, rtol=0, atol=1e-5)  # the Moore-Penrose conditions
+    torch.testing.assert_close(prec @ r @ prec, prec, rtol=0, atol=1e-5)

@@ -53,7 +53,8 @@ class EngineKnobs(Knobs):
         check_least(self, epochs=0, batch_size=1, rerank_top=1)
         check_embeddings(self)
         if "{s}" not in self.sem_template:
-            raise SpaError(f"sem_template={self.sem_template!r} has no '{{s}}' slot for the description: add one")
+            raise SpaError(f"sem_template={self.sem_template!r} has no '{{s}}' slot for the description: "
+                           "add one")
         if self.discriminant not in ("pre", "global"):
             raise SpaError(
                 f"discriminant={self.discriminant!r}: choose 'pre' (the authors') or 'global'")

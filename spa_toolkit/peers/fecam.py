@@ -54,7 +54,9 @@ def fecam_stats(g: torch.Tensor, # [n, d] frozen features
     covs = torch.stack([torch.cov(g[y == c].T) for c in classes])
     covs.diagonal(dim1=-2, dim2=-1).add_(alpha)
     means = torch.stack([g[y == c].mean(0) for c in classes])
-    return l2norm(means), torch.linalg.pinv(row_correlation(covs))
+    # symmetric, so through an eigendecomposition: the SVD pinv's default failed to converge on CIFAR-shaped
+    # features (a near-identity correlation, its singular values nearly all repeated)
+    return l2norm(means), torch.linalg.pinv(row_correlation(covs), hermitian=True)
 
 def mahalanobis(g: torch.Tensor, # [B, d] features
                 means: torch.Tensor, # [C, d] unit class means
