@@ -1012,6 +1012,7 @@ d = { 'settings': { 'branch': 'main',
                                    'spa_toolkit.world.render_any': ('world.html#render_any', 'spa_toolkit/world.py'),
                                    'spa_toolkit.world.render_parts_sample': ('world.html#render_parts_sample', 'spa_toolkit/world.py'),
                                    'spa_toolkit.world.render_sample': ('world.html#render_sample', 'spa_toolkit/world.py'),
+                                   'spa_toolkit.world.render_scene': ('world.html#render_scene', 'spa_toolkit/world.py'),
                                    'spa_toolkit.world.synthetic_world': ('world.html#synthetic_world', 'spa_toolkit/world.py'),
                                    'spa_toolkit.world.world_attributes': ('world.html#world_attributes', 'spa_toolkit/world.py'),
                                    'spa_toolkit.world.world_image_size': ('world.html#world_image_size', 'spa_toolkit/world.py')}}}

@@ -20,8 +20,8 @@ from .data import Benchmark, assemble
 # %% auto #0
 __all__ = ['WORLD_VERSION', 'WORLD_TEMPLATE', 'BASE_RENDER', 'DEMO_RENDER', 'SHAPES', 'COLOURS', 'MARKS', 'GENERIC_PHRASES',
            'CIFAR_LIKE', 'ShapeSpec', 'Attributes', 'world_attributes', 'class_name', 'describe', 'world_image_size',
-           'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered', 'render_sample', 'synthetic_world',
-           'PartsClass', 'parts_name', 'parts_describe', 'all_parts_combinations', 'parts_classes',
+           'all_combinations', 'demo_classes', 'pretrain_classes', 'Rendered', 'render_sample', 'render_scene',
+           'synthetic_world', 'PartsClass', 'parts_name', 'parts_describe', 'all_parts_combinations', 'parts_classes',
            'parts_pretrain_classes', 'render_parts_sample', 'render_any', 'cifar_like_world']
 
 # %% ../nbs/01a_world.ipynb #aefce7b9
@@ -155,15 +155,24 @@ def render_sample(a: Attributes, # the combination to draw
                   similarity: float = BASE_RENDER["similarity"], # 0: palette colours, ->1: all near-identical
                  ) -> Rendered:
     "One image of combination `a` with its caption."
+    return render_scene(lambda draw, n: _draw_object(draw, rng, a, n, similarity, noise),
+                        WORLD_TEMPLATE.format(class_name(a)), rng, image_size, noise, distractors, similarity)
+
+def render_scene(draw_object, # draw_object(draw, n): puts the class's object on the n x n canvas
+                 caption: str, # the image's caption
+                 rng: np.random.Generator, # source of every random choice
+                 image_size: int, noise: float, distractors: int, similarity: float, # as `render_sample`'s
+                ) -> Rendered:
+    """A background, its distractors, the object, box-downsampled 4x to `image_size`, then pixel noise, drawn
+    from `rng` in that order."""
     n = image_size * 4
     img = Image.new("RGB", (n, n), tuple(int(v) for v in rng.integers(70, 190) + rng.integers(-15, 16, 3)))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(0, distractors + 1)): _draw_distractor(draw, rng, n, similarity, noise)
-    _draw_object(draw, rng, a, n, similarity, noise)
+    draw_object(draw, n)
     pix = (np.asarray(img.resize((image_size, image_size), Image.BOX), dtype=np.float32)
            + rng.normal(0, 255 * noise, (image_size, image_size, 3)))
-    return Rendered(Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)),
-                    WORLD_TEMPLATE.format(class_name(a)))
+    return Rendered(Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)), caption)
 
 # %% ../nbs/01a_world.ipynb #888d12ef
 def _render_split(classes: list[Attributes], n: int, seed: int, split: int, **knobs) -> datasets.Dataset:
@@ -266,15 +275,8 @@ def render_parts_sample(a: PartsClass, # the class to draw
                         similarity: float = BASE_RENDER["similarity"], # how alike the colours are, in [0, 1)
                        ) -> Rendered:
     "One image of cifar_like class `a` with its caption."
-    n = image_size * 4
-    img = Image.new("RGB", (n, n), tuple(int(v) for v in rng.integers(70, 190) + rng.integers(-15, 16, 3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(0, distractors + 1)): _draw_distractor(draw, rng, n, similarity, noise)
-    _draw_parts_object(draw, rng, a, n, similarity, noise)
-    pix = (np.asarray(img.resize((image_size, image_size), Image.BOX), dtype=np.float32)
-           + rng.normal(0, 255 * noise, (image_size, image_size, 3)))
-    return Rendered(Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)),
-                    WORLD_TEMPLATE.format(parts_name(a)))
+    return render_scene(lambda draw, n: _draw_parts_object(draw, rng, a, n, similarity, noise),
+                        WORLD_TEMPLATE.format(parts_name(a)), rng, image_size, noise, distractors, similarity)
 
 def render_any(a: Attributes | PartsClass, rng: np.random.Generator, image_size: int = 48,
                **knobs) -> Rendered:
