@@ -12,8 +12,8 @@ from spa_toolkit.peers.engine import (diagonal_ce, engine_cos, EngineKnobs, engi
                                 new_engine_state, noisy_prototypes, rerank_scores, sample_descriptions, train_engine_task)
 import dataclasses
 import spa_toolkit.peers.engine as E
-from spa_toolkit.method import TextSide, get_method, load_state, rows, task_rows
-from spa_toolkit.protocol import Prepared, prepare, run_method, texts_needed
+from spa_toolkit.method import TextSide, encode_text_side, get_method, load_state, rows, task_rows
+from spa_toolkit.protocol import Prepared, prepare, run_method, run_protocol, text_side, texts_needed
 from spa_toolkit.microclip import load_embedded_clip
 from spa_toolkit.peers.common import project
 
@@ -209,6 +209,21 @@ def test_the_peer_reads_the_text_side(prep):
     assert not torch.allclose(st.names.norm(dim=1), torch.ones(len(st.names)))
     unit = get_method("engine").new(prep.text, prep.logit_scale, 0, EngineKnobs(embeddings="unit"))
     assert unit.names is prep.text.names
+
+
+def test_the_protocol_gives_it_the_authors_phrasing(prep, tmp_path):
+    "ENGINE's descriptions are encoded as '{class} with {description}'; SPA's, in the same run, as the description alone."
+    world, clip = synthetic_world(n_classes=8, n_train=8, n_test=4, inc=4), load_embedded_clip()
+    want = encode_text_side(clip, world.class_names, world.templates, world.descriptions, "{c} with {s}", SpaKnobs().n_desc)
+    (side, key), (spa_side, _) = text_side(prep, EngineKnobs()), text_side(prep, SpaKnobs())
+    torch.testing.assert_close(side.sem, want.sem, rtol=0, atol=0)
+    assert spa_side is prep.text and not torch.allclose(spa_side.sem, side.sem) and key != prep.text_key
+    res = run_protocol(world, clip, ["spa", "engine"], cache_dir=tmp_path, progress=False, knobs=SpaKnobs(epochs=1))
+    assert res["engine"].knobs["sem_template"] == "{c} with {s}" and len(res["engine"].curve) == 2
+    for template, sem in (("{c} with {s}", want.sem), ("{s}", prep.text.sem)):  # its own side, or the run's
+        run_method(prep, "engine", out_dir=tmp_path / template, progress=False,
+                   knobs=EngineKnobs(epochs=1, sem_template=template))
+        torch.testing.assert_close(load_state(tmp_path / template / "engine.state.pt")[0].sem, sem, rtol=0, atol=0)
 
 
 def test_the_loop_refuses_engine_without_its_views(prep):
