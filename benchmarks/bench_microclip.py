@@ -15,10 +15,11 @@ On cifar_like the peers' run (--methods zeroshot ncm rapf proof engine bofa clg_
 zero-shot < SimpleCIL < every trained peer, seed by seed and on the mean; --measure-only stops after 1-3.
 
 Usage: python benchmarks/bench_microclip.py [--variant premise|control|cifar_like] [--measure-only] [--seeds 0 1 2 3 4] [--threads 1] [--epochs 5]
-       [--model FOLDER] [--json PATH] [--methods spa spa_global ...] [--knob NAME=VALUE ...] [--n-train N]
+       [--model FOLDER] [--json PATH] [--methods spa spa_global ...] [--knob NAME=VALUE ...] [--n-train N] [--image-size PX]
 (--model: another open_clip model folder to measure on the variant's world, e.g. one written by `microclip.save_microclip`)
 """
 import argparse, json, tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -85,19 +86,18 @@ def local_meaning(clip, variant, n_per_class):
     return dict(mark_rank=rk.mean().item(), n_patches=n)
 
 
-def world_of(variant, seed, n_train=None):
-    "The variant's world of `seed`, with `n_train` training images per class instead of the variant's own."
-    if n_train is None: return synthetic_world(variant=variant, seed=seed)
-    if variant == "cifar_like": return cifar_like_world(n_train=n_train, seed=seed)
-    return synthetic_world(variant=variant, seed=seed, n_train=n_train)
+def world_of(variant, seed, n_train=None, image_size=None):
+    "The variant's world of `seed`, with `n_train` training images per class and images of side `image_size`, if given."
+    sizes = {k: v for k, v in dict(n_train=n_train, image_size=image_size).items() if v is not None}
+    return (cifar_like_world if variant == "cifar_like" else partial(synthetic_world, variant=variant))(seed=seed, **sizes)
 
 
-def protocol(clip, variant, seeds, methods, knobs, cache_root=None, n_train=None):
+def protocol(clip, variant, seeds, methods, knobs, cache_root=None, n_train=None, image_size=None):
     res = {m: [] for m in methods}
     for s in seeds:
         with tempfile.TemporaryDirectory() as tmp:
             cache = cache_root or tmp  # a kept cache lets a later run of other methods reuse the features
-            out = run_protocol(world_of(variant, s, n_train), clip, methods, seed=s, cache_dir=cache, progress=False,
+            out = run_protocol(world_of(variant, s, n_train, image_size), clip, methods, seed=s, cache_dir=cache, progress=False,
                                knobs=SpaKnobs(**knobs))
         for m in methods: res[m].append((out[m].average, out[m].last, out[m].forgetting))
         print(f"seed {s}: " + "  ".join(f"{m} {out[m].average:.2f}/{out[m].last:.2f}/{out[m].forgetting:.2f}" for m in methods)
@@ -133,19 +133,20 @@ def main():
     ap.add_argument("--knob", type=knob, action="append", default=[], help="a SpaKnobs override, e.g. --knob epochs=10")
     ap.add_argument("--model", help="an open_clip model folder (default: the variant's embedded micro-CLIP)")
     ap.add_argument("--n-train", type=int, help="training images per class (default: the variant's own)")
+    ap.add_argument("--image-size", type=int, help="the continual-learning images' side, before the model's resize (default: the variant's)")
     ap.add_argument("--cache", help="keep the feature cache here (default: a temporary folder per seed)")
     ap.add_argument("--measure-only", action="store_true", help="the model's measurements (1-3) only, no continual-learning run")
     ap.add_argument("--json", type=Path, help="also write the numbers here as JSON")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     clip = load_clip(f"{LOCAL_DIR}{Path(a.model).resolve()}", None) if a.model else load_embedded_clip(variant=a.variant)
-    numbers = dict(variant=a.variant, seeds=a.seeds, knobs=dict(a.knob), n_train=a.n_train)
+    numbers = dict(variant=a.variant, seeds=a.seeds, knobs=dict(a.knob), n_train=a.n_train, image_size=a.image_size)
     numbers |= premise(clip, a.variant, a.seeds) | headroom(clip, a.variant)
     numbers |= stats(clip, a.variant) if a.variant == "cifar_like" else local_meaning(clip, a.variant, a.images_per_class)
     if a.measure_only:
         if a.json: a.json.write_text(json.dumps(numbers, indent=1) + "\n")
         return
-    res = protocol(clip, a.variant, a.seeds, a.methods, dict(a.knob), a.cache, a.n_train)
+    res = protocol(clip, a.variant, a.seeds, a.methods, dict(a.knob), a.cache, a.n_train, a.image_size)
     summary(res)
     numbers |= ordering(res)
     numbers["methods"] = {m: v[:, 0].tolist() for m, v in res.items()}

@@ -93,8 +93,8 @@ def test_descriptions_are_capped_and_the_cap_is_in_the_run_key(prep):
     assert p4.text.sem.shape[1] == 4 and p8.text.sem.shape[1] == 8
     assert capped(many[world.class_names[0]], 4, world.class_names[0]) != many[world.class_names[0]][:4]  # a sample, not a prefix
     knobs = M.method_knobs("spa", SpaKnobs(n_desc=4))
-    assert P.run_key(p4, knobs, 0) != P.run_key(p8, knobs, 0)
-    assert P.run_key(p4, knobs, 0) != P.run_key(p4, M.method_knobs("spa", SpaKnobs(n_desc=8)), 0)
+    assert P.run_key(p4, knobs, 0) != P.run_key(p8, M.method_knobs("spa", SpaKnobs(n_desc=8)), 0)
+    with pytest.raises(M.SpaError, match="texts="): P.run_key(p8, knobs, 0)  # p8 holds no side capped at 4: no key
     with pytest.raises(M.SpaError, match="prepare"): P.run_method(p4, "spa", progress=False)  # knobs say 8, the text side holds 4
 
 
