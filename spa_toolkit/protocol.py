@@ -87,8 +87,8 @@ class Prepared:
     # (sem_template, n_desc) -> (text side, its key): the run's, and those of methods that phrase their own
     sides: dict = field(default_factory=dict)
 
-    def __post_init__(self):
-        self.sides.setdefault(tuple(self.text_knobs[k] for k in TEXT_KNOBS), (self.text, self.text_key))
+    def __post_init__(self):  # a new dict: a copy made with another `text` must not share or keep the old one
+        self.sides = {**self.sides, tuple(self.text_knobs[k] for k in TEXT_KNOBS): (self.text, self.text_key)}
 
 # %% ../nbs/10_protocol.ipynb #25a58463
 def prepare(

@@ -300,11 +300,13 @@ def test_cli_runs_area_on_the_embedded_world(tmp_path):
     folder.mkdir()
     for c, phrases in synthetic_world().descriptions.items():
         (folder / f"{c.replace(' ', '_')}_descriptions.txt").write_text(
-            "".join(f"train_{i}.png\t{s}\n" for i, s in enumerate(phrases)))
+            "".join(f"train_{i}.png\t{s}, as filed\n" for i, s in enumerate(phrases)))  # told apart from the world's
     p = subprocess.run([sys.executable, "-m", "spa_toolkit.cli", "run", "--methods", "area",
                         "--set", "area.epochs=2", "--descriptions", str(folder), "--out", str(tmp_path / "out")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "area" in p.stdout, p.stdout[-2000:]
     run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert str(folder) in json.dumps(run), "the run records the descriptions folder it read"
+    assert run["descriptions"] == str(folder) and run["descriptions_used_by"] == ["area"], run["descriptions"]
+    read = json.loads((tmp_path / "out" / "class_descriptions.json").read_text())["descriptions"]
+    assert all(s.endswith(", as filed") for phrases in read.values() for s in phrases)  # the folder's sentences

@@ -95,6 +95,8 @@ def test_descriptions_are_capped_and_the_cap_is_in_the_run_key(prep):
     knobs = M.method_knobs("spa", SpaKnobs(n_desc=4))
     assert P.run_key(p4, knobs, 0) != P.run_key(p8, M.method_knobs("spa", SpaKnobs(n_desc=8)), 0)
     with pytest.raises(M.SpaError, match="texts="): P.run_key(p8, knobs, 0)  # p8 holds no side capped at 4: no key
+    proof = M.method_knobs("proof")  # no n_desc knob of its own: the cap reaches its key through the text side alone
+    assert P.run_key(p4, proof, 0) != P.run_key(p8, proof, 0)
     with pytest.raises(M.SpaError, match="prepare"): P.run_method(p4, "spa", progress=False)  # knobs say 8, the text side holds 4
 
 

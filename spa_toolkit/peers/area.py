@@ -48,6 +48,9 @@ class AreaKnobs(Knobs):
         if not (self.lr > 0 and self.cov_eps > 0 and self.route_eps > 0):
             raise SpaError("lr, cov_eps and route_eps must be > 0, e.g. 0.01, 1e-4 and 0.1")
 
+    @property
+    def uses_descriptions(self) -> bool: return True # its textual bases come from the descriptions
+
 # %% ../../nbs/09h_area.ipynb #c43e7063
 def log_map(x: torch.Tensor, # [n, D] embeddings (raw or unit)
             mu: torch.Tensor, # [D] unit base point

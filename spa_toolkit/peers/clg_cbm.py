@@ -53,6 +53,9 @@ class ClgCbmKnobs(Knobs):
         if not (self.search_lr > 0 and self.lr > 0 and self.cov_eps > 0):
             raise SpaError("search_lr, lr and cov_eps must be > 0, e.g. 0.01, 0.001 and 1e-4")
 
+    @property
+    def uses_descriptions(self) -> bool: return True # its concepts are the class descriptions
+
 # %% ../../nbs/09g_clg_cbm.ipynb #da03d8a2
 def task_concepts(sem: torch.Tensor, # [C, M, d] description embeddings, unit rows (zero where padded)
                   sem_mask: torch.Tensor, # [C, M] bool, True for real descriptions

@@ -200,7 +200,8 @@ class EngineNet(nn.Module):
         return [*self.img[-1].parameters(), *self.txt[-1].parameters()]
 
 # %% ../../nbs/09c_engine.ipynb #b6d4e7ee
-ENGINE_STATE_VERSION = 3 # bump when the saved state's layout or meaning changes (3: GDA means; 2: `views`)
+# bump when the saved state's layout or meaning changes (4: `sem_template`; 3: GDA means; 2: `views`)
+ENGINE_STATE_VERSION = 4
 
 @dataclass
 class EngineState(PeerState):
