@@ -22,8 +22,8 @@ from .common import (PeerState, check_embeddings, check_seen, clip_loss, new_lin
 
 # %% auto #0
 __all__ = ['PROOF_STATE_VERSION', 'proof_state_dict', 'proof_state_from_dict', 'PROOF', 'ProofKnobs', 'dropout', 'Fusion',
-           'ProofNet', 'project', 'ProofState', 'new_proof_state', 'ProofScores', 'proof_scores', 'proof_loss',
-           'proof_logits', 'herding_memory', 'cut_memory', 'train_proof_task']
+           'ProofNet', 'ProofState', 'new_proof_state', 'ProofScores', 'proof_scores', 'proof_loss', 'proof_logits',
+           'herding_memory', 'cut_memory', 'train_proof_task']
 
 # %% ../../nbs/09a_proof.ipynb #922ddd2f
 @dataclass(frozen=True)
@@ -97,13 +97,6 @@ class ProofNet(nn.Module):
         self.prompts.append(nn.Parameter(torch.randn(prompt_len, d, generator=gen, device=gen.device)))
         for p in [*self.img[:-1].parameters(), *self.prompts[:-1]]: p.requires_grad_(False)
         return [p for p in self.parameters() if p.requires_grad]
-
-# %% ../../nbs/09a_proof.ipynb #d90b604a
-def project(bank: nn.ModuleList, # one projection per task
-            x: torch.Tensor, # [..., d]
-           ) -> torch.Tensor: # [..., d] unit norm
-    "The normalised sum [..., d] of a bank's projections of `x` [..., d]."
-    return l2norm(sum(f(x) for f in bank))
 
 # %% ../../nbs/09a_proof.ipynb #20fc6460
 PROOF_STATE_VERSION = 3 # bump when the saved layout changes (3: fixed memory, optimizer; 2: typed knobs)
