@@ -5,7 +5,7 @@
 # %% ../nbs/10_learner.ipynb #e20f2dfb
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,10 +16,10 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .base import SpaError, SpaKnobs
-from .core import check_state_version, l2norm, make_generator
+from .core import check_finite, check_state_version, l2norm, make_generator
 from .backbone import FeatureSet
-from .patches import (class_chunks, gather_patches, select_patch_sets, select_patches,
-                                 select_patches_for_labels)
+from .patches import (agnostic_relevance, class_chunks, gather_patches, select_patch_sets,
+                                 select_patches, select_patches_for_labels, topk_patches)
 from .ot import pooled_score
 from .projectors import SpaProjectors, stacked_sum
 from .calibration import (ClassStats, PatchStats, check_stats_memory, class_stats, merge_stats,
@@ -28,8 +28,9 @@ from .method import Method, Rows, TextSide, rows, save_state, task_rows, task_sp
 
 # %% auto #0
 __all__ = ['STATE_VERSION', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen_class_side', 'class_side', 'predict',
-           'pseudo_per_batch', 'replay_schedule', 'StepRows', 'train_task', 'spa_logits', 'score_margins',
-           'replay_margins', 'state_dict', 'state_from_dict', 'check_stats_fit']
+           'pseudo_per_batch', 'replay_schedule', 'StepRows', 'train_task', 'RelevanceMemo', 'relevance_memo',
+           'eval_patch_sets', 'spa_logits', 'score_margins', 'replay_margins', 'state_dict', 'state_from_dict',
+           'check_stats_fit']
 
 # %% ../nbs/10_learner.ipynb #582bf14b
 # bump when the saved state's layout changes (3: typed knobs; 2: frozen-space patch sets, study knobs)
@@ -46,6 +47,8 @@ class CILState:
     pstats: PatchStats | None = None # per-slot statistics of the selected patches of seen classes
     n_seen: int = 0 # classes seen so far (labels 0 .. n_seen-1)
     n_tasks: int = 0 # tasks trained so far
+    # evaluation's running patch relevance (`eval_patch_sets`): derived from frozen data, never saved
+    memo: RelevanceMemo | None = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device: return self.text.names.device
@@ -395,13 +398,64 @@ def train_task(state: CILState, # the state after the previous task (updated in 
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
 
+# %% ../nbs/10_learner.ipynb #00821e24
+@dataclass
+class RelevanceMemo:
+    """Each row's running patch relevance over one cache's evaluations: the best similarity of every patch
+    to the descriptions of the classes it has been compared with."""
+    feats: FeatureSet # the cache the rows belong to (held: the memo answers for no other)
+    rel: torch.Tensor # [n_rows, N] max similarity to descriptions of classes 0..covered-1 (-inf: none yet)
+    covered: torch.Tensor # [n_rows] long, the classes each row has been compared with
+
+def relevance_memo(state: CILState, # the state the memo rides on (`state.memo`)
+                   r: Rows, # rows read from a cache (`method.rows`), with patch tokens
+                  ) -> RelevanceMemo:
+    "The state's memo for `r`'s cache, started afresh (nothing compared yet) for another cache."
+    m = state.memo
+    if m is None or m.feats is not r.feats:
+        n, dev, dt = len(r.feats), r.p.device, state.text.sem.dtype
+        rel = torch.full((n, r.p.shape[1]), -torch.inf, dtype=dt, device=dev)
+        m = state.memo = RelevanceMemo(r.feats, rel, torch.zeros(n, dtype=torch.long, device=dev))
+    return m
+
+# %% ../nbs/10_learner.ipynb #8fd1cd2f
+def eval_patch_sets(state: CILState, # a state with agnostic selection
+                    r: Rows, # rows read from a cache, all N patch tokens
+                    n: int, # classes 0..n-1 compete for the patches
+                   ) -> torch.Tensor: # [B, k, d] each row's patch set
+    """`select_patch_sets` of rows [B, N, d] over classes 0..n-1, each row compared only with the classes seen
+    since its last evaluation (`state.memo`): the same sets, the selection work linear in the tasks."""
+    k, sem, mask = state.knobs, state.text.sem, state.text.sem_mask
+    m, p = relevance_memo(state, r), r.p.to(sem.dtype)
+    at = torch.as_tensor(r.idx, device=p.device)
+    rel, covered = m.rel[at], m.covered[at]
+    for c in covered.unique().tolist():  # one host read a chunk: rows of one task share their count
+        these = (covered == c).nonzero()[:, 0]
+        lo = c if c <= n else 0  # compared with more classes than n (a smaller evaluation): from none again
+        if lo < n:
+            new = agnostic_relevance(p[these], sem[lo:n], mask[lo:n], k.class_chunk)
+            rel[these] = new if lo == 0 else torch.maximum(rel[these], new)
+    m.rel[at], m.covered[at] = rel, n
+    return gather_patches(p, topk_patches(rel, min(k.k_patches, p.shape[1]))[:, None])[:, 0]
+
 # %% ../nbs/10_learner.ipynb #45312b95
 def spa_logits(state: CILState, # a trained state
               ): # a function of `Rows` giving logits [B, n_seen]
-    """SPA's scoring for one evaluation: the projected class side once, then rows -> logits [B, n_seen]
-    against it."""
-    side = class_side(state, state.n_seen) if state.knobs.scorer == "spa" else None
-    return lambda r: predict(state, r.g, r.p, side=side)
+    """SPA's scoring for one evaluation: the projected class side once (checked finite once), then rows ->
+    logits [B, n_seen] against it; rows read from a cache (checked as read) take their sets from
+    `state.memo`."""
+    k, n = state.knobs, state.n_seen
+    if k.scorer != "spa": return lambda r: predict(state, r.g, r.p)
+    side = class_side(state, n)
+    for part in side:
+        if part is not None: check_finite(part, "SPA's projected class side")
+    running = k.lam > 0 and k.selection == "agnostic"
+
+    def score(r: Rows) -> torch.Tensor:
+        if r.feats is None: return predict(state, r.g, r.p, side=side)  # rows of unknown origin: checked here
+        p = eval_patch_sets(state, r, n) if running and r.p.shape[1] > k.k_patches else r.p
+        return predict(state, r.g, p, side=side, check=False)
+    return score
 
 # %% ../nbs/10_learner.ipynb #3219d73a
 def score_margins(state: CILState, # a trained state

@@ -117,6 +117,8 @@ class Rows(NamedTuple):
     y: torch.Tensor # [n] long labels
     norm: torch.Tensor | None = None # [n] float32 raw norms of the global features (None: the cache has none)
     pre: torch.Tensor | None = None # [n, w] float32 pre-projection [CLS] features (None: not read)
+    idx: np.ndarray | None = None # [n] the sorted rows of `feats` they are (None: not read from a cache)
+    feats: FeatureSet | None = None # the cache they were read from, checked finite as read (None: not one)
 
     @property
     def raw(self) -> torch.Tensor:
@@ -160,7 +162,7 @@ def rows(feats: FeatureSet, # cached features of one split
             else _tensor(feats.global_norm[idx], device, f"cached norms in {where}"))
     f = None if not pre else _tensor(feats.pre[idx], device, f"cached pre-projection features in {where}",
                                      np.float32)
-    return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device), norm, f)
+    return Rows(g, p, torch.from_numpy(np.asarray(feats.labels[idx])).long().to(device), norm, f, idx, feats)
 
 # %% ../nbs/08b_method.ipynb #37238685
 def task_rows(feats: FeatureSet, # cached features of one split

@@ -16,8 +16,8 @@ from .core import check_finite, content_key, l2norm, loose_name
 
 # %% auto #0
 __all__ = ['SemanticTokens', 'capped', 'as_clause', 'sem_prompts', 'semantic_tokens', 'check_patch_inputs', 'patch_similarity',
-           'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'select_patches', 'gather_patches',
-           'select_patch_sets', 'select_patches_for_labels', 'toy_world']
+           'relevance', 'patch_relevance', 'topk_patches', 'class_chunks', 'agnostic_relevance', 'select_patches',
+           'gather_patches', 'select_patch_sets', 'select_patches_for_labels', 'toy_world']
 
 # %% ../nbs/05_patches.ipynb #becce8a0
 class SemanticTokens(NamedTuple):
@@ -185,8 +185,13 @@ def class_chunks(sem: torch.Tensor, mask: torch.Tensor, class_chunk: int | None)
         raise SpaError(f"class_chunk={class_chunk}: use a positive number of classes per chunk, or None")
     return zip(sem.split(class_chunk or sem.shape[0]), mask.split(class_chunk or sem.shape[0]))
 
-def _agnostic_relevance(patches, sem, mask, class_chunk) -> torch.Tensor:
-    "Relevance [B, N] of each patch to its closest description of any class, chunk by chunk."
+def agnostic_relevance(patches: torch.Tensor, # [B, N, d] patch tokens
+                       sem: torch.Tensor, # [C, M, d] semantic tokens
+                       mask: torch.Tensor, # [C, M] bool, True for real descriptions
+                       class_chunk: int | None = None, # classes per memory chunk; None: all at once
+                      ) -> torch.Tensor: # [B, N]
+    """Relevance [B, N] of each patch to its closest description of any class, chunk by chunk: a max, so the
+    relevance to classes A and B is the max of theirs (`learner.eval_patch_sets` keeps it running)."""
     return reduce(
         torch.maximum,
         (relevance(patch_similarity(patches, s), m).amax(1) for s, m in class_chunks(sem, mask, class_chunk)),
@@ -207,7 +212,7 @@ def select_patches(
     mask = check_patch_inputs(patches, sem, mask, values=check)
     if classes is not None: sem, mask = sem[classes], mask[classes]
     if agnostic:
-        return topk_patches(_agnostic_relevance(patches, sem, mask, class_chunk), k_patches)[:, None].expand(
+        return topk_patches(agnostic_relevance(patches, sem, mask, class_chunk), k_patches)[:, None].expand(
             -1, sem.shape[0], -1
         )
     return torch.cat(

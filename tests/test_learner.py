@@ -73,3 +73,53 @@ def test_every_method_runs_through_run_method(prep):
     for m in list_methods():
         r = run_method(prep, m, progress=False, knobs=short.get(m, SpaKnobs(epochs=1)))
         assert len(r.curve) == len(prep.splits) and 0 <= r.average <= 100, m
+
+
+def _random_cache(n_classes: int, per_class: int, n_patches: int, d: int, seed: int):
+    "Unit features and patch tokens of `n_classes` classes, as an in-memory FeatureSet, and a text side."
+    import numpy as np
+    from spa_toolkit.backbone import FeatureSet
+    from spa_toolkit.core import l2norm, make_generator
+    from spa_toolkit.method import TextSide
+    g = make_generator(seed)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    centres = l2norm(torch.randn(n_classes, d, generator=g))
+    feats = l2norm(centres[y] + 0.5 * torch.randn(len(y), d, generator=g)).half().numpy()
+    patches = l2norm(torch.randn(len(y), n_patches, d, generator=g)).half().numpy()
+    sem = l2norm(torch.randn(n_classes, 3, d, generator=g))
+    return FeatureSet(feats, patches, None, y.numpy(), None, {}), TextSide(centres, sem, torch.ones(n_classes, 3,
+                                                                                                   dtype=torch.bool))
+
+
+def test_the_running_relevance_gives_the_recomputed_predictions_at_every_task():
+    "Evaluation with the memo kept between tasks predicts what recomputing every row's selection predicts."
+    from spa_toolkit.learner import SPA
+    from spa_toolkit.protocol import evaluate
+    train, text = _random_cache(12, 6, 10, 16, seed=0)
+    test, _ = _random_cache(12, 4, 10, 16, seed=1)
+    state = new_state(text, 50.0, knobs=SpaKnobs(epochs=1, k_patches=3, class_chunk=2))
+    for t in range(3):
+        train_task(state, train, list(range(4 * t, 4 * t + 4)))
+        kept = state.memo
+        running, after = evaluate(SPA, state, test), state.memo
+        assert after is kept or t == 0  # one memo, continued
+        assert after.covered[:len(running[1])].tolist() == [state.n_seen] * len(running[1])
+        state.memo = None
+        fresh = evaluate(SPA, state, test)
+        assert (running[0] == fresh[0]).all() and (running[1] == fresh[1]).all()
+        state.memo = after  # the next evaluation continues the running memo
+
+
+def test_a_memo_answers_for_its_own_cache_only():
+    "Rows of another cache (same row numbers, other tokens) start a new memo: their sets are their own."
+    from spa_toolkit.learner import eval_patch_sets
+    from spa_toolkit.method import rows
+    from spa_toolkit.patches import select_patch_sets
+    a, text = _random_cache(4, 5, 10, 16, seed=0)
+    b, _ = _random_cache(4, 5, 10, 16, seed=2)
+    state = train_task(new_state(text, 50.0, knobs=SpaKnobs(epochs=1, k_patches=3)), a, [0, 1, 2, 3])
+    idx = list(range(20))
+    eval_patch_sets(state, rows(a, idx, "cpu"), 4)
+    rb = rows(b, idx, "cpu")
+    assert (eval_patch_sets(state, rb, 4) == select_patch_sets(rb.p.float(), text.sem[:4], 3, text.sem_mask[:4])).all()
+    assert state.memo.feats is b
