@@ -68,8 +68,8 @@ def stats(clip, variant):
 
 def ordering(res):
     "The published CIFAR-100 B0Inc10 structure on average accuracy: zero-shot < SimpleCIL < every trained peer."
-    if not {"zeroshot", "ncm"} <= set(res): return {}
     trained = [m for m in ("rapf", "proof", "engine", "bofa", "clg_cbm") if m in res]  # the published table's
+    if not {"zeroshot", "ncm"} <= set(res) or not trained: return {}
     avg = {m: res[m][:, 0] for m in ["zeroshot", "ncm", *trained]}
     ok_seed = [bool(avg["zeroshot"][i] < avg["ncm"][i] < min(avg[m][i] for m in trained)) for i in range(len(avg["ncm"]))]
     mean = {m: float(v.mean()) for m, v in avg.items()}

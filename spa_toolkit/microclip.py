@@ -518,7 +518,7 @@ def shift_microclip(folder: str | Path, # the model folder to (over)write
     """Write `source`'s micro-CLIP with its towers shifted apart by `a` mean raw norms along
     `quiet_directions`, measured on cifar_like pretraining data only; the recipe beside it says how, after the
     source's own pretraining record."""
-    src = Path(source) if isinstance(source, Path) else embedded_clip_path(source)
+    src = embedded_clip_path(source) if source in MICROCLIPS else Path(source)  # a variant, else a folder
     clip, classes = load_clip(f"{LOCAL_DIR}{src}", None), parts_pretrain_classes()
     x = parts_pretrain_batch(classes, 0, 0, n_images).images
     tok = clip.tokenizer([parts_caption(c) for c in classes])

@@ -32,3 +32,20 @@ def test_bench_scale_small_probe_reports_every_task(tmp_path):
     assert [t["pseudo"] for t in res["tasks"]] == [0, 64, 64] and res["linearity"]["crossover_old_classes"] == 64  # 40 real images: 1 batch
     gib = {r["cov"]: r["gib"] for r in res["covariance"]}
     assert len(res["covariance"]) == 8 and gib["full"] > gib["diag"] > gib["none"] > 0
+
+
+def _run(script: str, *args: str) -> str:
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT / "benchmarks", env=os.environ | dict(OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_bench_eval_small_run_finds_the_same_predictions_at_every_task():
+    out = _run("bench_eval.py", "--tasks", "2", "--test-per-class", "2", "--patches", "20", "--repeat", "1")
+    assert out.count("| True |") == 2 and "predictions identical at every task: True" in out
+
+
+def test_bench_task_memory_small_run_reports_the_ratio():
+    out = _run("bench_task_memory.py", "--per-class", "20", "--patches", "20")
+    assert "the task's rows" in out and "x (target <= 1.5x)" in out
