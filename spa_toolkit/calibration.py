@@ -16,9 +16,10 @@ from .base import COV_KINDS, SHRINK, SpaError, check_stats_knobs
 from .core import check_finite, check_float_tensor, check_generator, l2norm
 
 # %% auto #0
-__all__ = ['lw_intensity', 'ShrunkCov', 'ledoit_wolf', 'ClassStats', 'class_stats', 'merge_stats', 'Pseudo', 'sample_pseudo',
-           'PatchStats', 'patch_stats', 'sample_pseudo_patches', 'stats_bytes', 'stats_bytes_for', 'stats_budget',
-           'run_stats_bytes', 'check_stats_memory']
+__all__ = ['lw_intensity', 'ShrunkCov', 'ledoit_wolf', 'ClassStats', 'class_stats', 'merge_stats', 'Pseudo', 'PseudoLayout',
+           'pseudo_layout', 'sample_pseudo', 'draw_pseudo', 'PatchStats', 'patch_stats', 'sample_pseudo_patches',
+           'draw_pseudo_patches', 'stats_bytes', 'stats_bytes_for', 'stats_budget', 'run_stats_bytes',
+           'check_stats_memory']
 
 # %% ../nbs/08_calibration.ipynb #890111cf
 def lw_intensity(m4: torch.Tensor, # [...] sum over samples of ||r||^4 (diagonal model: of sum_i r_i^4)
@@ -237,14 +238,31 @@ def _draw(stats: ClassStats, rows: torch.Tensor, m: int, generator: torch.Genera
     if stats.cov == "shared": return mu + eps @ stats.factor.T
     return mu.expand(-1, m, -1).clone()
 
-def _unpad(z: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, normalize: bool,
-           total: int) -> Pseudo:
-    """Drop the padding of `z` [R, m, ...] beyond each row's count, `total` entries kept (known, so no host
-    read sizes the result)."""
-    keep = (torch.arange(z.shape[1], device=z.device) < counts[:, None]).flatten()
-    idx = keep.nonzero_static(size=total)[:, 0]
-    feats = z.flatten(0, 1)[idx]
-    return Pseudo(l2norm(feats) if normalize else feats, labels[idx // z.shape[1]])
+class PseudoLayout(NamedTuple):
+    """Which stored classes a draw takes and which of its padded draws it keeps: one layout serves every
+    draw of a batch (SPA's global and patch pseudo-features)."""
+    rows: torch.Tensor # [R] rows of the statistics' classes, in the order asked for
+    m: int # draws per row before the padding is dropped (the largest count)
+    keep: torch.Tensor # [total] positions of the kept draws among the [R * m] padded ones
+    labels: torch.Tensor # [total] the class id of each kept draw
+
+def pseudo_layout(held: torch.Tensor, # [C] sorted class ids the statistics hold (`stats.classes`)
+                  n_per_class: int | torch.Tensor, # samples per class: an int, or [C'] counts
+                  classes: torch.Tensor | None = None, # [C'] class ids to sample (default: all of `held`)
+                  sizes: tuple[int, int] | None = None, # (max, sum) of the counts if known: no host read
+                 ) -> PseudoLayout:
+    """The layout of `n_per_class` draws of each of `classes` (`total` kept, known: no host read sizes
+    them)."""
+    cls = held if classes is None else classes.to(held.device)
+    rows = _rows_of(held, cls, "classes", check=sizes is None)
+    counts, m, total = _per_class(n_per_class, len(rows), rows.device, sizes)
+    keep = (torch.arange(m, device=rows.device) < counts[:, None]).flatten().nonzero_static(size=total)[:, 0]
+    return PseudoLayout(rows, m, keep, cls[keep // m])
+
+def _kept(z: torch.Tensor, layout: PseudoLayout, normalize: bool) -> torch.Tensor:
+    "The draws of `z` [R, m, ...] that `layout` keeps, [total, ...], L2-normalised when `normalize`."
+    feats = z.flatten(0, 1)[layout.keep]
+    return l2norm(feats) if normalize else feats
 
 # %% ../nbs/08_calibration.ipynb #8a79b142
 def sample_pseudo(stats: ClassStats, # from `class_stats` / `merge_stats`
@@ -255,10 +273,15 @@ def sample_pseudo(stats: ClassStats, # from `class_stats` / `merge_stats`
                   sizes: tuple[int, int] | None = None, # (max, sum) of the counts if known: no host read
                  ) -> Pseudo: # feats [n,d], labels [n], grouped by class in the order of `classes`
     "Pseudo-features [n, d] and their labels [n], drawn from the stored class Gaussians."
-    cls = stats.classes if classes is None else classes.to(stats.classes.device)
-    rows = _rows_of(stats.classes, cls, "classes", check=sizes is None)
-    counts, m, total = _per_class(n_per_class, len(rows), rows.device, sizes)
-    return _unpad(_draw(stats, rows, m, generator), counts, cls, normalize, total)
+    return draw_pseudo(stats, pseudo_layout(stats.classes, n_per_class, classes, sizes), generator, normalize)
+
+def draw_pseudo(stats: ClassStats, # the statistics
+                layout: PseudoLayout, # from `pseudo_layout` on `stats.classes`
+                generator: torch.Generator, # on the statistics' device
+                normalize: bool = False, # L2-normalise the samples
+               ) -> Pseudo: # feats [n, d], labels [n]
+    "Pseudo-features [n, d] and their labels [n] as `layout` lays them out."
+    return Pseudo(_kept(_draw(stats, layout.rows, layout.m, generator), layout, normalize), layout.labels)
 
 # %% ../nbs/08_calibration.ipynb #5e29bf7f
 @dataclass
@@ -302,11 +325,19 @@ def sample_pseudo_patches(stats: PatchStats, # from `patch_stats` / `merge_stats
                           sizes: tuple[int, int] | None = None, # (max, sum) of counts if known: no host read
                          ) -> Pseudo: # feats [n,k,d], labels [n]
     "Pseudo patch sets [n, k, d] and their labels [n], drawn slot by slot from the stored Gaussians."
-    cls = stats.classes if classes is None else classes.to(stats.classes.device)
-    rows = _rows_of(stats.stats.classes, _slot_keys(cls, stats.slots), "classes", check=sizes is None)
-    counts, m, total = _per_class(n_per_class, len(cls), rows.device, sizes)
-    z = _draw(stats.stats, rows, m, generator)
-    return _unpad(rearrange(z, "(c s) m d -> c m s d", s=stats.slots), counts, cls, normalize, total)
+    lay = pseudo_layout(stats.classes, n_per_class, classes, sizes)
+    return draw_pseudo_patches(stats, lay, generator, normalize)
+
+def draw_pseudo_patches(stats: PatchStats, # the statistics
+                        layout: PseudoLayout, # from `pseudo_layout` on `stats.classes` (or the same classes)
+                        generator: torch.Generator, # on the statistics' device
+                        normalize: bool = False, # L2-normalise each token
+                       ) -> Pseudo: # feats [n, k, d], labels [n]
+    """Pseudo patch sets [n, k, d] and their labels [n] as `layout` lays them out: class row r holds slot
+    rows r * k .. r * k + k - 1 (`patch_stats` keys every class's k slots)."""
+    z = _draw(stats.stats, _slot_keys(layout.rows, stats.slots), layout.m, generator)
+    z = rearrange(z, "(c s) m d -> c m s d", s=stats.slots)
+    return Pseudo(_kept(z, layout, normalize), layout.labels)
 
 # %% ../nbs/08_calibration.ipynb #25a4fc9c
 def stats_bytes(stats: ClassStats | PatchStats) -> int:

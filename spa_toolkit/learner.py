@@ -18,16 +18,17 @@ from tqdm.auto import tqdm
 from .base import SpaError, SpaKnobs
 from .core import check_finite, check_state_version, l2norm, make_generator
 from .backbone import FeatureSet
-from .patches import (agnostic_relevance, class_chunks, gather_patches, select_patch_sets,
-                                 select_patches, select_patches_for_labels, topk_patches)
+from .patches import (agnostic_relevance, class_chunks, gather_patches, patch_similarity,
+                                 select_patch_sets, select_patches, select_patches_for_labels, topk_patches)
 from .ot import pooled_score
 from .projectors import SpaProjectors, stacked_sum
-from .calibration import (ClassStats, PatchStats, check_stats_memory, class_stats, merge_stats,
-                                     patch_stats, sample_pseudo, sample_pseudo_patches, stats_budget)
+from .calibration import (ClassStats, PatchStats, check_stats_memory, class_stats, draw_pseudo,
+                                     draw_pseudo_patches, merge_stats, patch_stats, pseudo_layout,
+                                     sample_pseudo, sample_pseudo_patches, stats_budget)
 from .method import Method, Rows, TextSide, rows, save_state, task_rows, task_span
 
 # %% auto #0
-__all__ = ['STATE_VERSION', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen_class_side', 'class_side', 'predict',
+__all__ = ['STATE_VERSION', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen_class_side', 'Joined', 'class_side', 'predict',
            'pseudo_per_batch', 'replay_schedule', 'StepRows', 'train_task', 'RelevanceMemo', 'relevance_memo',
            'eval_patch_sets', 'spa_logits', 'score_margins', 'replay_margins', 'state_dict', 'state_from_dict',
            'check_stats_fit']
@@ -73,13 +74,14 @@ class ClassSide(NamedTuple):
 def _class_inputs(state: CILState, n: int) -> ClassSide:
     """The frozen class side [n, ...] the banks project: what the enabled terms need (the means once
     statistics cover the n classes)."""
-    k, st = state.knobs, state.stats
-    means = (
-        st.means[:n].to(state.text.names.dtype)
-        if k.proto > 0 and st is not None and len(st.classes) >= n
-        else None
-    )
-    return ClassSide(state.text.names[:n], state.text.sem[:n] if k.lam > 0 else None, means)
+    sem = state.text.sem[:n] if state.knobs.lam > 0 else None
+    return ClassSide(state.text.names[:n], sem, _means_input(state, n))
+
+def _means_input(state: CILState, n: int) -> torch.Tensor | None:
+    "The class means [n, d] the visual bank projects, once statistics cover the n classes (else None)."
+    st = state.stats
+    ok = state.knobs.proto > 0 and st is not None and len(st.classes) >= n
+    return st.means[:n].to(state.text.names.dtype) if ok else None
 
 def _banks(state: CILState):
     """The bank that projects each field of a `ClassSide`: text for names and descriptions, visual for class
@@ -98,26 +100,41 @@ def frozen_class_side(state: CILState, # a state whose newest adapters are train
         )
     )
 
-def _through(bank, pairs: list) -> list:
-    """`bank(x, f)` of each pair (x [..., d], f: its frozen part, or None) in one call over all their rows;
-    each output keeps its input's shape."""
+class Joined(NamedTuple):
+    "Inputs of one bank call, their rows joined once: a task's class side is joined once for all its steps."
+    x: torch.Tensor # [R, d] every input's rows
+    frozen: torch.Tensor | None # [R, d] their frozen part, or None
+    shapes: list # each input's shape, to split the output back
+
+def _join(pairs: list) -> Joined:
+    "Join (x [..., d], its frozen part or None) pairs into one bank input."
     xs, fs = zip(*pairs)
     d = xs[0].shape[-1]
     flat = lambda ts: torch.cat([t.reshape(-1, d) for t in ts])
-    out = bank(flat(xs), None if fs[0] is None else flat(fs), check=False).split([x.numel() // d for x in xs])
-    return [o.view(x.shape) for o, x in zip(out, xs)]
+    return Joined(flat(xs), None if fs[0] is None else flat(fs), [x.shape for x in xs])
+
+def _through(bank, inputs: Joined) -> list:
+    "`bank` over joined inputs in one call; each output keeps its input's shape."
+    out = bank(inputs.x, inputs.frozen, check=False)
+    return [o.view(s) for o, s in zip(out.split([s.numel() // s[-1] for s in inputs.shapes]), inputs.shapes)]
+
+def _text_inputs(state: CILState, n: int, frozen: ClassSide | None) -> Joined:
+    "The text bank's input over classes 0..n-1: the names, then the descriptions when the patch branch is on."
+    ins, fr = _class_inputs(state, n), frozen or ClassSide(None, None, None)
+    return _join([(x, f) for x, f in zip(ins[:2], fr[:2]) if x is not None])
 
 def _projected(
-    state: CILState, n: int, frozen: ClassSide | None = None, rows: list = ()
+    state: CILState, n: int, frozen: ClassSide | None = None, rows: list = (), text: Joined | None = None
 ) -> tuple[ClassSide, list]:
     """The projected class side over classes 0..n-1 and the visual projections of `rows` ((x, frozen part)
-    pairs), each bank called once: the text bank on names and descriptions, the visual one on rows, means."""
-    ins, fr = _class_inputs(state, n), frozen or ClassSide(None, None, None)
-    names, *sem = _through(state.proj.text, [(x, f) for x, f in zip(ins[:2], fr[:2]) if x is not None])
-    vis = [*rows, *([] if ins.means is None else [(ins.means, fr.means)])]
-    out = _through(state.proj.visual, vis) if vis else []
+    pairs), each bank called once: the text bank on names and descriptions (`text`, if joined already), the
+    visual one on rows, means."""
+    means, fr = _means_input(state, n), frozen or ClassSide(None, None, None)
+    names, *sem = _through(state.proj.text, text or _text_inputs(state, n, frozen))
+    vis = [*rows, *([] if means is None else [(means, fr.means)])]
+    out = _through(state.proj.visual, _join(vis)) if vis else []
     sem = sem[0] * state.text.sem_mask[:n, :, None] if sem else None  # zero where padded
-    return ClassSide(names, sem, None if ins.means is None else out[-1]), out[: len(rows)]
+    return ClassSide(names, sem, None if means is None else out[-1]), out[: len(rows)]
 
 def class_side(state: CILState, # a trained (or training) state
                n: int, # classes 0..n-1
@@ -135,7 +152,7 @@ def _patch_scores(
     """Patch-level scores [B, n]: frozen-space selection, then the projected sets pooled against the projected
     descriptions (`projected`: `patches` are sets already through the visual bank)."""
     k, vis = state.knobs, state.proj.visual
-    p, sem, mask = patches.to(state.text.sem.dtype), state.text.sem[:n], state.text.sem_mask[:n]
+    p, mask = patches.to(state.text.sem.dtype), state.text.sem_mask[:n]
     proj_sem = (side or class_side(state, n)).sem
     kk, chunk = min(k.k_patches, p.shape[1]), None if torch.is_grad_enabled() else k.class_chunk
     pool = lambda S, m: pooled_score(
@@ -145,11 +162,10 @@ def _patch_scores(
         raise SpaError(f"projected patches must be agnostic sets of {kk}: pass {p.shape[1]} unprojected")
     if k.selection == "agnostic":
         # training and replay pass the frozen sets themselves
-        sets = p if p.shape[1] <= kk else select_patch_sets(p, sem, kk, mask, chunk)
+        sets = p if p.shape[1] <= kk else select_patch_sets(p, state.text.sem[:n], kk, mask, chunk)
         Z = sets if projected else vis(sets, check=check)  # [B, k, d]: one set per image, for every class
-        return torch.cat(
-            [pool(torch.einsum("bkd,cmd->bckm", Z, t), m) for t, m in class_chunks(proj_sem, mask, chunk)], 1
-        )
+        if chunk is None: return pool(patch_similarity(Z, proj_sem), mask)  # one pass (training)
+        return torch.cat([pool(patch_similarity(Z, t), m) for t, m in class_chunks(proj_sem, mask, chunk)], 1)
     return torch.cat(
         [
             pool(
@@ -160,7 +176,8 @@ def _patch_scores(
                 ),
                 m,
             )
-            for (s, m), (t, _) in zip(class_chunks(sem, mask, chunk), class_chunks(proj_sem, mask, chunk))
+            for (s, m), (t, _) in zip(class_chunks(state.text.sem[:n], mask, chunk),
+                                      class_chunks(proj_sem, mask, chunk))
         ],
         1,
     )
@@ -264,12 +281,10 @@ def _pseudo_batch(
     """Pseudo (global, patch set, label) triples of old classes, `counts` [R] saying how many of which,
     `sizes` their (max, sum)."""
     old = torch.arange(len(counts), device=counts.device)
-    g = sample_pseudo(state.stats, counts, gen, classes=old, normalize=True, sizes=sizes)
-    p = (
-        sample_pseudo_patches(state.pstats, counts, gen, classes=old, normalize=True, sizes=sizes).feats
-        if state.pstats is not None
-        else None
-    )
+    # one layout for both draws: `pstats` holds the classes of `stats`, in their order (`_new_stats`)
+    lay = pseudo_layout(state.stats.classes, counts, old, sizes)
+    g = draw_pseudo(state.stats, lay, gen, normalize=True)
+    p = None if state.pstats is None else draw_pseudo_patches(state.pstats, lay, gen, normalize=True).feats
     return g.feats, p, g.labels
 
 class StepRows(NamedTuple):
@@ -283,7 +298,9 @@ class StepRows(NamedTuple):
 def _step_rows(state: CILState, g, p, y, frozen_sum) -> StepRows:
     "Rows g [B, d], p [B, k, d], y [B] and their frozen part (`frozen_sum`: a bank's, or a stack's)."
     if _plain_step(state.knobs): return StepRows(g, p, y, None, None)
-    return StepRows(g, p, y, frozen_sum(g), None if p is None else frozen_sum(p))
+    if p is None: return StepRows(g, p, y, frozen_sum(g), None)
+    f = frozen_sum(torch.cat([g, p.flatten(0, 1)]))  # rows and their sets in one pass
+    return StepRows(g, p, y, f[: len(g)], f[len(g) :].view(p.shape))
 
 def _rows_op(f, *rows: StepRows) -> StepRows:
     "`f` on each field of `rows` alike, None staying None: take a batch, or join real and pseudo rows."
@@ -293,15 +310,16 @@ def _plain_step(k: SpaKnobs) -> bool:
     "Whether a step scores rows as evaluation does: class selection re-selects from all N tokens per class."
     return k.lam > 0 and k.selection == "class"
 
-def _step_logits(state: CILState, r: StepRows, n: int, frozen: ClassSide) -> torch.Tensor:
-    """Logits [B, n] of a step's rows: each bank's newest adapter runs once, on the class side and the rows
-    together (frozen parts known), then the rows are scored as they are at evaluation."""
+def _step_logits(state: CILState, r: StepRows, n: int, frozen: ClassSide, text: Joined) -> torch.Tensor:
+    """Logits [B, n] of a step's rows: each bank's newest adapter runs once, on the class side (the text
+    bank's input joined once a task) and the rows together (frozen parts known), then the rows are scored
+    as they are at evaluation."""
     rows = [(r.g, r.fg)] + ([] if r.p is None else [(r.p, r.fp)])
-    side, (vg, *Z) = _projected(state, n, frozen, rows)
+    side, (vg, *Z) = _projected(state, n, frozen, rows, text)
     return predict(state, vg, Z[0] if Z else None, n, check=False, side=side, projected=True)
 
 def _step_loss(
-    state: CILState, real: StepRows, pseudo: StepRows | None, n: int, frozen: ClassSide
+    state: CILState, real: StepRows, pseudo: StepRows | None, n: int, frozen: ClassSide, text: Joined
 ) -> torch.Tensor:
     """Cross-entropy over all `n` seen classes of the real rows (+ `pseudo_ratio` x that of the pseudo rows),
     one scoring pass over both; inputs validated once for the task (nothing read back)."""
@@ -312,7 +330,7 @@ def _step_loss(
         logits = [predict(state, r.g, r.p, n, check=False, side=side) for r in parts]
     else:
         joined = real if pseudo is None else _rows_op(lambda a, b: torch.cat([a, b]), real, pseudo)
-        logits = _step_logits(state, joined, n, frozen).split([len(r.y) for r in parts])
+        logits = _step_logits(state, joined, n, frozen, text).split([len(r.y) for r in parts])
     loss = F.cross_entropy(logits[0], real.y)
     return loss if pseudo is None else loss + k.pseudo_ratio * F.cross_entropy(logits[1], pseudo.y)
 
@@ -324,6 +342,7 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     params = state.proj.add_task(gen).freeze_old()
     # the frozen adapters' part of every class input and of the task's rows: one pass per task, not per step
     frozen, vis = frozen_class_side(state, n_seen), state.proj.visual
+    text = _text_inputs(state, n_seen, frozen)
     task, stack = _step_rows(state, data.g, data.p, data.y, vis.frozen_sum), vis.frozen_stack()
     n, bs = len(data.y), k.batch_size
     n_batches = math.ceil(n / bs)
@@ -337,11 +356,11 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
             else [None] * n_batches
         )
         for b, replayed in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
-            # pseudo rows are new each step: their frozen part is two batched matmuls (stacked adapters)
+            # pseudo rows are new each step: their frozen part is one pass of batched matmuls (stacked)
             extra = None if replayed is None else _step_rows(
                 state, *_pseudo_batch(state, *replayed, gen), lambda x: stacked_sum(x, stack)
             )
-            loss = _step_loss(state, _rows_op(lambda x: x[b], task), extra, n_seen, frozen)
+            loss = _step_loss(state, _rows_op(lambda x: x[b], task), extra, n_seen, frozen, text)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
 # %% ../nbs/10_learner.ipynb #cc102a87

@@ -151,7 +151,10 @@ def patch_similarity(patches: torch.Tensor, # [B, N, d]
                      sem: torch.Tensor, # [C, M, d]
                     ) -> torch.Tensor: # [B, C, N, M] cosine similarities (inputs unit-norm)
     "Similarities [B, C, N, M] of every patch [B, N, d] to every description [C, M, d] of every class."
-    return torch.einsum("bnd,cmd->bcnm", patches, sem)
+    # one matmul over the flattened rows: `einsum("bnd,cmd->bcnm")` reaches the same bits (and strides) in 14
+    # dispatched operations, this in 6 (a training step scores its sets this way)
+    (b, n, d), (c, m, _) = patches.shape, sem.shape
+    return (patches.reshape(b * n, d) @ sem.reshape(c * m, d).T).view(b, n, c, m).transpose(1, 2)
 
 def relevance(sim: torch.Tensor, # [..., C, N, M] similarities (or [B, N, M] with a [B, M] mask)
               mask: torch.Tensor, # [C, M] bool (broadcast over the leading dims)

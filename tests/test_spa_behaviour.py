@@ -46,11 +46,11 @@ def test_replay_schedule_covers_every_old_class_each_epoch():
 
 def test_training_replays_pseudo_features_of_every_old_class(prep, monkeypatch):
     seen = []
-    real = L.sample_pseudo
-    def spy(stats, counts, gen, classes=None, **kw):
-        seen.append(classes[counts > 0].tolist())
-        return real(stats, counts, gen, classes=classes, **kw)
-    monkeypatch.setattr(L, "sample_pseudo", spy)
+    real = L.draw_pseudo
+    def spy(stats, layout, gen, **kw):
+        seen.append(layout.labels.unique().tolist())  # the classes the step's draw keeps
+        return real(stats, layout, gen, **kw)
+    monkeypatch.setattr(L, "draw_pseudo", spy)
     trained(prep, tasks=2, epochs=1)
     assert seen, "no pseudo-features were drawn while training the second task"
     assert set().union(*map(set, seen)) == set(prep.splits[0])

@@ -94,4 +94,6 @@ def test_the_steps_operations_do_not_grow_with_the_tasks():
     counts = B.main(tasks=10, per_class=4, n_patches=8, d=32, quiet=True)  # 40 images a task: one short batch a step
     assert set(counts) == {2, 10}
     assert counts[10] <= 1.2 * counts[2], counts
-    assert counts[10] <= 400, counts  # the plain step: ~1,080 at d = 512, growing by ~30 per task
+    # 301 here (one short batch a task); 290 at bench_ops.py's CIFAR-like default, where the target <= 300 is
+    # measured; the plain step: ~1,080 at d = 512, growing by ~30 per task
+    assert counts[10] <= 305, counts
