@@ -27,7 +27,7 @@ import torch
 
 from spa_toolkit.backbone import LOCAL_DIR, load_clip
 from spa_toolkit.catalog import DEFAULT_WORLD, WORLD_VARIANTS
-from spa_toolkit.world import cifar_like_world, synthetic_world
+from spa_toolkit.world import BASE_RENDER, cifar_like_world, synthetic_world
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.protocol import run_protocol
 from spa_toolkit.microclip import (clip_stats, demo_images, load_embedded_clip, mark_ranks, parts_premise_views, premise_views,
@@ -86,18 +86,19 @@ def local_meaning(clip, variant, n_per_class):
     return dict(mark_rank=rk.mean().item(), n_patches=n)
 
 
-def world_of(variant, seed, n_train=None, image_size=None):
-    "The variant's world of `seed`, with `n_train` training images per class and images of side `image_size`, if given."
-    sizes = {k: v for k, v in dict(n_train=n_train, image_size=image_size).items() if v is not None}
+def world_of(variant, seed, n_train=None, image_size=None, render=None):
+    """The variant's world of `seed`, with `n_train` training images per class, images of side `image_size` and the
+    renderer's knobs `render` (noise, distractors, similarity), if given."""
+    sizes = {k: v for k, v in dict(n_train=n_train, image_size=image_size).items() if v is not None} | (render or {})
     return (cifar_like_world if variant == "cifar_like" else partial(synthetic_world, variant=variant))(seed=seed, **sizes)
 
 
-def protocol(clip, variant, seeds, methods, knobs, cache_root=None, n_train=None, image_size=None):
+def protocol(clip, variant, seeds, methods, knobs, cache_root=None, n_train=None, image_size=None, render=None):
     res = {m: [] for m in methods}
     for s in seeds:
         with tempfile.TemporaryDirectory() as tmp:
             cache = cache_root or tmp  # a kept cache lets a later run of other methods reuse the features
-            out = run_protocol(world_of(variant, s, n_train, image_size), clip, methods, seed=s, cache_dir=cache, progress=False,
+            out = run_protocol(world_of(variant, s, n_train, image_size, render), clip, methods, seed=s, cache_dir=cache, progress=False,
                                knobs=SpaKnobs(**knobs))
         for m in methods: res[m].append((out[m].average, out[m].last, out[m].forgetting))
         print(f"seed {s}: " + "  ".join(f"{m} {out[m].average:.2f}/{out[m].last:.2f}/{out[m].forgetting:.2f}" for m in methods)
@@ -134,19 +135,23 @@ def main():
     ap.add_argument("--model", help="an open_clip model folder (default: the variant's embedded micro-CLIP)")
     ap.add_argument("--n-train", type=int, help="training images per class (default: the variant's own)")
     ap.add_argument("--image-size", type=int, help="the continual-learning images' side, before the model's resize (default: the variant's)")
+    ap.add_argument("--render", choices=["base"], help="draw the continual-learning images as pretraining draws its own "
+                    "(world.BASE_RENDER: less noise, fewer distractors, less alike colours) instead of the benchmark's")
     ap.add_argument("--cache", help="keep the feature cache here (default: a temporary folder per seed)")
     ap.add_argument("--measure-only", action="store_true", help="the model's measurements (1-3) only, no continual-learning run")
     ap.add_argument("--json", type=Path, help="also write the numbers here as JSON")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     clip = load_clip(f"{LOCAL_DIR}{Path(a.model).resolve()}", None) if a.model else load_embedded_clip(variant=a.variant)
-    numbers = dict(variant=a.variant, seeds=a.seeds, knobs=dict(a.knob), n_train=a.n_train, image_size=a.image_size)
+    numbers = dict(variant=a.variant, seeds=a.seeds, knobs=dict(a.knob), n_train=a.n_train, image_size=a.image_size,
+                   render=a.render)
+    render = None if a.render is None else {k: BASE_RENDER[k] for k in ("noise", "distractors", "similarity")}
     numbers |= premise(clip, a.variant, a.seeds) | headroom(clip, a.variant)
     numbers |= stats(clip, a.variant) if a.variant == "cifar_like" else local_meaning(clip, a.variant, a.images_per_class)
     if a.measure_only:
         if a.json: a.json.write_text(json.dumps(numbers, indent=1) + "\n")
         return
-    res = protocol(clip, a.variant, a.seeds, a.methods, dict(a.knob), a.cache, a.n_train, a.image_size)
+    res = protocol(clip, a.variant, a.seeds, a.methods, dict(a.knob), a.cache, a.n_train, a.image_size, render)
     summary(res)
     numbers |= ordering(res)
     numbers["methods"] = {m: v[:, 0].tolist() for m, v in res.items()}

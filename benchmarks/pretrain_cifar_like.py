@@ -3,13 +3,19 @@
 The shipped model's recipe was chosen from the measurements `bench_microclip.py --variant cifar_like --model FOLDER --measure-only`
 prints for each candidate (premise gap on siblings, zero-shot headroom, similarity statistics), before any continual-learning run.
 
+`--see-world-classes` pretrains on every look x mark-pair combination, the world's 100 classes included (with pretraining's
+own image draws, never the benchmark's): the concepts are seen, as real CLIP saw CIFAR-100's in web images (the fourth
+round of `nbs/05a_microclip.ipynb`); by default pretraining sees only the combinations that are not world classes.
+
 Usage: python benchmarks/pretrain_cifar_like.py --pool tok --rate 0.5 --out FOLDER [--steps 300] [--warmup 100] [--threads 1]
+       [--see-world-classes]
 """
 import argparse
 
 import torch
 
 from spa_toolkit import microclip as mc
+from spa_toolkit.world import all_parts_combinations
 
 
 def main():
@@ -20,7 +26,10 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--see-world-classes", action="store_true", help="pretrain on the world's classes too")
     a = ap.parse_args()
+    if a.see_world_classes:  # pretrain (and the recipe's record of its classes) read this name from the module
+        mc.parts_pretrain_classes = all_parts_combinations
     torch.set_num_threads(a.threads)
     mc.MICROCLIPS["cifar_like"] = mc.MicroSpec(a.pool, a.rate, "microclip_cifar_like")  # the candidate
     knobs = dict(steps=a.steps, seed=0, batch_size=128, lr=2e-3, warmup=a.warmup, weight_decay=0.1, patch_weight=1.0)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, TextSide, task_span
-from .common import (PeerState, check_embeddings, class_gaussians, new_linear, read_as, regrow,
-                                      shuffled_batches, state_codec)
+from .common import (PeerState, check_embeddings, class_gaussians, net_weights, new_linear, read_as,
+                                      regrow, shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['AREA_STATE_VERSION', 'area_state_dict', 'area_state_from_dict', 'AREA', 'AreaKnobs', 'log_map', 'geodesic_basis',
@@ -258,7 +258,7 @@ def _rebuild(k: AreaKnobs, e: dict, device) -> AreaState:
 
 # a plain dict of tensors, numbers and strings holding the whole AREA state, and back (on a device)
 area_state_dict, area_state_from_dict = state_codec(
-    AREA_STATE_VERSION, "AREA", AreaKnobs, _SAVED, lambda st: dict(net=st.net.state_dict()), _rebuild)
+    AREA_STATE_VERSION, "AREA", AreaKnobs, _SAVED, net_weights, _rebuild)
 
 # %% ../../nbs/09h_area.ipynb #940516f3
 AREA = Method(

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -16,9 +16,9 @@ from ..base import Knobs, SpaError
 from ..core import check_state_version, l2norm, make_generator
 
 # %% auto #0
-__all__ = ['EMBEDDINGS', 'new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'check_seen', 'PeerState',
-           'class_gaussians', 'pack_state', 'unpack_state', 'regrow', 'state_codec', 'fields_codec', 'check_embeddings',
-           'read_as', 'rows_as']
+__all__ = ['EMBEDDINGS', 'new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'fit_epochs', 'check_seen',
+           'PeerState', 'class_gaussians', 'pack_state', 'unpack_state', 'regrow', 'net_weights', 'state_codec',
+           'fields_codec', 'check_embeddings', 'names_as', 'read_as', 'rows_as']
 
 # %% ../../nbs/09_peers.ipynb #7cb2ac1f
 def _uniform(shape: tuple, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -67,6 +67,19 @@ def shuffled_batches(n: int, # rows in the task
                     ) -> tuple[torch.Tensor, ...]:
     "One epoch's batches: a permutation of range(n) drawn from `gen`, split into [batch_size] pieces."
     return torch.randperm(n, generator=gen, device=gen.device).split(batch_size)
+
+def fit_epochs(opt: torch.optim.Optimizer, # over the parameters being trained
+               sched, # its learning-rate schedule, stepped once an epoch
+               epochs: int, # passes over the task
+               epoch_batches: Callable[[int], Iterable], # epoch e -> its batches, drawn as the epoch starts
+               batch_loss: Callable[[int, object], torch.Tensor], # (i, the epoch's i-th batch) -> scalar loss
+              ):
+    "The peers' training loop: one optimiser step a batch on `batch_loss`, one schedule step an epoch."
+    for e in range(epochs):
+        for i, batch in enumerate(epoch_batches(e)):
+            loss = batch_loss(i, batch)
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        sched.step()
 
 def check_seen(n_seen: int, # classes a state has learned
               ):
@@ -132,6 +145,10 @@ def regrow(net: nn.Module, # a fresh net whose `add_task(width, generator)` adds
     net.load_state_dict(weights)
     return net
 
+def net_weights(state) -> dict: # {"net": its weights}
+    "The extra entry of a state whose parameters are one module `net` (PROOF, ENGINE, AREA): its weights."
+    return dict(net=state.net.state_dict())
+
 def state_codec(version: int, # the layout version the peer writes and reads
                 what: str, # names the state in messages, e.g. "PROOF"
                 knobs: type, # the peer's knobs class
@@ -165,6 +182,12 @@ def check_embeddings(knobs: Knobs): # with an `embeddings` field
     "Raise `SpaError` unless `knobs.embeddings` is one of `EMBEDDINGS`."
     if knobs.embeddings not in EMBEDDINGS:
         raise SpaError(f"embeddings={knobs.embeddings!r}: choose 'raw' (the authors' embeddings) or 'unit'")
+
+def names_as(text, # `method.TextSide`
+             knobs: Knobs, # with an `embeddings` field
+            ) -> torch.Tensor: # [C, d]
+    "The class-name embeddings [C, d] a peer reads: CLIP's raw ones for `embeddings='raw'`, else unit ones."
+    return text.raw_names if knobs.embeddings == "raw" else text.names
 
 def read_as(read: Callable, # a task's reader: (rows, kind="unit") -> (features, labels)
             idx, # sorted cache rows [n]

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, ViewReader, task_span
-from .common import (PeerState, check_embeddings, check_seen, clip_loss, new_linear, project, read_as,
-                                      regrow, rows_as, sgd_cosine, shuffled_batches, state_codec)
+from .common import (PeerState, check_embeddings, check_seen, clip_loss, fit_epochs, names_as,
+                                      net_weights, new_linear, project, read_as, regrow, rows_as, sgd_cosine,
+                                      shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['ENGINE_SEM_TEMPLATE', 'ENGINE_STATE_VERSION', 'engine_state_dict', 'engine_state_from_dict', 'ENGINE', 'EngineKnobs',
@@ -304,12 +305,11 @@ def _fit_engine(
     `views_of(e)` [n, d]."""
     k = state.knobs
     opt, sched = sgd_cosine(params, k)
-    for epoch in range(k.epochs):
+    def batches(epoch: int) -> list:  # the epoch's views, read before its shuffle
         view = views_of(epoch)
-        for b in shuffled_batches(len(y), k.batch_size, gen):
-            loss = _engine_batch_loss(state, g[b], y[b], view[b], lo, hi, gen)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        sched.step()
+        return [(view, b) for b in shuffled_batches(len(y), k.batch_size, gen)]
+    fit_epochs(opt, sched, k.epochs, batches,
+               lambda i, vb: _engine_batch_loss(state, g[vb[1]], y[vb[1]], vb[0][vb[1]], lo, hi, gen))
 
 # %% ../../nbs/09c_engine.ipynb #7ba4f4a4
 def train_engine_task(
@@ -355,15 +355,13 @@ def _rebuild_engine(knobs: EngineKnobs, e: dict, device: str | torch.device) -> 
 
 # a plain dict of tensors, numbers and strings holding the whole ENGINE state, and back (on a device)
 engine_state_dict, engine_state_from_dict = state_codec(
-    ENGINE_STATE_VERSION, "ENGINE", EngineKnobs, _SAVED, lambda st: dict(net=st.net.state_dict()),
-    _rebuild_engine)
+    ENGINE_STATE_VERSION, "ENGINE", EngineKnobs, _SAVED, net_weights, _rebuild_engine)
 
 # %% ../../nbs/09c_engine.ipynb #d82dc4ea
 ENGINE = Method(
     knobs=EngineKnobs,
     new=lambda text, logit_scale, seed, knobs: new_engine_state(
-        text.raw_names if knobs.embeddings == "raw" else text.names, text.sem, text.sem_mask, logit_scale,
-        seed, knobs
+        names_as(text, knobs), text.sem, text.sem_mask, logit_scale, seed, knobs
     ),
     train=lambda state, task, gen: train_engine_task(
         state, task.read, task.rows, task.classes, gen, task.read_views

@@ -17,8 +17,9 @@ from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..exemplars import rank_exemplars
 from ..method import Method, Reader, Task, task_span
-from .common import (PeerState, check_embeddings, check_seen, clip_loss, new_linear, project, read_as,
-                                      regrow, rows_as, sgd_cosine, shuffled_batches, state_codec)
+from .common import (PeerState, check_embeddings, check_seen, clip_loss, fit_epochs, names_as,
+                                      net_weights, new_linear, project, read_as, regrow, rows_as, sgd_cosine,
+                                      shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['PROOF_STATE_VERSION', 'proof_state_dict', 'proof_state_from_dict', 'PROOF', 'ProofKnobs', 'dropout', 'Fusion',
@@ -198,11 +199,8 @@ def _fit_proof(state: ProofState, g: torch.Tensor, y: torch.Tensor, params: list
     else:  # the authors' models/proof.py: AdamW with the same lr, weight decay and schedule
         opt = torch.optim.AdamW(params, lr=k.lr, weight_decay=k.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(k.epochs, 1))
-    for _ in range(k.epochs):
-        for b in shuffled_batches(len(y), k.batch_size, gen):
-            loss = proof_loss(proof_scores(state, g[b], state.n_seen, gen), y[b], state.logit_scale)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        sched.step()
+    fit_epochs(opt, sched, k.epochs, lambda e: shuffled_batches(len(y), k.batch_size, gen),
+               lambda i, b: proof_loss(proof_scores(state, g[b], state.n_seen, gen), y[b], state.logit_scale))
 
 # %% ../../nbs/09a_proof.ipynb #5beae564
 def train_proof_task(state: ProofState, # the state after the previous task (updated in place and returned)
@@ -240,14 +238,13 @@ def _rebuild_proof(knobs: ProofKnobs, e: dict, device: str | torch.device) -> Pr
 
 # a plain dict of tensors, numbers and strings holding the whole PROOF state, and back (on a device)
 proof_state_dict, proof_state_from_dict = state_codec(
-    PROOF_STATE_VERSION, "PROOF", ProofKnobs, _SAVED, lambda st: dict(net=st.net.state_dict()),
-    _rebuild_proof)
+    PROOF_STATE_VERSION, "PROOF", ProofKnobs, _SAVED, net_weights, _rebuild_proof)
 
 # %% ../../nbs/09a_proof.ipynb #abe967b1
 PROOF = Method(
     knobs=ProofKnobs,
     new=lambda text, logit_scale, seed, knobs: new_proof_state(
-        text.raw_names if knobs.embeddings == "raw" else text.names, logit_scale, seed, knobs),
+        names_as(text, knobs), logit_scale, seed, knobs),
     train=lambda state, task, gen: train_proof_task(state, task.read, task.rows, task.classes, gen),
     logits=lambda state: lambda r: proof_logits(state, rows_as(r, state.knobs.embeddings)),
     to_dict=proof_state_dict, from_dict=proof_state_from_dict)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import (PeerState, check_embeddings, check_seen, new_linear, read_as, rows_as,
-                                      shuffled_batches, state_codec)
+from .common import (PeerState, check_embeddings, check_seen, fit_epochs, new_linear, read_as,
+                                      rows_as, shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['RAPF_STATE_VERSION', 'rapf_state_dict', 'rapf_state_from_dict', 'RAPF', 'RapfKnobs', 'separation_loss',
@@ -170,16 +170,18 @@ def _fit_rapf(state: RapfState, g, y, n: int, pairs, gen: torch.Generator):
     k, lo = state.knobs, state.means.shape[0]
     opt = torch.optim.Adam(state.adapter.parameters(), lr=k.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, k.milestones, gamma=0.1)
-    for _ in range(k.epochs):
+    def batches(epoch: int) -> list:  # the epoch's order of old classes, drawn before its shuffle
         order = torch.randperm(lo, generator=gen, device=gen.device)
-        for b, idx in enumerate(shuffled_batches(len(y), k.batch_size, gen)):
-            gb, yb = g[idx], y[idx]
-            if lo:
-                pg, py = _replay(state, order, b, gen)
-                gb, yb = torch.cat([gb, pg]), torch.cat([yb, py])
-            loss = _rapf_loss(state, gb, yb, n, pairs, gen)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        sched.step()
+        return [(order, idx) for idx in shuffled_batches(len(y), k.batch_size, gen)]
+
+    def loss(b: int, batch) -> torch.Tensor:  # the b-th batch, with old classes' pseudo-features
+        order, idx = batch
+        gb, yb = g[idx], y[idx]
+        if lo:
+            pg, py = _replay(state, order, b, gen)
+            gb, yb = torch.cat([gb, pg]), torch.cat([yb, py])
+        return _rapf_loss(state, gb, yb, n, pairs, gen)
+    fit_epochs(opt, sched, k.epochs, batches, loss)
 
 # %% ../../nbs/09b_rapf.ipynb #37af5744
 def train_rapf_task(state: RapfState, # the state after the previous task (updated in place and returned)
