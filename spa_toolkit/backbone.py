@@ -5,6 +5,7 @@
 # %% ../nbs/02_backbone.ipynb #2c2120bd
 from __future__ import annotations
 import contextlib, difflib, json, os, re, shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -498,7 +499,8 @@ def _autocast(clip: ClipBundle):
     return torch.autocast(clip.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: str) -> dict:
-    "Cached arrays' rows for one batch of transformed images."
+    """Cached arrays' rows for one batch of transformed images, as host tensors whose copies from the device
+    may still be in flight (`_copies_done`)."""
     dev = clip.device
     x = x.to(dev, non_blocking=True)
     if dev.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
@@ -508,12 +510,21 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
     if f.pre is not None: out["pre"] = f.pre
     if patches == "all": out["patches"] = f.patches
     elif patches != "none": out["patch_idx"], out["patches"] = top_patches(f, patches)
-    return {k: _host(v) for k, v in out.items()} | {"global_norm": f.norm.cpu().numpy()}
+    out = {k: v.to(torch.float16 if v.is_floating_point() else torch.int16) for k, v in out.items()}
+    # float16 / int16 as the cache stores them, converted before leaving the device; the norms stay float32.
+    # The copies do not wait: from CUDA, `non_blocking` lands them in pinned memory while the GPU goes on
+    return {k: v.to("cpu", non_blocking=True) for k, v in (out | {"global_norm": f.norm}).items()}
 
-def _host(v: torch.Tensor) -> np.ndarray:
-    """A batch's feature (float) or patch index (int) tensor as the cache stores it (float16 / int16),
-    converted before leaving the device."""
-    return v.to(torch.float16 if v.is_floating_point() else torch.int16).cpu().numpy()
+def _copies_done(device: torch.device) -> torch.cuda.Event | None:
+    "An event after a batch's copies to the host, on CUDA (None elsewhere: the copies are done)."
+    if device.type != "cuda": return None
+    done = torch.cuda.Event(); done.record()
+    return done
+
+def _write_rows(arrays: dict, i: int, batch: dict, copied: torch.cuda.Event | None):
+    "Write one batch's host tensors at row `i` of the memory maps, once their copies (`copied`) have landed."
+    if copied is not None: copied.synchronize()
+    for k, v in batch.items(): arrays[k][i:i + len(v)] = v.numpy()
 
 # %% ../nbs/02_backbone.ipynb #9fb7f452
 # batches between flushing the memory maps and recording progress (a resume redoes at most this many)
@@ -580,17 +591,22 @@ def fill_rows(clip: ClipBundle, # the frozen model
     arrays = _open_arrays(plan.folder, plan.ident["arrays"], "r+")
     loader = DataLoader(_Rows(dataset, clip.preprocess, rows), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=clip.device.type == "cuda", collate_fn=_collate)
-    i = rows.start
-    with tqdm(total=rows.stop, initial=rows.start, unit="img", desc=f"features {plan.ident['name']}",
+    i, pending = rows.start, None
+    # a background thread writes each batch while the device computes the next: one batch in flight, so the
+    # host holds at most two; a record waits for the writes before it
+    with ThreadPoolExecutor(1, thread_name_prefix="spa-cache-writer") as writer, \
+         tqdm(total=rows.stop, initial=rows.start, unit="img", desc=f"features {plan.ident['name']}",
               disable=not progress) as bar:
         for b, batch in enumerate(loader, 1):
             if isinstance(batch, SpaError): raise batch
             x, y = batch
             feats = _batch_features(clip, x, plan.ident["patches"], plan.ident["patch_source"])
-            for k, v in (feats | {"labels": y.numpy()}).items():
-                arrays[k][i:i + len(y)] = v
+            feats["labels"] = y
+            copied = _copies_done(clip.device)
+            if pending is not None: pending.result()  # raises a failed write here
+            pending = writer.submit(_write_rows, arrays, i, feats, copied)
             i += len(y); bar.update(len(y))
-            if b % record_every == 0 or i == rows.stop: _flush(arrays, record, i)
+            if b % record_every == 0 or i == rows.stop: pending.result(); _flush(arrays, record, i)
     if i == rows.start: record(i)
 
 def _flush(arrays: dict, record: Callable[[int], None], i: int):

@@ -214,6 +214,26 @@ def test_interrupted_extraction_resumes_to_identical_arrays(tiny_clip, tmp_path)
         np.testing.assert_array_equal(getattr(resumed, k), getattr(whole, k))
 
 
+def test_a_failed_background_write_surfaces_and_records_only_what_was_written(tiny_clip, tmp_path, monkeypatch):
+    "The writer thread's error reaches the caller; the progress record never counts a batch that was not written."
+    import spa_toolkit.backbone as B
+    whole = extract_features(tiny_clip, Rows(11), tmp_path / "a", "toy", batch_size=3)
+    real, calls = B._write_rows, []
+    def flaky(arrays, i, batch, copied):
+        calls.append(i)
+        if i == 6: raise OSError("disk full (simulated)")
+        real(arrays, i, batch, copied)
+    monkeypatch.setattr(B, "_write_rows", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        extract_features(tiny_clip, Rows(11), tmp_path / "b", "toy", batch_size=3, record_every=1)
+    meta = json.loads((tmp_path / "b" / whole.folder.name / "meta.json").read_text())
+    assert meta["n_done"] == 6 and calls[:3] == [0, 3, 6]  # rows 0..5 written and recorded, the third write failed
+    monkeypatch.setattr(B, "_write_rows", real)
+    resumed = extract_features(tiny_clip, Rows(11), tmp_path / "b", "toy", batch_size=3)
+    for k in ("global_", "patches", "labels", "global_norm"):
+        np.testing.assert_array_equal(getattr(resumed, k), getattr(whole, k))
+
+
 def test_parallel_decoding_gives_the_same_features(tiny_clip, tmp_path):
     rows = Rows(6).rows
     one = extract_features(tiny_clip, rows, tmp_path / "a", "toy", batch_size=3)
