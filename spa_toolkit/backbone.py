@@ -116,8 +116,9 @@ def _create(src: _Source, device: torch.device, precision: str, resize_mode: str
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return open_clip.create_model_and_transforms(
-                src.model_name, pretrained=src.pretrained, device=device, precision=precision,
+            return open_clip.create_model_and_transforms(  # "tf32" is float32 weights, TF32 while extracting
+                src.model_name, pretrained=src.pretrained, device=device,
+                precision="fp32" if precision == "tf32" else precision,
                 force_quick_gelu=_quick_gelu(src), image_resize_mode=resize_mode, cache_dir=cache_dir)
     # a file that is not weights fails in any way the unpickler likes (IndexError, UnpicklingError, ...)
     except Exception as e:
@@ -498,13 +499,22 @@ def _autocast(clip: ClipBundle):
     dtype = AUTOCAST.get(clip.precision)
     return torch.autocast(clip.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """TF32 for CUDA matmuls and cuDNN convolutions on (or off) inside the block, the previous settings
+    restored after (PyTorch's defaults allow it in convolutions: strict float32 turns it off)."""
+    was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try: yield
+    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
+
 def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: str) -> dict:
     """Cached arrays' rows for one batch of transformed images, as host tensors whose copies from the device
     may still be in flight (`_copies_done`)."""
     dev = clip.device
     x = x.to(dev, non_blocking=True)
     if dev.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), _autocast(clip):
+    with torch.inference_mode(), _autocast(clip), _tf32(clip.precision == "tf32"):
         f = encode_images(clip, x, patches=patches != "none", patch_source=patch_source)
     out = {"global": f.global_}
     if f.pre is not None: out["pre"] = f.pre

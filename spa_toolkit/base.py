@@ -111,8 +111,9 @@ DEVICE = "auto" # what the command line asks for: CUDA if there is a GPU, else M
 # where a library call puts a model unless told: predictable and offline (tensors then follow their inputs)
 LIBRARY_DEVICE = "cpu"
 PRECISION = "fp32" # open_clip precision of the model and its feature extraction (the protocol's)
-# what open_clip accepts
-PRECISIONS = ("fp32", "amp_bf16", "amp", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
+# what open_clip accepts, and "tf32": float32 weights with TF32 matmuls and convolutions while extracting on
+# CUDA (faster on Ampere and later; not the protocol's numbers, which "fp32" extracts with TF32 off)
+PRECISIONS = ("fp32", "tf32", "amp_bf16", "amp", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 CLASS_CHUNK = 32 # classes scored at once on patches when no gradient is needed (bounds evaluation memory)
 
 def check_choice(name: str, value, choices: tuple):

@@ -199,6 +199,19 @@ def test_precision_and_device_key_the_cache(tiny_clip, tiny_clip_file, tmp_path)
     np.testing.assert_allclose(amp.global_.astype(np.float32), fp32.global_.astype(np.float32), atol=5e-2)
 
 
+def test_tf32_is_float32_weights_with_a_cache_of_its_own(tiny_clip, tiny_clip_file, tmp_path):
+    "precision='tf32' loads float32 weights; its features (CPU: TF32 does not apply) equal fp32's, in another cache."
+    import spa_toolkit.backbone as B
+    fp32 = extract_features(tiny_clip, Rows(5), tmp_path, "toy", batch_size=4)
+    tf32 = extract_features(load_clip(TINY_ARCH, tiny_clip_file, precision="tf32"), Rows(5), tmp_path, "toy", batch_size=4)
+    assert tf32.folder != fp32.folder and tf32.meta["precision"] == "tf32"
+    np.testing.assert_array_equal(tf32.global_, fp32.global_)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with B._tf32(True): assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with B._tf32(False): assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # restored
+
+
 def test_interrupted_extraction_resumes_to_identical_arrays(tiny_clip, tmp_path):
     whole = extract_features(tiny_clip, Rows(11), tmp_path / "a", "toy", batch_size=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
