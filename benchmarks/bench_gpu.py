@@ -2,8 +2,9 @@
 
 1. Extraction images/s of a random-init ViT-B-16 (speed does not depend on weight values) per precision (fp32, amp_bf16),
    on CIFAR-shaped input through the real decode path: 32-px PNG bytes (as Hugging Face's CIFAR-100 stores them) decoded
-   and resized to 224 by the model's own preprocessing in the loader's workers, at the CLI's batch size (64), 10,000
-   images a run (the test split's size: start-up amortised), after a warm-up batch.
+   and resized to 224 by the model's own preprocessing in the loader's workers (`transform_on="host"`), or sent as uint8
+   pixels and resized on the device (`"device"`), at the CLI's batch size (64), 10,000 images a run (the test split's
+   size: start-up amortised), after a warm-up batch.
 2. The SPA protocol (train and evaluate every task) on random unit features with CIFAR-100 shapes (50,000 train / 10,000
    test, 100 classes, 196 patches, d = 512, 10 tasks): seconds per task for training and for evaluation, peak GPU memory;
    every generator is made on the device the state lives on.
@@ -45,14 +46,15 @@ def _png(pixels: np.ndarray) -> bytes:
 def _sync(device: torch.device):
     if device.type == "cuda": torch.cuda.synchronize(device)
 
-def extraction(cfg: dict, device: torch.device, precision: str) -> float:
+def extraction(cfg: dict, device: torch.device, precision: str, transform_on: str) -> float:
     "Images/s of a fresh extraction (after a warm-up batch) into a temporary cache, workers at their default."
     clip = (load_embedded_clip(device, precision) if cfg["arch"] == "embedded"
             else load_clip(cfg["arch"], None, device=device, precision=precision, allow_random=True))
     work, px = Path(tempfile.mkdtemp()), cfg["image_px"]
-    extract_features(clip, Images(cfg["batch_size"], px), work, "warmup", batch_size=cfg["batch_size"], progress=False)
+    run = dict(batch_size=cfg["batch_size"], progress=False, transform_on=transform_on)
+    extract_features(clip, Images(cfg["batch_size"], px), work, "warmup", **run)
     _sync(device); t0 = time.perf_counter()
-    extract_features(clip, Images(cfg["n_images"], px), work, "timed", batch_size=cfg["batch_size"], progress=False)
+    extract_features(clip, Images(cfg["n_images"], px), work, "timed", **run)
     _sync(device)
     return cfg["n_images"] / (time.perf_counter() - t0)
 
@@ -86,7 +88,8 @@ def protocol(cfg: dict, device: torch.device) -> dict:
 
 def run(cfg: dict, device: torch.device) -> dict:
     "Every measurement of the benchmark, as one JSON-able dict."
-    ext = [dict(precision=p, images_per_s=extraction(cfg, device, p)) for p in cfg["precisions"].split(",")]
+    ext = [dict(precision=p, transform_on=t, images_per_s=extraction(cfg, device, p, t))
+           for p in cfg["precisions"].split(",") for t in ("host", "device")]
     prot = protocol(cfg, device)
     fastest = max(e["images_per_s"] for e in ext)  # bf16 on a GPU; the one precision of the smoke run
     e2e = dict(images=cfg["e2e_images"], extract_s=cfg["e2e_images"] / fastest, protocol_s=prot["total_s"])
@@ -98,8 +101,8 @@ def table(res: dict) -> str:
     "The results as a plain-text table."
     px = res["config"]["image_px"]
     lines = [f"device: {res['device']}  arch: {res['config']['arch']}",
-             f"extraction    precision  input ({px}-px PNG, batch {res['config']['batch_size']})   images/s"]
-    lines += [f"              {e['precision']:<10} {'':<29} {e['images_per_s']:9.1f}" for e in res["extraction"]]
+             f"extraction    precision  transform ({px}-px PNG, batch {res['config']['batch_size']})   images/s"]
+    lines += [f"              {e['precision']:<10} {e['transform_on']:<33} {e['images_per_s']:9.1f}" for e in res["extraction"]]
     p, c = res["protocol"], res["config"]
     peak = "n/a" if p["peak_gpu_mib"] is None else f"{p['peak_gpu_mib']:.0f} MiB"
     lines.append(f"SPA protocol  {c['n_train']} train / {c['n_test']} test, {c['n_classes']} classes, {c['n_patches']} patches, "

@@ -23,11 +23,12 @@ from .base import LIBRARY_DEVICE, PRECISION, PRECISIONS, SpaError, check_choice
 from .core import atomic_write_json, content_key, l2norm, library_versions, pick_device
 
 # %% auto #0
-__all__ = ['LOCAL_DIR', 'RANDOM_WEIGHTS', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'RECORD_EVERY', 'ClipBundle',
-           'load_clip', 'ImageFeatures', 'encode_images', 'encode_texts', 'ClassNames', 'class_name_embeddings',
-           'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap', 'cache_bytes', 'top_patches',
-           'cache_folder', 'FeatureSet', 'open_features', 'default_workers', 'CachePlan', 'plan_cache', 'start_cache',
-           'finish_cache', 'fill_rows', 'extract_features', 'NoisyViews']
+__all__ = ['LOCAL_DIR', 'RANDOM_WEIGHTS', 'PATCH_SOURCES', 'FORMAT_VERSION', 'AUTOCAST', 'TRANSFORM_ON', 'RECORD_EVERY',
+           'ClipBundle', 'load_clip', 'ImageFeatures', 'encode_images', 'encode_texts', 'ClassNames',
+           'class_name_embeddings', 'class_embeddings', 'TextTokens', 'encode_text_tokens', 'patch_heatmap',
+           'cache_bytes', 'top_patches', 'cache_folder', 'FeatureSet', 'open_features', 'pixels', 'device_transform',
+           'default_workers', 'CachePlan', 'plan_cache', 'start_cache', 'finish_cache', 'fill_rows', 'extract_features',
+           'NoisyViews']
 
 # %% ../nbs/02_backbone.ipynb #5b2a5628
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
@@ -366,16 +367,20 @@ def _patch_mode(patches, n_patches: int) -> str | int:
     raise SpaError(f"patches={patches!r}: use 'all', 'none' or an int k in 1..{n_patches} "
                    "(keep the k patches closest to each image's global embedding)")
 
-def _identity(clip: ClipBundle, name: str, n: int, patches, patch_source: str) -> dict:
-    "What a cache folder must match (JSON round-tripped, so it compares equal to a loaded meta.json)."
+def _identity(clip: ClipBundle, name: str, n: int, patches, patch_source: str,
+              transform_on: str = "host") -> dict:
+    """What a cache folder must match (JSON round-tripped, so it compares equal to a loaded meta.json); the
+    device transform enters it only when chosen, so caches of the host transform keep their keys."""
     transform = clip.model.visual.preprocess_cfg
     device = clip.device.type
-    key = content_key(clip.key, name, transform, patches, patch_source, clip.precision, device)
+    on_device = () if transform_on == "host" else ("transform_on", transform_on)
+    key = content_key(clip.key, name, transform, patches, patch_source, clip.precision, device, *on_device)
     ident = dict(format_version=FORMAT_VERSION, key=key, name=name, clip_key=clip.key, arch=clip.arch,
                  pretrained=clip.pretrained, precision=clip.precision, device=device, transform=transform,
                  patches=patches,
                  patch_source=patch_source, n=n,
-                 arrays=_array_specs(n, clip.embed_dim, clip.n_patches, patches, clip.pre_dim))
+                 arrays=_array_specs(n, clip.embed_dim, clip.n_patches, patches, clip.pre_dim),
+                 **dict([on_device] if on_device else []))
     return json.loads(json.dumps(ident, default=str))
 
 def cache_folder(cache_dir: str | Path, ident: dict) -> Path:
@@ -488,8 +493,12 @@ class _Rows(Dataset):
 
 def _collate(rows: list):
     """A batch of (image, label) rows, or the `SpaError` of its first undecodable image (a loader worker's
-    traceback never shows)."""
-    return next((r for r in rows if isinstance(r, SpaError)), None) or default_collate(rows)
+    traceback never shows) or of images whose pixels differ in size (`transform_on="device"`)."""
+    bad = next((r for r in rows if isinstance(r, SpaError)), None)
+    if bad is None and len({r[0].shape for r in rows}) > 1:
+        bad = SpaError(f"images of one batch differ in size ({rows[0][0].shape} and others): "
+                       "extract with transform_on='host', which resizes each image as it is read")
+    return bad or default_collate(rows)
 
 # open_clip precisions run under autocast
 AUTOCAST = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
@@ -513,6 +522,7 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
     may still be in flight (`_copies_done`)."""
     dev = clip.device
     x = x.to(dev, non_blocking=True)
+    if x.dtype == torch.uint8: x = device_transform(clip, x)  # pixels came: the transform runs here
     if dev.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), _autocast(clip), _tf32(clip.precision == "tf32"):
         f = encode_images(clip, x, patches=patches != "none", patch_source=patch_source)
@@ -535,6 +545,32 @@ def _write_rows(arrays: dict, i: int, batch: dict, copied: torch.cuda.Event | No
     "Write one batch's host tensors at row `i` of the memory maps, once their copies (`copied`) have landed."
     if copied is not None: copied.synchronize()
     for k, v in batch.items(): arrays[k][i:i + len(v)] = v.numpy()
+
+# %% ../nbs/02_backbone.ipynb #804ad019
+# where extraction resizes and normalises images: in the loader's workers (PIL), or on the model's device
+TRANSFORM_ON = ("host", "device")
+
+def pixels(img) -> torch.Tensor: # [3, h, w] uint8
+    "An image's RGB pixels as a uint8 tensor [3, h, w]: what the loader sends with `transform_on='device'`."
+    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic antialiased resize of uint8 images [B, 3, h, w]: in uint8 where the device has the kernel
+    (PIL's arithmetic), else in float32 rounded to levels."""
+    try: return F.interpolate(x, size=size, mode="bicubic", antialias=True)
+    except (RuntimeError, NotImplementedError):
+        return F.interpolate(x.float(), size=size, mode="bicubic", antialias=True).round_().clamp_(0, 255)
+
+def device_transform(clip: ClipBundle, # the model whose eval transform to follow
+                     x: torch.Tensor, # [B, 3, h, w] uint8 pixels, on the model's device
+                    ) -> torch.Tensor: # [B, 3, S, S] float32, as `clip.preprocess` gives
+    "The model's eval transform (squash resize, scale to [0, 1], normalise) on pixels where they are."
+    cfg = clip.model.visual.preprocess_cfg
+    if cfg["interpolation"] != "bicubic" or cfg["resize_mode"] != "squash":
+        raise SpaError(f"transform_on='device' follows the protocol's bicubic squash resize, not "
+                       f"{cfg['interpolation']} / {cfg['resize_mode']}: extract with transform_on='host'")
+    stat = lambda k: torch.tensor(cfg[k], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (_resize(x, tuple(cfg["size"])).float() / 255 - stat("mean")) / stat("std")
 
 # %% ../nbs/02_backbone.ipynb #9fb7f452
 # batches between flushing the memory maps and recording progress (a resume redoes at most this many)
@@ -563,11 +599,14 @@ def plan_cache(clip: ClipBundle, # the frozen model
                patches: str | int = "all", # "all", "none" or k
                patch_source: str = "tokens", # "tokens" or "value"
                refresh: bool = False, # delete the cache first
+               transform_on: str = "host", # one of `TRANSFORM_ON`
               ) -> CachePlan:
     """Where the cache of these settings lives and how far it got (raising when it was written for other
     settings)."""
     if len(dataset) == 0: raise SpaError(f"dataset {name!r} is empty: nothing to extract")
-    ident = _identity(clip, name, len(dataset), _patch_mode(patches, clip.n_patches), patch_source)
+    check_choice("transform_on", transform_on, TRANSFORM_ON)
+    mode = _patch_mode(patches, clip.n_patches)
+    ident = _identity(clip, name, len(dataset), mode, patch_source, transform_on)
     folder = cache_folder(cache_dir, ident)
     if refresh: shutil.rmtree(folder, ignore_errors=True)
     meta = _read_meta(folder)
@@ -599,7 +638,8 @@ def fill_rows(clip: ClipBundle, # the frozen model
     if num_workers is None:
         num_workers = default_workers(clip.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     arrays = _open_arrays(plan.folder, plan.ident["arrays"], "r+")
-    loader = DataLoader(_Rows(dataset, clip.preprocess, rows), batch_size=batch_size, num_workers=num_workers,
+    read = pixels if plan.ident.get("transform_on") == "device" else clip.preprocess
+    loader = DataLoader(_Rows(dataset, read, rows), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=clip.device.type == "cuda", collate_fn=_collate)
     i, pending = rows.start, None
     # a background thread writes each batch while the device computes the next: one batch in flight, so the
@@ -637,10 +677,11 @@ def extract_features(clip: ClipBundle, # the frozen model
                      refresh: bool = False, # delete an existing cache for these settings and re-extract
                      progress: bool = True, # a progress bar while extracting
                      record_every: int = RECORD_EVERY, # batches between flushes and progress records
+                     transform_on: str = "host", # resize, normalise in the loader ("host") or on the device
                     ) -> FeatureSet:
     "Extract (or resume, or reuse) the cached features of `dataset` and memory-map them."
     if device is not None: clip.model.to(pick_device(device))
-    plan = plan_cache(clip, dataset, cache_dir, name, patches, patch_source, refresh)
+    plan = plan_cache(clip, dataset, cache_dir, name, patches, patch_source, refresh, transform_on)
     if plan.meta is None or not plan.meta["complete"]:
         start = plan.meta["n_done"] if plan.meta else 0
         if not start: start_cache(plan)

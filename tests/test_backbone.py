@@ -212,6 +212,24 @@ def test_tf32_is_float32_weights_with_a_cache_of_its_own(tiny_clip, tiny_clip_fi
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # restored
 
 
+def test_the_device_transform_extracts_the_same_features_into_a_cache_of_its_own(tiny_clip, tmp_path):
+    "transform_on='device': pixels to the device, resized there; features as the PIL path's, another cache."
+    data = Rows(7)
+    for r, im in zip(data.rows, tiny_images(7, size=20, seed=3)): r["image"] = im  # 20 px, resized to 32
+    host = extract_features(tiny_clip, data, tmp_path, "toy", batch_size=3)
+    dev = extract_features(tiny_clip, data, tmp_path, "toy", batch_size=3, transform_on="device")
+    assert dev.folder != host.folder and dev.meta["transform_on"] == "device" and "transform_on" not in host.meta
+    cos = (host.global_.astype(np.float32) * dev.global_.astype(np.float32)).sum(-1)
+    assert cos.min() > 0.999, cos
+    np.testing.assert_array_equal(dev.labels, host.labels)
+    mixed = Rows(4)
+    mixed.rows[1]["image"] = tiny_images(1, size=24, seed=5)[0]
+    with pytest.raises(SpaError, match="differ in size.*transform_on='host'"):
+        extract_features(tiny_clip, mixed, tmp_path / "m", "toy", batch_size=4, transform_on="device")
+    with pytest.raises(SpaError, match="transform_on='gpu'"):
+        extract_features(tiny_clip, data, tmp_path, "toy", transform_on="gpu")
+
+
 def test_interrupted_extraction_resumes_to_identical_arrays(tiny_clip, tmp_path):
     whole = extract_features(tiny_clip, Rows(11), tmp_path / "a", "toy", batch_size=3)
     with pytest.raises(RuntimeError, match="simulated crash"):

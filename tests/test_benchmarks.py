@@ -13,14 +13,15 @@ def test_bench_gpu_smoke_writes_every_measurement(tmp_path):
                        capture_output=True, text=True, timeout=300, env=os.environ | dict(OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert [e["precision"] for e in res["extraction"]] == ["fp32"] and res["extraction"][0]["images_per_s"] > 0
+    assert [(e["precision"], e["transform_on"]) for e in res["extraction"]] == [("fp32", "host"), ("fp32", "device")]
+    assert all(e["images_per_s"] > 0 for e in res["extraction"])
     prot, e2e = res["protocol"], res["end_to_end"]
     assert prot["train_s"] > 0 and prot["eval_s"] > 0 and prot["peak_gpu_mib"] is None
     assert len(prot["train_s_per_task"]) == len(prot["eval_s_per_task"]) == 2
     assert abs(sum(prot["train_s_per_task"]) - prot["train_s"]) < 1e-9
     assert e2e["total_s"] == e2e["extract_s"] + e2e["protocol_s"] and e2e["images"] == 300
     assert "SPA protocol  200 train / 100 test, 10 classes, 16 patches, 2 tasks" in p.stdout
-    assert "input (32-px PNG, batch 16)" in p.stdout and "end to end (derived)" in p.stdout
+    assert "transform (32-px PNG, batch 16)" in p.stdout and "end to end (derived)" in p.stdout
 
 
 def test_bench_scale_small_probe_reports_every_task(tmp_path):
