@@ -533,12 +533,15 @@ def _batch_features(clip: ClipBundle, x: torch.Tensor, patches, patch_source: st
     out = {k: v.to(torch.float16 if v.is_floating_point() else torch.int16) for k, v in out.items()}
     # float16 / int16 as the cache stores them, converted before leaving the device; the norms stay float32.
     # The copies do not wait: from CUDA, `non_blocking` lands them in pinned memory while the GPU goes on
-    return {k: v.to("cpu", non_blocking=True) for k, v in (out | {"global_norm": f.norm}).items()}
+    # (only there: from MPS a non-blocking copy has no event the writer could wait on)
+    cuda = dev.type == "cuda"
+    return {k: v.to("cpu", non_blocking=cuda) for k, v in (out | {"global_norm": f.norm}).items()}
 
 def _copies_done(device: torch.device) -> torch.cuda.Event | None:
-    "An event after a batch's copies to the host, on CUDA (None elsewhere: the copies are done)."
+    """An event after a batch's copies to the host, on the stream of the device they came from (which need not
+    be the current device), on CUDA; None elsewhere: the copies are done."""
     if device.type != "cuda": return None
-    done = torch.cuda.Event(); done.record()
+    done = torch.cuda.Event(); done.record(torch.cuda.current_stream(device))
     return done
 
 def _write_rows(arrays: dict, i: int, batch: dict, copied: torch.cuda.Event | None):

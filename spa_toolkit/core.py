@@ -66,7 +66,8 @@ def check_finite(x: torch.Tensor, # any tensor
     it, one host read."""
     if x.numel() == 0 or not x.is_floating_point(): return x  # nothing to test: integers are finite
     # min and max take NaN and reach +-Inf, so two numbers tell; `isfinite(x).all()` makes several passes
-    # and x-sized temporaries (2.5x a float16 tensor) and runs ~30x slower on a CPU
+    # and x-sized temporaries (2.5x a float16 tensor) and ran 12-34x slower on one CPU thread (float16 and
+    # float32, 2**24 to 6e7 values)
     if torch.isfinite(torch.stack(torch.aminmax(x))).all(): return x
     bad = ~torch.isfinite(x)  # only to name the failure
     first = [int(i) for i in bad.nonzero()[0]]

@@ -426,6 +426,9 @@ class RelevanceMemo:
     rel: torch.Tensor # [n_rows, N] max similarity to descriptions of classes 0..covered-1 (-inf: none yet)
     covered: torch.Tensor # [n_rows] long, the classes each row has been compared with
 
+    # a copied state starts without a memo (the next evaluation rebuilds it) rather than copying the cache
+    def __deepcopy__(self, memo: dict) -> None: return None
+
 def relevance_memo(state: CILState, # the state the memo rides on (`state.memo`)
                    r: Rows, # rows read from a cache (`method.rows`), with patch tokens
                   ) -> RelevanceMemo:
@@ -442,8 +445,8 @@ def eval_patch_sets(state: CILState, # a state with agnostic selection
                     r: Rows, # rows read from a cache, all N patch tokens
                     n: int, # classes 0..n-1 compete for the patches
                    ) -> torch.Tensor: # [B, k, d] each row's patch set
-    """`select_patch_sets` of rows [B, N, d] over classes 0..n-1, each row compared only with the classes seen
-    since its last evaluation (`state.memo`): the same sets, the selection work linear in the tasks."""
+    """`select_patch_sets` of rows [B, N, d] read by `method.rows` over classes 0..n-1, each row compared only
+    with the classes seen since its last evaluation (`state.memo`): the selection work linear in the tasks."""
     k, sem, mask = state.knobs, state.text.sem, state.text.sem_mask
     m, p = relevance_memo(state, r), r.p.to(sem.dtype)
     at = torch.as_tensor(r.idx, device=p.device)
@@ -472,7 +475,8 @@ def spa_logits(state: CILState, # a trained state
 
     def score(r: Rows) -> torch.Tensor:
         if r.feats is None: return predict(state, r.g, r.p, side=side)  # rows of unknown origin: checked here
-        p = eval_patch_sets(state, r, n) if running and r.p.shape[1] > k.k_patches else r.p
+        tokens = running and r.p is not None and r.p.shape[1] > k.k_patches  # else: what predict says of it
+        p = eval_patch_sets(state, r, n) if tokens else r.p
         return predict(state, r.g, p, side=side, check=False)
     return score
 

@@ -19,9 +19,10 @@ def test_bench_gpu_smoke_writes_every_measurement(tmp_path):
     assert prot["train_s"] > 0 and prot["eval_s"] > 0 and prot["peak_gpu_mib"] is None
     assert len(prot["train_s_per_task"]) == len(prot["eval_s_per_task"]) == 2
     assert abs(sum(prot["train_s_per_task"]) - prot["train_s"]) < 1e-9
-    assert e2e["total_s"] == e2e["extract_s"] + e2e["protocol_s"] and e2e["images"] == 300
+    assert set(e2e) == {"cli_defaults", "fastest"} and e2e["cli_defaults"]["precision"] == "fp32"
+    assert all(e["total_s"] == e["extract_s"] + e["protocol_s"] and e["images"] == 300 for e in e2e.values())
     assert "SPA protocol  200 train / 100 test, 10 classes, 16 patches, 2 tasks" in p.stdout
-    assert "transform (32-px PNG, batch 16)" in p.stdout and "end to end (derived)" in p.stdout
+    assert "transform (32-px PNG, batch 16)" in p.stdout and "end to end (derived, cli_defaults: fp32" in p.stdout
 
 
 def test_bench_scale_small_probe_reports_every_task(tmp_path):

@@ -123,3 +123,16 @@ def test_a_memo_answers_for_its_own_cache_only():
     rb = rows(b, idx, "cpu")
     assert (eval_patch_sets(state, rb, 4) == select_patch_sets(rb.p.float(), text.sem[:4], 3, text.sem_mask[:4])).all()
     assert state.memo.feats is b
+
+
+def test_evaluation_without_patch_tokens_names_the_fix_and_a_copied_state_drops_its_memo():
+    "Rows of a cache without patches get predict's own message; a deep copy does not copy the cache the memo holds."
+    import copy
+    from spa_toolkit.learner import spa_logits
+    from spa_toolkit.method import rows
+    train, text = _random_cache(4, 5, 10, 16, seed=0)
+    state = train_task(new_state(text, 50.0, knobs=SpaKnobs(epochs=1, k_patches=3)), train, [0, 1, 2, 3])
+    score = spa_logits(state)
+    with pytest.raises(SpaError, match="needs patch tokens"): score(rows(train, list(range(4)), "cpu", patches=False))
+    score(rows(train, list(range(20)), "cpu"))
+    assert state.memo is not None and copy.deepcopy(state).memo is None
