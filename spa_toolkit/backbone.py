@@ -567,7 +567,8 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def device_transform(clip: ClipBundle, # the model whose eval transform to follow
                      x: torch.Tensor, # [B, 3, h, w] uint8 pixels, on the model's device
                     ) -> torch.Tensor: # [B, 3, S, S] float32, as `clip.preprocess` gives
-    "The model's eval transform (squash resize, scale to [0, 1], normalise) on pixels where they are."
+    """The model's eval transform (squash resize, scale to [0, 1], normalise) on pixels [B, 3, h, w] where
+    they are: [B, 3, S, S]."""
     cfg = clip.model.visual.preprocess_cfg
     if cfg["interpolation"] != "bicubic" or cfg["resize_mode"] != "squash":
         raise SpaError(f"transform_on='device' follows the protocol's bicubic squash resize, not "

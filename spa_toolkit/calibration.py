@@ -251,8 +251,8 @@ def pseudo_layout(held: torch.Tensor, # [C] sorted class ids the statistics hold
                   classes: torch.Tensor | None = None, # [C'] class ids to sample (default: all of `held`)
                   sizes: tuple[int, int] | None = None, # (max, sum) of the counts if known: no host read
                  ) -> PseudoLayout:
-    """The layout of `n_per_class` draws of each of `classes` (`total` kept, known: no host read sizes
-    them)."""
+    """The layout of `n_per_class` draws of each of `classes` [C'] among the held classes [C] (`total` kept,
+    known: no host read sizes them)."""
     cls = held if classes is None else classes.to(held.device)
     rows = _rows_of(held, cls, "classes", check=sizes is None)
     counts, m, total = _per_class(n_per_class, len(rows), rows.device, sizes)
