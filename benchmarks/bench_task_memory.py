@@ -22,11 +22,9 @@ from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import l2norm, make_generator
 from spa_toolkit.learner import new_state, train_task
 from spa_toolkit.method import TextSide
+from bench_memory import status_kb
 
-
-def rss_anon_kb() -> int:
-    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
-                if l.startswith("RssAnon:"))
+rss_anon_kb = lambda: status_kb("RssAnon")  # what the process itself allocated, in kB
 
 
 class Peak:
