@@ -7,7 +7,9 @@
    size: start-up amortised), after a warm-up batch.
 2. The SPA protocol (train and evaluate every task) on random unit features with CIFAR-100 shapes (50,000 train / 10,000
    test, 100 classes, 196 patches, d = 512, 10 tasks): seconds per task for training and for evaluation, peak GPU memory;
-   every generator is made on the device the state lives on.
+   every generator is made on the device the state lives on. Then its first tasks again with the step compiled
+   (`SpaKnobs(compile_step=True)`: fixed shapes, `torch.compile` once a task, CUDA graphs on CUDA), each task's seconds
+   including its compile, against the eager step's seconds on the same tasks.
 3. End to end, derived: 60,000 images at an extraction rate plus the protocol, at the CLI's defaults (fp32, the host
    transform) and at the fastest (precision, transform) measured (a best case: the CLI does not offer the device
    transform). Target (issue 29): <= 60 s on one H100/H200 with bf16 extraction.
@@ -22,6 +24,7 @@ import torch
 from PIL import Image
 
 from spa_toolkit.backbone import FeatureSet, extract_features, load_clip
+from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import l2norm, make_generator, pick_device
 from spa_toolkit.learner import SPA, new_state, train_task
 from spa_toolkit.method import TextSide
@@ -29,9 +32,9 @@ from spa_toolkit.protocol import evaluate
 from spa_toolkit.microclip import load_embedded_clip
 
 FULL = dict(arch="ViT-B-16", n_images=10_000, batch_size=64, n_train=50_000, n_test=10_000, n_classes=100, n_patches=196, d=512,
-            n_desc=8, n_tasks=10, precisions="fp32,amp_bf16", image_px=32, e2e_images=60_000)
+            n_desc=8, n_tasks=10, precisions="fp32,amp_bf16", image_px=32, e2e_images=60_000, compiled_tasks=2)
 SMOKE = dict(arch="embedded", n_images=48, batch_size=16, n_train=200, n_test=100, n_classes=10, n_patches=16, d=32,
-             n_desc=4, n_tasks=2, precisions="fp32", image_px=32, e2e_images=300)
+             n_desc=4, n_tasks=2, precisions="fp32", image_px=32, e2e_images=300, compiled_tasks=1)
 
 class Images:
     "`n` CIFAR-shaped rows: random `size`-px images stored as PNG bytes, each decoded when its row is read."
@@ -67,17 +70,18 @@ def random_split(n: int, cfg: dict, gen: torch.Generator, device: torch.device) 
     labels = np.arange(n) % cfg["n_classes"]
     return FeatureSet(unit(n, cfg["d"]), patches, None, labels, Path("."), {})
 
-def protocol(cfg: dict, device: torch.device) -> dict:
-    "Train and evaluate SPA task by task on random CIFAR-shaped features: seconds and peak GPU memory."
+def protocol(cfg: dict, device: torch.device, knobs: SpaKnobs = SpaKnobs(), n_tasks: int | None = None) -> dict:
+    """Train and evaluate SPA with `knobs` task by task (the first `n_tasks`; None: all) on random CIFAR-shaped features:
+    seconds and peak GPU memory."""
     gen = make_generator(0, device)
     train, test = random_split(cfg["n_train"], cfg, gen, device), random_split(cfg["n_test"], cfg, gen, device)
     c, m, d = cfg["n_classes"], cfg["n_desc"], cfg["d"]
     text = TextSide(l2norm(torch.randn(c, d, generator=gen, device=device)), l2norm(torch.randn(c, m, d, generator=gen, device=device)),
                     torch.ones(c, m, dtype=torch.bool, device=device))
-    state = new_state(text, 100.0)
+    state = new_state(text, 100.0, knobs=knobs)
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
     train_s, eval_s = [], []
-    for classes in np.array_split(np.arange(c), cfg["n_tasks"]):
+    for classes in np.array_split(np.arange(c), cfg["n_tasks"])[:n_tasks]:
         _sync(device); t0 = time.perf_counter()
         train_task(state, train, classes.tolist(), gen)
         _sync(device); t1 = time.perf_counter()
@@ -93,6 +97,7 @@ def run(cfg: dict, device: torch.device) -> dict:
     ext = [dict(precision=p, transform_on=t, images_per_s=extraction(cfg, device, p, t))
            for p in cfg["precisions"].split(",") for t in ("host", "device")]
     prot = protocol(cfg, device)
+    compiled = protocol(cfg, device, SpaKnobs(compile_step=True), cfg["compiled_tasks"])
     rate = lambda p, t: next(e["images_per_s"] for e in ext if (e["precision"], e["transform_on"]) == (p, t))
     best = max(ext, key=lambda e: e["images_per_s"])
     e2e = {k: dict(images=cfg["e2e_images"], precision=p, transform_on=t, protocol_s=prot["total_s"],
@@ -100,7 +105,7 @@ def run(cfg: dict, device: torch.device) -> dict:
            for k, (p, t) in (("cli_defaults", ("fp32", "host")), ("fastest", (best["precision"], best["transform_on"])))}
     for v in e2e.values(): v["total_s"] = v["extract_s"] + v["protocol_s"]
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", config=cfg, extraction=ext,
-                protocol=prot, end_to_end=e2e, torch=torch.__version__)
+                protocol=prot, compiled_step=compiled, end_to_end=e2e, torch=torch.__version__)
 
 def table(res: dict) -> str:
     "The results as a plain-text table."
@@ -114,6 +119,9 @@ def table(res: dict) -> str:
                  f"{c['n_tasks']} tasks: train {p['train_s']:.1f} s, eval {p['eval_s']:.1f} s, total {p['total_s']:.1f} s, peak {peak}")
     lines.append("  per task, train s: " + " ".join(f"{t:.2f}" for t in p["train_s_per_task"]))
     lines.append("  per task, eval s:  " + " ".join(f"{t:.2f}" for t in p["eval_s_per_task"]))
+    k = res["compiled_step"]["train_s_per_task"]
+    lines.append(f"  compiled step (compile_step=True), first {len(k)} tasks, train s with each task's compile: "
+                 + " ".join(f"{t:.2f}" for t in k) + "  (eager: " + " ".join(f"{t:.2f}" for t in p["train_s_per_task"][:len(k)]) + ")")
     for name, e in res["end_to_end"].items():
         lines.append(f"end to end (derived, {name}: {e['precision']}, {e['transform_on']} transform): {e['images']} "
                      f"images {e['extract_s']:.1f} s + protocol {e['protocol_s']:.1f} s = {e['total_s']:.1f} s "

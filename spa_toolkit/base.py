@@ -154,6 +154,7 @@ class SpaKnobs(Knobs):
     pseudo_ratio: float = 1.0 # pseudo-features per real image in a batch
     n_desc: int | None = N_DESC # descriptions kept per class (a fixed sample; None: all)
     class_chunk: int = CLASS_CHUNK # classes per memory chunk when scoring patches at evaluation
+    compile_step: bool = False # fixed step shapes, the step compiled once a task (CUDA graphs on CUDA)
     sem_template: str = SEM_TEMPLATE # how a description is phrased as a semantic token ({s}; {c}: class name)
 
     def check(self):

@@ -28,10 +28,10 @@ from .calibration import (ClassStats, PatchStats, check_stats_memory, class_stat
 from .method import Method, Rows, TextSide, rows, save_state, task_rows, task_span
 
 # %% auto #0
-__all__ = ['STATE_VERSION', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen_class_side', 'Joined', 'class_side', 'predict',
-           'pseudo_per_batch', 'replay_schedule', 'StepRows', 'train_task', 'RelevanceMemo', 'relevance_memo',
-           'eval_patch_sets', 'spa_logits', 'score_margins', 'replay_margins', 'state_dict', 'state_from_dict',
-           'check_stats_fit']
+__all__ = ['STATE_VERSION', 'STEP_RECOMPILES', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen_class_side', 'Joined',
+           'class_side', 'predict', 'pseudo_per_batch', 'replay_schedule', 'StepRows', 'epoch_batches', 'step_function',
+           'train_task', 'RelevanceMemo', 'relevance_memo', 'eval_patch_sets', 'spa_logits', 'score_margins',
+           'replay_margins', 'state_dict', 'state_from_dict', 'check_stats_fit']
 
 # %% ../nbs/10_learner.ipynb #582bf14b
 # bump when the saved state's layout changes (3: typed knobs; 2: frozen-space patch sets, study knobs)
@@ -319,10 +319,12 @@ def _step_logits(state: CILState, r: StepRows, n: int, frozen: ClassSide, text: 
     return predict(state, vg, Z[0] if Z else None, n, check=False, side=side, projected=True)
 
 def _step_loss(
-    state: CILState, real: StepRows, pseudo: StepRows | None, n: int, frozen: ClassSide, text: Joined
+    state: CILState, real: StepRows, pseudo: StepRows | None, n: int, frozen: ClassSide, text: Joined,
+    w: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy over all `n` seen classes of the real rows (+ `pseudo_ratio` x that of the pseudo rows),
-    one scoring pass over both; inputs validated once for the task (nothing read back)."""
+    """Cross-entropy over all `n` seen classes of the real rows (their mean, or weighted by `w` [B] in a
+    padded batch) + `pseudo_ratio` x that of the pseudo rows, one scoring pass over both; inputs validated
+    once for the task (nothing read back)."""
     k = state.knobs
     parts = [r for r in (real, pseudo) if r is not None]
     if _plain_step(k):  # real rows carry N tokens, pseudo sets k: two passes against one class side
@@ -331,8 +333,40 @@ def _step_loss(
     else:
         joined = real if pseudo is None else _rows_op(lambda a, b: torch.cat([a, b]), real, pseudo)
         logits = _step_logits(state, joined, n, frozen, text).split([len(r.y) for r in parts])
-    loss = F.cross_entropy(logits[0], real.y)
+    loss = (F.cross_entropy(logits[0], real.y) if w is None
+            else (F.cross_entropy(logits[0], real.y, reduction="none") * w).sum())
     return loss if pseudo is None else loss + k.pseudo_ratio * F.cross_entropy(logits[1], pseudo.y)
+
+# %% ../nbs/10_learner.ipynb #ec151c47
+def epoch_batches(perm: torch.Tensor, # [n] an epoch's shuffled rows
+                  batch_size: int, # rows a batch
+                  fixed: bool = False, # every batch of one size: the short last one padded
+                  dtype: torch.dtype = torch.float32, # of the weights
+                 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """An epoch's batches of `perm` [n]: (rows [b], None) with b <= batch_size; with `fixed`, (rows [b'],
+    weights [b']) of one size b' = min(batch_size, n), a short batch padded with its own rows at weight 0,
+    each real row weighing 1 / b."""
+    size = min(batch_size, len(perm))
+    if not fixed: return [(b, None) for b in perm.split(size)]
+    i = torch.arange(size, device=perm.device)
+    return [(b[i % len(b)], (i < len(b)).to(dtype) / len(b)) for b in perm.split(size)]
+
+# one compile a task, and a run may train many tasks in one process (a study: configurations x seeds x tasks)
+STEP_RECOMPILES = 4096
+
+def step_function(k: SpaKnobs, # `compile_step` decides
+                  device: torch.device, # where the step runs
+                 ): # `_step_loss`, or the same function compiled
+    """The training step's loss: `_step_loss`, or with `compile_step` that function through `torch.compile`
+    (on CUDA in mode "reduce-overhead": its kernels replayed as CUDA graphs)."""
+    if not k.compile_step: return _step_loss
+    fn = torch.compile(_step_loss, mode="reduce-overhead" if device.type == "cuda" else None)
+    def step(*args):
+        # a new iteration for CUDA graphs: the last step's outputs are no longer read
+        if device.type == "cuda": torch.compiler.cudagraph_mark_step_begin()
+        # dynamo's recompile limit is process-wide: raised only while the step runs
+        with torch._dynamo.config.patch(recompile_limit=STEP_RECOMPILES): return fn(*args)
+    return step
 
 # %% ../nbs/10_learner.ipynb #274410b3
 def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch.Generator, progress: bool):
@@ -348,6 +382,7 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
     n_batches = math.ceil(n / bs)
     opt, sched = _optimizer(params, k, k.epochs * n_batches)
     replay = k.calibration and len(old) > 0 and k.pseudo_ratio > 0
+    step = step_function(k, data.g.device)
     for _ in tqdm(range(k.epochs), desc=f"task {state.n_tasks}", disable=not progress, leave=False):
         per_batch = pseudo_per_batch(len(old), n_batches, k)
         pseudo = (
@@ -355,12 +390,13 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
             if replay
             else [None] * n_batches
         )
-        for b, replayed in zip(torch.randperm(n, generator=gen, device=gen.device).split(bs), pseudo):
+        perm = torch.randperm(n, generator=gen, device=gen.device)
+        for (b, w), replayed in zip(epoch_batches(perm, bs, k.compile_step, data.g.dtype), pseudo):
             # pseudo rows are new each step: their frozen part is one pass of batched matmuls (stacked)
             extra = None if replayed is None else _step_rows(
                 state, *_pseudo_batch(state, *replayed, gen), lambda x: stacked_sum(x, stack)
             )
-            loss = _step_loss(state, _rows_op(lambda x: x[b], task), extra, n_seen, frozen, text)
+            loss = step(state, _rows_op(lambda x: x[b], task), extra, n_seen, frozen, text, w)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
 
 # %% ../nbs/10_learner.ipynb #cc102a87

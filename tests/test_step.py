@@ -97,3 +97,36 @@ def test_the_steps_operations_do_not_grow_with_the_tasks():
     # 301 here (one short batch a task); 290 at bench_ops.py's CIFAR-like default, where the target <= 300 is
     # measured; the plain step: ~1,080 at d = 512, growing by ~30 per task
     assert counts[10] <= 305, counts
+
+
+def test_a_padded_step_gives_the_steps_results(prep, monkeypatch):
+    "compile_step pads the short last batch (here 32 of 64 rows) and weights its rows: the same training to float32 rounding."
+    weights, logits = run(prep, {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the padded step, eager
+    padded_weights, padded_logits = run(prep, dict(compile_step=True))
+    for key, w in weights.items(): torch.testing.assert_close(w, padded_weights[key], rtol=0, atol=1e-6, msg=key)
+    for a, b in zip(logits, padded_logits):
+        torch.testing.assert_close(a / prep.logit_scale, b / prep.logit_scale, rtol=0, atol=1e-6)
+
+
+def test_a_padded_batch_weighs_its_rows_as_a_mean():
+    "Every row of the epoch once with weight 1/b, padding at weight 0, one size for every batch."
+    for n, bs in [(10, 4), (3, 8), (64, 64), (65, 64)]:
+        batches = L.epoch_batches(torch.randperm(n), bs, fixed=True)
+        assert {len(b) for b, _ in batches} == {min(n, bs)}
+        assert torch.equal(torch.cat([b[w > 0] for b, w in batches]).sort().values, torch.arange(n))
+        for b, w in batches: torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.slow
+def test_the_compiled_step_gives_the_steps_results(prep):
+    "torch.compile (inductor on the CPU) once a task, past a recompile limit lower than the tasks: the eager step's results."
+    from torch._dynamo.utils import counters
+    weights, logits = run(prep, {})
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=1):  # below the 3 tasks' compiles: the step raises it around its calls
+        compiled_weights, compiled_logits = run(prep, dict(compile_step=True))
+    assert counters["stats"]["unique_graphs"] - graphs >= len(prep.splits), "a task's step ran eager"
+    for key, w in weights.items(): torch.testing.assert_close(w, compiled_weights[key], rtol=0, atol=1e-6, msg=key)
+    for a, b in zip(logits, compiled_logits):
+        torch.testing.assert_close(a / prep.logit_scale, b / prep.logit_scale, rtol=0, atol=1e-6)
