@@ -7,6 +7,8 @@ task, the same state trains the task with 1 and with 2 epochs, eager and compile
 (dynamo's cache hit). Best of --repeats. On CUDA the compiled step runs as CUDA graphs ("reduce-overhead"), which this
 script does not measure (no GPU here): on a CPU it shows what inductor's fusion alone is worth and what a compile costs.
 
+A first compile on a machine: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 (otherwise inductor reuses what an earlier run compiled).
+
 Usage: python benchmarks/bench_compile.py [--tasks 10] [--per-class 50] [--repeats 3]
 """
 import argparse, copy, importlib.util, math, os, time
@@ -17,6 +19,7 @@ import torch
 
 from spa_toolkit.base import SpaKnobs
 from spa_toolkit.core import make_generator
+import spa_toolkit.learner as learner
 from spa_toolkit.learner import new_state, train_task
 
 _spec = importlib.util.spec_from_file_location("bench_ops", Path(__file__).with_name("bench_ops.py"))
@@ -37,6 +40,8 @@ def seconds(state, train, classes, knobs: SpaKnobs, repeats: int) -> tuple[float
 
 def main(tasks: int, per_class: int, repeats: int, n_patches: int = 16, d: int = 512, inc: int = 10):
     torch.set_num_threads(1)
+    # the learner compiles a copy of the step per task; here the repeats of one task share the first run's compile
+    learner._own_copy = lambda f: f
     train, text = bench_ops.world(tasks * inc, per_class, n_patches, d, 8)
     knobs = SpaKnobs()
     steps = math.ceil(inc * per_class / knobs.batch_size)

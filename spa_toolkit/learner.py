@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_learner.ipynb #e20f2dfb
 from __future__ import annotations
-import math
+import math, types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -28,10 +28,10 @@ from .calibration import (ClassStats, PatchStats, check_stats_memory, class_stat
 from .method import Method, Rows, TextSide, rows, save_state, task_rows, task_span
 
 # %% auto #0
-__all__ = ['STATE_VERSION', 'STEP_RECOMPILES', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen_class_side', 'Joined',
-           'class_side', 'predict', 'pseudo_per_batch', 'replay_schedule', 'StepRows', 'epoch_batches', 'step_function',
-           'train_task', 'RelevanceMemo', 'relevance_memo', 'eval_patch_sets', 'spa_logits', 'score_margins',
-           'replay_margins', 'state_dict', 'state_from_dict', 'check_stats_fit']
+__all__ = ['STATE_VERSION', 'SPA', 'CILState', 'new_state', 'ClassSide', 'frozen_class_side', 'Joined', 'class_side', 'predict',
+           'pseudo_per_batch', 'replay_schedule', 'StepRows', 'epoch_batches', 'step_function', 'train_task',
+           'RelevanceMemo', 'relevance_memo', 'eval_patch_sets', 'spa_logits', 'score_margins', 'replay_margins',
+           'state_dict', 'state_from_dict', 'check_stats_fit']
 
 # %% ../nbs/10_learner.ipynb #582bf14b
 # bump when the saved state's layout changes (3: typed knobs; 2: frozen-space patch sets, study knobs)
@@ -341,7 +341,7 @@ def _step_loss(
 def epoch_batches(perm: torch.Tensor, # [n] an epoch's shuffled rows
                   batch_size: int, # rows a batch
                   fixed: bool = False, # every batch of one size: the short last one padded
-                  dtype: torch.dtype = torch.float32, # of the weights
+                  like: torch.Tensor | None = None, # weights of its dtype and device (None: float32, perm's)
                  ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """An epoch's batches of `perm` [n]: (rows [b], None) with b <= batch_size; with `fixed`, (rows [b'],
     weights [b']) of one size b' = min(batch_size, n), a short batch padded with its own rows at weight 0,
@@ -349,23 +349,24 @@ def epoch_batches(perm: torch.Tensor, # [n] an epoch's shuffled rows
     size = min(batch_size, len(perm))
     if not fixed: return [(b, None) for b in perm.split(size)]
     i = torch.arange(size, device=perm.device)
-    return [(b[i % len(b)], (i < len(b)).to(dtype) / len(b)) for b in perm.split(size)]
+    real = lambda b: (i < len(b)).to(torch.float32 if like is None else like) / len(b)
+    return [(b[i % len(b)], real(b)) for b in perm.split(size)]
 
-# one compile a task, and a run may train many tasks in one process (a study: configurations x seeds x tasks)
-STEP_RECOMPILES = 4096
+def _own_copy(f):
+    "`f` with a code object of its own: dynamo's compiled entries (and limits) belong to that copy alone."
+    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
 
 def step_function(k: SpaKnobs, # `compile_step` decides
                   device: torch.device, # where the step runs
                  ): # `_step_loss`, or the same function compiled
-    """The training step's loss: `_step_loss`, or with `compile_step` that function through `torch.compile`
+    """The training step's loss: `_step_loss`, or with `compile_step` a copy of it through `torch.compile`
     (on CUDA in mode "reduce-overhead": its kernels replayed as CUDA graphs)."""
     if not k.compile_step: return _step_loss
-    fn = torch.compile(_step_loss, mode="reduce-overhead" if device.type == "cuda" else None)
+    fn = torch.compile(_own_copy(_step_loss), mode="reduce-overhead" if device.type == "cuda" else None)
     def step(*args):
         # a new iteration for CUDA graphs: the last step's outputs are no longer read
         if device.type == "cuda": torch.compiler.cudagraph_mark_step_begin()
-        # dynamo's recompile limit is process-wide: raised only while the step runs
-        with torch._dynamo.config.patch(recompile_limit=STEP_RECOMPILES): return fn(*args)
+        return fn(*args)
     return step
 
 # %% ../nbs/10_learner.ipynb #274410b3
@@ -391,13 +392,14 @@ def _fit(state: CILState, data: Rows, n_seen: int, old: torch.Tensor, gen: torch
             else [None] * n_batches
         )
         perm = torch.randperm(n, generator=gen, device=gen.device)
-        for (b, w), replayed in zip(epoch_batches(perm, bs, k.compile_step, data.g.dtype), pseudo):
+        for (b, w), replayed in zip(epoch_batches(perm, bs, k.compile_step, data.g), pseudo):
             # pseudo rows are new each step: their frozen part is one pass of batched matmuls (stacked)
             extra = None if replayed is None else _step_rows(
                 state, *_pseudo_batch(state, *replayed, gen), lambda x: stacked_sum(x, stack)
             )
             loss = step(state, _rows_op(lambda x: x[b], task), extra, n_seen, frozen, text, w)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+    opt.zero_grad(set_to_none=True)  # the last gradients are not kept (compile_step on CUDA: graph outputs)
 
 # %% ../nbs/10_learner.ipynb #cc102a87
 def _stat_sets(state: CILState, p: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
