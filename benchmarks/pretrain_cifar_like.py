@@ -7,11 +7,11 @@ prints for each candidate (premise gap on siblings, zero-shot headroom, similari
 own image draws, never the benchmark's): the concepts are seen, as real CLIP saw CIFAR-100's in web images (the fourth
 round of `nbs/05a_microclip.ipynb`); by default pretraining sees only the combinations that are not world classes.
 
-`--embed-dim D` gives the joint space D dimensions instead of the variant's 64 (ViT-B/16's is 512): only the two towers'
-projections change (the sixth round of `nbs/05a_microclip.ipynb`); the model folder's config records it.
+`--embed-dim D` gives the joint space D dimensions instead of the variant's 64 (ViT-B/16's is 512), `--text-width W` the
+text tower W instead of 64 (the sixth round of `nbs/05a_microclip.ipynb`); the model folder's config records both.
 
 Usage: python benchmarks/pretrain_cifar_like.py --pool tok --rate 0.5 --out FOLDER [--steps 300] [--warmup 100] [--threads 1]
-       [--see-world-classes] [--embed-dim D]
+       [--see-world-classes] [--embed-dim D] [--text-width W]
 """
 import argparse
 
@@ -31,10 +31,15 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--see-world-classes", action="store_true", help="pretrain on the world's classes too")
     ap.add_argument("--embed-dim", type=int, help="the joint space's width (default: the variant's, 64)")
+    ap.add_argument("--text-width", type=int, help="the text tower's width (default: the variant's, 64)")
     a = ap.parse_args()
-    if a.embed_dim:  # new_model and save_microclip read the config from this name
+    if a.embed_dim or a.text_width:  # new_model and save_microclip read the config from this name
         config = mc.microclip_config
-        mc.microclip_config = lambda variant=mc.DEFAULT_WORLD: config(variant) | {"embed_dim": a.embed_dim}
+        def wider(variant=mc.DEFAULT_WORLD):
+            cfg = config(variant)
+            return cfg | {"embed_dim": a.embed_dim or cfg["embed_dim"],
+                          "text_cfg": cfg["text_cfg"] | {"width": a.text_width or cfg["text_cfg"]["width"]}}
+        mc.microclip_config = wider
     if a.see_world_classes:  # pretrain (and the recipe's record of its classes) read this name from the module
         mc.parts_pretrain_classes = all_parts_combinations
     torch.set_num_threads(a.threads)
