@@ -487,15 +487,38 @@ def parts_premise_views(clip: ClipBundle, # the model
     return PremiseViews(*(sibling_top1(s, y, siblings) for s in scores))
 
 # %% ../nbs/05a_microclip.ipynb #0f9e1ced
+def _row_basis(P: torch.Tensor, # [w, d] a tower's projection
+               drop: torch.Tensor | None = None, # [d] a unit direction to leave out
+              ) -> torch.Tensor: # [r, d] orthonormal rows
+    """An orthonormal basis [r, d] of the span of P's rows [w, d] (the part orthogonal to `drop`): what a bias
+    before P can reach."""
+    _, s, vh = torch.linalg.svd(P.double(), full_matrices=False)
+    basis = vh[s > s[0] * 1e-8]
+    v = None if drop is None else basis @ drop.double()  # `drop` in the basis' coordinates
+    if v is None or v.norm() < 1e-12: return basis
+    # coordinates orthogonal to v: the eigenvectors of eigenvalue 1 of the projector I - v v^T / |v|^2
+    w, q = torch.linalg.eigh(torch.eye(len(v), dtype=v.dtype) - torch.outer(v, v) / (v @ v))
+    return q[:, w > 0.5].T @ basis
+
+def _quietest(C: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    "The unit direction [d] of least variance under the covariance C [d, d] within the rows of `basis` [r, d]."
+    return torch.linalg.eigh(basis @ C @ basis.T).eigenvectors[:, 0] @ basis
+
 def quiet_directions(model: open_clip.CLIP, # float32, eval mode
                      images: torch.Tensor, # [B, 3, H, W] transformed images
                      texts: torch.Tensor, # [T, L] token ids
                      k: int = 2, # directions wanted
+                     within: tuple[torch.Tensor, torch.Tensor] | None = None, # the [w, d] projections, or None
                     ) -> torch.Tensor: # [k, d] orthonormal rows
-    "The `k` directions along which the unit image [B] and text [T] embeddings, pooled, vary least."
+    """The `k` directions along which the unit image [B] and text [T] embeddings, pooled, vary least; with
+    `within` (k = 2), the image one among the directions the image projection reaches, the text one among the
+    text projection's."""
     with torch.no_grad():
         e = torch.cat([l2norm(model.encode_image(images)), l2norm(model.encode_text(texts))]).double()
-    return torch.linalg.eigh(torch.cov(e.T)).eigenvectors[:, :k].T.float()  # eigh: ascending eigenvalues
+    C = torch.cov(e.T)
+    if within is None: return torch.linalg.eigh(C).eigenvectors[:, :k].T.float()  # eigh: ascending eigenvalues
+    u_img = _quietest(C, _row_basis(within[0]))
+    return torch.stack([u_img, _quietest(C, _row_basis(within[1], drop=u_img))]).float()
 
 def offset_modalities(state: dict, # an open_clip CLIP's state dict (float tensors)
                       image_shift: float, # alpha_I: length of the shift added to every raw image embedding
@@ -525,12 +548,16 @@ def shift_microclip(folder: str | Path, # the model folder to (over)write
     with torch.no_grad():
         s_img, s_txt = (f(v).float().norm(dim=1).mean().item() for f, v in
                         ((clip.model.encode_image, x), (clip.model.encode_text, tok)))
-    u = quiet_directions(clip.model, x, tok)
+    P = (clip.model.visual.proj.detach(), clip.model.text_projection.detach())
+    # a tower narrower than the joint space reaches only its projection's rows: the shift must lie there
+    reach = P if any(p.shape[0] < p.shape[1] for p in P) else None
+    u = quiet_directions(clip.model, x, tok, within=reach)
     state = offset_modalities(clip.model.state_dict(), a * s_img, a * s_txt, u)
     half = {k: v.half().contiguous() for k, v in state.items()}
     cfg = json.loads((src / "open_clip_config.json").read_text())["model_cfg"]
     folder = write_clip_folder(folder, cfg, half)
-    how = f"quiet_directions(parts_pretrain_batch(classes, 0, 0, {n_images}).images, every parts_caption)"
+    how = (f"quiet_directions(parts_pretrain_batch(classes, 0, 0, {n_images}).images, every parts_caption"
+           + (", within each tower's projection rows)" if reach else ")"))
     named = source if isinstance(source, str) else "the weights the recipe's knobs pretrained"
     shift = dict(source=named, source_sha256=sha256_file(src / WEIGHTS_FILE), a=a, image_norm=s_img,
                  text_norm=s_txt, directions=how)
