@@ -501,14 +501,14 @@ def _row_basis(P: torch.Tensor, # [w, d] a tower's projection
     return q[:, w > 0.5].T @ basis
 
 def _quietest(C: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    "The unit direction [d] of least variance under the covariance C [d, d] within the rows of `basis` [r, d]."
+    "The unit direction [d] of least variance under the covariance C [d, d] in the span of `basis` [r, d]."
     return torch.linalg.eigh(basis @ C @ basis.T).eigenvectors[:, 0] @ basis
 
 def quiet_directions(model: open_clip.CLIP, # float32, eval mode
                      images: torch.Tensor, # [B, 3, H, W] transformed images
                      texts: torch.Tensor, # [T, L] token ids
                      k: int = 2, # directions wanted
-                     within: tuple[torch.Tensor, torch.Tensor] | None = None, # the [w, d] projections, or None
+                     within: tuple[torch.Tensor, torch.Tensor] | None = None, # [w, d] projections, or None
                     ) -> torch.Tensor: # [k, d] orthonormal rows
     """The `k` directions along which the unit image [B] and text [T] embeddings, pooled, vary least; with
     `within` (k = 2), the image one among the directions the image projection reaches, the text one among the
@@ -516,7 +516,7 @@ def quiet_directions(model: open_clip.CLIP, # float32, eval mode
     with torch.no_grad():
         e = torch.cat([l2norm(model.encode_image(images)), l2norm(model.encode_text(texts))]).double()
     C = torch.cov(e.T)
-    if within is None: return torch.linalg.eigh(C).eigenvectors[:, :k].T.float()  # eigh: ascending eigenvalues
+    if within is None: return torch.linalg.eigh(C).eigenvectors[:, :k].T.float()  # eigenvalues ascending
     u_img = _quietest(C, _row_basis(within[0]))
     return torch.stack([u_img, _quietest(C, _row_basis(within[1], drop=u_img))]).float()
 
