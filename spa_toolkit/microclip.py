@@ -516,6 +516,8 @@ def quiet_directions(model: open_clip.CLIP, # float32, eval mode
     with torch.no_grad():
         e = torch.cat([l2norm(model.encode_image(images)), l2norm(model.encode_text(texts))]).double()
     C = torch.cov(e.T)
+    if within is not None and k != 2:
+        raise SpaError(f"within= gives one direction per tower: k={k} must be 2")
     if within is None: return torch.linalg.eigh(C).eigenvectors[:, :k].T.float()  # eigenvalues ascending
     u_img = _quietest(C, _row_basis(within[0]))
     return torch.stack([u_img, _quietest(C, _row_basis(within[1], drop=u_img))]).float()
@@ -552,6 +554,10 @@ def shift_microclip(folder: str | Path, # the model folder to (over)write
     # a tower narrower than the joint space reaches only its projection's rows: the shift must lie there
     reach = P if any(p.shape[0] < p.shape[1] for p in P) else None
     u = quiet_directions(clip.model, x, tok, within=reach)
+    for p, v, tower in zip(P, u, ("image", "text")):  # what the bias moves, with float32 pinv as applied
+        if (v - v @ torch.linalg.pinv(p.float()) @ p.float()).norm() > 1e-3:
+            raise SpaError(f"the {tower} tower's projection cannot reach its shift direction (rank "
+                           "deficient): pass a model whose projections have full rank")
     state = offset_modalities(clip.model.state_dict(), a * s_img, a * s_txt, u)
     half = {k: v.half().contiguous() for k, v in state.items()}
     cfg = json.loads((src / "open_clip_config.json").read_text())["model_cfg"]
