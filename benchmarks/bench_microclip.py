@@ -145,7 +145,7 @@ def main():
     clip = load_clip(f"{LOCAL_DIR}{Path(a.model).resolve()}", None) if a.model else load_embedded_clip(variant=a.variant)
     numbers = dict(variant=a.variant, seeds=a.seeds, knobs=dict(a.knob), n_train=a.n_train, image_size=a.image_size,
                    render=a.render)
-    render = None if a.render is None else {k: BASE_RENDER[k] for k in ("noise", "distractors", "similarity")}
+    render = None if a.render is None else dict(BASE_RENDER)
     numbers |= premise(clip, a.variant, a.seeds) | headroom(clip, a.variant)
     numbers |= stats(clip, a.variant) if a.variant == "cifar_like" else local_meaning(clip, a.variant, a.images_per_class)
     if a.measure_only:

@@ -27,7 +27,7 @@ def main():
     ap.add_argument("--render", choices=["base"], help="the world drawn as pretraining draws (default: the benchmark's)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    render = {} if a.render is None else {k: BASE_RENDER[k] for k in ("noise", "distractors", "similarity")}
+    render = {} if a.render is None else dict(BASE_RENDER)
     world, out = cifar_like_world(n_train=10, n_test=5, seed=0, **render), {}
     for c in a.candidate:
         name, _, rest = c.partition("="); pool, rate, folder = rest.split(":", 2)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, TextSide, task_span
-from .common import (PeerState, check_embeddings, class_gaussians, net_weights, new_linear, read_as,
-                                      regrow, shuffled_batches, state_codec)
+from .common import (PeerState, check_embeddings, class_gaussians, fit_epochs, net_weights,
+                                      new_linear, read_as, regrow, rows_as, shuffled_batches, state_codec)
 
 # %% auto #0
 __all__ = ['AREA_STATE_VERSION', 'area_state_dict', 'area_state_from_dict', 'AREA', 'AreaKnobs', 'log_map', 'geodesic_basis',
@@ -212,16 +212,13 @@ def fit_area(state: AreaState, # the task's bases and scorers in place
     params = [p for p in state.net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(k.milestones), gamma=k.gamma)
-    for _ in range(k.epochs):
-        for b in shuffled_batches(len(x), k.batch_size, gen):
-            xb, yb = x[b], y[b]
-            if lo and k.samples_per_class:
-                xg, yg = pseudo_rows(state.means, state.chol, k.samples_per_class, gen)
-                xb, yb = torch.cat([xb, xg]), torch.cat([yb, yg])
-            opt.zero_grad()
-            area_loss(state, t, xb, yb).backward()
-            opt.step()
-        sched.step()
+    def batch_loss(_, b):  # the pseudo rows are drawn batch by batch, after the epoch's permutation
+        xb, yb = x[b], y[b]
+        if lo and k.samples_per_class:
+            xg, yg = pseudo_rows(state.means, state.chol, k.samples_per_class, gen)
+            xb, yb = torch.cat([xb, xg]), torch.cat([yb, yg])
+        return area_loss(state, t, xb, yb)
+    fit_epochs(opt, sched, k.epochs, lambda _: shuffled_batches(len(x), k.batch_size, gen), batch_loss)
 
 # %% ../../nbs/09h_area.ipynb #b4f9f9f7
 def train_area_task(state: AreaState, # the state after the previous task (updated in place and returned)
@@ -265,5 +262,5 @@ AREA = Method(
     knobs=AreaKnobs,
     new=lambda text, logit_scale, seed, knobs: new_area_state(text, logit_scale, seed, knobs),
     train=lambda state, task, gen: train_area_task(state, task.read, task.rows, task.classes, gen),
-    logits=lambda state: lambda r: area_logits(state, r.g if state.knobs.embeddings == "unit" else r.raw),
+    logits=lambda state: lambda r: area_logits(state, rows_as(r, state.knobs.embeddings)),
     to_dict=area_state_dict, from_dict=area_state_from_dict)
