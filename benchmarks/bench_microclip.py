@@ -15,10 +15,10 @@ On cifar_like the peers' run (--methods zeroshot ncm rapf proof engine bofa clg_
 zero-shot < SimpleCIL < every trained peer, seed by seed and on the mean; --measure-only stops after 1-3.
 
 Usage: python benchmarks/bench_microclip.py [--variant premise|control|cifar_like] [--measure-only] [--seeds 0 1 2 3 4] [--threads 1] [--epochs 5]
-       [--model FOLDER] [--json PATH] [--methods spa spa_global ...] [--knob NAME=VALUE ...] [--n-train N] [--image-size PX]
+       [--model FOLDER] [--json PATH] [--methods spa spa_global ...] [--knob NAME=VALUE ...] [--n-train N] [--image-size PX] [--logit-scale TAU]
 (--model: another open_clip model folder to measure on the variant's world, e.g. one written by `microclip.save_microclip`)
 """
-import argparse, json, tempfile
+import argparse, dataclasses, json, tempfile
 from functools import partial
 from pathlib import Path
 
@@ -137,14 +137,17 @@ def main():
     ap.add_argument("--image-size", type=int, help="the continual-learning images' side, before the model's resize (default: the variant's)")
     ap.add_argument("--render", choices=["base"], help="draw the continual-learning images as pretraining draws its own "
                     "(world.BASE_RENDER: less noise, fewer distractors, less alike colours) instead of the benchmark's")
+    ap.add_argument("--logit-scale", type=float, help="the model's temperature tau for every method that reads it "
+                    "(default: the model's learned one; real CLIP's is 100, open_clip's clamp)")
     ap.add_argument("--cache", help="keep the feature cache here (default: a temporary folder per seed)")
     ap.add_argument("--measure-only", action="store_true", help="the model's measurements (1-3) only, no continual-learning run")
     ap.add_argument("--json", type=Path, help="also write the numbers here as JSON")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     clip = load_clip(f"{LOCAL_DIR}{Path(a.model).resolve()}", None) if a.model else load_embedded_clip(variant=a.variant)
+    if a.logit_scale: clip = dataclasses.replace(clip, logit_scale=a.logit_scale)  # the features are unchanged
     numbers = dict(variant=a.variant, seeds=a.seeds, knobs=dict(a.knob), n_train=a.n_train, image_size=a.image_size,
-                   render=a.render)
+                   render=a.render, logit_scale=clip.logit_scale)
     render = None if a.render is None else dict(BASE_RENDER)
     numbers |= premise(clip, a.variant, a.seeds) | headroom(clip, a.variant)
     numbers |= stats(clip, a.variant) if a.variant == "cifar_like" else local_meaning(clip, a.variant, a.images_per_class)
