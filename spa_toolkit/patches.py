@@ -195,10 +195,11 @@ def agnostic_relevance(patches: torch.Tensor, # [B, N, d] patch tokens
                       ) -> torch.Tensor: # [B, N]
     """Relevance [B, N] of each patch to its closest description of any class, chunk by chunk: a max, so the
     relevance to classes A and B is the max of theirs (`learner.eval_patch_sets` keeps it running)."""
-    return reduce(
-        torch.maximum,
-        (relevance(patch_similarity(patches, s), m).amax(1) for s, m in class_chunks(sem, mask, class_chunk)),
-    )
+    def best(s, m): # [B, N]: the max over a chunk's valid (class, description) pairs
+        # read on the matmul's own [B, N, c * M] layout: no [B, c, N, M] copy, the padding masked in place
+        sim = patch_similarity(patches, s).transpose(1, 2).flatten(2)
+        return sim.masked_fill_(~m.flatten(), float("-inf")).amax(-1)
+    return reduce(torch.maximum, (best(s, m) for s, m in class_chunks(sem, mask, class_chunk)))
 
 # %% ../nbs/05_patches.ipynb #9fc315bd
 def select_patches(
