@@ -17,7 +17,8 @@ from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, TextSide, task_span
 from .common import (PeerState, check_embeddings, class_gaussians, fit_epochs, net_weights,
-                                      new_linear, read_as, regrow, rows_as, shuffled_batches, state_codec)
+                                      new_linear, read_as, regrow, rows_as, shuffled_batches, state_codec,
+                                      trained_logits)
 
 # %% auto #0
 __all__ = ['AREA_STATE_VERSION', 'area_state_dict', 'area_state_from_dict', 'AREA', 'AreaKnobs', 'log_map', 'geodesic_basis',
@@ -176,15 +177,11 @@ def new_area_state(text: TextSide, # the frozen text side: names, descriptions, 
     return AreaState(knobs, text.names, names, text.sem * n[:, None, None], text.sem_mask, float(logit_scale),
                      net, z(0, d, k), z(0, d, k), z(0, d), z(0, d, d))
 
-def _check_trained(state: AreaState):
-    if state.n_seen < 1: raise SpaError("no class seen yet: train a task first")
-
-@torch.no_grad()
+@trained_logits
 def area_logits(state: AreaState, # a trained state
                 x: torch.Tensor, # [B, D] image embeddings (raw or unit, as the knobs' `embeddings`)
                ) -> torch.Tensor: # [B, n_seen]
     "AREA's logits [B, n_seen]: each image routed to one task, scored with that task's scorers."
-    _check_trained(state)
     c = state.n_seen
     route = route_values(x, state.vb, state.sizes, state.knobs.route_eps).argmax(1)  # [B]
     out = x.new_empty(len(x), c)

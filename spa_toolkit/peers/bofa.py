@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import PeerState, check_seen, fields_codec, shuffled_batches
+from .common import PeerState, fields_codec, shuffled_batches, trained_logits
 
 # %% auto #0
 __all__ = ['RIDGE', 'BOFA_STATE_VERSION', 'bofa_state_dict', 'bofa_state_from_dict', 'BOFA', 'BofaKnobs', 'TaskStats',
@@ -162,12 +162,11 @@ def new_bofa_state(names: torch.Tensor, # [C, d] class-name embeddings (unit nor
     return BofaState(k, names, proj, math.log(logit_scale), proj.T.clone(), z(d, w), z(w, w), z(0, w),
                      z(0, w), z(w, w))
 
-@torch.no_grad()
+@trained_logits
 def bofa_logits(state: BofaState, # a trained state
                 pre: torch.Tensor, # [B, w] pre-projection features
                ) -> torch.Tensor: # [B, n_seen]
     "BOFA's test scores [B, n_seen]: stat times the discriminant plus (1 - stat) times the bridge's cosine."
-    check_seen(state.n_seen)
     if pre.shape[1] != state.proj.shape[0]:
         raise SpaError(f"pre-projection features of width {pre.shape[1]}, this state's visual.proj takes "
                        f"{state.proj.shape[0]}: use the cache of the model it was trained with")

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm
 from ..method import Method, Reader, TextSide, task_span
-from .common import PeerState, check_seen, class_gaussians, fields_codec, new_linear, shuffled_batches
+from .common import (PeerState, class_gaussians, fields_codec, new_linear, shuffled_batches,
+                                      trained_logits)
 
 # %% auto #0
 __all__ = ['CLG_CBM_STATE_VERSION', 'clg_cbm_state_dict', 'clg_cbm_state_from_dict', 'CLG_CBM', 'ClgCbmKnobs', 'task_concepts',
@@ -248,12 +249,11 @@ def new_clg_cbm_state(text: TextSide, # the frozen text side: names [C, d], desc
     return ClgCbmState(knobs or ClgCbmKnobs(), text.names, text.sem, text.sem_mask,
                        z(0, d), z(0, d), z(0, 0), z(0, d), z(0, d, d))
 
-@torch.no_grad()
+@trained_logits
 def clg_cbm_logits(state: ClgCbmState, # a trained state
                    g: torch.Tensor, # [B, d] frozen global features
                   ) -> torch.Tensor: # [B, n_seen]
     "CLG-CBM's logits [B, n_seen] of features [B, d]: the head over the concept activations."
-    check_seen(state.n_seen)
     return concept_scores(state.explainer, state.head, g)[0]
 
 # %% ../../nbs/09g_clg_cbm.ipynb #a03e4a2b

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/09_peers.ipynb #ce46f09d
 from __future__ import annotations
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -16,7 +17,7 @@ from ..base import Knobs, SpaError
 from ..core import check_state_version, l2norm, make_generator
 
 # %% auto #0
-__all__ = ['EMBEDDINGS', 'new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'fit_epochs', 'check_seen',
+__all__ = ['EMBEDDINGS', 'new_linear', 'project', 'clip_loss', 'sgd_cosine', 'shuffled_batches', 'fit_epochs', 'trained_logits',
            'PeerState', 'class_gaussians', 'pack_state', 'unpack_state', 'regrow', 'net_weights', 'state_codec',
            'fields_codec', 'check_embeddings', 'names_as', 'read_as', 'rows_as']
 
@@ -81,10 +82,14 @@ def fit_epochs(opt: torch.optim.Optimizer, # over the parameters being trained
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         sched.step()
 
-def check_seen(n_seen: int, # classes a state has learned
-              ):
-    "Raise `SpaError` when no class has been learned yet."
-    if n_seen < 1: raise SpaError("no class seen yet: train a task first")
+def trained_logits(logits: Callable) -> Callable:
+    """Mark a peer's logits function `logits(state, ...)`: it runs without autograd and refuses a state that
+    has learned no class yet."""
+    @functools.wraps(logits)
+    def checked(state, *args, **kwargs):
+        if state.n_seen < 1: raise SpaError("no class seen yet: train a task first")
+        with torch.no_grad(): return logits(state, *args, **kwargs)
+    return checked
 
 @dataclass
 class PeerState:

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, ViewReader, task_span
-from .common import (PeerState, check_embeddings, check_seen, clip_loss, fit_epochs, names_as,
+from .common import (PeerState, check_embeddings, clip_loss, fit_epochs, names_as,
                                       net_weights, new_linear, project, read_as, regrow, rows_as, sgd_cosine,
-                                      shuffled_batches, state_codec)
+                                      shuffled_batches, state_codec, trained_logits)
 
 # %% auto #0
 __all__ = ['ENGINE_SEM_TEMPLATE', 'ENGINE_STATE_VERSION', 'engine_state_dict', 'engine_state_from_dict', 'ENGINE', 'EngineKnobs',
@@ -261,14 +261,13 @@ def _gda_input(knobs: EngineKnobs, unit: torch.Tensor, pre: torch.Tensor | None)
         raise SpaError("the discriminant reads pre-projection features: pass pre, or discriminant='global'")
     return l2norm(pre)
 
-@torch.no_grad()
+@trained_logits
 def engine_logits(state: EngineState, # a trained state
                   g: torch.Tensor, # [B, d] frozen global features (raw or unit, per `embeddings`)
                   pre: torch.Tensor | None = None, # [B, w] pre-projection features (for discriminant='pre')
                  ) -> torch.Tensor: # [B, n_seen]
     """ENGINE's inference scores [B, n_seen] of global features [B, d]: discriminant, re-ranked descriptions
     and adapted cosine."""
-    check_seen(state.n_seen)
     k, n = state.knobs, state.n_seen
     cos, unit = engine_cos(state, g, n), (l2norm(g) if k.embeddings == "raw" else g)
     rr = rerank_scores(unit, cos, description_centres(state.sem[:n], state.sem_mask[:n]), k.rerank_top)

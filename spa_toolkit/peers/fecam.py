@@ -13,7 +13,7 @@ import torch
 from ..base import Knobs, SpaError
 from ..core import l2norm
 from ..method import Method, Reader, task_span
-from .common import PeerState, check_seen, fields_codec
+from .common import PeerState, fields_codec, trained_logits
 
 # %% auto #0
 __all__ = ['FECAM_STATE_VERSION', 'fecam_state_dict', 'fecam_state_from_dict', 'FECAM', 'FecamKnobs', 'row_correlation',
@@ -98,12 +98,11 @@ def train_fecam_task(state: FecamState, # the state after the previous task (upd
     state.n_seen, state.n_tasks = hi, state.n_tasks + 1
     return state
 
-@torch.no_grad()
+@trained_logits
 def fecam_logits(state: FecamState, # a trained state
                  g: torch.Tensor, # [B, d] frozen global features
                 ) -> torch.Tensor: # [B, n_seen]
     "FeCAM's logits [B, n_seen] of features [B, d]: minus the Mahalanobis distance to each seen class."
-    check_seen(state.n_seen)
     return -mahalanobis(g, state.means, state.precisions)
 
 # %% ../../nbs/09e_fecam.ipynb #0b450145

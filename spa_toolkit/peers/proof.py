@@ -17,9 +17,9 @@ from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..exemplars import rank_exemplars
 from ..method import Method, Reader, Task, task_span
-from .common import (PeerState, check_embeddings, check_seen, clip_loss, fit_epochs, names_as,
+from .common import (PeerState, check_embeddings, clip_loss, fit_epochs, names_as,
                                       net_weights, new_linear, project, read_as, regrow, rows_as, sgd_cosine,
-                                      shuffled_batches, state_codec)
+                                      shuffled_batches, state_codec, trained_logits)
 
 # %% auto #0
 __all__ = ['PROOF_STATE_VERSION', 'proof_state_dict', 'proof_state_from_dict', 'PROOF', 'ProofKnobs', 'dropout', 'Fusion',
@@ -156,13 +156,12 @@ def proof_loss(s: ProofScores, # from `proof_scores`
     contrastive term, 1:1:1."""
     return F.cross_entropy(s.text, y) + F.cross_entropy(s.proto, y) + clip_loss(s.z, s.t[y], scale)
 
-@torch.no_grad()
+@trained_logits
 def proof_logits(state: ProofState, # a trained state
                  g: torch.Tensor, # [B, d] frozen global features (raw or unit, as the knobs' `embeddings`)
                 ) -> torch.Tensor: # [B, n_seen]
     """PROOF's inference logits [B, n_seen] of global features [B, d]: projected + fused-text +
     fused-prototype similarities, the projected image unnormalised (`_eval_cnn`)."""
-    check_seen(state.n_seen)
     s = proof_scores(state, g, state.n_seen, unit_image=False)
     return s.z @ s.t.T + s.text + s.proto
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import PeerState, check_seen, fields_codec
+from .common import PeerState, fields_codec, trained_logits
 
 # %% auto #0
 __all__ = ['RANPAC_STATE_VERSION', 'ranpac_state_dict', 'ranpac_state_from_dict', 'RANPAC', 'RanpacKnobs', 'random_features',
@@ -95,12 +95,11 @@ def new_ranpac_state(names: torch.Tensor, # [C, d] class-name embeddings (unit n
     gram, targets = torch.zeros(M, M, **stats), torch.zeros(M, 0, **stats)
     return RanpacState(k, names, proj, gram, targets, names.new_zeros(0, M))
 
-@torch.no_grad()
+@trained_logits
 def ranpac_logits(state: RanpacState, # a trained state
                   g: torch.Tensor, # [B, d] frozen global features
                  ) -> torch.Tensor: # [B, n_seen]
     "RanPAC's cosine scores [B, n_seen] of features [B, d] against the ridge head's rows."
-    check_seen(state.n_seen)
     return l2norm(random_features(g, state.proj)) @ state.head.T
 
 # %% ../../nbs/09d_ranpac.ipynb #dedb97e6

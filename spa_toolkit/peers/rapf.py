@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from ..base import Knobs, SpaError, check_least
 from ..core import l2norm, make_generator
 from ..method import Method, Reader, task_span
-from .common import (PeerState, check_embeddings, check_seen, fit_epochs, new_linear, read_as,
-                                      rows_as, shuffled_batches, state_codec)
+from .common import (PeerState, check_embeddings, fit_epochs, new_linear, read_as,
+                                      rows_as, shuffled_batches, state_codec, trained_logits)
 
 # %% auto #0
 __all__ = ['RAPF_STATE_VERSION', 'rapf_state_dict', 'rapf_state_from_dict', 'RAPF', 'RapfKnobs', 'separation_loss',
@@ -127,12 +127,11 @@ def rapf_scores(state: RapfState, g: torch.Tensor, n: int) -> torch.Tensor:
     "tau * <unit(A g), w_c> over the first `n` classes: [B, n]."
     return state.logit_scale * l2norm(state.adapter(g)) @ state.names[:n].T
 
-@torch.no_grad()
+@trained_logits
 def rapf_logits(state: RapfState, # a trained state
                 g: torch.Tensor, # [B, d] frozen global features (raw or unit, as the knobs' `embeddings`)
                ) -> torch.Tensor: # [B, n_seen]
     "RAPF's inference logits [B, n_seen] of global features [B, d] over the seen classes."
-    check_seen(state.n_seen)
     return rapf_scores(state, g, state.n_seen)
 
 def hard_pairs(names: torch.Tensor, # [C, d] class-name embeddings
