@@ -6,7 +6,7 @@ CIFAR-100 B0Inc10 the published RAPF is above SimpleCIL. Before changing the wor
 forgets here. Each variant is RAPF at its authors' CIFAR settings with one thing changed:
 - `rapf`: as published (`configs/class/cifar100_10-10.yaml`);
 - `rapf_real_replay`: old classes replayed from their own stored training features (drawn with replacement) instead of
-  draws from their Gaussians: what RAPF would do if its class Gaussians were exact;
+  draws from their Gaussians: RAPF's replay with the class distributions themselves, no Gaussian assumption;
 - `rapf_no_fusion`: mix_bias = 1, the fusion mask all ones: the trained adapter kept as it is after each task;
 - `rapf_no_pairs`: threshold = 0, no hard pair, no separation hinge;
 - `ncm`: SimpleCIL, the reference.
@@ -39,12 +39,12 @@ VARIANTS = {"rapf": (_RAPF, {}), "rapf_real_replay": ("__main__:RAPF_REAL_REPLAY
 
 
 def _real_replay_train(state, task, gen):
-    """RAPF's task training with every draw from an old class's Gaussian replaced by draws, with replacement, from
-    that class's stored training features (kept on the state between tasks, in memory only)."""
+    """RAPF's task training with every draw from an old class's Gaussian replaced by draws, with replacement,
+    from that class's stored training features (kept on the state between tasks, in memory only)."""
     g, y = read_as(task.read, task.rows, state.knobs.embeddings)
     store = getattr(state, "real_features", {})
 
-    def sample(st, classes, n, generator):  # rapf.sample_classes' contract: [len(classes) * n, d], class by class
+    def sample(st, classes, n, generator):  # sample_classes' contract: [len(classes) * n, d], class by class
         picks = [store[c][torch.randint(len(store[c]), (n,), generator=generator, device=generator.device)]
                  for c in classes.tolist()]
         return torch.cat(picks)
@@ -76,22 +76,27 @@ def main():
         for m in methods:
             r = res[m]
             first = [row[0] for row in r.matrix]  # the first task's classes after each task
-            out[m].append(dict(average=r.average, last=r.last, forgetting=r.forgetting, first_task=first))
+            out[m].append(dict(average=r.average, last=r.last, forgetting=r.forgetting, first_task=first,
+                               old_new_last=r.old_new[-1]))  # old, new and harmonic at the last task
         print(f"seed {s} ({time.time() - t0:.0f} s): " + "  ".join(
             f"{m} {res[m].average:.2f}/{res[m].last:.2f}/{res[m].forgetting:.2f}" for m in methods)
             + "  (average/last/forgetting)")
         for m in methods:
             print(f"  {m:17s} first task's accuracy after each task: "
-                  + " ".join(f"{v:.1f}" for v in out[m][-1]["first_task"]))
+                  + " ".join(f"{v:.1f}" for v in out[m][-1]["first_task"])
+                  + "; at the last task old / new / harmonic "
+                  + " / ".join(f"{v:.1f}" for v in out[m][-1]["old_new_last"]))
     for m in methods:
-        f = np.array([o["forgetting"] for o in out[m]]); av = np.array([o["average"] for o in out[m]])
+        f, av = (np.array([o[k] for o in out[m]]) for k in ("forgetting", "average"))
         print(f"{m:17s} average {av.mean():6.2f}  forgetting {f.mean():6.2f}  per seed {np.round(f, 2).tolist()}")
     gap = [o["forgetting"] - n["forgetting"] for o, n in zip(out["rapf_real_replay"], out["ncm"])]
-    verdict = "the pseudo-features" if all(x <= 5 for x in gap) else "the adapter's training, not the pseudo-features"
+    verdict = ("the pseudo-features" if all(x <= 5 for x in gap)
+               else "the adapter's training, not the pseudo-features")
     print(f"[rule] rapf_real_replay's forgetting - SimpleCIL's per seed {np.round(gap, 2).tolist()} "
           f"(within 5 on every seed: the pseudo-features) -> {verdict}")
     if a.json:
-        a.json.write_text(json.dumps(dict(seeds=a.seeds, render="base", methods=out, rule_gap=gap), indent=1) + "\n")
+        numbers = dict(seeds=a.seeds, render="base", methods=out, rule_gap=gap)
+        a.json.write_text(json.dumps(numbers, indent=1) + "\n")
 
 
 if __name__ == "__main__":
