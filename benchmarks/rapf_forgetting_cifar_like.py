@@ -24,6 +24,11 @@ SimpleCIL's falls to at most half its shuffled-order value on both dev seeds, cr
 (the fine-grained one: a new class's real rows pull its old siblings' region, replayed only as pseudo-features);
 otherwise they are not.
 
+A third question, its rule written before its run: is it the raw feature scale? `rapf_unit` is RAPF reading unit
+features (adapter input and class statistics) where the authors read raw ones (this model's raw norm: 16.1). If its
+forgetting minus SimpleCIL's is at most half of RAPF's on both dev seeds, the raw scale is the lead (a property the
+world models, to be measured on real CLIP); otherwise it is not.
+
 Usage: python benchmarks/rapf_forgetting_cifar_like.py --seeds 0 1 [--order shuffled|grouped] [--json PATH]
 """
 import argparse, dataclasses, json, os, tempfile, time
@@ -42,7 +47,8 @@ from spa_toolkit.world import BASE_RENDER, cifar_like_world
 
 _RAPF = "spa_toolkit.peers.rapf:RAPF"
 VARIANTS = {"rapf": (_RAPF, {}), "rapf_real_replay": ("__main__:RAPF_REAL_REPLAY", {}),
-            "rapf_no_fusion": (_RAPF, dict(mix_bias=1.0)), "rapf_no_pairs": (_RAPF, dict(threshold=0.0))}
+            "rapf_no_fusion": (_RAPF, dict(mix_bias=1.0)), "rapf_no_pairs": (_RAPF, dict(threshold=0.0)),
+            "rapf_unit": (_RAPF, dict(embeddings="unit"))}
 
 
 def _real_replay_train(state, task, gen):
